@@ -1,0 +1,186 @@
+"""The ``autocompress`` command line.
+
+Exit codes: 0 success, 2 bad input (message on stderr naming what is wrong), 1 other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from autocompress.errors import ConfigError
+from autocompress.plan import PlanError
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("target (where latency is measured)")
+    g.add_argument("--runtime", default="onnxruntime", help="onnxruntime | torch")
+    g.add_argument("--device", default="cpu", help="cpu | cuda")
+    g.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    g.add_argument("--batch-size", type=int, default=1, help="timed batch size (default 1)")
+
+
+def _target(args: argparse.Namespace):
+    from autocompress.measure import Target
+
+    try:
+        return Target(device=args.device, runtime=args.runtime, threads=args.threads,
+                      batch_size=args.batch_size)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("target.", "--"), key=None) from None
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from autocompress.layers import find_layers
+    from autocompress.tasks import load_task
+
+    task = load_task(args.task, seed=args.seed)
+    layers = find_layers(task.model, task.example_inputs)
+    if args.json:
+        print(json.dumps([layer.to_dict() for layer in layers], indent=2))
+        return 0
+    rows = [(la.name, la.type, "x".join(map(str, la.shape)), f"{la.params:,}", f"{la.macs:,}",
+             "output" if la.is_output else "") for la in layers]
+    _print_table(("name", "type", "shape", "params", "macs", ""), rows)
+    return 0
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    from autocompress.finetune import FinetuneConfig
+    from autocompress.measure import measure
+    from autocompress.plan import Plan
+    from autocompress.tasks import load_task
+    from autocompress.trial import run_trial
+
+    target = _target(args)
+    plan = _read_plan(args.plan)
+    try:
+        ft = FinetuneConfig(epochs=args.epochs, lr=args.lr, distill=not args.no_distill)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("finetune.", "--")) from None
+    task = load_task(args.task, seed=args.seed)
+    from autocompress.layers import find_layers
+
+    names = [la.name for la in find_layers(task.model, task.example_inputs)]
+    try:
+        plan.validate(names)
+    except PlanError as e:
+        raise ConfigError(str(e), file=args.plan) from None
+    log = _progress(args.json)
+    log(f"task {task.name}: measuring the baseline on {target.runtime}/{target.device}")
+    baseline = measure(task.model, task, target)
+    log(f"applying plan: {plan.summary()}")
+    result = run_trial(task, plan, ft, target, seed=args.seed,
+                       on_epoch=lambda e, m: log(f"  epoch {e + 1}/{ft.epochs}: metric {m:.4f}"))
+    compressed = {**result.metrics.to_dict(), **result.metrics.relative_to(baseline)}
+    if args.json:
+        print(json.dumps({"baseline": baseline.to_dict(), "compressed": compressed,
+                          "plan": plan.to_dict()}, indent=2))
+    else:
+        _print_comparison(baseline.to_dict(), compressed)
+    if args.save:
+        _save_trial(Path(args.save), result, baseline.to_dict(), compressed)
+        log(f"saved plan.json, model.pt and metrics.json to {args.save}")
+    return 0
+
+
+def _read_plan(path: str):
+    from autocompress.plan import Plan
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read plan: {e.strerror}", file=path) from None
+    try:
+        return Plan.from_json(text)
+    except PlanError as e:
+        raise ConfigError(str(e), file=path) from None
+
+
+def _save_trial(out: Path, result, baseline: dict, compressed: dict) -> None:
+    import torch
+
+    from autocompress.compress.deploy import bake
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(result.plan.to_json(indent=2))
+    torch.save(bake(result.model).state_dict(), out / "model.pt")
+    (out / "metrics.json").write_text(json.dumps({"baseline": baseline, "compressed": compressed},
+                                                 indent=2))
+
+
+def _progress(quiet_stdout: bool) -> Callable[[str], None]:
+    """Progress lines go to stderr, so ``--json`` output on stdout stays parseable."""
+    return lambda msg: print(f"autocompress: {msg}", file=sys.stderr, flush=True)
+
+
+def _print_comparison(baseline: dict, compressed: dict) -> None:
+    rows = []
+    for key, b in baseline.items():
+        c = compressed[key]
+        ratio = f"{b / c:.2f}x" if isinstance(c, int | float) and c and key != "accuracy" else ""
+        rows.append((key, _fmt(b), _fmt(c), ratio))
+    for key in ("compression_ratio", "speedup", "accuracy_drop"):
+        rows.append((key, "", _fmt(compressed[key]), ""))
+    _print_table(("metric", "baseline", "compressed", "baseline/compressed"), rows)
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in (header, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autocompress",
+        description="Find the best way to compress a trained PyTorch model for a target device.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("layers", help="list the compressible layers of a task's model")
+    p.add_argument("--task", required=True, help="built-in task (digits, mnist1d) or pkg.module:fn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(fn=cmd_layers)
+
+    p = sub.add_parser("trial", help="one compress / fine-tune / measure cycle with a given plan")
+    p.add_argument("--task", required=True, help="built-in task (digits, mnist1d) or pkg.module:fn")
+    p.add_argument("--plan", required=True, help="plan JSON file")
+    p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (default 2)")
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
+    p.add_argument("--no-distill", action="store_true", help="fine-tune without distillation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", metavar="DIR", help="write plan.json, model.pt, metrics.json here")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_target_args(p)
+    p.set_defaults(fn=cmd_trial)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``autocompress`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, PlanError) as e:
+        print(f"autocompress: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("autocompress: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

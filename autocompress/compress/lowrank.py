@@ -1,0 +1,65 @@
+"""Low-rank factorization by truncated SVD.
+
+A Linear ``W (out x in)`` becomes ``Linear(in, r) -> Linear(r, out)``; a Conv with kernel k
+becomes a k x k conv with r output channels followed by a 1x1 conv (Jaderberg et al., 2014,
+scheme 2 via SVD of the ``out x (in*k)`` unfolded weight). The singular values are split
+evenly (sqrt) between the two factors. ``rank`` is the kept fraction of ``min(out, in*k)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from autocompress.compress._modules import LowRank
+from autocompress.compress._registry import pure, register_method
+from autocompress.plan import Plan, PlanError
+
+
+def kept_rank(weight_shape: torch.Size | tuple[int, ...], fraction: float) -> int:
+    """Number of singular values kept for a weight of this shape."""
+    full = min(weight_shape[0], int(torch.tensor(weight_shape[1:]).prod()))
+    return max(1, round(fraction * full))
+
+
+def factorize(layer: nn.Module, fraction: float) -> LowRank:
+    """Two-layer truncated-SVD approximation of a Linear or Conv1d/Conv2d layer."""
+    w = layer.weight.detach()
+    r = kept_rank(w.shape, fraction)
+    u, s, vh = torch.linalg.svd(w.flatten(1), full_matrices=False)
+    root = s[:r].sqrt()
+    first_w, second_w = root[:, None] * vh[:r], u[:, :r] * root
+    has_bias = layer.bias is not None
+    if isinstance(layer, nn.Linear):
+        first = nn.Linear(layer.in_features, r, bias=False)
+        second = nn.Linear(r, layer.out_features, bias=has_bias)
+    else:
+        if layer.groups != 1:
+            raise PlanError("low-rank factorization of grouped convolutions is not supported")
+        conv = type(layer)
+        first = conv(layer.in_channels, r, layer.kernel_size, layer.stride, layer.padding,
+                     layer.dilation, bias=False, padding_mode=layer.padding_mode)
+        second = conv(r, layer.out_channels, 1, bias=has_bias)
+    with torch.no_grad():
+        first.weight.copy_(first_w.reshape(first.weight.shape))
+        second.weight.copy_(second_w.reshape(second.weight.shape))
+        if has_bias:
+            second.bias.copy_(layer.bias)
+    return LowRank(first, second).to(w.device).train(layer.training)
+
+
+@register_method("lowrank", order=10)
+def _lowrank(model: nn.Module, plan: Plan, example_inputs: torch.Tensor) -> None:
+    for name, lp in plan.active().items():
+        if lp.rank is None:
+            continue
+        layer = model.get_submodule(name)
+        try:
+            new = factorize(layer, lp.rank)
+        except PlanError as e:
+            raise PlanError(f"layer {name!r}: {e}") from None
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+
+
+apply = pure("lowrank")

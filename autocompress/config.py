@@ -1,0 +1,437 @@
+"""Experiment files: what to compress, how to search, and what to measure.
+
+An experiment file is YAML::
+
+    name: digits-cnn                 # MLflow experiment name (required)
+    task: digits                     # built-in task, or "package.module:function" (required)
+    search_space: ../search_spaces/default.yaml   # relative to this file, or inline (required)
+    objectives:                      # 1 to 3, no duplicates (required)
+      - {metric: accuracy, mode: max}   # accuracy, latency_ms, size_bytes, params, macs
+      - {metric: latency_ms, mode: min} # mode may be left out; it is fixed per metric
+    target: {device: cpu, runtime: onnxruntime, threads: 1, batch_size: 1}   # Target fields
+    search: {sampler: nsga2, trials: 32, concurrency: 2, seed: 0, cpus_per_trial: 1}
+    finetune: {epochs: 2, lr: 0.001, distill: true}   # FinetuneConfig fields
+    constraints: {max_accuracy_drop: 0.05}            # optional
+    tracking_uri: sqlite:///mlflow.db                 # optional; the CLI has a default
+
+Every section maps onto a dataclass that validates itself; :func:`load_experiment` turns
+their ``ValueError`` into a :class:`~autocompress.errors.ConfigError` naming the file and key.
+
+Example:
+    >>> exp = load_experiment("experiments/digits.yaml")  # doctest: +SKIP
+    >>> exp.metrics, exp.modes  # doctest: +SKIP
+    (['accuracy', 'latency_ms', 'size_bytes'], ['max', 'min', 'min'])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from autocompress.errors import ConfigError, did_you_mean, read_yaml
+from autocompress.finetune import FinetuneConfig
+from autocompress.measure.target import Target
+from autocompress.space import SearchSpace, load_search_space
+
+__all__ = [
+    "METRICS",
+    "SAMPLERS",
+    "Constraints",
+    "Experiment",
+    "Objective",
+    "SearchSettings",
+    "load_experiment",
+]
+
+EXPERIMENT_VERSION = 1
+# Objective metrics and the only sensible direction for each.
+METRICS: dict[str, str] = {
+    "accuracy": "max",
+    "latency_ms": "min",
+    "size_bytes": "min",
+    "params": "min",
+    "macs": "min",
+}
+SAMPLERS = ("nsga2", "tpe", "random")
+MAX_OBJECTIVES = 3
+_TASK_RE = re.compile(r"[A-Za-z_]\w*|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+_REQUIRED = ("name", "task", "search_space", "objectives")
+_TOP_KEYS = ("version", *_REQUIRED, "target", "search", "finetune", "constraints",
+             "tracking_uri")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective of the search.
+
+    Attributes:
+        metric: One of :data:`METRICS`.
+        mode: ``max`` or ``min``; defaults to the metric's direction (the opposite is refused:
+            it would search for the worst models).
+    """
+
+    metric: str
+    mode: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"metric={self.metric!r}{did_you_mean(self.metric, METRICS)}; "
+                             f"allowed: {list(METRICS)}")
+        natural = METRICS[self.metric]
+        if self.mode is None:
+            object.__setattr__(self, "mode", natural)
+        elif self.mode != natural:
+            better = "higher" if natural == "max" else "lower"
+            raise ValueError(f"mode={self.mode!r} for {self.metric}; allowed: {natural!r} "
+                             f"({better} is better)")
+
+    @property
+    def direction(self) -> str:
+        """Optuna's name for the mode: ``maximize`` or ``minimize``."""
+        return "maximize" if self.mode == "max" else "minimize"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How the search runs.
+
+    Attributes:
+        sampler: Optuna sampler: ``nsga2``, ``tpe`` or ``random``.
+        trials: Trials in total.
+        concurrency: Trials running at the same time.
+        seed: Sampler seed, or None for a random one.
+        cpus_per_trial: CPUs Ray reserves per trial (fractions allowed).
+    """
+
+    sampler: str = "nsga2"
+    trials: int = 32
+    concurrency: int = 1
+    seed: int | None = 0
+    cpus_per_trial: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler={self.sampler!r}{did_you_mean(self.sampler, SAMPLERS)}; "
+                             f"allowed: {list(SAMPLERS)}")
+        for key in ("trials", "concurrency"):
+            value = getattr(self, key)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{key}={value!r}; allowed: an integer >= 1")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed={self.seed!r}; allowed: an integer or null")
+        if not _is_number(self.cpus_per_trial) or not 0 < self.cpus_per_trial < math.inf:
+            raise ValueError(f"cpus_per_trial={self.cpus_per_trial!r}; allowed: a number > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Limits a result must meet to be reported as a candidate.
+
+    Attributes:
+        max_accuracy_drop: Largest allowed ``baseline - compressed`` accuracy, in the metric's
+            units (a fraction for the built-in tasks), or None for no limit.
+    """
+
+    max_accuracy_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        value = self.max_accuracy_drop
+        if value is not None and (not _is_number(value) or not 0 <= value < math.inf):
+            raise ValueError(f"max_accuracy_drop={value!r}; allowed: a number >= 0 or null")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A validated experiment file.
+
+    Attributes:
+        name: Experiment name (the MLflow experiment).
+        task: Built-in task name or ``"package.module:function"`` (not imported here).
+        search_space: The search space, not yet applied to the model's layers.
+        objectives: One to three objectives.
+        target: Where latency is measured.
+        search: How the search runs.
+        finetune: Fine-tuning after compression.
+        constraints: Limits on reported results.
+        tracking_uri: MLflow tracking URI, or None for the command line's default.
+        path: The file the experiment was read from, if any.
+    """
+
+    name: str
+    task: str
+    search_space: SearchSpace
+    objectives: tuple[Objective, ...]
+    target: Target = field(default_factory=Target)
+    search: SearchSettings = field(default_factory=SearchSettings)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    constraints: Constraints = field(default_factory=Constraints)
+    tracking_uri: str | None = None
+    path: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"name={self.name!r}; allowed: a non-empty string")
+        if not isinstance(self.task, str) or not _TASK_RE.fullmatch(self.task):
+            raise ValueError(f"task={self.task!r}; allowed: a built-in task name (e.g. digits) "
+                             f"or 'package.module:function'")
+        if not 1 <= len(self.objectives) <= MAX_OBJECTIVES:
+            raise ValueError(f"objectives: {len(self.objectives)} given; allowed: 1 to "
+                             f"{MAX_OBJECTIVES}")
+        metrics = [o.metric for o in self.objectives]
+        for metric in metrics:
+            if metrics.count(metric) > 1:
+                raise ValueError(f"objectives: metric {metric!r} is listed twice")
+        if self.tracking_uri is not None and (
+                not isinstance(self.tracking_uri, str) or not self.tracking_uri.strip()):
+            raise ValueError(f"tracking_uri={self.tracking_uri!r}; allowed: a non-empty string "
+                             f"or null")
+
+    @property
+    def metrics(self) -> list[str]:
+        """The objective metric names, in order (``OptunaSearch(metric=...)``)."""
+        return [o.metric for o in self.objectives]
+
+    @property
+    def modes(self) -> list[str]:
+        """The objective modes, in order (``OptunaSearch(mode=...)``)."""
+        return [str(o.mode) for o in self.objectives]
+
+    @property
+    def directions(self) -> list[str]:
+        """The objective directions for ``optuna.create_study(directions=...)``."""
+        return [o.direction for o in self.objectives]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for logging; the search space is inlined, so the result loads again."""
+        return {
+            "version": EXPERIMENT_VERSION,
+            "name": self.name,
+            "task": self.task,
+            "search_space": self.search_space.to_dict(),
+            "objectives": [o.to_dict() for o in self.objectives],
+            "target": self.target.to_dict(),
+            "search": self.search.to_dict(),
+            "finetune": self.finetune.to_dict(),
+            "constraints": self.constraints.to_dict(),
+            "tracking_uri": self.tracking_uri,
+        }
+
+
+def load_experiment(path: str | os.PathLike, *, trials: int | None = None,
+                    concurrency: int | None = None, name: str | None = None) -> Experiment:
+    """Reads and validates an experiment file.
+
+    Args:
+        path: The YAML file.
+        trials: Overrides ``search.trials`` (``--trials``).
+        concurrency: Overrides ``search.concurrency`` (``--concurrency``).
+        name: Overrides ``name`` (``--name``).
+
+    Returns:
+        The experiment, with its search space loaded (a relative ``search_space`` path is
+        taken relative to the experiment file).
+
+    Raises:
+        ConfigError: The file is missing or not valid YAML, or a key is unknown, missing, of the
+            wrong type or out of range; the message names the file and the dotted key. Errors
+            inside a referenced search space file name that file. Bad overrides name the option.
+    """
+    data = read_yaml(path)
+    try:
+        experiment = _parse_experiment(data, Path(path))
+    except ConfigError as e:
+        raise e.located(path) from None
+    return _override(experiment, trials=trials, concurrency=concurrency, name=name)
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+def _parse_experiment(data: Any, path: Path) -> Experiment:
+    if data is None:
+        raise ConfigError(f"empty file; expected a mapping with keys {list(_REQUIRED)}")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a mapping with keys {list(_REQUIRED)}, "
+                          f"got {_type_name(data)}")
+    _check_keys(data, _TOP_KEYS, "")
+    for key in _REQUIRED:
+        if key not in data:
+            raise ConfigError(f"missing required key {key!r}", key=key)
+    version = data.get("version", EXPERIMENT_VERSION)
+    if version != EXPERIMENT_VERSION or isinstance(version, bool):
+        raise ConfigError(f"version {version!r} is not supported; allowed: "
+                          f"{EXPERIMENT_VERSION}", key="version")
+    fields_ = {key: data[key] for key in ("name", "task", "tracking_uri") if key in data}
+    for key, value in fields_.items():
+        _check_type(value, _hints(Experiment)[key], key)
+    return _construct(
+        Experiment, "",
+        **fields_,
+        search_space=_parse_search_space(data["search_space"], path),
+        objectives=_parse_objectives(data["objectives"]),
+        target=_build(Target, data.get("target"), "target"),
+        search=_build(SearchSettings, data.get("search"), "search"),
+        finetune=_build(FinetuneConfig, data.get("finetune"), "finetune"),
+        constraints=_build(Constraints, data.get("constraints"), "constraints"),
+        path=path,
+    )
+
+
+def _parse_search_space(raw: Any, path: Path) -> SearchSpace:
+    if isinstance(raw, Mapping):
+        return load_search_space(raw, source=str(path), key_prefix="search_space")
+    if not isinstance(raw, str) or not raw.strip():
+        raise ConfigError(f"expected a path to a search space file (relative to this file) or "
+                          f"an inline mapping with 'layers', got {raw!r}", key="search_space")
+    space_path = os.path.normpath(path.parent / os.path.expanduser(raw))
+    if not _is_file(space_path):
+        raise ConfigError(f"search space file not found: {space_path}", key="search_space")
+    return load_search_space(space_path)
+
+
+def _parse_objectives(raw: Any) -> tuple[Objective, ...]:
+    if not isinstance(raw, list | tuple) or not raw:
+        raise ConfigError(f"expected a list of 1 to {MAX_OBJECTIVES} objectives "
+                          f"{{metric, mode}}, got {raw!r}", key="objectives")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"objectives[{i}]"
+        if isinstance(item, str):
+            item = {"metric": item}
+        out.append(_build(Objective, item, where, optional=False))
+    return tuple(out)
+
+
+def _build(cls: type, raw: Any, where: str, *, optional: bool = True) -> Any:
+    """Builds the dataclass ``cls`` from a mapping, with ConfigErrors keyed under ``where``."""
+    if raw is None and optional:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"expected a mapping of {_field_names(cls)}, got {_type_name(raw)}",
+                          key=where)
+    _check_keys(raw, _field_names(cls), where)
+    hints = _hints(cls)
+    for f in fields(cls):
+        if f.name in raw:
+            _check_type(raw[f.name], hints[f.name], f"{where}.{f.name}")
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"missing required key {f.name!r}", key=f"{where}.{f.name}")
+    return _construct(cls, where, **raw)
+
+
+def _construct(cls: type, where: str, **kwargs: Any) -> Any:
+    """``cls(**kwargs)``, its ValueError turned into a ConfigError keyed by the bad field."""
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise _from_value_error(e, where, _field_names(cls)) from None
+
+
+def _from_value_error(e: ValueError, where: str, names: list[str]) -> ConfigError:
+    """Finds the field a dataclass complained about (``target.threads=0; ...``)."""
+    message = str(e)
+    m = re.match(r"(?:\w+\.)?(\w+)(=|: )", message)
+    if m and m[1] in names:
+        key = f"{where}.{m[1]}" if where else m[1]
+        text = message[m.start(1):] if m[2] == "=" else message[m.end():]
+        return ConfigError(text, key=key)
+    return ConfigError(message, key=where or None)
+
+
+def _override(experiment: Experiment, *, trials: int | None, concurrency: int | None,
+              name: str | None) -> Experiment:
+    """Applies command-line overrides; errors name the option, not the file."""
+    overrides: list[tuple[str, str, Any]] = [
+        ("--trials", "trials", trials), ("--concurrency", "concurrency", concurrency),
+        ("--name", "name", name)]
+    for option, key, value in overrides:
+        if value is None:
+            continue
+        _check_type(value, str if key == "name" else int, option)
+        try:
+            if key == "name":
+                experiment = replace(experiment, name=value)
+            else:
+                experiment = replace(experiment, search=replace(experiment.search, **{key: value}))
+        except ValueError as e:
+            raise ConfigError(str(e), key=option) from None
+    return experiment
+
+
+# --- checks --------------------------------------------------------------------------------
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               type(None): "null"}
+
+
+def _check_type(value: Any, hint: Any, key: str) -> None:
+    """Checks ``value`` against a simple annotation (``int``, ``float``, ``str | None``, ...)."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if any(_is_instance(value, t) for t in allowed):
+        return
+    words = " or ".join(_TYPE_WORDS.get(t, getattr(t, "__name__", str(t))) for t in allowed)
+    raise ConfigError(f"expected {words}, got {_type_name(value)} {value!r}", key=key)
+
+
+def _is_instance(value: Any, t: Any) -> bool:
+    if t is float:
+        return _is_number(value)
+    if t is int:
+        return _is_int(value)
+    if t is type(None):
+        return value is None
+    return isinstance(t, type) and isinstance(value, t)
+
+
+def _check_keys(data: Mapping[Any, Any], allowed: list[str] | tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            path = f"{where}.{key}" if where else str(key)
+            raise ConfigError(f"unknown key {key!r}{did_you_mean(key, allowed)}; "
+                              f"allowed: {list(allowed)}", key=path)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls) if f.init and f.name != "path"]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _type_name(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__

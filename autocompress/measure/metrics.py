@@ -1,0 +1,79 @@
+"""The metrics of one model: accuracy, size, params, MACs and measured latency."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from autocompress.layers import count_macs
+from autocompress.measure.latency import measure_latency
+from autocompress.measure.size import count_params, size_bytes
+from autocompress.measure.target import Target
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Measured metrics of one model (names are the MLflow / ``--json`` contract).
+
+    Attributes:
+        accuracy: The task metric on the validation data (higher is better).
+        latency_ms: Median latency on the target.
+        latency_p90_ms: 90th percentile latency.
+        latency_iqr_ms: Inter-quartile range of the latency (its spread).
+        size_bytes: Bytes of the deployable artifact (see ``autocompress.measure.size``).
+        params: Stored parameters.
+        nonzero_params: Parameters that are not zero.
+        macs: Dense multiply-accumulates of one sample.
+    """
+
+    accuracy: float
+    latency_ms: float
+    latency_p90_ms: float
+    latency_iqr_ms: float
+    size_bytes: int
+    params: int
+    nonzero_params: int
+    macs: int
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def relative_to(self, baseline: Metrics) -> dict[str, float]:
+        """``compression_ratio``, ``speedup`` and ``accuracy_drop`` against ``baseline``."""
+        return {
+            "compression_ratio": baseline.size_bytes / self.size_bytes,
+            "speedup": baseline.latency_ms / self.latency_ms,
+            "accuracy_drop": baseline.accuracy - self.accuracy,
+        }
+
+
+@torch.no_grad()
+def top1_accuracy(model: nn.Module, loader) -> float:
+    """Fraction of validation samples whose arg-max prediction is the target."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(dim=1) == y).sum())
+        total += int(y.numel())
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def measure(model: nn.Module, task, target: Target) -> Metrics:
+    """Measures ``model`` (compressed or not) on ``task``'s validation data and on ``target``."""
+    accuracy = float(task.evaluate(model))
+    latency = measure_latency(model, task.example_inputs, target)
+    params, nonzero = count_params(model)
+    return Metrics(
+        accuracy=accuracy,
+        latency_ms=latency.latency_ms,
+        latency_p90_ms=latency.p90_ms,
+        latency_iqr_ms=latency.iqr_ms,
+        size_bytes=size_bytes(model),
+        params=params,
+        nonzero_params=nonzero,
+        macs=sum(count_macs(model, task.example_inputs[:1]).values()),
+    )

@@ -1,0 +1,85 @@
+"""Size of the deployable artifact, computed from what is really stored.
+
+Every stored tensor costs ``min(dense, sparse)`` bytes plus its quantization scales:
+
+- ``dense  = ceil(numel * b / 8)``: all values bit-packed at ``b`` bits (``b`` = the layer's
+  bit-width, or 32 for fp32);
+- ``sparse = ceil(nnz * b / 8) + ceil(numel / 8)``: only the ``nnz`` non-zero values, plus a
+  1-bit-per-element presence bitmap;
+- ``scales = 4 * out_channels`` for a quantized weight (one fp32 scale per output channel).
+
+Zeros are counted on the weight as it will be stored (after masking and quantization).
+Biases, BatchNorm affine parameters and running statistics are fp32; an 8-bit activation
+quantizer costs 8 bytes (fp32 scale + int32 zero point). Not counted: the architecture
+description (layer names and shapes, a few hundred bytes) and ``num_batches_tracked``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from autocompress.compress._modules import ActFakeQuant, WeightCompression
+
+ACT_QUANT_BYTES = 8
+
+
+@dataclass(frozen=True)
+class TensorSize:
+    """Storage of one tensor: ``bytes`` = min(dense, sparse) + scales."""
+
+    name: str
+    numel: int
+    nnz: int
+    bits: int
+    scales: int
+    bytes: int
+    sparse: bool
+    is_param: bool = True
+
+
+def tensor_bytes(numel: int, nnz: int, bits: int = 32, scales: int = 0) -> tuple[int, bool]:
+    """Bytes to store a tensor, and whether the sparse (bitmap) format is the smaller one."""
+    dense = math.ceil(numel * bits / 8)
+    sparse = math.ceil(nnz * bits / 8) + math.ceil(numel / 8)
+    return min(dense, sparse) + 4 * scales, sparse < dense
+
+
+def size_report(model: nn.Module) -> list[TensorSize]:
+    """Per-tensor storage of ``model`` (compressed or not)."""
+    rows = []
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, WeightCompression | parametrize.ParametrizationList):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(mod, ActFakeQuant):
+            rows.append(TensorSize(f"{prefix}qparams", 2, 2, 32, 0, ACT_QUANT_BYTES, False, False))
+            continue
+        tensors: dict[str, tuple[torch.Tensor, int | None, bool]] = {
+            n: (p, None, True) for n, p in mod.named_parameters(recurse=False)}
+        if parametrize.is_parametrized(mod, "weight"):
+            wc = next((p for p in mod.parametrizations["weight"] if isinstance(p, WeightCompression)), None)
+            tensors["weight"] = (mod.weight, wc.bits if wc else None, True)
+        tensors.update({n: (b, None, False) for n, b in mod.named_buffers(recurse=False)
+                        if n != "num_batches_tracked"})
+        for n, (t, bits, is_param) in tensors.items():
+            numel, nnz = t.numel(), int(torch.count_nonzero(t.detach()))
+            scales = t.shape[0] if bits is not None else 0
+            nbytes, sparse = tensor_bytes(numel, nnz, bits or 32, scales)
+            rows.append(TensorSize(prefix + n, numel, nnz, bits or 32, scales, nbytes, sparse, is_param))
+    return rows
+
+
+def size_bytes(model: nn.Module) -> int:
+    """Total bytes of the deployable artifact (see the module docstring for the formula)."""
+    return sum(row.bytes for row in size_report(model))
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """``(params, nonzero params)`` of the model as stored."""
+    rows = [r for r in size_report(model) if r.is_param]
+    return sum(r.numel for r in rows), sum(r.nnz for r in rows)

@@ -1,0 +1,176 @@
+"""The compression plan: what to do to each layer, as a versioned JSON document.
+
+Example:
+    >>> plan = Plan({"fc": LayerPlan(sparsity=0.5, bits=8)})
+    >>> Plan.from_json(plan.to_json()) == plan
+    True
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PLAN_VERSION = 1
+STRUCTURES = ("unstructured", "channel")
+BITS = (2, 3, 4, 5, 6, 7, 8)
+ACT_BITS = (8,)
+
+
+class PlanError(ValueError):
+    """A plan names an unknown layer or holds a value outside its allowed range."""
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What to do to one layer.
+
+    Attributes:
+        sparsity: Fraction of weights (``unstructured``) or output channels (``channel``) to
+            remove, in [0, 1).
+        structure: ``"unstructured"`` (magnitude masks) or ``"channel"`` (output channels
+            physically removed, with the matching inputs of every dependent layer).
+        bits: Weight bit-width in 2..8 (per-output-channel symmetric), or None to keep fp32.
+        rank: Kept fraction of full rank in (0, 1] for a truncated-SVD factorization, or None.
+        act_bits: 8 to fake-quantize the layer's input activations to 8 bits, or None.
+    """
+
+    sparsity: float = 0.0
+    structure: str = "unstructured"
+    bits: int | None = None
+    rank: float | None = None
+    act_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.sparsity, int | float) and 0.0 <= self.sparsity < 1.0,
+            "sparsity", self.sparsity, "a number in [0, 1)",
+        )
+        _check(self.structure in STRUCTURES, "structure", self.structure, f"one of {list(STRUCTURES)}")
+        _check(self.bits is None or self.bits in BITS, "bits", self.bits, "an integer in 2..8 or null")
+        _check(
+            self.rank is None or (isinstance(self.rank, int | float) and 0.0 < self.rank <= 1.0),
+            "rank", self.rank, "a number in (0, 1] or null",
+        )
+        _check(self.act_bits is None or self.act_bits in ACT_BITS, "act_bits", self.act_bits, "8 or null")
+
+    @property
+    def is_identity(self) -> bool:
+        """True when this entry changes nothing."""
+        return self.sparsity == 0.0 and self.bits is None and self.rank is None and self.act_bits is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "layer") -> LayerPlan:
+        """Builds a LayerPlan from a mapping, rejecting unknown keys.
+
+        Args:
+            data: Mapping with a subset of the LayerPlan fields.
+            where: Used in error messages, e.g. the layer name.
+        """
+        if not isinstance(data, Mapping):
+            raise PlanError(f"{where}: expected a mapping of knobs, got {type(data).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"{where}: unknown key {unknown[0]!r}{_did_you_mean(unknown[0], known)}; "
+                            f"allowed: {sorted(known)}")
+        try:
+            return cls(**data)
+        except PlanError as e:
+            raise PlanError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A per-layer compression plan. Layers not listed stay as they are.
+
+    Keys are module names as in ``model.named_modules()``.
+    """
+
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != PLAN_VERSION:
+            raise PlanError(f"plan version {self.version!r} is not supported; expected {PLAN_VERSION}")
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def active(self) -> dict[str, LayerPlan]:
+        """The entries that change something."""
+        return {name: lp for name, lp in self.layers.items() if not lp.is_identity}
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.active()
+
+    def validate(self, layer_names: Iterable[str]) -> None:
+        """Raises PlanError if the plan names a layer that is not among ``layer_names``."""
+        valid = list(layer_names)
+        for name in self.layers:
+            if name not in valid:
+                raise PlanError(f"plan names unknown layer {name!r}{_did_you_mean(name, valid)}; "
+                                f"compressible layers: {valid}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "layers": {k: v.to_dict() for k, v in self.layers.items()}}
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=indent is not None)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        if not isinstance(data, Mapping) or not isinstance(data.get("layers", {}), Mapping):
+            raise PlanError('a plan is a mapping {"version": 1, "layers": {name: {knobs}}}')
+        unknown = sorted(set(data) - {"version", "layers"})
+        if unknown:
+            raise PlanError(f"plan: unknown key {unknown[0]!r}; allowed: ['layers', 'version']")
+        layers = {str(k): LayerPlan.from_dict(v, where=f"layers.{k}")
+                  for k, v in data.get("layers", {}).items()}
+        return cls(layers=layers, version=data.get("version", PLAN_VERSION))
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def flatten(self) -> dict[str, Any]:
+        """Flat ``{"layer/knob": value}`` view, used for MLflow params."""
+        return {f"{name}/{k}": v for name, lp in self.layers.items() for k, v in lp.to_dict().items()}
+
+    def summary(self) -> str:
+        """A one-line human summary, e.g. ``conv1: s0.50ch b4 | fc: r0.25``."""
+        parts = []
+        for name, lp in self.active().items():
+            bits = []
+            if lp.sparsity:
+                bits.append(f"s{lp.sparsity:.2f}{'ch' if lp.structure == 'channel' else ''}")
+            if lp.bits is not None:
+                bits.append(f"b{lp.bits}")
+            if lp.rank is not None:
+                bits.append(f"r{lp.rank:.2f}")
+            if lp.act_bits is not None:
+                bits.append(f"a{lp.act_bits}")
+            parts.append(f"{name}: {' '.join(bits)}")
+        return " | ".join(parts) or "(no compression)"
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok or (isinstance(value, float) and math.isnan(value)):
+        raise PlanError(f"{key}={value!r} is out of range; allowed: {allowed}")
+
+
+def _did_you_mean(name: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

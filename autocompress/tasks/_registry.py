@@ -1,0 +1,89 @@
+"""Built-in tasks, user tasks from ``"package.module:function"``, and the baseline cache."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import autocompress
+from autocompress.errors import ConfigError
+from autocompress.tasks._task import Task
+
+_TASKS: dict[str, Callable[..., Task]] = {}
+
+
+def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
+    """Registers a built-in task factory ``fn(seed: int = 0) -> Task``."""
+
+    def deco(fn: Callable[..., Task]) -> Callable[..., Task]:
+        _TASKS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+def load_task(ref: str, seed: int = 0) -> Task:
+    """A task from a built-in name (``digits``, ``mnist1d``) or ``"package.module:function"``.
+
+    Raises:
+        ConfigError: Unknown built-in name, module or function that cannot be imported, or a
+            function that does not return a Task.
+    """
+    if ref in _TASKS:
+        return _TASKS[ref](seed=seed)
+    if ":" not in ref:
+        raise ConfigError(f"unknown task {ref!r}; built-in tasks: {list_tasks()}, "
+                          "or give 'package.module:function'", key="task")
+    module_name, _, fn_name = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001  (any import-time failure is the user's task's)
+        raise ConfigError(f"cannot import task module {module_name!r}: {type(e).__name__}: {e}",
+                          key="task") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ConfigError(f"module {module_name!r} has no function {fn_name!r}", key="task")
+    task = fn()
+    if not isinstance(task, Task):
+        raise ConfigError(f"{ref}() returned {type(task).__name__}, expected autocompress.Task",
+                          key="task")
+    return task
+
+
+def cache_dir() -> Path:
+    """Where trained baselines are cached: ``$AUTOCOMPRESS_CACHE`` or ``~/.cache/autocompress``."""
+    return Path(os.environ.get("AUTOCOMPRESS_CACHE", Path.home() / ".cache" / "autocompress"))
+
+
+def cached_baseline(name: str, seed: int, model: nn.Module, train: Callable[[nn.Module], None],
+                    code: object) -> tuple[nn.Module, bool]:
+    """Loads ``model``'s trained weights from the cache, or trains and caches them.
+
+    The key is task name + seed + a hash of the autocompress version and the source of
+    ``code`` (the task's module), so editing a task retrains its baseline.
+
+    Returns:
+        ``(model, was_cached)``.
+    """
+    digest = hashlib.sha256((autocompress.__version__ + inspect.getsource(code)).encode())
+    path = cache_dir() / "baselines" / f"{name}-seed{seed}-{digest.hexdigest()[:12]}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval(), True
+    train(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)  # atomic: concurrent processes never read half a file
+    return model.eval(), False
