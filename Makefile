@@ -1,0 +1,40 @@
+# autocompress: `make demo` runs a real search; `make test` runs the tests. Both set up .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+export AUTOCOMPRESS_CACHE ?= $(CURDIR)/.autocompress/cache
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+# Installs the CPU torch wheel first (any other torch spec pulls a multi-GB CUDA build),
+# then the package with its test extras. Re-runs only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]" "$(TORCH)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/autocompress search experiments/digits.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check autocompress tests bench
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check autocompress tests bench
+	$(BIN)/mypy autocompress
+
+bench: $(STAMP)
+	$(BIN)/python bench/latency.py
+
+clean:
+	rm -rf $(VENV) .autocompress mlflow.db mlruns
