@@ -15,6 +15,7 @@ from autocompress.errors import ConfigError
 from autocompress.plan import PlanError
 
 EXIT_BAD_INPUT = 2
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def _add_target_args(p: argparse.ArgumentParser) -> None:
@@ -142,6 +143,69 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip())
 
 
+FRONT_COLUMNS = (("trial", "trial", str), ("run_id", "run id", str),
+                 ("accuracy", "accuracy", "{:.4f}"), ("accuracy_drop", "drop", "{:+.4f}"),
+                 ("size_bytes", "size KiB", lambda v: f"{v / 1024:.1f}"),
+                 ("compression_ratio", "ratio", "{:.1f}x"), ("latency_ms", "latency ms", "{:.4f}"),
+                 ("speedup", "speedup", "{:.2f}x"), ("summary", "plan", str))
+
+
+def _print_front(rows: Sequence[dict]) -> None:
+    def cell(row: dict, key: str, fmt) -> str:
+        if key not in row:
+            return ""
+        return fmt(row[key]) if callable(fmt) else fmt.format(row[key])
+
+    _print_table([h for _, h, _ in FRONT_COLUMNS],
+                 [[cell(r, k, f) for k, _, f in FRONT_COLUMNS] for r in rows])
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from autocompress.config import load_experiment
+    from autocompress.search import run_search
+
+    exp = load_experiment(args.experiment, trials=args.trials, concurrency=args.concurrency,
+                          name=args.name)
+    uri = args.tracking_uri or exp.tracking_uri or DEFAULT_TRACKING_URI
+    result = run_search(exp, tracking_uri=uri, address=args.address)
+    front = result.front.drop(columns=["error"]).to_dict("records")
+    if args.json:
+        print(json.dumps({"parent_run_id": result.parent_run_id, "baseline": result.baseline,
+                          "front": front}, indent=2, default=str))
+        return 0
+    counts = result.trials["status"].value_counts()
+    print(f"\nsearch {exp.name!r} finished: {int(counts.get('FINISHED', 0))} trials finished, "
+          f"{int(counts.get('FAILED', 0))} failed; parent run {result.parent_run_id}")
+    b = result.baseline
+    print(f"baseline: accuracy {b['accuracy']:.4f}, size {b['size_bytes'] / 1024:.1f} KiB, "
+          f"latency {b['latency_ms']:.4f} ms\n")
+    print(f"Pareto front ({len(front)} models):")
+    _print_front(front)
+    print(f"\nsee it in the MLflow UI: autocompress ui --tracking-uri {uri}")
+    return 0
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from autocompress.tracking import read_front
+
+    rows = read_front(args.tracking_uri, args.experiment_name, args.max_accuracy_drop)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_front(rows)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.tracking_uri,
+           "--host", args.host, "--port", str(args.port)]
+    print(f"autocompress: MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)",
+          file=sys.stderr)
+    return subprocess.call(cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autocompress",
@@ -166,6 +230,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_target_args(p)
     p.set_defaults(fn=cmd_trial)
+
+    p = sub.add_parser("search", help="run a multi-objective compression search")
+    p.add_argument("experiment", help="experiment YAML file")
+    p.add_argument("--trials", type=int, help="override search.trials")
+    p.add_argument("--concurrency", type=int, help="override search.concurrency")
+    p.add_argument("--name", help="override the experiment name")
+    p.add_argument("--address", help="Ray cluster address (auto, ray://host:10001)")
+    p.add_argument("--tracking-uri", help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("pareto", help="the Pareto-optimal trials of an experiment's latest search")
+    p.add_argument("experiment_name")
+    p.add_argument("--max-accuracy-drop", type=float, help="only trials losing at most this much")
+    p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(fn=cmd_pareto)
+
+    p = sub.add_parser("ui", help="the MLflow UI on the same store")
+    p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(fn=cmd_ui)
     return parser
 
 

@@ -93,7 +93,7 @@ def _front_of_unique_lexsorted(loss: np.ndarray) -> np.ndarray:
     while remaining.size:
         top = remaining[0]
         on_front[top] = True
-        not_dominated = np.any(loss[remaining] <= loss[top], axis=1)
+        not_dominated = np.any(loss[remaining] < loss[top], axis=1)
         remaining = remaining[not_dominated]
     return on_front
 

@@ -102,7 +102,8 @@ class Plan:
             raise PlanError(f"plan version {self.version!r} is not supported; expected {PLAN_VERSION}")
 
     def __hash__(self) -> int:
-        return hash(self.to_json())
+        # Sorted: equal plans (dicts compare without order) must hash alike.
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     def active(self) -> dict[str, LayerPlan]:
         """The entries that change something."""
@@ -132,7 +133,9 @@ class Plan:
             raise PlanError('a plan is a mapping {"version": 1, "layers": {name: {knobs}}}')
         unknown = sorted(set(data) - {"version", "layers"})
         if unknown:
-            raise PlanError(f"plan: unknown key {unknown[0]!r}; allowed: ['layers', 'version']")
+            raise PlanError(f"plan: unknown key {unknown[0]!r}"
+                            f"{_did_you_mean(unknown[0], ['layers', 'version'])}; "
+                            "allowed: ['layers', 'version']")
         layers = {str(k): LayerPlan.from_dict(v, where=f"layers.{k}")
                   for k, v in data.get("layers", {}).items()}
         return cls(layers=layers, version=data.get("version", PLAN_VERSION))
@@ -167,7 +170,8 @@ class Plan:
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok or (isinstance(value, float) and math.isnan(value)):
+    # No knob takes a boolean, but True == 1 would pass the range checks (JSON ``"rank": true``).
+    if not ok or isinstance(value, bool) or (isinstance(value, float) and math.isnan(value)):
         raise PlanError(f"{key}={value!r} is out of range; allowed: {allowed}")
 
 

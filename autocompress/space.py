@@ -6,7 +6,7 @@ each selected layer a domain per knob (a :class:`~autocompress.plan.LayerPlan` f
     version: 1                        # optional
     layers:
       - name: convs                   # optional; names the shared group, default "rule<i>"
-        match: "re:features\\..*"     # exact module name or "re:" regex (fullmatch); or a list
+        match: 're:features\\..*'     # exact module name or "re:" regex (fullmatch); or a list
         types: [Conv1d, Conv2d]       # optional: module type names
         exclude: ["features.0"]       # optional: names / "re:" patterns left out
         share: false                  # true: one sampled value for all layers of the rule
@@ -276,6 +276,11 @@ class SearchSpace:
 
     def resolve(self, layers: Sequence[LayerInfo]) -> ResolvedSpace:
         """Applies the rules to a model's layers.
+
+        The output layer (``is_output``) never gets ``channel`` pruning: ``channel`` is dropped
+        from its ``structure`` choices, and if ``channel`` was all it was given it gets
+        ``unstructured`` (in a ``share: true`` rule, a shared ``channel`` value becomes
+        ``unstructured`` for it when the plan is built).
 
         Args:
             layers: The model's compressible layers (``find_layers``); only ``name``, ``type``

@@ -125,6 +125,21 @@ def test_exponent_floats_without_a_dot(write):
     assert exp.finetune.lr == 0.001 and exp.finetune.weight_decay == 0.0005
 
 
+def test_yaml_anchors_and_merge_keys(write):
+    base = {k: v for k, v in BASE.items() if k != "search_space"}
+    text = yaml.safe_dump(base) + textwrap.dedent("""\
+        search_space:
+          layers:
+            - types: [Conv2d]
+              knobs: &common {bits: [4, 8], sparsity: 0.25}
+            - types: [Linear]
+              knobs: {<<: *common, sparsity: 0.5}
+    """)
+    rules = load_experiment(write(text)).search_space.rules
+    assert rules[1].knobs["sparsity"].value == 0.5
+    assert rules[1].knobs["bits"] == rules[0].knobs["bits"]
+
+
 def test_custom_task_and_inline_search_space(write):
     inline = {"layers": [{"types": ["Linear"], "share": True, "knobs": {"bits": [4, 8]}}]}
     path = write({**BASE, "task": "my_pkg.models:build_task", "search_space": inline})

@@ -90,6 +90,17 @@ def test_space_round_trips_through_dict(path):
     assert again == loaded
 
 
+def test_documented_example_loads_and_resolves():
+    import textwrap
+
+    import autocompress.space as module
+
+    doc = module.__doc__
+    example = yaml.safe_load(textwrap.dedent(doc[doc.index("::") + 2:doc.index("Rules apply")]))
+    resolved = load_search_space(example).resolve(LAYERS)
+    assert [ls.name for ls in resolved.layers] == ["features.3"]
+
+
 # --- rules ---------------------------------------------------------------------------------
 
 

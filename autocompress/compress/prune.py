@@ -4,7 +4,8 @@
 ``GroupMagnitudeImportance``) and, through Torch-Pruning's dependency graph, the matching
 channels of every coupled layer: BatchNorm, residual additions, concatenations and the inputs
 of the next conv/linear. Layers coupled by a residual add must lose the same channels, so a
-group is cut once, at the ratio of the first layer in the plan that belongs to it.
+group is cut once, at the ratio of its first layer in the model's definition order (not the
+plan's order: plans that compare equal must compress alike).
 
 ``unstructured``: zeroes the smallest-magnitude fraction of each weight with a fixed mask,
 kept enforced during fine-tuning through a parametrization (the masked weights stay zero and
@@ -64,20 +65,23 @@ def prune_channels(model: nn.Module, ratios: dict[str, float], example_inputs: t
     importance = tp.importance.GroupMagnitudeImportance(p=2)
     output_module = model.get_submodule(output) if output else None
     done: set[nn.Module] = set()
-    for name, ratio in ratios.items():
+    position = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    for name, ratio in sorted(ratios.items(), key=lambda item: position[item[0]]):
         if name == output:
             raise PlanError(f"layer {name!r} produces the model output; its channels cannot be "
                             "removed (use structure 'unstructured')")
         layer = leaves(model, name)[-1]
         if layer in done:
-            continue  # already cut as part of an earlier layer's group
+            continue  # its outputs were already cut as part of an earlier layer's group
         fn = tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
         n_out = layer.weight.shape[0]
         n_cut = min(round(ratio * n_out), n_out - 1)
         if n_cut == 0:
             continue
         group = graph.get_pruning_group(layer, fn, idxs=list(range(n_out)))
-        touched = {dep.target.module for dep, _ in group}
+        # Only layers whose outputs this group cuts are done; a layer that merely loses
+        # inputs (the next conv) still has its own entry to apply.
+        touched = _out_cut_modules(group)
         if output_module is not None and _cuts_outputs_of(group, output_module):
             raise PlanError(f"pruning channels of {name!r} would remove model outputs")
         scores = importance(group)
@@ -89,9 +93,14 @@ def prune_channels(model: nn.Module, ratios: dict[str, float], example_inputs: t
         done |= touched
 
 
-def _cuts_outputs_of(group, module: nn.Module) -> bool:
+def _out_cut_modules(group) -> set[nn.Module]:
+    """The conv/linear layers whose output channels ``group`` removes."""
     out_fns = (tp.prune_linear_out_channels, tp.prune_conv_out_channels)
-    return any(dep.target.module is module and dep.handler in out_fns for dep, _ in group)
+    return {dep.target.module for dep, _ in group if dep.handler in out_fns}
+
+
+def _cuts_outputs_of(group, module: nn.Module) -> bool:
+    return module in _out_cut_modules(group)
 
 
 apply = pure("prune")

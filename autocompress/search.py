@@ -1,0 +1,261 @@
+"""The search: Ray Tune trials, sampled by Optuna (multi-objective), logged to MLflow.
+
+The driver loads the task once (the baseline comes from the cache), measures the baseline,
+and ships task and search space to the trials through Ray's object store. Each trial turns
+its sampled parameters into a :class:`~autocompress.plan.Plan`, compresses, fine-tunes
+(reporting the metric per epoch), measures on the target and returns its plan and weights as
+a checkpoint. A driver-side Ray Tune callback is the only MLflow writer
+(:mod:`autocompress.tracking`). The Optuna study lives in an SQLite file next to the MLflow
+store, so the front can be read back and a search resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from autocompress.config import Experiment
+from autocompress.space import ResolvedSpace
+from autocompress.tracking import SearchTracker
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+@dataclass
+class SearchResult:
+    """The outcome of a search.
+
+    Attributes:
+        experiment: The experiment that ran.
+        parent_run_id: The MLflow parent run.
+        baseline: The uncompressed model's metrics.
+        trials: One row per trial (see :meth:`SearchTracker.table`).
+        front: The Pareto-optimal feasible trials.
+        study_storage: Optuna storage URL; the study is named ``study_name``.
+        study_name: The Optuna study.
+    """
+
+    experiment: Experiment
+    parent_run_id: str
+    baseline: dict[str, float]
+    trials: pd.DataFrame
+    front: pd.DataFrame
+    study_storage: str
+    study_name: str
+
+
+def study_storage_url(tracking_uri: str) -> str:
+    """The Optuna storage beside the MLflow store: ``optuna.db`` in the same directory for a
+    ``sqlite:///`` store, else ``.autocompress/optuna.db`` in the working directory."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return f"sqlite:///{db.parent / 'optuna.db'}"
+    Path(".autocompress").mkdir(exist_ok=True)
+    return f"sqlite:///{Path('.autocompress') / 'optuna.db'}"
+
+
+class _DefineByRun:
+    """Optuna define-by-run space for ``OptunaSearch``: samples every knob of the plan."""
+
+    def __init__(self, space: ResolvedSpace) -> None:
+        self.space = space
+
+    def __call__(self, trial: Any) -> None:
+        self.space.suggest(trial)
+
+
+class _AccuracyDropConstraint:
+    """Optuna ``constraints_func``: feasible iff ``baseline - accuracy <= max_drop``."""
+
+    def __init__(self, index: int, baseline: float, max_drop: float) -> None:
+        self.index, self.baseline, self.max_drop = index, baseline, max_drop
+
+    def __call__(self, trial: Any) -> list[float]:
+        if not trial.values:
+            return [1.0]
+        return [self.baseline - trial.values[self.index] - self.max_drop]
+
+
+def make_sampler(exp: Experiment, baseline_accuracy: float):
+    """The Optuna sampler named in ``search.sampler``, seeded, with the accuracy constraint."""
+    import optuna
+
+    s = exp.search
+    constraint = None
+    if exp.constraints.max_accuracy_drop is not None and "accuracy" in exp.metrics:
+        constraint = _AccuracyDropConstraint(exp.metrics.index("accuracy"), baseline_accuracy,
+                                             exp.constraints.max_accuracy_drop)
+    if s.sampler == "nsga2":
+        # The default population (50) would make a typical 16-64 trial search purely random.
+        population = max(4, min(50, s.trials // 3))
+        return optuna.samplers.NSGAIISampler(population_size=population, seed=s.seed,
+                                             constraints_func=constraint)
+    if s.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True,
+                                          n_startup_trials=max(4, min(10, s.trials // 3)),
+                                          constraints_func=constraint)
+    return optuna.samplers.RandomSampler(seed=s.seed)
+
+
+def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment,
+               baseline: dict[str, float]) -> None:
+    """One Ray Tune trial: plan -> compress -> fine-tune (reports per epoch) -> measure."""
+    import torch
+    from ray import tune
+
+    from autocompress.compress.deploy import bake
+    from autocompress.trial import run_trial
+
+    torch.set_num_threads(max(1, int(exp.search.cpus_per_trial)))
+    warnings.filterwarnings("ignore")
+    plan = space.plan_from_params(config)
+
+    def on_epoch(epoch: int, metric: float) -> None:
+        tune.report({"epoch": epoch + 1, "epoch_accuracy": metric})
+
+    result = run_trial(task, plan, exp.finetune, exp.target, on_epoch=on_epoch,
+                       seed=exp.search.seed or 0)
+    metrics = result.metrics.to_dict()
+    relative = {
+        "compression_ratio": baseline["size_bytes"] / metrics["size_bytes"],
+        "speedup": baseline["latency_ms"] / metrics["latency_ms"],
+        "accuracy_drop": baseline["accuracy"] - metrics["accuracy"],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "plan.json").write_text(plan.to_json(indent=2))
+        torch.save(bake(result.model).state_dict(), out / "model.pt")
+        (out / "metrics.json").write_text(json.dumps({**metrics, **relative}, indent=2))
+        tune.report({**metrics, **relative, "epochs": len(result.history), "final": True,
+                     "summary": plan.summary(), "trial_seconds": result.seconds},
+                    checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _callback(tracker: SearchTracker):
+    from ray.tune import Callback
+
+    class MlflowTrialCallback(Callback):
+        """Forwards Ray Tune trial events to the (single, driver-side) MLflow writer."""
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            tracker.trial_started(trial.trial_id, trial.config)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if not result.get("final") and "epoch_accuracy" in result:
+                tracker.trial_epoch(trial.trial_id, int(result["epoch"]), result["epoch_accuracy"])
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            if not result.get("final"):
+                tracker.trial_failed(trial.trial_id, "trial ended without a final result")
+                return
+            ckpt = trial.checkpoint
+            if ckpt is None:
+                tracker.trial_finished(trial.trial_id, result, result.get("summary", ""))
+                return
+            with ckpt.as_directory() as d:
+                tracker.trial_finished(trial.trial_id, result, result.get("summary", ""), Path(d))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            error = trial.error_file and Path(trial.error_file).read_text(errors="replace")
+            tracker.trial_failed(trial.trial_id, error or "trial failed")
+
+    return MlflowTrialCallback()
+
+
+def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
+               address: str | None = None, num_cpus: int | None = None,
+               echo: Callable[[str], None] | None = None) -> SearchResult:
+    """Runs the search of ``exp`` and returns its trials and Pareto front.
+
+    Args:
+        exp: The validated experiment.
+        tracking_uri: MLflow tracking URI (any MLflow URI, e.g. ``http://host:5000``).
+        address: Ray cluster address (``auto``, ``ray://...``); None starts a local Ray.
+        num_cpus: CPUs of the local Ray (default: enough for ``concurrency`` trials).
+        echo: Progress output; default prints to stderr.
+    """
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from autocompress.layers import find_layers
+    from autocompress.measure import machine_facts, measure
+    from autocompress.tasks import load_task
+
+    echo = echo or (lambda msg: print(f"autocompress: {msg}", file=sys.stderr, flush=True))
+    seed = exp.search.seed or 0
+    task = load_task(exp.task, seed=seed)
+    space = exp.search_space.resolve(find_layers(task.model, task.example_inputs))
+    echo(f"task {task.name}: {len(space.layers)} layers, {len(space.params())} search parameters")
+    echo(f"measuring the baseline on {exp.target.runtime}/{exp.target.device}")
+    baseline = measure(task.model, task, exp.target).to_dict()
+    echo(f"baseline: accuracy {baseline['accuracy']:.4f}, size {baseline['size_bytes'] / 1024:.1f} "
+         f"KiB, latency {baseline['latency_ms']:.4f} ms")
+
+    tracker = SearchTracker.start(
+        tracking_uri, exp.name, exp.to_dict(), baseline,
+        [(o.metric, str(o.mode)) for o in exp.objectives],
+        max_accuracy_drop=exp.constraints.max_accuracy_drop, facts=machine_facts(), echo=echo,
+        total=exp.search.trials,
+    )
+    storage = study_storage_url(tracking_uri)
+    study_name = f"{exp.name}-{tracker.parent_run_id}"
+    tracker.client.set_tag(tracker.parent_run_id, "autocompress.study", f"{storage}#{study_name}")
+    echo(f"MLflow: {tracking_uri}, experiment {exp.name!r}, parent run {tracker.parent_run_id}")
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # per-epoch reports
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "100")
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        cpus = num_cpus or max(os.cpu_count() or 1,
+                               int(exp.search.concurrency * exp.search.cpus_per_trial + 0.999))
+        ray.init(address=address, num_cpus=None if address else cpus, include_dashboard=False,
+                 log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
+    status = "FAILED"
+    try:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        searcher = OptunaSearch(
+            space=_DefineByRun(space), metric=exp.metrics, mode=exp.modes,
+            sampler=make_sampler(exp, baseline["accuracy"]), study_name=study_name,
+            storage=optuna.storages.RDBStorage(storage),
+        )
+        trainable = tune.with_resources(
+            tune.with_parameters(_trainable, task=task, space=space, exp=exp, baseline=baseline),
+            {"cpu": exp.search.cpus_per_trial},
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=exp.search.trials,
+                                        max_concurrent_trials=exp.search.concurrency),
+            run_config=tune.RunConfig(
+                name=study_name, storage_path=str(Path(".autocompress/ray").resolve()),
+                callbacks=[_callback(tracker)], verbose=0,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+        echo(f"searching: {exp.search.trials} trials, {exp.search.concurrency} at a time, "
+             f"sampler {exp.search.sampler}")
+        tuner.fit()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.finish(status)
+        if started_ray:
+            ray.shutdown()
+    return SearchResult(exp, tracker.parent_run_id, baseline, tracker.table(), tracker.front(),
+                        storage, study_name)

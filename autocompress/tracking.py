@@ -1,0 +1,295 @@
+"""MLflow logging of a search: one parent run, one nested child run per trial, a live front.
+
+Only the driver writes (through :class:`SearchTracker`), so parallel trials never contend
+for the SQLite store. The contract (DESIGN.md, "what MLflow holds"): the parent run has tag
+``autocompress.role=search``, the experiment config, ``baseline_*`` metrics and the artifacts
+``pareto.csv``, ``trials.csv`` and the Pareto plots; each child run has tags
+``mlflow.parentRunId`` and ``autocompress.role=trial``, the flattened plan as params, the
+metrics (per-epoch accuracy as steps), ``plan.json`` and the weights as artifacts, and
+``autocompress.pareto=true|false``, kept current as the front changes.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from autocompress.pareto import non_dominated_mask
+
+ROLE = "autocompress.role"
+PARETO = "autocompress.pareto"
+FEASIBLE = "autocompress.feasible"
+SUMMARY = "autocompress.summary"
+ERROR = "autocompress.error"
+TRIAL_METRICS = ("accuracy", "latency_ms", "latency_p90_ms", "latency_iqr_ms", "size_bytes",
+                 "params", "nonzero_params", "macs", "compression_ratio", "speedup",
+                 "accuracy_drop", "finetune_seconds", "trial_seconds")
+
+
+@dataclass
+class TrialRecord:
+    """What the driver knows about one trial."""
+
+    key: str
+    name: str
+    run_id: str
+    status: str = "RUNNING"
+    metrics: dict[str, float] = field(default_factory=dict)
+    summary: str = ""
+    error: str = ""
+    pareto: bool = False
+    feasible: bool = True
+
+
+class SearchTracker:
+    """Writes a search to MLflow and keeps the Pareto front current.
+
+    Args:
+        client: MLflow client of the tracking store.
+        experiment_id: MLflow experiment of the search.
+        parent_run_id: The search's parent run.
+        objectives: ``(metric, mode)`` pairs.
+        max_accuracy_drop: Trials losing more accuracy are infeasible (never on the front).
+        echo: Progress output (one line per event).
+    """
+
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str,
+                 objectives: list[tuple[str, str]], baseline: Mapping[str, float],
+                 max_accuracy_drop: float | None = None,
+                 echo: Callable[[str], None] = print, total: int | None = None) -> None:
+        self.client = client
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.objectives = objectives
+        self.baseline = dict(baseline)
+        self.max_accuracy_drop = max_accuracy_drop
+        self.echo = echo
+        self.total = total
+        self.trials: dict[str, TrialRecord] = {}
+
+    @classmethod
+    def start(cls, tracking_uri: str, experiment_name: str, config: dict[str, Any],
+              baseline: Mapping[str, float], objectives: list[tuple[str, str]], *,
+              max_accuracy_drop: float | None = None, facts: Mapping[str, str] | None = None,
+              echo: Callable[[str], None] = print, total: int | None = None) -> SearchTracker:
+        """Creates (or reuses) the MLflow experiment and opens a parent run for a new search."""
+        client = MlflowClient(tracking_uri)
+        exp = client.get_experiment_by_name(experiment_name)
+        experiment_id = exp.experiment_id if exp else client.create_experiment(experiment_name)
+        run = client.create_run(experiment_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
+                                tags={ROLE: "search", "autocompress.task": str(config.get("task"))})
+        run_id = run.info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in _flatten({
+            k: config[k] for k in ("task", "objectives", "target", "search", "finetune", "constraints")
+            if k in config}).items()]
+        client.log_batch(run_id, params=params, tags=[RunTag(f"autocompress.{k}", str(v))
+                                                      for k, v in (facts or {}).items()])
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(f"baseline_{k}", float(v), now, 0)
+                                          for k, v in baseline.items()])
+        client.log_text(run_id, json.dumps(config, indent=2, default=str), "experiment.json")
+        return cls(client, experiment_id, run_id, objectives, baseline, max_accuracy_drop, echo, total)
+
+    # --- trial events ---------------------------------------------------------------------
+
+    def trial_started(self, key: str, params: Mapping[str, Any]) -> TrialRecord:
+        """Opens a nested child run for a trial with its sampled parameters."""
+        name = f"trial-{len(self.trials):03d}"
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            "mlflow.parentRunId": self.parent_run_id, ROLE: "trial", "autocompress.trial_key": key,
+        })
+        flat = _flatten(params)
+        if flat:
+            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in flat.items()])
+        record = TrialRecord(key, name, run.info.run_id)
+        self.trials[key] = record
+        return record
+
+    def trial_epoch(self, key: str, epoch: int, accuracy: float) -> None:
+        """Logs the metric after one fine-tuning epoch (as step ``epoch``)."""
+        self.client.log_metric(self.trials[key].run_id, "accuracy", accuracy,
+                               step=epoch, timestamp=int(time.time() * 1000))
+
+    def trial_finished(self, key: str, metrics: Mapping[str, float], summary: str,
+                       artifacts: Path | None = None) -> None:
+        """Logs final metrics and artifacts, closes the run and updates the front."""
+        rec = self.trials[key]
+        rec.metrics = {k: float(metrics[k]) for k in TRIAL_METRICS if k in metrics}
+        rec.summary = summary
+        rec.feasible = (self.max_accuracy_drop is None
+                        or rec.metrics.get("accuracy_drop", 0.0) <= self.max_accuracy_drop + 1e-12)
+        steps = int(metrics.get("epochs", 0))
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            rec.run_id,
+            metrics=[Metric(k, v, now, steps if k == "accuracy" else 0) for k, v in rec.metrics.items()],
+            tags=[RunTag(SUMMARY, summary[:5000]), RunTag(FEASIBLE, str(rec.feasible).lower())],
+        )
+        if artifacts is not None:
+            self.client.log_artifacts(rec.run_id, str(artifacts))
+        rec.status = "FINISHED"
+        self._update_front()
+        self.client.set_terminated(rec.run_id, "FINISHED")
+        self._report(rec)
+        self._log_parent_artifacts()
+
+    def trial_failed(self, key: str, error: str) -> None:
+        """Ends a trial's run as FAILED with the error recorded."""
+        rec = self.trials.get(key) or self.trial_started(key, {})
+        rec.status, rec.error = "FAILED", error
+        self.client.set_tag(rec.run_id, ERROR, error[:5000])
+        self.client.set_tag(rec.run_id, PARETO, "false")
+        self.client.set_terminated(rec.run_id, "FAILED")
+        self.echo(f"{self._progress()} {rec.name} FAILED: {error.strip().splitlines()[-1][:200]}")
+        self._log_parent_artifacts()
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Ends runs still open (as KILLED) and the parent run with ``status``."""
+        for rec in self.trials.values():
+            if rec.status == "RUNNING":
+                rec.status = "KILLED"
+                self.client.set_terminated(rec.run_id, "KILLED")
+        self._log_parent_artifacts()
+        self.client.set_terminated(self.parent_run_id, status)
+
+    # --- the front ------------------------------------------------------------------------
+
+    def table(self) -> pd.DataFrame:
+        """One row per trial: name, run id, status, metrics, front membership, plan summary."""
+        rows = [{"trial": r.name, "run_id": r.run_id, "status": r.status, **r.metrics,
+                 "feasible": r.feasible, "pareto": r.pareto, "summary": r.summary, "error": r.error}
+                for r in self.trials.values()]
+        return pd.DataFrame(rows, columns=["trial", "run_id", "status", *TRIAL_METRICS,
+                                           "feasible", "pareto", "summary", "error"])
+
+    def front(self) -> pd.DataFrame:
+        """The Pareto-optimal feasible finished trials, best first objective first."""
+        df = self.table()
+        df = df[df["pareto"]]
+        metric, mode = self.objectives[0]
+        return df.sort_values(metric, ascending=mode == "min").reset_index(drop=True)
+
+    def _update_front(self) -> None:
+        done = [r for r in self.trials.values() if r.status == "FINISHED"]
+        metrics = [m for m, _ in self.objectives]
+        values = np.array([[r.metrics.get(m, np.nan) for m in metrics] for r in done], dtype=float)
+        values[[not r.feasible for r in done]] = np.nan  # infeasible: never on the front
+        mask = non_dominated_mask(values.reshape(len(done), len(metrics)),
+                                  [mode for _, mode in self.objectives])
+        for rec, on_front in zip(done, mask, strict=True):
+            if bool(on_front) != rec.pareto or rec.status == "FINISHED":
+                rec.pareto = bool(on_front)
+                self.client.set_tag(rec.run_id, PARETO, str(rec.pareto).lower())
+
+    def _log_parent_artifacts(self) -> None:
+        from autocompress.plots import write_plots
+
+        table = self.table()
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            table.to_csv(out / "trials.csv", index=False)
+            front = self.front()
+            front.to_csv(out / "pareto.csv", index=False)
+            finished = table[table["status"] == "FINISHED"]
+            if len(finished):
+                write_plots(finished, self.baseline, out)
+            self.client.log_artifacts(self.parent_run_id, tmp)
+        self.client.set_tag(self.parent_run_id, "autocompress.front_size", str(len(front)))
+        counts = table["status"].value_counts()
+        for status in ("FINISHED", "FAILED"):
+            self.client.log_metric(self.parent_run_id, f"trials_{status.lower()}",
+                                   int(counts.get(status, 0)))
+
+    def _progress(self) -> str:
+        counts = pd.Series([r.status for r in self.trials.values()]).value_counts()
+        total = f"/{self.total}" if self.total else ""
+        return (f"[{int(counts.get('FINISHED', 0))}{total} done, {int(counts.get('RUNNING', 0))} "
+                f"running, {int(counts.get('FAILED', 0))} failed]")
+
+    def _report(self, rec: TrialRecord) -> None:
+        m = rec.metrics
+        front = sum(r.pareto for r in self.trials.values())
+        self.echo(f"{self._progress()} {rec.name}: accuracy {m.get('accuracy', float('nan')):.4f} "
+                  f"size {m.get('size_bytes', 0) / 1024:.1f} KiB ({m.get('compression_ratio', 0):.1f}x) "
+                  f"latency {m.get('latency_ms', 0):.4f} ms ({m.get('speedup', 0):.2f}x)"
+                  f"{'' if rec.feasible else ' [infeasible]'}{' *front*' if rec.pareto else ''}"
+                  f"  front: {front} | {rec.summary}")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "/" if key else ""))
+        elif isinstance(v, list | tuple) and v and all(isinstance(x, Mapping) for x in v):
+            for i, x in enumerate(v):
+                out.update(_flatten(x, f"{key}/{i}/"))
+        else:
+            out[key] = v
+    return out
+
+
+def latest_search(client: MlflowClient, experiment_name: str):
+    """The most recent parent run of a search in ``experiment_name``.
+
+    Raises:
+        ConfigError: No such experiment, or it holds no search.
+    """
+    from autocompress.errors import ConfigError
+
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise ConfigError(f"no MLflow experiment named {experiment_name!r}; experiments: {names}")
+    runs = client.search_runs([exp.experiment_id], f"tags.`{ROLE}` = 'search'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise ConfigError(f"experiment {experiment_name!r} holds no autocompress search")
+    return runs[0]
+
+
+def read_trials(client: MlflowClient, parent_run_id: str) -> list:
+    """The child (trial) runs of a search, oldest first."""
+    parent = client.get_run(parent_run_id)
+    return client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{ROLE}` = 'trial'",
+        order_by=["attributes.start_time ASC"], max_results=50000,
+    )
+
+
+def read_front(tracking_uri: str, experiment_name: str,
+               max_accuracy_drop: float | None = None) -> list[dict[str, Any]]:
+    """The Pareto-optimal trials of the latest search, as logged in MLflow.
+
+    Returns:
+        One dict per front trial: ``run_id``, ``trial``, the metrics, ``summary`` and ``plan``,
+        best accuracy first.
+    """
+    client = MlflowClient(tracking_uri)
+    parent = latest_search(client, experiment_name)
+    rows = []
+    for run in read_trials(client, parent.info.run_id):
+        if run.data.tags.get(PARETO) != "true" or run.info.status != "FINISHED":
+            continue
+        m = run.data.metrics
+        if max_accuracy_drop is not None and m.get("accuracy_drop", 0.0) > max_accuracy_drop:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            plan = json.loads(Path(client.download_artifacts(run.info.run_id, "plan.json", tmp))
+                              .read_text())
+        rows.append({"run_id": run.info.run_id, "trial": run.info.run_name,
+                     **{k: m[k] for k in TRIAL_METRICS if k in m},
+                     "summary": run.data.tags.get(SUMMARY, ""), "plan": plan})
+    return sorted(rows, key=lambda r: -r.get("accuracy", 0.0))

@@ -1,0 +1,166 @@
+"""Stored size: hand-computed cases and properties of the formula in measure/size.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from autocompress.compress import apply
+from autocompress.measure import count_params, size_bytes, size_report, tensor_bytes
+from autocompress.plan import LayerPlan, Plan
+
+FAST = settings(max_examples=200, deadline=None)
+
+
+@pytest.mark.parametrize(("numel", "nnz", "bits", "scales", "expected"), [
+    # dense fp32: 100 * 4 = 400 < sparse 400 + ceil(100 / 8) = 413
+    pytest.param(100, 100, 32, 0, (400, False), id="fp32-dense"),
+    # half zero: sparse 32 * 4 + 64 / 8 = 136 < dense 256
+    pytest.param(64, 32, 32, 0, (136, True), id="fp32-50pct-sparse-bitmap"),
+    # all zero: only the bitmap, ceil(10 / 8) = 2
+    pytest.param(10, 0, 32, 0, (2, True), id="fp32-all-zero"),
+    # 4-bit packed: ceil(30 * 4 / 8) = 15 (sparse 15 + 4 = 19), plus 3 fp32 scales
+    pytest.param(30, 30, 4, 3, (15 + 12, False), id="4bit-packed-with-scales"),
+    # 3 bits do not fill bytes: ceil(5 * 3 / 8) = 2
+    pytest.param(5, 5, 3, 1, (2 + 4, False), id="3bit-rounds-up"),
+    # 8-bit with 3 of 16 non-zero: sparse 3 + 2 = 5 < dense 16
+    pytest.param(16, 3, 8, 2, (5 + 8, True), id="8bit-sparse"),
+    # a tie goes to dense: 8 values, 7 non-zero at 8 bits: dense 8, sparse 7 + 1 = 8
+    pytest.param(8, 7, 8, 0, (8, False), id="tie-is-dense"),
+])
+def test_tensor_bytes_hand_computed(numel: int, nnz: int, bits: int, scales: int,
+                                    expected: tuple[int, bool]) -> None:
+    assert tensor_bytes(numel, nnz, bits, scales) == expected
+
+
+def test_dense_fp32_model_is_four_bytes_per_value() -> None:
+    # Linear(3, 2): 6 + 2 params; BatchNorm1d(2): weight, bias, mean, var (not the counter)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    nn.init.uniform_(model[0].weight, 0.1, 1.0)
+    nn.init.uniform_(model[0].bias, 0.1, 1.0)
+    nn.init.constant_(model[1].bias, 0.3)  # BatchNorm's zero bias would be stored sparse
+    model[1].running_mean.fill_(0.5)
+    assert size_bytes(model) == 4 * (6 + 2) + 4 * (2 + 2 + 2 + 2)
+    assert count_params(model) == (8 + 4, 8 + 4)
+    rows = {r.name: r for r in size_report(model)}
+    assert set(rows) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean",
+                         "1.running_var"}
+    assert not rows["1.running_mean"].is_param and rows["1.weight"].is_param
+
+
+def test_sparse_linear_hand_computed() -> None:
+    linear = nn.Linear(3, 2)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]]))
+        linear.bias.copy_(torch.tensor([0.5, -0.5]))
+    # weight: dense 24 vs sparse 2 * 4 + ceil(6 / 8) = 9; bias 8
+    assert size_bytes(linear) == 9 + 8
+    assert count_params(linear) == (8, 4)
+    weight = next(r for r in size_report(linear) if r.name == "weight")
+    assert (weight.numel, weight.nnz, weight.bits, weight.sparse) == (6, 2, 32, True)
+
+
+def _two_layer(rows: torch.Tensor) -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(rows)
+        model[0].bias.fill_(0.1)
+        model[1].weight.fill_(0.3)
+        model[1].bias.fill_(0.2)
+    return model
+
+
+ROW = torch.tensor([0.7, -0.7, 0.1, 0.02])
+
+
+@pytest.mark.parametrize(("bits", "first_weight_bytes"), [
+    # qmax 7, scale 0.1: q = [7, -7, 1, 0] -> 9 of 12 non-zero. dense ceil(48 / 8) = 6,
+    # sparse ceil(36 / 8) + ceil(12 / 8) = 7; plus 3 scales
+    pytest.param(4, 6 + 12, id="4bit"),
+    # qmax 1, scale 0.7: q = [1, -1, 0, 0] -> 6 of 12. dense 3, sparse 2 + 2 = 4; plus scales
+    pytest.param(2, 3 + 12, id="2bit"),
+    # qmax 127, scale 0.7/127: q = [127, -127, 18, 4] -> all non-zero: 12 bytes + scales
+    pytest.param(8, 12 + 12, id="8bit"),
+])
+def test_quantized_linear_hand_computed(bits: int, first_weight_bytes: int) -> None:
+    model = _two_layer(ROW.repeat(3, 1))
+    compressed = apply(model, Plan({"0": LayerPlan(bits=bits)}), torch.randn(2, 4))
+    # the rest is fp32: bias 3, second weight 6, second bias 2
+    assert size_bytes(compressed) == first_weight_bytes + 4 * (3 + 6 + 2)
+    weight = next(r for r in size_report(compressed) if r.name == "0.weight")
+    assert (weight.bits, weight.scales) == (bits, 3)
+    assert size_bytes(model) == 4 * (12 + 3 + 6 + 2)  # the original is still fp32
+
+
+def test_activation_quantizer_costs_eight_bytes() -> None:
+    model = _two_layer(ROW.repeat(3, 1))
+    compressed = apply(model, Plan({"1": LayerPlan(act_bits=8)}), torch.randn(2, 4))
+    assert size_bytes(compressed) == size_bytes(model) + 8
+    assert count_params(compressed) == count_params(model)
+
+
+def test_masked_and_quantized_weight_counts_zeros_as_stored() -> None:
+    model = _two_layer(ROW.repeat(3, 1))
+    # 50% unstructured masks the 6 smallest: the 0.1s and 0.02s -> q = [7, -7, 0, 0]
+    compressed = apply(model, Plan({"0": LayerPlan(sparsity=0.5, bits=4)}), torch.randn(2, 4))
+    # 6 of 12 non-zero at 4 bits: dense 6, sparse 3 + 2 = 5; plus 3 scales
+    weight = next(r for r in size_report(compressed) if r.name == "0.weight")
+    assert (weight.nnz, weight.sparse, weight.bytes) == (6, True, 5 + 12)
+    assert count_params(compressed) == (12 + 3 + 6 + 2, 6 + 3 + 6 + 2)
+
+
+# --- properties -------------------------------------------------------------------------------
+
+sizes = st.integers(min_value=1, max_value=10**7)
+bit_widths = st.sampled_from([2, 3, 4, 5, 6, 7, 8, 32])
+
+
+@st.composite
+def tensors(draw) -> tuple[int, int, int, int]:
+    numel = draw(sizes)
+    nnz = draw(st.integers(min_value=0, max_value=numel))
+    return numel, nnz, draw(bit_widths), draw(st.integers(min_value=0, max_value=1000))
+
+
+@FAST
+@given(tensors())
+def test_the_smaller_format_is_chosen(t: tuple[int, int, int, int]) -> None:
+    numel, nnz, bits, scales = t
+    dense = math.ceil(numel * bits / 8)
+    sparse = math.ceil(nnz * bits / 8) + math.ceil(numel / 8)
+    nbytes, is_sparse = tensor_bytes(numel, nnz, bits, scales)
+    assert nbytes == min(dense, sparse) + 4 * scales
+    assert is_sparse == (sparse < dense)
+    assert nbytes <= dense + 4 * scales
+
+
+@FAST
+@given(tensors(), st.data())
+def test_bytes_grow_with_nonzeros(t: tuple[int, int, int, int], data: st.DataObject) -> None:
+    numel, nnz, bits, scales = t
+    more = data.draw(st.integers(min_value=nnz, max_value=numel))
+    assert tensor_bytes(numel, nnz, bits, scales)[0] <= tensor_bytes(numel, more, bits, scales)[0]
+
+
+@FAST
+@given(tensors(), st.data())
+def test_bytes_grow_with_bits(t: tuple[int, int, int, int], data: st.DataObject) -> None:
+    numel, nnz, bits, scales = t
+    more = data.draw(st.sampled_from([b for b in (2, 3, 4, 5, 6, 7, 8, 32) if b >= bits]))
+    assert tensor_bytes(numel, nnz, bits, scales)[0] <= tensor_bytes(numel, nnz, more, scales)[0]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.booleans(), min_size=12, max_size=12))
+def test_size_report_counts_zeros_of_any_pattern(zero: list[bool]) -> None:
+    linear = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.where(torch.tensor(zero).view(3, 4), 0.0, 1.5))
+    nnz = 12 - sum(zero)
+    assert size_bytes(linear) == min(48, 4 * nnz + 2)
+    assert count_params(linear) == (12, nnz)
