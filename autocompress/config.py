@@ -111,6 +111,8 @@ class SearchSettings:
         concurrency: Trials running at the same time.
         seed: Sampler seed, or None for a random one.
         cpus_per_trial: CPUs Ray reserves per trial (fractions allowed).
+        warm_start: Make the first trial the search space's mildest plan with 8-bit weights
+            (no pruning, no factorization), so the front starts from a known-safe model.
     """
 
     sampler: str = "nsga2"
@@ -118,6 +120,7 @@ class SearchSettings:
     concurrency: int = 1
     seed: int | None = 0
     cpus_per_trial: float = 1.0
+    warm_start: bool = True
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -131,6 +134,8 @@ class SearchSettings:
             raise ValueError(f"seed={self.seed!r}; allowed: an integer or null")
         if not _is_number(self.cpus_per_trial) or not 0 < self.cpus_per_trial < math.inf:
             raise ValueError(f"cpus_per_trial={self.cpus_per_trial!r}; allowed: a number > 0")
+        if not isinstance(self.warm_start, bool):
+            raise ValueError(f"warm_start={self.warm_start!r}; allowed: true or false")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

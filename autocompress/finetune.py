@@ -83,6 +83,11 @@ def finetune(
         DivergedError: The loss became NaN or infinite.
     """
     torch.manual_seed(seed)
+    # A DataLoader given its own generator (the built-in tasks' are) ignores the global seed
+    # and would shuffle differently on every call, depending on what used it before.
+    generator = getattr(task.train_loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))

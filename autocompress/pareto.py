@@ -94,6 +94,7 @@ def _front_of_unique_lexsorted(loss: np.ndarray) -> np.ndarray:
         top = remaining[0]
         on_front[top] = True
         not_dominated = np.any(loss[remaining] < loss[top], axis=1)
+        not_dominated[0] = False  # ``top`` itself; guarantees progress whatever the values
         remaining = remaining[not_dominated]
     return on_front
 

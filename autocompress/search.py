@@ -222,14 +222,18 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     if started_ray:
         cpus = num_cpus or max(os.cpu_count() or 1,
                                int(exp.search.concurrency * exp.search.cpus_per_trial + 0.999))
+        # Trials must import the user's task module as the driver did (cwd, PYTHONPATH).
+        path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and Path(p).is_dir())
         ray.init(address=address, num_cpus=None if address else cpus, include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
+                 log_to_driver=False, logging_level=logging.ERROR, configure_logging=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
     status = "FAILED"
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         searcher = OptunaSearch(
             space=_DefineByRun(space), metric=exp.metrics, mode=exp.modes,
             sampler=make_sampler(exp, baseline["accuracy"]), study_name=study_name,
+            points_to_evaluate=[space.warm_start_params()] if exp.search.warm_start else None,
             storage=optuna.storages.RDBStorage(storage),
         )
         trainable = tune.with_resources(

@@ -393,6 +393,15 @@ class ResolvedSpace:
             values[name] = int(flat[name]) if knob.kind == "range" and knob.integer else flat[name]
         return self._plan(values)
 
+    def warm_start_params(self) -> dict[str, Any]:
+        """Parameters of the mildest plan with 8-bit weights, for a first, known-safe trial.
+
+        Per knob: the lowest sparsity, ``unstructured``, 8 bits (else the highest allowed
+        bit-width, else fp32), no factorization (else the highest rank) and fp32
+        activations, each as close as the knob's domain allows.
+        """
+        return {name: _mildest(name.rpartition("/")[2], knob) for name, knob in self.params().items()}
+
     def distributions(self) -> dict[str, BaseDistribution]:
         """Optuna parameter name to distribution (fixed knobs are not parameters)."""
         return {name: dist for name, knob in self.params().items()
@@ -731,6 +740,22 @@ def _plan_value(name: str, value: Any, knob: Knob, is_output: bool) -> Any:
 
 
 @functools.lru_cache(maxsize=256)
+def _mildest(knob_name: str, knob: Knob) -> Any:
+    if knob.kind == "fixed":
+        return knob.value
+    if knob.kind == "range":
+        low, high = knob.bounds()
+        if knob_name == "bits":
+            return int(high) if high < 8 else 8 if knob.contains(8) else int(low)
+        return knob.snap(high) if knob_name == "rank" else knob.snap(low)
+    choices = list(knob.choices)
+    numbers_ = [c for c in choices if isinstance(c, int | float) and not isinstance(c, bool)]
+    preferred = {"structure": ["unstructured"], "bits": [8, *sorted(numbers_, reverse=True), None],
+                 "rank": [None, *sorted(numbers_, reverse=True)], "act_bits": [None],
+                 "sparsity": sorted(numbers_)}.get(knob_name, [])
+    return next((p for p in preferred if any(_same(p, c) for c in choices)), choices[0])
+
+
 def _compile(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 

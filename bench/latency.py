@@ -394,7 +394,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runtime", choices=[*RUNTIMES, "both"], default="both",
                    help="runtime(s) to time (default: both)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="round-robin repeats (default: 7, or 2 with --quick)")
+                   help="round-robin repeats (default: 10, or 2 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="smoke check: fewer variants, repeats and timed runs (< 1 minute)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default: 1)")
@@ -404,11 +404,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"skip the {REFERENCE!r} row (ONNX Runtime's own static int8 of the "
                         "baseline, timed for comparison; never with --quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled order")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results.json",
-                   help="JSON output path (default: bench/results.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON output path (default: bench/results.json; bench/results-quick.json "
+                        "with --quick, so a smoke check never overwrites the full results)")
     args = p.parse_args(argv)
     if args.repeats is None:
-        args.repeats = 2 if args.quick else 7
+        args.repeats = 2 if args.quick else 10
+    if args.out is None:
+        here = Path(__file__).resolve().parent
+        args.out = here / ("results-quick.json" if args.quick else "results.json")
     if args.budget_s is None:
         args.budget_s = 0.1 if args.quick else 0.3
     if args.repeats < 1 or args.threads < 1 or args.budget_s <= 0:

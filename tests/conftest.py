@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def tiny_task():
+def tiny():
     """The trained tiny task, built once. Tests that train must work on copies of its model."""
     from tests.models import tiny_task
 

@@ -1,8 +1,9 @@
 """Tiny models and a tiny task for the tests.
 
-Every model family is built by a ``build(**widths)`` function whose keyword arguments set the
-output channels of its hidden layers, so the expected architecture after channel pruning is
-simply the same family built narrower (see ``ModelSpec.width_of``).
+Every model family is a ``ModelSpec`` (in ``MODELS``) with ``build(**widths)``, whose keyword
+arguments set the output channels of the hidden layers, so the expected architecture after
+channel pruning is simply the same family built narrower (see ``ModelSpec.width_of``), and
+``example_inputs(batch)``.
 
 ``tiny_task`` is also a user task reference: ``"tests.models:tiny_task"``.
 """

@@ -75,7 +75,9 @@ METHODS: dict[str, dict[str, dict]] = {
 }
 # Couplings that only some families have.
 EXTRA: dict[str, dict[str, dict[str, dict]]] = {
-    "conv1d": {"prune-channel-before-flatten": {"conv2": {"sparsity": 0.5, "structure": "channel"}}},
+    "conv1d": {
+        "prune-channel-before-flatten": {"conv2": {"sparsity": 0.5, "structure": "channel"}},
+    },
     "residual": {
         # stem and conv_b feed one residual add: the group is cut once, at the ratio of the
         # first of them in the model, whatever the plan's order.
@@ -427,3 +429,18 @@ def test_methods_run_in_a_fixed_order_and_unknown_methods_fail() -> None:
     spec = MODELS["mlp"]
     with pytest.raises(PlanError, match="unknown compression method 'distill'"):
         apply(spec.build(), Plan(), spec.example_inputs(), methods=["distill"])
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_full_rank_factorization_reproduces_the_layer(model: str) -> None:
+    spec = MODELS[model]
+    m, x = spec.build(), spec.example_inputs()
+    new = apply(m, Plan({spec.first: LayerPlan(rank=1.0), spec.second: LayerPlan(rank=1.0)}), x)
+    assert isinstance(new.get_submodule(spec.first), nn.Sequential)
+    torch.testing.assert_close(new(x), m(x), atol=1e-5, rtol=1e-4)
+
+
+def test_low_rank_of_a_grouped_conv_is_refused() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Flatten(), nn.Linear(8 * 16, 2))
+    with pytest.raises(PlanError, match="layer '0': .*grouped"):
+        apply(model, Plan({"0": LayerPlan(rank=0.5)}), torch.randn(2, 4, 6, 6))

@@ -41,11 +41,12 @@ class Target:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"target.{key}={value!r}; allowed: an integer >= 1")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
             raise ValueError(f"target.warmup={self.warmup!r}; allowed: an integer >= 0")
         if self.max_runs < self.min_runs:
             raise ValueError(f"target.max_runs={self.max_runs} < min_runs={self.min_runs}")
-        if not isinstance(self.budget_s, int | float) or self.budget_s <= 0:
+        if (not isinstance(self.budget_s, int | float) or isinstance(self.budget_s, bool)
+                or not self.budget_s > 0):  # "not > 0" also refuses NaN
             raise ValueError(f"target.budget_s={self.budget_s!r}; allowed: a number > 0")
 
     def to_dict(self) -> dict:

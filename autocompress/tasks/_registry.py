@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import inspect
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def load_task(ref: str, seed: int = 0) -> Task:
         raise ConfigError(f"unknown task {ref!r}; built-in tasks: {list_tasks()}, "
                           "or give 'package.module:function'", key="task")
     module_name, _, fn_name = ref.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like uvicorn: "app:make" resolves from the cwd
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001  (any import-time failure is the user's task's)

@@ -1,0 +1,113 @@
+"""Latency measurement: sane numbers on both runtimes, the run-count protocol, Target checks.
+
+Speed-ups are not asserted here (timings on a shared machine are noisy); that is what
+``bench/latency.py`` is for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from autocompress.compress import apply
+from autocompress.measure import Target, machine_facts, measure_latency
+from autocompress.plan import LayerPlan, Plan
+from tests.models import MODELS
+
+PLANS = {
+    "fp32": {},
+    "int8-weights": {"conv2": LayerPlan(bits=8), "head": LayerPlan(bits=8)},
+    "int8-weights-and-acts": {"conv2": LayerPlan(bits=8, act_bits=8)},
+    "pruned": {"conv1": LayerPlan(sparsity=0.5, structure="channel")},
+}
+
+
+def quick(**kw: object) -> Target:
+    """A target that times only a few runs."""
+    return Target(**{"warmup": 1, "min_runs": 3, "max_runs": 8, "budget_s": 0.05, **kw})
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_latency_is_sane(runtime: str, plan: str) -> None:
+    spec = MODELS["conv2d"]
+    x = spec.example_inputs()
+    model = apply(spec.build(), Plan(PLANS[plan]), x)
+    target = quick(runtime=runtime)
+    result = measure_latency(model, x, target)
+    assert 0 < result.latency_ms <= result.p90_ms < 10_000
+    assert result.iqr_ms >= 0 and math.isfinite(result.iqr_ms)
+    assert target.min_runs <= result.runs <= target.max_runs
+    assert (result.runtime, result.device, result.threads, result.batch_size) == (
+        runtime, "cpu", 1, 1)
+    assert set(result.to_dict()) == {"latency_ms", "p90_ms", "iqr_ms", "runs", "runtime",
+                                     "device", "threads", "batch_size"}
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+@pytest.mark.parametrize(("budget_s", "runs"), [
+    pytest.param(1e-9, 3, id="budget-spent-stops-at-min-runs"),
+    pytest.param(600.0, 8, id="budget-left-stops-at-max-runs"),
+])
+def test_run_count_follows_the_protocol(runtime: str, budget_s: float, runs: int) -> None:
+    spec = MODELS["mlp"]
+    result = measure_latency(spec.build(), spec.example_inputs(), quick(runtime=runtime,
+                                                                        budget_s=budget_s))
+    assert result.runs == runs
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_batch_larger_than_the_example(runtime: str) -> None:
+    spec = MODELS["mlp"]
+    result = measure_latency(spec.build(), spec.example_inputs(batch=2),
+                             quick(runtime=runtime, batch_size=5, threads=2))
+    assert result.batch_size == 5 and result.threads == 2
+    assert result.latency_ms > 0
+
+
+def test_torch_threads_are_restored() -> None:
+    spec = MODELS["mlp"]
+    before = torch.get_num_threads()
+    measure_latency(spec.build(), spec.example_inputs(), quick(runtime="torch", threads=2))
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_a_gpu_is_an_error() -> None:
+    spec = MODELS["mlp"]
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        measure_latency(spec.build(), spec.example_inputs(), quick(device="cuda"))
+
+
+@pytest.mark.parametrize(("field", "value", "allowed"), [
+    ("device", "tpu", "['cpu', 'cuda']"),
+    ("runtime", "tflite", "['onnxruntime', 'torch']"),
+    ("threads", 0, "an integer >= 1"),
+    ("threads", 1.5, "an integer >= 1"),
+    ("threads", True, "an integer >= 1"),
+    ("batch_size", -1, "an integer >= 1"),
+    ("min_runs", 0, "an integer >= 1"),
+    ("max_runs", "10", "an integer >= 1"),
+    ("warmup", -1, "an integer >= 0"),
+    ("warmup", True, "an integer >= 0"),
+    ("budget_s", 0, "a number > 0"),
+    ("budget_s", math.nan, "a number > 0"),
+    ("budget_s", "1s", "a number > 0"),
+])
+def test_target_validation_names_the_field(field: str, value: object, allowed: str) -> None:
+    with pytest.raises(ValueError) as err:
+        Target(**{field: value})
+    assert str(err.value) == f"target.{field}={value!r}; allowed: {allowed}"
+
+
+def test_max_runs_below_min_runs() -> None:
+    with pytest.raises(ValueError, match=r"target\.max_runs=5 < min_runs=30"):
+        Target(max_runs=5)
+
+
+def test_machine_facts() -> None:
+    facts = machine_facts()
+    assert set(facts) == {"cpu", "torch", "onnxruntime", "python"}
+    assert facts["torch"] == torch.__version__ and all(facts.values())
