@@ -54,7 +54,6 @@ def cmd_layers(args: argparse.Namespace) -> int:
 def cmd_trial(args: argparse.Namespace) -> int:
     from autocompress.finetune import FinetuneConfig
     from autocompress.measure import measure
-    from autocompress.plan import Plan
     from autocompress.tasks import load_task
     from autocompress.trial import run_trial
 

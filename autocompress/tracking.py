@@ -24,7 +24,7 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from autocompress.pareto import non_dominated_mask
+from autocompress.pareto import hypervolume, non_dominated_mask, reference_point
 
 ROLE = "autocompress.role"
 PARETO = "autocompress.pareto"
@@ -184,8 +184,15 @@ class SearchTracker:
         metrics = [m for m, _ in self.objectives]
         values = np.array([[r.metrics.get(m, np.nan) for m in metrics] for r in done], dtype=float)
         values[[not r.feasible for r in done]] = np.nan  # infeasible: never on the front
-        mask = non_dominated_mask(values.reshape(len(done), len(metrics)),
-                                  [mode for _, mode in self.objectives])
+        values = values.reshape(len(done), len(metrics))
+        directions = [mode for _, mode in self.objectives]
+        mask = non_dominated_mask(values, directions)
+        if all(m in self.baseline for m in metrics):
+            # Hypervolume relative to the baseline (see pareto.reference_point): grows as the
+            # front improves; logged per finished trial so the UI shows the search converge.
+            ref = reference_point([self.baseline[m] for m in metrics], directions)
+            self.client.log_metric(self.parent_run_id, "hypervolume",
+                                   hypervolume(values, directions, ref), step=len(done))
         for rec, on_front in zip(done, mask, strict=True):
             if bool(on_front) != rec.pareto or rec.status == "FINISHED":
                 rec.pareto = bool(on_front)

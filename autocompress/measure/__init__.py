@@ -2,7 +2,13 @@
 
 from autocompress.measure.latency import LatencyResult, machine_facts, measure_latency
 from autocompress.measure.metrics import Metrics, measure, top1_accuracy
-from autocompress.measure.size import TensorSize, count_params, size_bytes, size_report, tensor_bytes
+from autocompress.measure.size import (
+    TensorSize,
+    count_params,
+    size_bytes,
+    size_report,
+    tensor_bytes,
+)
 from autocompress.measure.target import Target
 
 __all__ = [
