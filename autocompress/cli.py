@@ -52,6 +52,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
+    from autocompress.compress import apply
     from autocompress.finetune import FinetuneConfig
     from autocompress.measure import measure
     from autocompress.tasks import load_task
@@ -64,11 +65,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ConfigError(str(e).replace("finetune.", "--")) from None
     task = load_task(args.task, seed=args.seed)
-    from autocompress.layers import find_layers
-
-    names = [la.name for la in find_layers(task.model, task.example_inputs)]
     try:
-        plan.validate(names)
+        apply(task.model, plan, task.example_inputs)  # dry run: refuse a bad plan up front
     except PlanError as e:
         raise ConfigError(str(e), file=args.plan) from None
     log = _progress(args.json)

@@ -82,8 +82,6 @@ def test_bad_plan_file_exits_2_naming_the_file(capsys, tmp_path: Path, content: 
     assert re.search(pattern, err), err
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py: a plan that apply() refuses (channel pruning of "
-                   "the output layer) exits 2 without naming the plan file")
 def test_plan_refused_by_apply_names_the_file(capsys, tmp_path: Path) -> None:
     plan_file = tmp_path / "my-plan.json"
     plan_file.write_text('{"layers": {"net.6": {"sparsity": 0.5, "structure": "channel"}}}')
