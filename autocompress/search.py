@@ -107,6 +107,26 @@ def make_sampler(exp: Experiment, baseline_accuracy: float):
     return optuna.samplers.RandomSampler(seed=s.seed)
 
 
+def _searcher_class():
+    from ray.tune.search.optuna import OptunaSearch
+
+    class Searcher(OptunaSearch):
+        """OptunaSearch that tells Optuna a failed trial FAILED.
+
+        Ray's OptunaSearch passes the last (per-epoch) result of an errored multi-objective
+        trial as a list of Nones, which Optuna rejects, leaving the trial RUNNING in the study.
+        """
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                              error: bool = False) -> None:
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            if error or not result or any(result.get(m) is None for m in metrics):
+                result, error = None, True
+            super().on_trial_complete(trial_id, result, error)
+
+    return Searcher
+
+
 def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment,
                baseline: dict[str, float]) -> None:
     """One Ray Tune trial: plan -> compress -> fine-tune (reports per epoch) -> measure."""
@@ -188,7 +208,6 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     import optuna
     import ray
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     from autocompress.layers import find_layers
     from autocompress.measure import machine_facts, measure
@@ -230,7 +249,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     status = "FAILED"
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        searcher = OptunaSearch(
+        searcher = _searcher_class()(
             space=_DefineByRun(space), metric=exp.metrics, mode=exp.modes,
             sampler=make_sampler(exp, baseline["accuracy"]), study_name=study_name,
             points_to_evaluate=[space.warm_start_params()] if exp.search.warm_start else None,

@@ -138,7 +138,7 @@ class SearchTracker:
         if artifacts is not None:
             self.client.log_artifacts(rec.run_id, str(artifacts))
         rec.status = "FINISHED"
-        self._update_front()
+        self._update_front(key)
         self.client.set_terminated(rec.run_id, "FINISHED")
         self._report(rec)
         self._log_parent_artifacts()
@@ -179,7 +179,7 @@ class SearchTracker:
         metric, mode = self.objectives[0]
         return df.sort_values(metric, ascending=mode == "min").reset_index(drop=True)
 
-    def _update_front(self) -> None:
+    def _update_front(self, new_key: str) -> None:
         done = [r for r in self.trials.values() if r.status == "FINISHED"]
         metrics = [m for m, _ in self.objectives]
         values = np.array([[r.metrics.get(m, np.nan) for m in metrics] for r in done], dtype=float)
@@ -194,7 +194,7 @@ class SearchTracker:
             self.client.log_metric(self.parent_run_id, "hypervolume",
                                    hypervolume(values, directions, ref), step=len(done))
         for rec, on_front in zip(done, mask, strict=True):
-            if bool(on_front) != rec.pareto or rec.status == "FINISHED":
+            if bool(on_front) != rec.pareto or rec.key == new_key:  # only tags that change
                 rec.pareto = bool(on_front)
                 self.client.set_tag(rec.run_id, PARETO, str(rec.pareto).lower())
 

@@ -214,3 +214,29 @@ def not_a_task() -> dict:
     """A bad user task: returns a dict, not a Task."""
     return {"model": MLP()}
 
+
+
+class GroupedNet(nn.Module):
+    """A grouped Conv1d (``conv``, groups=2; low-rank refuses it) and a Linear ``head``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 8, 3, padding=1, groups=2)
+        self.head = nn.Linear(8 * 8, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x.view(len(x), 2, 8))).flatten(1))
+
+
+def grouped_task() -> Task:
+    """The tiny problem with :class:`GroupedNet`: plans with ``conv/rank`` set fail in the trial."""
+    x_train, y_train = synthetic_classification(512, seed=0)
+    x_val, y_val = synthetic_classification(256, seed=1)
+    train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True,
+                              generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = GroupedNet()
+    _fit(model, train_loader, epochs=10)
+    return Task(model=model, train_loader=train_loader,
+                val_loader=DataLoader(TensorDataset(x_val, y_val), batch_size=256),
+                example_inputs=x_val[:4], name="grouped")

@@ -105,3 +105,44 @@ def test_shipped_experiments_load() -> None:
     for path in (ROOT / "experiments").glob("*.yaml"):
         exp = load_experiment(path)
         assert exp.search.trials >= 1
+
+
+def test_failed_trials_are_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plans that factorize the grouped conv fail in the trial; the search goes on."""
+    import optuna
+
+    monkeypatch.chdir(tmp_path)
+    exp = {
+        "name": "failing", "task": "tests.models:grouped_task",
+        "search_space": {"layers": [{"match": "conv", "knobs": {"rank": [None, 0.5]}},
+                                    {"match": "head", "knobs": {"bits": [4, 8]}}]},
+        "objectives": [{"metric": "accuracy"}, {"metric": "size_bytes"}],
+        "target": {"warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01},
+        "search": {"sampler": "random", "trials": 6, "concurrency": 2, "seed": 3},
+        "finetune": {"epochs": 1},
+    }
+    path = tmp_path / "failing.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cli.main(["search", str(path), "--tracking-uri", uri]) == 0
+
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("failing").experiment_id],
+                                f"tags.`{ROLE}` = 'search'")[0]
+    trials = read_trials(client, parent.info.run_id)
+    assert len(trials) == 6
+    statuses = {r.info.run_id: r.info.status for r in trials}
+    for run in trials:
+        factorized = run.data.params["conv/rank"] != "None"
+        assert run.info.status == ("FAILED" if factorized else "FINISHED")
+        if factorized:
+            assert "grouped convolutions" in run.data.tags["autocompress.error"]
+            assert run.data.tags[PARETO] == "false"
+    assert "FINISHED" in statuses.values() and "FAILED" in statuses.values()
+    assert parent.data.metrics["trials_failed"] == list(statuses.values()).count("FAILED")
+
+    study_ref = parent.data.tags["autocompress.study"]
+    storage, _, name = study_ref.partition("#")
+    study = optuna.load_study(study_name=name, storage=storage)
+    states = sorted(t.state.name for t in study.trials)
+    assert states == sorted("FAIL" if s == "FAILED" else "COMPLETE" for s in statuses.values())
