@@ -1,0 +1,112 @@
+"""SearchTracker against a SQLite store and a real ``mlflow server`` over HTTP (no Ray)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from autocompress.pareto import non_dominated_mask
+from autocompress.tracking import PARETO, ROLE, SearchTracker, read_front, read_trials
+
+BASELINE = {"accuracy": 0.95, "size_bytes": 1000.0, "latency_ms": 1.0}
+OBJECTIVES = [("accuracy", "max"), ("size_bytes", "min")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking server with proxied artifacts, on a free loopback port."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail("mlflow server exited at start-up")
+                time.sleep(0.25)
+        else:
+            pytest.fail("mlflow server did not start within 60 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("http", marks=pytest.mark.slow)])
+def tracking_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return request.getfixturevalue("http_server")
+
+
+def _metrics(accuracy: float, size: float) -> dict[str, float]:
+    return {"accuracy": accuracy, "size_bytes": size, "latency_ms": 1.0, "params": 10,
+            "macs": 10, "compression_ratio": BASELINE["size_bytes"] / size, "speedup": 1.0,
+            "accuracy_drop": BASELINE["accuracy"] - accuracy, "epochs": 1}
+
+
+def test_tracker_keeps_the_front_current(tracking_uri: str, tmp_path: Path) -> None:
+    name = f"tracker-{tmp_path.name}"
+    lines: list[str] = []
+    tracker = SearchTracker.start(tracking_uri, name, {"task": "t", "search": {"trials": 5}},
+                                  BASELINE, OBJECTIVES, max_accuracy_drop=0.1, echo=lines.append,
+                                  total=5)
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    (artifacts / "plan.json").write_text('{"version": 1, "layers": {}}')
+    points = [(0.94, 500.0), (0.90, 200.0), (0.93, 600.0), (0.70, 50.0), (0.95, 400.0)]
+    for i, (acc, size) in enumerate(points):
+        tracker.trial_started(f"t{i}", {"fc": {"bits": 8}})
+        tracker.trial_epoch(f"t{i}", 1, acc - 0.01)
+        tracker.trial_finished(f"t{i}", _metrics(acc, size), f"plan {i}", artifacts)
+    tracker.trial_started("bad", {})
+    tracker.trial_failed("bad", "Traceback ...\nValueError: boom")
+    tracker.finish()
+
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(tracker.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags[ROLE] == "search"
+    assert parent.data.metrics["baseline_accuracy"] == pytest.approx(0.95)
+    assert parent.data.metrics["trials_failed"] == 1
+    assert client.get_metric_history(tracker.parent_run_id, "hypervolume")
+    runs = read_trials(client, tracker.parent_run_id)
+    assert [r.info.status for r in runs] == ["FINISHED"] * 5 + ["FAILED"]
+    assert runs[-1].data.tags["autocompress.error"].endswith("ValueError: boom")
+
+    # Tags equal an independent computation: (0.70, 50) is infeasible (drop 0.25 > 0.1),
+    # (0.93, 600) is dominated by (0.94, 500), which is dominated by (0.95, 400).
+    values = np.array(points)
+    values[3] = np.nan
+    expected = non_dominated_mask(values, ["max", "min"])
+    assert [r.data.tags[PARETO] == "true" for r in runs[:5]] == list(expected)
+    assert list(expected) == [False, True, False, False, True]
+
+    front = read_front(tracking_uri, name)
+    assert [r["accuracy"] for r in front] == [0.95, 0.90]
+    assert front[0]["plan"] == {"version": 1, "layers": {}}
+    assert any("FAILED: ValueError: boom" in line for line in lines)
+    assert sum("*front*" in line for line in lines) == 3  # t0, t1 and t4 joined the front
