@@ -164,7 +164,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     exp = load_experiment(args.experiment, trials=args.trials, concurrency=args.concurrency,
                           name=args.name)
     uri = args.tracking_uri or exp.tracking_uri or DEFAULT_TRACKING_URI
-    result = run_search(exp, tracking_uri=uri, address=args.address)
+    result = run_search(exp, tracking_uri=uri, address=args.address, resume=args.resume)
     front = result.front.drop(columns=["error"]).to_dict("records")
     if args.json:
         print(json.dumps({"parent_run_id": result.parent_run_id, "baseline": result.baseline,
@@ -190,6 +190,51 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         _print_front(rows)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from autocompress.export import VerificationError, export_run
+
+    try:
+        result = export_run(args.run_id, args.format, args.out, args.tracking_uri,
+                            register=args.register, tolerance=args.tolerance)
+    except VerificationError as e:
+        print(f"autocompress: export failed verification, nothing written: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    r = result
+    print(f"exported {r['trial']} (run {r['run_id']}) of {r['experiment']!r} as {r['format']}: "
+          f"{r['path']} ({r['file_bytes']:,} bytes on disk)")
+    print(f"verified with {r['artifact_runtime']} on {r['validation_samples']} validation samples "
+          f"(tolerance {r['tolerance']}); every number below was measured now\n")
+    rows = [("accuracy", f"{r['accuracy']:.4f}", f"{r['logged_accuracy']:.4f}", ""),
+            ("size_bytes", f"{r['size_bytes']:,}", f"{r['logged_size_bytes']:,.0f}", ""),
+            ("latency_ms", f"{r['latency_ms']:.4f}", f"{r['logged_latency_ms']:.4f}",
+             r["latency_target"]),
+            ("p90_ms", f"{r['p90_ms']:.4f}", "", r["latency_target"])]
+    if r["artifact_runtime"] != r["latency_runtime"]:
+        rows.append(("artifact latency_ms", f"{r['artifact_latency_ms']:.4f}", "",
+                     f"the {r['format']} file on {r['artifact_runtime']}"))
+    _print_table(("metric", "re-measured", "logged", "measured on"), rows)
+    if "registered" in r:
+        reg = r["registered"]
+        print(f"\nregistered {reg['model_uri']} (source run {reg['run_id']})")
+    print(f"\nwrote {Path(r['path']).parent / 'export.json'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from autocompress.report import write_report
+
+    path = write_report(args.experiment_name, args.tracking_uri, args.out)
+    if args.json:
+        print(json.dumps({"path": str(path.resolve())}))
+    else:
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained) and logged it to "
+              "the search's parent run as report.html")
     return 0
 
 
@@ -233,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="override search.trials")
     p.add_argument("--concurrency", type=int, help="override search.concurrency")
     p.add_argument("--name", help="override the experiment name")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the latest search of this experiment up to --trials finished trials")
     p.add_argument("--address", help="Ray cluster address (auto, ray://host:10001)")
     p.add_argument("--tracking-uri", help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -244,6 +291,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(fn=cmd_pareto)
+
+    p = sub.add_parser("export", help="export a trial as a deployable, verified model")
+    p.add_argument("run_id", help="a trial's MLflow run id (autocompress pareto lists them)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "packed"])
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the artifact")
+    p.add_argument("--register", metavar="MODEL_NAME", help="register in the MLflow Model Registry")
+    p.add_argument("--tolerance", type=float, default=0.005,
+                   help="largest allowed |exported - logged| metric (default 0.005)")
+    p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("report", help="a one-page HTML report of an experiment's latest search")
+    p.add_argument("experiment_name")
+    p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("ui", help="the MLflow UI on the same store")
     p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -194,7 +195,7 @@ def _callback(tracker: SearchTracker):
 
 
 def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
-               address: str | None = None, num_cpus: int | None = None,
+               address: str | None = None, num_cpus: int | None = None, resume: bool = False,
                echo: Callable[[str], None] | None = None) -> SearchResult:
     """Runs the search of ``exp`` and returns its trials and Pareto front.
 
@@ -203,36 +204,37 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
         tracking_uri: MLflow tracking URI (any MLflow URI, e.g. ``http://host:5000``).
         address: Ray cluster address (``auto``, ``ray://...``); None starts a local Ray.
         num_cpus: CPUs of the local Ray (default: enough for ``concurrency`` trials).
+        resume: Continue the latest search of ``exp.name`` (same parent run, same Optuna
+            study) until it has ``search.trials`` finished trials.
         echo: Progress output; default prints to stderr.
+
+    Raises:
+        ConfigError: Bad task or search space; with ``resume``, no search to resume or an
+            experiment that changed since the search started.
+        KeyboardInterrupt: The search was interrupted (Ctrl-C); finished trials are kept and
+            ``resume=True`` continues it.
     """
     import optuna
     import ray
     from ray import tune
 
     from autocompress.layers import find_layers
-    from autocompress.measure import machine_facts, measure
     from autocompress.tasks import load_task
 
     echo = echo or (lambda msg: print(f"autocompress: {msg}", file=sys.stderr, flush=True))
-    seed = exp.search.seed or 0
-    task = load_task(exp.task, seed=seed)
+    task = load_task(exp.task, seed=exp.search.seed or 0)
     space = exp.search_space.resolve(find_layers(task.model, task.example_inputs))
     echo(f"task {task.name}: {len(space.layers)} layers, {len(space.params())} search parameters")
-    echo(f"measuring the baseline on {exp.target.runtime}/{exp.target.device}")
-    baseline = measure(task.model, task, exp.target).to_dict()
-    echo(f"baseline: accuracy {baseline['accuracy']:.4f}, size {baseline['size_bytes'] / 1024:.1f} "
-         f"KiB, latency {baseline['latency_ms']:.4f} ms")
-
-    tracker = SearchTracker.start(
-        tracking_uri, exp.name, exp.to_dict(), baseline,
-        [(o.metric, str(o.mode)) for o in exp.objectives],
-        max_accuracy_drop=exp.constraints.max_accuracy_drop, facts=machine_facts(), echo=echo,
-        total=exp.search.trials,
-    )
-    storage = study_storage_url(tracking_uri)
-    study_name = f"{exp.name}-{tracker.parent_run_id}"
-    tracker.client.set_tag(tracker.parent_run_id, "autocompress.study", f"{storage}#{study_name}")
+    tracker, storage, study_name = (_resume(exp, tracking_uri, echo) if resume
+                                    else _start(exp, task, tracking_uri, echo))
+    baseline = tracker.baseline
+    remaining = exp.search.trials - tracker.finished_count()
     echo(f"MLflow: {tracking_uri}, experiment {exp.name!r}, parent run {tracker.parent_run_id}")
+    if remaining <= 0:
+        echo(f"the search already has {tracker.finished_count()} finished trials; nothing to do")
+        tracker.finish("FINISHED")
+        return SearchResult(exp, tracker.parent_run_id, baseline, tracker.table(), tracker.front(),
+                            storage, study_name)
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # per-epoch reports
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -246,13 +248,15 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
         ray.init(address=address, num_cpus=None if address else cpus, include_dashboard=False,
                  log_to_driver=False, logging_level=logging.ERROR, configure_logging=True,
                  runtime_env={"env_vars": {"PYTHONPATH": path}})
-    status = "FAILED"
+    status = "KILLED"
+    ended_before = tracker.ended_count()
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warm = exp.search.warm_start and not tracker.trials
         searcher = _searcher_class()(
             space=_DefineByRun(space), metric=exp.metrics, mode=exp.modes,
             sampler=make_sampler(exp, baseline["accuracy"]), study_name=study_name,
-            points_to_evaluate=[space.warm_start_params()] if exp.search.warm_start else None,
+            points_to_evaluate=[space.warm_start_params()] if warm else None,
             storage=optuna.storages.RDBStorage(storage),
         )
         trainable = tune.with_resources(
@@ -261,20 +265,25 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
         )
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=exp.search.trials,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining,
                                         max_concurrent_trials=exp.search.concurrency),
             run_config=tune.RunConfig(
-                name=study_name, storage_path=str(Path(".autocompress/ray").resolve()),
+                name=f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(Path(".autocompress/ray").resolve()),
                 callbacks=[_callback(tracker)], verbose=0,
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
-        echo(f"searching: {exp.search.trials} trials, {exp.search.concurrency} at a time, "
+        echo(f"searching: {remaining} trials, {exp.search.concurrency} at a time, "
              f"sampler {exp.search.sampler}")
         tuner.fit()
+        if tracker.ended_count() - ended_before < remaining:
+            raise KeyboardInterrupt  # Ray Tune caught Ctrl-C and stopped early
         status = "FINISHED"
     except KeyboardInterrupt:
-        status = "KILLED"
+        where = f" {exp.path}" if exp.path else ""
+        echo(f"interrupted: {tracker.finished_count()} of {exp.search.trials} trials finished and "
+             f"kept. Resume with: autocompress search{where} --resume")
         raise
     finally:
         tracker.finish(status)
@@ -282,3 +291,61 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
             ray.shutdown()
     return SearchResult(exp, tracker.parent_run_id, baseline, tracker.table(), tracker.front(),
                         storage, study_name)
+
+
+def _start(exp: Experiment, task: Any, tracking_uri: str,
+           echo: Callable[[str], None]) -> tuple[SearchTracker, str, str]:
+    """Measures the baseline and opens a new parent run and a new Optuna study."""
+    from autocompress.measure import machine_facts, measure
+
+    echo(f"measuring the baseline on {exp.target.runtime}/{exp.target.device}")
+    baseline = measure(task.model, task, exp.target).to_dict()
+    echo(f"baseline: accuracy {baseline['accuracy']:.4f}, size {baseline['size_bytes'] / 1024:.1f} "
+         f"KiB, latency {baseline['latency_ms']:.4f} ms")
+    tracker = SearchTracker.start(
+        tracking_uri, exp.name, exp.to_dict(), baseline,
+        [(o.metric, str(o.mode)) for o in exp.objectives],
+        max_accuracy_drop=exp.constraints.max_accuracy_drop, facts=machine_facts(), echo=echo,
+        total=exp.search.trials,
+    )
+    storage = study_storage_url(tracking_uri)
+    study_name = f"{exp.name}-{tracker.parent_run_id}"
+    tracker.client.set_tag(tracker.parent_run_id, "autocompress.study", f"{storage}#{study_name}")
+    return tracker, storage, study_name
+
+
+# Keys whose change makes finished trials incomparable with new ones.
+_RESUME_KEYS = ("task", "search_space", "objectives", "target", "finetune", "constraints")
+
+
+def _resume(exp: Experiment, tracking_uri: str,
+            echo: Callable[[str], None]) -> tuple[SearchTracker, str, str]:
+    """Reopens the latest search of ``exp.name`` and closes out what a killed driver left open."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from autocompress.errors import ConfigError
+    from autocompress.tracking import latest_search
+
+    client = MlflowClient(tracking_uri)
+    parent = latest_search(client, exp.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        logged = json.loads(Path(client.download_artifacts(parent.info.run_id, "experiment.json",
+                                                           tmp)).read_text())
+    current = json.loads(json.dumps(exp.to_dict(), default=str))
+    for key in _RESUME_KEYS:
+        if logged.get(key) != current.get(key):
+            raise ConfigError(f"{key} changed since search {parent.info.run_id} started; resume "
+                              f"needs the same {key} (or start a new search with --name)",
+                              file=exp.path, key=key)
+    storage, _, study_name = parent.data.tags["autocompress.study"].partition("#")
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in stale:  # left RUNNING by a killed driver
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    tracker = SearchTracker.resume(
+        tracking_uri, parent.info.run_id, [(o.metric, str(o.mode)) for o in exp.objectives],
+        max_accuracy_drop=exp.constraints.max_accuracy_drop, echo=echo, total=exp.search.trials)
+    echo(f"resuming search {parent.info.run_id}: {tracker.finished_count()} trials finished, "
+         f"{len(stale)} interrupted trials closed")
+    return tracker, storage, study_name

@@ -100,6 +100,44 @@ class SearchTracker:
         client.log_text(run_id, json.dumps(config, indent=2, default=str), "experiment.json")
         return cls(client, experiment_id, run_id, objectives, baseline, max_accuracy_drop, echo, total)
 
+    @classmethod
+    def resume(cls, tracking_uri: str, parent_run_id: str, objectives: list[tuple[str, str]], *,
+               max_accuracy_drop: float | None = None, echo: Callable[[str], None] = print,
+               total: int | None = None) -> SearchTracker:
+        """Reopens the parent run of an interrupted search and reloads its trials.
+
+        Finished and failed trials are kept as they are; runs a killed driver left RUNNING
+        are ended as KILLED (their trials are re-run, never counted twice).
+        """
+        client = MlflowClient(tracking_uri)
+        parent = client.get_run(parent_run_id)
+        baseline = {k.removeprefix("baseline_"): v for k, v in parent.data.metrics.items()
+                    if k.startswith("baseline_")}
+        tracker = cls(client, parent.info.experiment_id, parent_run_id, objectives, baseline,
+                      max_accuracy_drop, echo, total)
+        for run in read_trials(client, parent_run_id):
+            tags = run.data.tags
+            status = run.info.status
+            if status == "RUNNING":
+                client.set_terminated(run.info.run_id, "KILLED")
+                status = "KILLED"
+            key = tags.get("autocompress.trial_key", run.info.run_id)
+            tracker.trials[key] = TrialRecord(
+                key, run.info.run_name, run.info.run_id, status,
+                {k: v for k, v in run.data.metrics.items() if k in TRIAL_METRICS},
+                tags.get(SUMMARY, ""), tags.get(ERROR, ""), tags.get(PARETO) == "true",
+                tags.get(FEASIBLE, "true") == "true")
+        client.update_run(parent_run_id, status="RUNNING")
+        return tracker
+
+    def finished_count(self) -> int:
+        """Trials that finished (FAILED and KILLED ones do not count)."""
+        return sum(r.status == "FINISHED" for r in self.trials.values())
+
+    def ended_count(self) -> int:
+        """Trials that ran to an end, finished or failed."""
+        return sum(r.status in ("FINISHED", "FAILED") for r in self.trials.values())
+
     # --- trial events ---------------------------------------------------------------------
 
     def trial_started(self, key: str, params: Mapping[str, Any]) -> TrialRecord:
@@ -159,7 +197,8 @@ class SearchTracker:
             if rec.status == "RUNNING":
                 rec.status = "KILLED"
                 self.client.set_terminated(rec.run_id, "KILLED")
-        self._log_parent_artifacts()
+        if self.trials:
+            self._log_parent_artifacts()
         self.client.set_terminated(self.parent_run_id, status)
 
     # --- the front ------------------------------------------------------------------------
