@@ -69,7 +69,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
         apply(task.model, plan, task.example_inputs)  # dry run: refuse a bad plan up front
     except PlanError as e:
         raise ConfigError(str(e), file=args.plan) from None
-    log = _progress(args.json)
+    log = _progress()
     log(f"task {task.name}: measuring the baseline on {target.runtime}/{target.device}")
     baseline = measure(task.model, task, target)
     log(f"applying plan: {plan.summary()}")
@@ -112,7 +112,7 @@ def _save_trial(out: Path, result, baseline: dict, compressed: dict) -> None:
                                                  indent=2))
 
 
-def _progress(quiet_stdout: bool) -> Callable[[str], None]:
+def _progress() -> Callable[[str], None]:
     """Progress lines go to stderr, so ``--json`` output on stdout stays parseable."""
     return lambda msg: print(f"autocompress: {msg}", file=sys.stderr, flush=True)
 
