@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from autocompress.errors import ConfigError
 from autocompress.plan import PlanError
@@ -207,23 +208,35 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     r = result
     print(f"exported {r['trial']} (run {r['run_id']}) of {r['experiment']!r} as {r['format']}: "
-          f"{r['path']} ({r['file_bytes']:,} bytes on disk)")
-    print(f"verified with {r['artifact_runtime']} on {r['validation_samples']} validation samples "
-          f"(tolerance {r['tolerance']}); every number below was measured now\n")
-    rows = [("accuracy", f"{r['accuracy']:.4f}", f"{r['logged_accuracy']:.4f}", ""),
-            ("size_bytes", f"{r['size_bytes']:,}", f"{r['logged_size_bytes']:,.0f}", ""),
+          f"{_relative(r['path'])} ({r['file_bytes']:,} bytes on disk)")
+    print(f"verified: its accuracy is within {r['tolerance']} of the logged one; 're-measured' "
+          "was measured now, 'logged' is what the search recorded\n")
+    artifact = f"the {r['format']} file on {r['artifact_runtime']}"
+    rows = [("accuracy", f"{r['accuracy']:.4f}", f"{r['logged_accuracy']:.4f}",
+             f"{artifact}, {r['validation_samples']} validation samples"),
+            ("size_bytes", f"{r['size_bytes']:,}", f"{r['logged_size_bytes']:,.0f}",
+             "computed from the stored tensors"),
             ("latency_ms", f"{r['latency_ms']:.4f}", f"{r['logged_latency_ms']:.4f}",
              r["latency_target"]),
             ("p90_ms", f"{r['p90_ms']:.4f}", "", r["latency_target"])]
     if r["artifact_runtime"] != r["latency_runtime"]:
-        rows.append(("artifact latency_ms", f"{r['artifact_latency_ms']:.4f}", "",
-                     f"the {r['format']} file on {r['artifact_runtime']}"))
+        timed = r["artifact_latency_ms"]
+        rows.append(("artifact latency_ms", "n/a" if timed is None else f"{timed:.4f}", "",
+                     artifact if timed is not None else f"{artifact}: not runnable on the target"))
     _print_table(("metric", "re-measured", "logged", "measured on"), rows)
     if "registered" in r:
         reg = r["registered"]
         print(f"\nregistered {reg['model_uri']} (source run {reg['run_id']})")
-    print(f"\nwrote {Path(r['path']).parent / 'export.json'}")
+    print(f"\nwrote {_relative(Path(r['path']).parent / 'export.json')}")
     return 0
+
+
+def _relative(path: str | Path) -> str:
+    """``path`` relative to the working directory when it is below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -248,8 +261,21 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from autocompress.agent import run
+
+    return run(args)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line, like every other bad input (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"autocompress: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="autocompress",
         description="Find the best way to compress a trained PyTorch model for a target device.",
     )
@@ -280,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="override the experiment name")
     p.add_argument("--resume", action="store_true",
                    help="continue the latest search of this experiment up to --trials finished trials")
-    p.add_argument("--address", help="Ray cluster address (auto, ray://host:10001)")
+    p.add_argument("--address", help="Ray cluster to run the trials on (auto, or HOST:PORT of the head)")
     p.add_argument("--tracking-uri", help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(fn=cmd_search)
@@ -315,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(fn=cmd_ui)
+
+    from autocompress.agent import add_arguments as add_agent_arguments
+
+    p = sub.add_parser("agent", help="serve latency measurements of ONNX models on this device")
+    add_agent_arguments(p)
+    p.set_defaults(fn=cmd_agent)
     return parser
 
 

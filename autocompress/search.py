@@ -3,8 +3,9 @@
 The driver loads the task once (the baseline comes from the cache), measures the baseline,
 and ships task and search space to the trials through Ray's object store. Each trial turns
 its sampled parameters into a :class:`~autocompress.plan.Plan`, compresses, fine-tunes
-(reporting the metric per epoch), measures on the target and returns its plan and weights as
-a checkpoint. A driver-side Ray Tune callback is the only MLflow writer
+(reporting the metric per epoch), measures on the target and sends its plan and weights back
+to the driver through Ray (no checkpoint, so trials on other nodes of a cluster need no
+shared disk). A driver-side Ray Tune callback is the only MLflow writer
 (:mod:`autocompress.tracking`). The Optuna study lives in an SQLite file next to the MLflow
 store, so the front can be read back and a search resumed.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -129,8 +131,15 @@ def _searcher_class():
 
 
 def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment,
-               baseline: dict[str, float]) -> None:
-    """One Ray Tune trial: plan -> compress -> fine-tune (reports per epoch) -> measure."""
+               baseline: dict[str, float], inbox: Any) -> None:
+    """One Ray Tune trial: plan -> compress -> fine-tune (reports per epoch) -> measure.
+
+    The trial may run on any node of a cluster: its artifacts go to the driver through Ray
+    (``inbox``), not through a checkpoint on a disk the driver would have to share.
+    """
+    import io
+
+    import ray
     import torch
     from ray import tune
 
@@ -140,9 +149,10 @@ def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment
     torch.set_num_threads(max(1, int(exp.search.cpus_per_trial)))
     warnings.filterwarnings("ignore")
     plan = space.plan_from_params(config)
+    node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()}"
 
     def on_epoch(epoch: int, metric: float) -> None:
-        tune.report({"epoch": epoch + 1, "epoch_accuracy": metric})
+        tune.report({"epoch": epoch + 1, "epoch_accuracy": metric, "node": node})
 
     result = run_trial(task, plan, exp.finetune, exp.target, on_epoch=on_epoch,
                        seed=exp.search.seed or 0)
@@ -152,17 +162,42 @@ def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment
         "speedup": baseline["latency_ms"] / metrics["latency_ms"],
         "accuracy_drop": baseline["accuracy"] - metrics["accuracy"],
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        (out / "plan.json").write_text(plan.to_json(indent=2))
-        torch.save(bake(result.model).state_dict(), out / "model.pt")
-        (out / "metrics.json").write_text(json.dumps({**metrics, **relative}, indent=2))
-        tune.report({**metrics, **relative, "epochs": len(result.history), "final": True,
-                     "summary": plan.summary(), "trial_seconds": result.seconds},
-                    checkpoint=tune.Checkpoint.from_directory(tmp))
+    weights = io.BytesIO()
+    torch.save(bake(result.model).state_dict(), weights)
+    files = {"plan.json": plan.to_json(indent=2).encode(), "model.pt": weights.getvalue(),
+             "metrics.json": json.dumps({**metrics, **relative}, indent=2).encode()}
+    # Delivered before the final report, so the driver finds them when the trial completes.
+    ray.get(inbox.put.remote(tune.get_context().get_trial_id(), files))
+    tune.report({**metrics, **relative, "epochs": len(result.history), "final": True,
+                 "summary": plan.summary(), "trial_seconds": result.seconds, "node": node})
 
 
-def _callback(tracker: SearchTracker):
+def _artifact_inbox() -> Any:
+    """An actor on the driver's node that holds each trial's artifacts until the driver logs them.
+
+    Trials put ``{file name: bytes}`` there through Ray's object store, from whichever node
+    they run on; the driver's callback pops them. The actor belongs to the driver's job and
+    goes away with it.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    class ArtifactInbox:
+        def __init__(self) -> None:
+            self.files: dict[str, dict[str, bytes]] = {}
+
+        def put(self, key: str, files: dict[str, bytes]) -> None:
+            self.files[key] = files
+
+        def pop(self, key: str) -> dict[str, bytes] | None:
+            return self.files.pop(key, None)
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(ArtifactInbox).options(scheduling_strategy=here).remote()
+
+
+def _callback(tracker: SearchTracker, inbox: Any):
+    import ray
     from ray.tune import Callback
 
     class MlflowTrialCallback(Callback):
@@ -172,22 +207,27 @@ def _callback(tracker: SearchTracker):
             tracker.trial_started(trial.trial_id, trial.config)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("node"):
+                tracker.trial_node(trial.trial_id, str(result["node"]))
             if not result.get("final") and "epoch_accuracy" in result:
                 tracker.trial_epoch(trial.trial_id, int(result["epoch"]), result["epoch_accuracy"])
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
+            files = ray.get(inbox.pop.remote(trial.trial_id))
             if not result.get("final"):
                 tracker.trial_failed(trial.trial_id, "trial ended without a final result")
                 return
-            ckpt = trial.checkpoint
-            if ckpt is None:
+            if not files:
                 tracker.trial_finished(trial.trial_id, result, result.get("summary", ""))
                 return
-            with ckpt.as_directory() as d:
-                tracker.trial_finished(trial.trial_id, result, result.get("summary", ""), Path(d))
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, data in files.items():
+                    (Path(tmp) / name).write_bytes(data)
+                tracker.trial_finished(trial.trial_id, result, result.get("summary", ""), Path(tmp))
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            inbox.pop.remote(trial.trial_id)  # whatever a trial sent before failing is dropped
             error = trial.error_file and Path(trial.error_file).read_text(errors="replace")
             tracker.trial_failed(trial.trial_id, error or "trial failed")
 
@@ -199,18 +239,24 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
                echo: Callable[[str], None] | None = None) -> SearchResult:
     """Runs the search of ``exp`` and returns its trials and Pareto front.
 
+    Everything that can be checked is checked before anything is written to MLflow: the task
+    (imported and built), the search space against the model's layers, the Ray address and,
+    with ``resume``, the search to resume. A :class:`ConfigError` therefore leaves no trace.
+
     Args:
         exp: The validated experiment.
         tracking_uri: MLflow tracking URI (any MLflow URI, e.g. ``http://host:5000``).
-        address: Ray cluster address (``auto``, ``ray://...``); None starts a local Ray.
+        address: Ray cluster address (``auto``, ``HOST:PORT``) to run the trials on an existing
+            cluster; None starts a local Ray. The driver (this process, the only MLflow writer)
+            must run on a node of the cluster; trials need no shared disk.
         num_cpus: CPUs of the local Ray (default: enough for ``concurrency`` trials).
         resume: Continue the latest search of ``exp.name`` (same parent run, same Optuna
             study) until it has ``search.trials`` finished trials.
         echo: Progress output; default prints to stderr.
 
     Raises:
-        ConfigError: Bad task or search space; with ``resume``, no search to resume or an
-            experiment that changed since the search started.
+        ConfigError: Bad task, search space or Ray address; with ``resume``, no search to
+            resume or an experiment that changed since the search started.
         KeyboardInterrupt: The search was interrupted (Ctrl-C); finished trials are kept and
             ``resume=True`` continues it.
     """
@@ -218,39 +264,42 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     import ray
     from ray import tune
 
+    from autocompress.errors import ConfigError
     from autocompress.layers import find_layers
     from autocompress.tasks import load_task
 
     echo = echo or (lambda msg: print(f"autocompress: {msg}", file=sys.stderr, flush=True))
-    task = load_task(exp.task, seed=exp.search.seed or 0)
+    try:
+        task = load_task(exp.task, seed=exp.search.seed or 0)
+    except ConfigError as e:
+        raise e.located(exp.path) from None
     space = exp.search_space.resolve(find_layers(task.model, task.example_inputs))
+    previous = _resumable(exp, tracking_uri) if resume else None
+    _check_address(address)
     echo(f"task {task.name}: {len(space.layers)} layers, {len(space.params())} search parameters")
-    tracker, storage, study_name = (_resume(exp, tracking_uri, echo) if resume
-                                    else _start(exp, task, tracking_uri, echo))
-    baseline = tracker.baseline
-    remaining = exp.search.trials - tracker.finished_count()
-    echo(f"MLflow: {tracking_uri}, experiment {exp.name!r}, parent run {tracker.parent_run_id}")
-    if remaining <= 0:
-        echo(f"the search already has {tracker.finished_count()} finished trials; nothing to do")
-        tracker.finish("FINISHED")
-        return SearchResult(exp, tracker.parent_run_id, baseline, tracker.table(), tracker.front(),
-                            storage, study_name)
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # per-epoch reports
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "100")
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        cpus = num_cpus or max(os.cpu_count() or 1,
-                               int(exp.search.concurrency * exp.search.cpus_per_trial + 0.999))
-        # Trials must import the user's task module as the driver did (cwd, PYTHONPATH).
-        path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and Path(p).is_dir())
-        ray.init(address=address, num_cpus=None if address else cpus, include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.ERROR, configure_logging=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}})
+    started_ray = _connect_ray(exp, address, num_cpus)
+    tracker = None
     status = "KILLED"
-    ended_before = tracker.ended_count()
     try:
+        tracker, storage, study_name = (_reopen(exp, tracking_uri, previous, echo) if previous
+                                        else _start(exp, task, tracking_uri, echo))
+        baseline = tracker.baseline
+        remaining = exp.search.trials - tracker.finished_count()
+        ended_before = tracker.ended_count()
+        echo(f"MLflow: {tracking_uri}, experiment {exp.name!r}, parent run {tracker.parent_run_id}")
+        if remaining <= 0:
+            echo(f"the search already has {tracker.finished_count()} finished trials; nothing to do")
+            status = "FINISHED"
+            return SearchResult(exp, tracker.parent_run_id, baseline, tracker.table(),
+                                tracker.front(), storage, study_name)
+        if address:
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            echo(f"Ray cluster at {address}: {len(nodes)} nodes, "
+                 f"{ray.cluster_resources().get('CPU', 0):g} CPUs")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warm = exp.search.warm_start and not tracker.trials
         searcher = _searcher_class()(
@@ -259,18 +308,23 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
             points_to_evaluate=[space.warm_start_params()] if warm else None,
             storage=optuna.storages.RDBStorage(storage),
         )
+        inbox = _artifact_inbox()
         trainable = tune.with_resources(
-            tune.with_parameters(_trainable, task=task, space=space, exp=exp, baseline=baseline),
+            tune.with_parameters(_trainable, task=task, space=space, exp=exp, baseline=baseline,
+                                 inbox=inbox),
             {"cpu": exp.search.cpus_per_trial},
         )
         tuner = tune.Tuner(
             trainable,
+            # Reused trial processes skip seconds of start-up (Python, torch) per trial; each
+            # trial still seeds its own randomness (finetune), so results do not depend on it.
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining,
-                                        max_concurrent_trials=exp.search.concurrency),
+                                        max_concurrent_trials=exp.search.concurrency,
+                                        reuse_actors=True),
             run_config=tune.RunConfig(
                 name=f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=str(Path(".autocompress/ray").resolve()),
-                callbacks=[_callback(tracker)], verbose=0,
+                callbacks=[_callback(tracker, inbox)], verbose=0,
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
@@ -282,21 +336,86 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
         status = "FINISHED"
     except KeyboardInterrupt:
         where = f" {exp.path}" if exp.path else ""
-        echo(f"interrupted: {tracker.finished_count()} of {exp.search.trials} trials finished and "
-             f"kept. Resume with: autocompress search{where} --resume")
+        done = tracker.finished_count() if tracker else 0
+        echo(f"interrupted: {done} of {exp.search.trials} trials finished and kept. "
+             f"Resume with: autocompress search{where} --resume")
         raise
     finally:
-        tracker.finish(status)
+        if tracker is not None:
+            tracker.finish(status)
         if started_ray:
             ray.shutdown()
     return SearchResult(exp, tracker.parent_run_id, baseline, tracker.table(), tracker.front(),
                         storage, study_name)
 
 
+def _check_address(address: str | None) -> None:
+    """Refuses a Ray address that cannot work, before anything starts.
+
+    A ``HOST:PORT`` is probed with a plain TCP connection: Ray itself waits minutes for an
+    unreachable GCS and then exits the process.
+    """
+    from autocompress.errors import ConfigError
+
+    if address in (None, "auto", "local"):
+        return
+    assert address is not None
+    if address.startswith("ray://"):
+        raise ConfigError(
+            f"{address!r}: Ray Client addresses are not supported (Ray Tune would run the "
+            f"search's driver and its MLflow writer on the head node); run autocompress on a "
+            f"node of the cluster with --address auto, e.g. via 'ray job submit -- autocompress "
+            f"search EXPERIMENT.yaml --address auto'", key="--address")
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{address!r} is not a Ray address; allowed: auto or HOST:PORT of the "
+                          f"head node (e.g. 10.0.0.1:6379)", key="--address")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise ConfigError(f"cannot reach a Ray head node at {address} ({e.strerror or e}); start "
+                          f"one with 'ray start --head' or give its HOST:PORT", key="--address") from None
+
+
+def _connect_ray(exp: Experiment, address: str | None, num_cpus: int | None) -> bool:
+    """Starts a local Ray, or connects to the cluster at ``address``; True if this call did.
+
+    Trials must import the user's task module as the driver did, on every node: the driver's
+    working directory and ``sys.path`` go to the workers as ``PYTHONPATH`` (with a cluster,
+    the code must be at the same paths there, or shipped with ``ray job submit --working-dir``).
+    """
+    import ray
+
+    from autocompress.errors import ConfigError
+
+    if ray.is_initialized():
+        return False
+    if address == "local":
+        address = None
+    # Without an address: a new local Ray ("local"), never one that happens to run on this
+    # machine (ray.init() would join the last `ray start`ed cluster), unless RAY_ADDRESS says
+    # so, as it does inside `ray job submit`.
+    local = not address and not os.environ.get("RAY_ADDRESS")
+    cpus = num_cpus or max(os.cpu_count() or 1,
+                           int(exp.search.concurrency * exp.search.cpus_per_trial + 0.999))
+    path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and Path(p).is_dir())
+    try:
+        ray.init(address="local" if local else address, num_cpus=cpus if local else None,
+                 include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                 configure_logging=True, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    except (ConnectionError, ValueError) as e:
+        if not address:
+            raise
+        raise ConfigError(f"cannot connect to Ray at {address!r}: {e}", key="--address") from None
+    return True
+
+
 def _start(exp: Experiment, task: Any, tracking_uri: str,
            echo: Callable[[str], None]) -> tuple[SearchTracker, str, str]:
     """Measures the baseline and opens a new parent run and a new Optuna study."""
     from autocompress.measure import machine_facts, measure
+    from autocompress.measure.latency import target_facts
 
     echo(f"measuring the baseline on {exp.target.runtime}/{exp.target.device}")
     baseline = measure(task.model, task, exp.target).to_dict()
@@ -305,8 +424,8 @@ def _start(exp: Experiment, task: Any, tracking_uri: str,
     tracker = SearchTracker.start(
         tracking_uri, exp.name, exp.to_dict(), baseline,
         [(o.metric, str(o.mode)) for o in exp.objectives],
-        max_accuracy_drop=exp.constraints.max_accuracy_drop, facts=machine_facts(), echo=echo,
-        total=exp.search.trials,
+        max_accuracy_drop=exp.constraints.max_accuracy_drop,
+        facts={**machine_facts(), **target_facts(exp.target)}, echo=echo, total=exp.search.trials,
     )
     storage = study_storage_url(tracking_uri)
     study_name = f"{exp.name}-{tracker.parent_run_id}"
@@ -318,17 +437,22 @@ def _start(exp: Experiment, task: Any, tracking_uri: str,
 _RESUME_KEYS = ("task", "search_space", "objectives", "target", "finetune", "constraints")
 
 
-def _resume(exp: Experiment, tracking_uri: str,
-            echo: Callable[[str], None]) -> tuple[SearchTracker, str, str]:
-    """Reopens the latest search of ``exp.name`` and closes out what a killed driver left open."""
-    import optuna
-    from mlflow.tracking import MlflowClient
+def _resumable(exp: Experiment, tracking_uri: str) -> Any:
+    """The parent run of the latest search of ``exp.name``, checked for resuming; reads only.
 
+    Raises:
+        ConfigError: No store, no earlier search of the experiment, or an experiment that
+            changed since that search started.
+    """
     from autocompress.errors import ConfigError
-    from autocompress.tracking import latest_search
+    from autocompress.tracking import latest_search, open_store
 
-    client = MlflowClient(tracking_uri)
-    parent = latest_search(client, exp.name)
+    try:
+        client = open_store(tracking_uri, must_exist=True)
+        parent = latest_search(client, exp.name)
+    except ConfigError:
+        raise ConfigError(f"no earlier search of experiment {exp.name!r} in {tracking_uri} to "
+                          f"resume; start one without --resume", key="--resume") from None
     with tempfile.TemporaryDirectory() as tmp:
         logged = json.loads(Path(client.download_artifacts(parent.info.run_id, "experiment.json",
                                                            tmp)).read_text())
@@ -338,6 +462,14 @@ def _resume(exp: Experiment, tracking_uri: str,
             raise ConfigError(f"{key} changed since search {parent.info.run_id} started; resume "
                               f"needs the same {key} (or start a new search with --name)",
                               file=exp.path, key=key)
+    return parent
+
+
+def _reopen(exp: Experiment, tracking_uri: str, parent: Any,
+            echo: Callable[[str], None]) -> tuple[SearchTracker, str, str]:
+    """Reopens the search of ``parent`` and closes out what a killed driver left open."""
+    import optuna
+
     storage, _, study_name = parent.data.tags["autocompress.study"].partition("#")
     study = optuna.load_study(study_name=study_name, storage=storage)
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))

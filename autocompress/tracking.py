@@ -31,6 +31,7 @@ PARETO = "autocompress.pareto"
 FEASIBLE = "autocompress.feasible"
 SUMMARY = "autocompress.summary"
 ERROR = "autocompress.error"
+NODE = "autocompress.node"
 TRIAL_METRICS = ("accuracy", "latency_ms", "latency_p90_ms", "latency_iqr_ms", "size_bytes",
                  "params", "nonzero_params", "macs", "compression_ratio", "speedup",
                  "accuracy_drop", "finetune_seconds", "trial_seconds")
@@ -49,6 +50,7 @@ class TrialRecord:
     error: str = ""
     pareto: bool = False
     feasible: bool = True
+    node: str = ""
 
 
 class SearchTracker:
@@ -157,6 +159,13 @@ class SearchTracker:
         """Logs the metric after one fine-tuning epoch (as step ``epoch``)."""
         self.client.log_metric(self.trials[key].run_id, "accuracy", accuracy,
                                step=epoch, timestamp=int(time.time() * 1000))
+
+    def trial_node(self, key: str, node: str) -> None:
+        """Records the Ray node a trial runs on (tag ``autocompress.node``), once."""
+        rec = self.trials[key]
+        if node and node != rec.node:
+            rec.node = node
+            self.client.set_tag(rec.run_id, NODE, node)
 
     def trial_finished(self, key: str, metrics: Mapping[str, float], summary: str,
                        artifacts: Path | None = None) -> None:
@@ -286,6 +295,27 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def open_store(tracking_uri: str, *, must_exist: bool = False) -> MlflowClient:
+    """An MLflow client of ``tracking_uri``.
+
+    Args:
+        tracking_uri: Any MLflow tracking URI.
+        must_exist: For commands that only read: refuse a ``sqlite:///`` store whose file does
+            not exist, instead of creating an empty one.
+
+    Raises:
+        ConfigError: ``must_exist`` and the SQLite file is missing.
+    """
+    from autocompress.errors import ConfigError
+
+    if must_exist and tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise ConfigError(f"no MLflow store at {path} (nothing was logged there yet); give the "
+                              f"tracking URI a search logged to", key="--tracking-uri")
+    return MlflowClient(tracking_uri)
+
+
 def latest_search(client: MlflowClient, experiment_name: str):
     """The most recent parent run of a search in ``experiment_name``.
 
@@ -323,7 +353,7 @@ def read_front(tracking_uri: str, experiment_name: str,
         One dict per front trial: ``run_id``, ``trial``, the metrics, ``summary`` and ``plan``,
         best accuracy first.
     """
-    client = MlflowClient(tracking_uri)
+    client = open_store(tracking_uri, must_exist=True)
     parent = latest_search(client, experiment_name)
     rows = []
     for run in read_trials(client, parent.info.run_id):

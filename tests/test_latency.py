@@ -43,7 +43,10 @@ def test_latency_is_sane(runtime: str, plan: str) -> None:
     assert (result.runtime, result.device, result.threads, result.batch_size) == (
         runtime, "cpu", 1, 1)
     assert set(result.to_dict()) == {"latency_ms", "p90_ms", "iqr_ms", "runs", "runtime",
-                                     "device", "threads", "batch_size"}
+                                     "device", "threads", "batch_size", "ci_low_ms", "ci_high_ms",
+                                     "stopped", "runtime_version", "cpu", "cached"}
+    assert result.cpu == machine_facts()["cpu"]
+    assert result.runtime_version == machine_facts()[runtime]
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
@@ -54,7 +57,7 @@ def test_latency_is_sane(runtime: str, plan: str) -> None:
 def test_run_count_follows_the_protocol(runtime: str, budget_s: float, runs: int) -> None:
     spec = MODELS["mlp"]
     result = measure_latency(spec.build(), spec.example_inputs(), quick(runtime=runtime,
-                                                                        budget_s=budget_s))
+                                                                        budget_s=budget_s, rel_ci=0))
     assert result.runs == runs
 
 
@@ -82,7 +85,7 @@ def test_cuda_without_a_gpu_is_an_error() -> None:
 
 
 @pytest.mark.parametrize(("field", "value", "allowed"), [
-    ("device", "tpu", "['cpu', 'cuda']"),
+    ("device", "tpu", "['cpu', 'cuda', 'remote']"),
     ("runtime", "tflite", "['onnxruntime', 'torch']"),
     ("threads", 0, "an integer >= 1"),
     ("threads", 1.5, "an integer >= 1"),
@@ -95,6 +98,10 @@ def test_cuda_without_a_gpu_is_an_error() -> None:
     ("budget_s", 0, "a number > 0"),
     ("budget_s", math.nan, "a number > 0"),
     ("budget_s", "1s", "a number > 0"),
+    ("rel_ci", -0.1, "a number >= 0 and < 1"),
+    ("rel_ci", 1, "a number >= 0 and < 1"),
+    ("url", "http://h:1", "only with device: remote"),
+    ("token_env", "TOKEN", "only with device: remote"),
 ])
 def test_target_validation_names_the_field(field: str, value: object, allowed: str) -> None:
     with pytest.raises(ValueError) as err:
@@ -111,3 +118,40 @@ def test_machine_facts() -> None:
     facts = machine_facts()
     assert set(facts) == {"cpu", "torch", "onnxruntime", "python"}
     assert facts["torch"] == torch.__version__ and all(facts.values())
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({}, "target.url=None; allowed: the agent's http://host:port (required with device: remote)"),
+    ({"url": "ftp://h:1", "token_env": "T"}, "target.url='ftp://h:1'; allowed: the agent's "
+     "http://host:port (required with device: remote)"),
+    ({"url": "http://h:1"}, "target.token_env=None; allowed: the name of an environment variable "
+     "holding the agent's token (required with device: remote)"),
+    ({"url": "http://h:1", "token_env": "T", "runtime": "torch"},
+     "target.runtime='torch'; allowed: ['onnxruntime'] with device: remote"),
+])
+def test_remote_target_validation(kw: dict, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        Target(device="remote", **kw)
+    assert str(err.value) == message
+
+
+def test_remote_target_in_an_experiment_names_the_key(tmp_path) -> None:
+    import yaml
+
+    from autocompress.config import load_experiment
+    from autocompress.errors import ConfigError
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    exp = {"name": "x", "task": "digits", "search_space": str(root / "search_spaces" / "default.yaml"),
+           "objectives": ["accuracy"], "target": {"device": "remote", "token_env": "T"}}
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    with pytest.raises(ConfigError) as err:
+        load_experiment(path)
+    assert err.value.key == "target.url"
+    exp["target"]["url"] = "http://127.0.0.1:9"
+    path.write_text(yaml.safe_dump(exp))
+    target = load_experiment(path).target
+    assert (target.device, target.url, target.token_env) == ("remote", "http://127.0.0.1:9", "T")
+    assert {"url", "token_env"} <= set(target.to_dict())
+    assert "url" not in Target().to_dict()  # local targets keep their logged form

@@ -3,9 +3,15 @@
 Protocol: build the deployable artifact (ONNX file for ``onnxruntime``, baked eager module
 for ``torch``), fix the runtime's intra-op threads to ``target.threads``, run ``warmup``
 untimed inferences on a batch of ``target.batch_size``, then time single inferences with
-``time.perf_counter`` until ``min_runs`` are done and either ``budget_s`` is spent or
-``max_runs`` is reached. The median is reported as ``latency_ms``; p90 and the
-inter-quartile range (spread) are recorded with it.
+``time.perf_counter`` until ``min_runs`` are done and either the 95% confidence interval of
+the median is within ``±target.rel_ci`` of the median or ``budget_s`` is spent, never more
+than ``max_runs`` (the loop is :func:`autocompress.measure._timing.time_runs`, shared with the
+remote device agent). The median is reported as ``latency_ms``; p90, the inter-quartile range
+(spread), the interval, the thread count, batch size, runtime version and CPU model are
+recorded with it.
+
+With ``device: remote`` the exported ONNX model is sent to a device agent
+(``autocompress agent``, see :mod:`autocompress.agent`) which runs the same protocol there.
 
 ONNX Runtime runs the exported file with all graph optimizations. Int8 weights are stored
 as int8 + DequantizeLinear; when the model has no quantized activations the session folds
@@ -16,18 +22,26 @@ stay so that ORT can fuse them into integer kernels, and whatever that costs is 
 
 from __future__ import annotations
 
+import functools
+import json
+import math
+import os
 import platform
 import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from autocompress.compress.deploy import bake, export_onnx
+from autocompress.measure import cache as latency_cache
+from autocompress.measure._timing import time_runs
 from autocompress.measure.target import Target
 
 
@@ -43,22 +57,53 @@ class LatencyResult:
     device: str
     threads: int
     batch_size: int
+    ci_low_ms: float = math.nan  # 95% confidence interval of the median
+    ci_high_ms: float = math.nan
+    stopped: str = ""  # why timing stopped: "ci", "budget" or "max_runs"
+    runtime_version: str = ""
+    cpu: str = ""
+    cached: bool = False  # taken from the latency cache (autocompress.measure.cache)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def measure_latency(model: nn.Module, example_inputs: torch.Tensor, target: Target) -> LatencyResult:
-    """Times the deployable form of ``model`` on ``target`` (see the module docstring)."""
-    batch = _batch(example_inputs, target.batch_size)
+def measure_latency(model: nn.Module, example_inputs: torch.Tensor, target: Target,
+                    use_cache: bool = True) -> LatencyResult:
+    """Times the deployable form of ``model`` on ``target`` (see the module docstring).
+
+    Args:
+        use_cache: Take an earlier measurement of the same architecture and precision on the
+            same target from the latency cache (``autocompress.measure.cache``), and store
+            this one there. False always measures (e.g. to verify an export).
+    """
     if target.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("target.device is 'cuda' but no CUDA device is available")
-    if target.runtime == "onnxruntime":
-        with tempfile.TemporaryDirectory() as tmp:
-            path = export_onnx(model, example_inputs, Path(tmp) / "model.onnx")
-            run = _onnxruntime_runner(path, batch, target)
-            return _time(run, target)
-    return _time(_torch_runner(model, batch, target), target)
+    batch = _batch(example_inputs, target.batch_size)
+    if target.runtime != "onnxruntime":
+        return _time(_torch_runner(model, batch, target), target)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, example_inputs, Path(tmp) / "model.onnx")
+        key = _cache_key(path, target)
+        hit = latency_cache.lookup(key) if use_cache else None
+        if hit is not None:
+            known = {f.name for f in fields(LatencyResult)}
+            return LatencyResult(**{**{k: v for k, v in hit.items() if k in known}, "cached": True})
+        if target.device == "remote":
+            result = _measure_remote(path, target)
+        else:
+            result = _time(_onnxruntime_runner(path, batch, target), target)
+    latency_cache.store(key, result.to_dict())
+    return result
+
+
+def _cache_key(path: Path, target: Target) -> str:
+    """Structure of the exported graph (not its weight values) + target + measuring machine."""
+    if target.device == "remote":
+        facts = target_facts(target)
+    else:
+        facts = {**machine_facts(), "host": platform.node()}
+    return latency_cache.cache_key(latency_cache.graph_signature(path), target.to_dict(), facts)
 
 
 def _batch(example_inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -113,22 +158,15 @@ def _torch_runner(model: nn.Module, batch: torch.Tensor, target: Target) -> Call
 
 
 def _time(run: Callable[[], object], target: Target) -> LatencyResult:
-    for _ in range(target.warmup):
-        run()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < target.max_runs:
-        t0 = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= target.min_runs and time.perf_counter() - start > target.budget_s:
-            break
-    arr = np.asarray(times)
-    q25, q50, q75, q90 = np.percentile(arr, [25, 50, 75, 90])
-    return LatencyResult(float(q50), float(q90), float(q75 - q25), len(times), target.runtime,
-                         target.device, target.threads, target.batch_size)
+    t = time_runs(run, warmup=target.warmup, min_runs=target.min_runs, max_runs=target.max_runs,
+                  budget_s=target.budget_s, rel_ci=target.rel_ci)
+    facts = machine_facts()
+    return LatencyResult(t.latency_ms, t.p90_ms, t.iqr_ms, t.runs, target.runtime, target.device,
+                         target.threads, target.batch_size, t.ci_low_ms, t.ci_high_ms, t.stopped,
+                         facts[target.runtime], facts["cpu"])
 
 
+@functools.cache
 def machine_facts() -> dict[str, str]:
     """CPU and runtime versions, logged with every measurement."""
     import onnxruntime as ort
@@ -143,3 +181,69 @@ def machine_facts() -> dict[str, str]:
         pass
     return {"cpu": cpu, "torch": torch.__version__, "onnxruntime": ort.__version__,
             "python": platform.python_version()}
+
+
+# --- device: remote --------------------------------------------------------------------------
+
+REMOTE_TIMEOUT_S = 300.0  # one HTTP request (upload, queueing on the agent, measuring)
+REMOTE_BUSY_WAIT_S = 900.0  # how long to keep retrying while the agent answers 503 (busy)
+
+
+def _agent_request(target: Target, path: str, body: bytes | None = None) -> dict:
+    """One request to the agent at ``target.url``; retries while it is busy (503)."""
+    token = os.environ.get(str(target.token_env), "")
+    if not token:
+        raise RuntimeError(f"target.token_env: environment variable {target.token_env!r} (the "
+                           f"device agent's token) is not set")
+    url = str(target.url).rstrip("/") + path
+    deadline = time.monotonic() + REMOTE_BUSY_WAIT_S
+    delay = 0.2
+    while True:
+        req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET",
+                                     headers={"Authorization": f"Bearer {token}",
+                                              "Content-Type": "application/octet-stream"})
+        try:
+            with urllib.request.urlopen(req, timeout=REMOTE_TIMEOUT_S) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read()).get("error", "")
+            except (ValueError, AttributeError, OSError):
+                message = ""
+            if e.code == 503 and time.monotonic() < deadline:
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            raise RuntimeError(f"device agent at {target.url} answered {e.code} to {path.split('?')[0]}"
+                               f": {message or e.reason}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise RuntimeError(f"cannot reach the device agent at {target.url}: {reason}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _remote_facts_cached(url: str, token_env: str) -> tuple[tuple[str, str], ...]:
+    facts = _agent_request(Target(device="remote", url=url, token_env=token_env), "/info")
+    return tuple(sorted((str(k), str(v)) for k, v in facts.items()))
+
+
+def target_facts(target: Target) -> dict[str, str]:
+    """Device facts of ``target``'s agent (``agent.cpu``, ...; fetched once); {} when local."""
+    if target.device != "remote":
+        return {}
+    return {f"agent.{k}": v for k, v in _remote_facts_cached(str(target.url), str(target.token_env))}
+
+
+def _measure_remote(path: Path, target: Target) -> LatencyResult:
+    facts = dict(_remote_facts_cached(str(target.url), str(target.token_env)))
+    fold = not _has_activation_quant(path)
+    body = path.read_bytes()
+    query = urllib.parse.urlencode({
+        "threads": target.threads, "batch_size": target.batch_size, "warmup": target.warmup,
+        "min_runs": target.min_runs, "max_runs": target.max_runs, "budget_s": target.budget_s,
+        "rel_ci": target.rel_ci, "fold_weight_qdq": int(fold)})
+    r = _agent_request(target, f"/measure?{query}", body)
+    return LatencyResult(float(r["latency_ms"]), float(r["p90_ms"]), float(r["iqr_ms"]), int(r["runs"]),
+                         target.runtime, target.device, int(r["threads"]), int(r["batch_size"]),
+                         float(r.get("ci_low_ms", math.nan)), float(r.get("ci_high_ms", math.nan)),
+                         str(r.get("stopped", "")), facts.get("onnxruntime", ""), facts.get("cpu", ""))

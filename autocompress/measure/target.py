@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-DEVICES = ("cpu", "cuda")
+DEVICES = ("cpu", "cuda", "remote")
 RUNTIMES = ("onnxruntime", "torch")
 
 
@@ -13,7 +13,8 @@ class Target:
     """The deployment target latency is measured on.
 
     Attributes:
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu``, ``cuda`` or ``remote`` (a device agent at ``url``, see
+            ``autocompress.agent``; needs ``runtime: onnxruntime``).
         runtime: ``onnxruntime`` (the exported ONNX model) or ``torch`` (eager PyTorch).
         threads: Intra-op threads of the runtime, fixed for every measurement.
         batch_size: Batch size of the timed inputs.
@@ -21,6 +22,11 @@ class Target:
         min_runs: Timed runs always done.
         max_runs: Upper bound on timed runs.
         budget_s: Stop timing after ``min_runs`` once this many seconds are spent.
+        rel_ci: Stop timing after ``min_runs`` once the 95% confidence interval of the median
+            is within ``±rel_ci`` of the median (0 turns this off).
+        url: ``http(s)://host:port`` of the device agent (``device: remote`` only).
+        token_env: Name of the environment variable holding the agent's token
+            (``device: remote`` only).
     """
 
     device: str = "cpu"
@@ -31,6 +37,9 @@ class Target:
     min_runs: int = 30
     max_runs: int = 300
     budget_s: float = 1.0
+    rel_ci: float = 0.02
+    url: str | None = None
+    token_env: str | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -48,6 +57,34 @@ class Target:
         if (not isinstance(self.budget_s, int | float) or isinstance(self.budget_s, bool)
                 or not self.budget_s > 0):  # "not > 0" also refuses NaN
             raise ValueError(f"target.budget_s={self.budget_s!r}; allowed: a number > 0")
+        if (not isinstance(self.rel_ci, int | float) or isinstance(self.rel_ci, bool)
+                or not 0 <= self.rel_ci < 1):
+            raise ValueError(f"target.rel_ci={self.rel_ci!r}; allowed: a number >= 0 and < 1")
+        self._check_remote()
+
+    def _check_remote(self) -> None:
+        if self.device != "remote":
+            for key in ("url", "token_env"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"target.{key}={getattr(self, key)!r}; allowed: only with "
+                                     f"device: remote")
+            return
+        if self.runtime != "onnxruntime":
+            raise ValueError(f"target.runtime={self.runtime!r}; allowed: ['onnxruntime'] with "
+                             f"device: remote")
+        url = self.url
+        if (not isinstance(url, str) or not url.startswith(("http://", "https://"))
+                or len(url.split("://", 1)[1].strip("/")) == 0):
+            raise ValueError(f"target.url={url!r}; allowed: the agent's http://host:port "
+                             f"(required with device: remote)")
+        if not isinstance(self.token_env, str) or not self.token_env.strip():
+            raise ValueError(f"target.token_env={self.token_env!r}; allowed: the name of an "
+                             f"environment variable holding the agent's token (required with "
+                             f"device: remote)")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        for key in ("url", "token_env"):  # only meaningful for device: remote
+            if out[key] is None:
+                del out[key]
+        return out

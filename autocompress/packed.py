@@ -1,0 +1,464 @@
+"""The packed format: a compressed model stored in the bytes that ``size_bytes`` reports.
+
+``save_packed(model, path)`` writes a ``.acpk`` file; ``autocompress.load_packed(path)``
+rebuilds an eval-mode ``nn.Module`` from that file alone (no task, plan or model class needed)
+whose outputs equal the compressed model's (to fp32 rounding).
+
+Layout (little-endian)::
+
+    b"ACPK" | u8 format version | u32 header length | header (zlib-compressed JSON) | payload
+
+The header describes the architecture without pickle, as data only:
+
+- ``modules``: ``{qualified name: [type name, constructor kwargs]}`` for every leaf module the
+  forward calls (arguments at their defaults left out). Leaf types come from a fixed whitelist
+  (:data:`LEAF_TYPES`: conv, linear, batch/layer norm, activations, pooling, flatten, dropout,
+  identity, ``ActFakeQuant``).
+- ``graph``: the forward as a ``torch.fx`` graph, one ``[op, target, args, kwargs]`` entry
+  per node (node references by index). Modules outside the whitelist (``Sequential``,
+  ``LowRank``, the user's own classes) are traced through, so only their ops remain. Function
+  targets are qualified names restricted to ``torch.*``, ``operator.*``, ``math.*`` and
+  ``getattr``, looked up by name at load time. Loading unpickles nothing and runs no code from
+  the file; running the model calls the functions its graph names, so a file from an
+  untrusted source deserves the care any model file does.
+- ``tensors``: ``[name, bits, sparse]`` per stored tensor, in payload order (shapes follow
+  from the modules; a tensor the forward reads directly, not through a leaf module, also
+  carries ``[shape, is_param]``).
+
+The payload holds each tensor exactly as :mod:`autocompress.measure.size` counts it (the same
+rows of :func:`~autocompress.measure.size.size_report`, so the same bits, format choice and
+byte count): ``bits``-wide values bit-packed (``numpy.packbits``, little-endian bit order;
+quantized values stored offset by ``qmax`` so they are unsigned), or, when ``sparse``, a
+1-bit-per-element presence bitmap followed by the non-zero values only; then one fp32 scale
+per output channel for a quantized weight. fp32 tensors are raw float32. An 8-bit activation
+quantizer is its observed range ``(lo, hi)`` as two fp32 (8 bytes). So
+``file size = size_bytes + 9 + header``; the compressed header is a few hundred bytes to a
+couple of KiB (it grows with the number of layers, not with their size).
+
+Limits:
+
+- The model's forward must be traceable by ``torch.fx.symbolic_trace`` (no control flow on
+  tensor values), and every leaf module it calls must be of a whitelisted type. A leaf with a
+  forward hook is refused, except for the activation fake-quant pre-hook that compression adds
+  (stored as an explicit ``ActFakeQuant`` call). Only float32 tensors are stored.
+- Only what the forward uses is stored: parameters of modules the forward never calls are
+  dropped, and BatchNorm ``num_batches_tracked`` is reset to 0 (it only matters for training
+  with ``momentum=None``).
+- The loaded model is a ``torch.fx.GraphModule`` for inference: its module names are the
+  original ones, but its class is not the user's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.node import _get_qualified_name
+
+from autocompress.compress._modules import ActFakeQuant, act_quant_pre_hook
+from autocompress.compress.deploy import bake, quantized_weights
+from autocompress.measure.size import size_report
+
+MAGIC = b"ACPK"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<4sBI")  # magic, format version, header length
+
+_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+         "padding_mode", "bias")
+_NORM = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+_POOL = ("kernel_size", "stride", "padding", "ceil_mode")
+
+#: Leaf module types the packed format can rebuild, with the constructor arguments it stores
+#: (read back from the instance's attributes of the same name; ``bias`` means "has a bias").
+LEAF_TYPES: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.Linear: ("in_features", "out_features", "bias"),
+    nn.Conv1d: _CONV, nn.Conv2d: _CONV,
+    nn.BatchNorm1d: _NORM, nn.BatchNorm2d: _NORM,
+    nn.LayerNorm: ("normalized_shape", "eps", "elementwise_affine", "bias"),
+    nn.ReLU: ("inplace",), nn.ReLU6: ("inplace",), nn.SiLU: ("inplace",),
+    nn.Hardswish: ("inplace",), nn.LeakyReLU: ("negative_slope", "inplace"),
+    nn.GELU: ("approximate",), nn.Sigmoid: (), nn.Tanh: (), nn.Identity: (),
+    nn.Softmax: ("dim",), nn.LogSoftmax: ("dim",),
+    nn.Dropout: ("p", "inplace"), nn.Dropout1d: ("p", "inplace"), nn.Dropout2d: ("p", "inplace"),
+    nn.MaxPool1d: (*_POOL, "dilation"), nn.MaxPool2d: (*_POOL, "dilation"),
+    nn.AvgPool1d: (*_POOL, "count_include_pad"), nn.AvgPool2d: (*_POOL, "count_include_pad"),
+    nn.AdaptiveAvgPool1d: ("output_size",), nn.AdaptiveAvgPool2d: ("output_size",),
+    nn.AdaptiveMaxPool1d: ("output_size",), nn.AdaptiveMaxPool2d: ("output_size",),
+    nn.Flatten: ("start_dim", "end_dim"),
+    ActFakeQuant: ("bits", "momentum"),
+}
+_BY_NAME = {cls.__name__: cls for cls in LEAF_TYPES}
+_FUNCTION_ROOTS = ("torch", "operator", "_operator", "math")
+_BUILTINS = {"getattr": getattr}
+_QPARAMS = "qparams"  # size_report's row for an ActFakeQuant: its range (lo, hi)
+
+
+class PackedFormatError(ValueError):
+    """A model the packed format cannot describe, or a file that is not a valid packed model."""
+
+
+@dataclass(frozen=True)
+class PackedInfo:
+    """What :func:`save_packed` wrote.
+
+    Attributes:
+        path: The file.
+        header_bytes: The compressed architecture description (plus the 9-byte prefix).
+        payload_bytes: The tensors; equals ``size_bytes(model)`` for the tensors the forward uses.
+        file_bytes: Size of the file on disk.
+    """
+
+    path: Path
+    header_bytes: int
+    payload_bytes: int
+    file_bytes: int
+
+
+# --- bit packing ----------------------------------------------------------------------------
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Packs unsigned integers ``< 2**bits`` into ``ceil(len(values) * bits / 8)`` bytes."""
+    v = np.ascontiguousarray(values, dtype=np.uint16).ravel()
+    planes = (v[:, None] >> np.arange(bits, dtype=np.uint16)) & 1
+    return np.packbits(planes.astype(np.uint8).ravel(), bitorder="little").tobytes()
+
+
+def unpack_bits(buf: bytes, bits: int, count: int) -> np.ndarray:
+    """The inverse of :func:`pack_bits`: ``count`` unsigned integers of ``bits`` bits."""
+    planes = np.unpackbits(np.frombuffer(buf, np.uint8), count=count * bits, bitorder="little")
+    weights = (1 << np.arange(bits, dtype=np.int64))
+    return planes.reshape(count, bits).astype(np.int64) @ weights
+
+
+def _encode_values(values: np.ndarray, bits: int, sparse: bool) -> bytes:
+    """``values`` (flat: integers in ``[-qmax, qmax]`` for ``bits < 32``, else float32), dense
+    or sparse (presence bitmap, then the non-zero values)."""
+    prefix = b""
+    if sparse:
+        nonzero = values != 0
+        prefix = np.packbits(nonzero, bitorder="little").tobytes()
+        values = values[nonzero]
+    if bits == 32:
+        return prefix + values.astype("<f4").tobytes()
+    return prefix + pack_bits(values.astype(np.int32) + _qmax(bits), bits)
+
+
+def _qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def _take(buf: memoryview, offset: int, nbytes: int) -> bytes:
+    raw = bytes(buf[offset:offset + nbytes])
+    if len(raw) != nbytes:
+        raise PackedFormatError("packed file is truncated")
+    return raw
+
+
+def _decode_values(buf: memoryview, offset: int, numel: int, bits: int,
+                   sparse: bool) -> tuple[np.ndarray, int]:
+    """Reads one tensor's values at ``offset``; returns them (flat) and the next offset."""
+    mask = None
+    count = numel
+    if sparse:
+        nbytes = math.ceil(numel / 8)
+        mask = np.unpackbits(np.frombuffer(_take(buf, offset, nbytes), np.uint8), count=numel,
+                             bitorder="little").astype(bool)
+        offset += nbytes
+        count = int(mask.sum())
+    nbytes = math.ceil(count * bits / 8)
+    raw = _take(buf, offset, nbytes)
+    vals = np.frombuffer(raw, "<f4") if bits == 32 else unpack_bits(raw, bits, count) - _qmax(bits)
+    if mask is not None:
+        out = np.zeros(numel, vals.dtype)
+        out[mask] = vals
+        vals = out
+    return vals, offset + nbytes
+
+
+# --- the architecture -----------------------------------------------------------------------
+
+class _Tracer(fx.Tracer):
+    """Leaves are exactly the whitelisted types; everything else is traced through."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return type(m) in LEAF_TYPES
+
+    def call_module(self, m: nn.Module, forward, args: tuple, kwargs: dict) -> Any:
+        # fx records a leaf as one call and skips its hooks: make the activation fake-quant
+        # pre-hook an explicit call, and refuse any other hook rather than silently drop it.
+        if self.is_leaf_module(m, ""):
+            pre = list(m._forward_pre_hooks.values())
+            quant = getattr(m, "act_quant", None)
+            if pre == [act_quant_pre_hook] and isinstance(quant, ActFakeQuant):
+                args = (super().call_module(quant, quant.forward, args[:1], {}), *args[1:])
+            elif pre or m._forward_hooks:
+                raise PackedFormatError(f"module {self.path_of_module(m)!r} has forward hooks, "
+                                        "which the packed format cannot store")
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _module_spec(m: nn.Module) -> list:
+    """``[type name, constructor kwargs]``, leaving out the arguments at their defaults."""
+    defaults = _defaults(type(m))
+    kwargs = {}
+    for attr in LEAF_TYPES[type(m)]:
+        value = (m.bias is not None) if attr == "bias" else getattr(m, attr)
+        value = list(value) if isinstance(value, tuple) else value
+        if attr in ("kernel_size", "stride", "padding", "dilation") and isinstance(value, list) \
+                and len(set(value)) == 1:
+            value = value[0]  # (3, 3) -> 3: the constructors expand a single int
+        if attr not in defaults or defaults[attr] != value:
+            kwargs[attr] = value
+    return [type(m).__name__, kwargs] if kwargs else [type(m).__name__]
+
+
+def _defaults(cls: type[nn.Module]) -> dict[str, Any]:
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def _build_module(spec: list) -> nn.Module:
+    name, kwargs = spec[0], (spec[1] if len(spec) > 1 else {})
+    cls = _BY_NAME.get(name)
+    if cls is None:
+        raise PackedFormatError(f"unknown module type {name!r} in packed file")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+
+
+def _encode_arg(a: Any, index: dict[fx.Node, int]) -> Any:
+    if isinstance(a, fx.Node):
+        return {"n": index[a]}
+    if isinstance(a, tuple):
+        return {"t": [_encode_arg(x, index) for x in a]}
+    if isinstance(a, list):
+        return [_encode_arg(x, index) for x in a]
+    if isinstance(a, dict):
+        return {"d": [[k, _encode_arg(v, index)] for k, v in a.items()]}
+    if isinstance(a, slice):
+        return {"s": [_encode_arg(x, index) for x in (a.start, a.stop, a.step)]}
+    if isinstance(a, torch.dtype):
+        return {"dtype": str(a).removeprefix("torch.")}
+    if a is Ellipsis:
+        return {"e": 0}
+    if a is None or isinstance(a, bool | int | float | str):
+        return a
+    raise PackedFormatError(f"the packed format cannot store a {type(a).__name__} in the graph")
+
+
+def _decode_arg(a: Any, nodes: list[fx.Node]) -> Any:
+    if isinstance(a, list):
+        return [_decode_arg(x, nodes) for x in a]
+    if not isinstance(a, dict):
+        return a
+    (key, value), = a.items()
+    if key == "n":
+        return nodes[value]
+    if key == "t":
+        return tuple(_decode_arg(x, nodes) for x in value)
+    if key == "d":
+        return {k: _decode_arg(v, nodes) for k, v in value}
+    if key == "s":
+        return slice(*(_decode_arg(x, nodes) for x in value))
+    if key == "dtype":
+        return getattr(torch, value)
+    return Ellipsis
+
+
+def _function_name(fn: Any) -> str:
+    name = _get_qualified_name(fn)
+    if _resolve_function(name) is not fn:
+        raise PackedFormatError(f"function {name!r} in the forward cannot be stored by name")
+    return name
+
+
+def _resolve_function(name: str) -> Any:
+    """The function named ``name``, only from torch, operator, math or ``getattr``."""
+    if name in _BUILTINS:
+        return _BUILTINS[name]
+    parts = name.split(".")
+    if parts[0] not in _FUNCTION_ROOTS:
+        raise PackedFormatError(f"function {name!r} is not allowed in a packed file "
+                                f"(only {', '.join(_FUNCTION_ROOTS)} and getattr)")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            break
+        return obj
+    raise PackedFormatError(f"function {name!r} not found")
+
+
+def _encode_graph(graph: fx.Graph) -> list:
+    index = {node: i for i, node in enumerate(graph.nodes)}
+    out = []
+    for node in graph.nodes:
+        target = _function_name(node.target) if node.op == "call_function" else node.target
+        out.append([node.op, target, _encode_arg(node.args, index)["t"],
+                    _encode_arg(node.kwargs, index)["d"]])
+    return out
+
+
+def _decode_graph(entries: list) -> fx.Graph:
+    graph = fx.Graph()
+    nodes: list[fx.Node] = []
+    for op, target, args, kwargs in entries:
+        if op == "call_function":
+            target = _resolve_function(target)
+        args = tuple(_decode_arg(a, nodes) for a in args)
+        kwargs = {k: _decode_arg(v, nodes) for k, v in kwargs}
+        if op == "output":
+            nodes.append(graph.output(args[0]))
+        else:
+            nodes.append(graph.create_node(op, target, args, kwargs))
+    return graph
+
+
+# --- save / load ----------------------------------------------------------------------------
+
+def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
+    """Writes ``model`` (compressed or not) in the packed format (see the module docstring).
+
+    Args:
+        model: The model; quantized weights are read from its ``WeightCompression``
+            parametrizations, so pass the compressed model, not a baked copy.
+        path: Where to write (conventionally ``*.acpk``).
+
+    Raises:
+        PackedFormatError: The forward cannot be traced, or uses a module type, hook or
+            function the format does not store.
+    """
+    baked = bake(model)
+    try:
+        graph = _Tracer().trace(baked)
+    except PackedFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001  (fx raises many types for untraceable code)
+        raise PackedFormatError(f"the model's forward cannot be traced by torch.fx: "
+                                f"{type(e).__name__}: {e}") from None
+    modules = {n.target: _module_spec(baked.get_submodule(n.target))
+               for n in graph.nodes if n.op == "call_module"}
+    attrs = {n.target for n in graph.nodes if n.op == "get_attr"}
+    qweights = quantized_weights(model)
+
+    entries, chunks = [], []
+    for row in size_report(model):
+        owner, _, attr = row.name.rpartition(".")
+        if owner not in modules and row.name not in attrs:
+            continue  # not used by the forward
+        if attr == _QPARAMS:
+            values = torch.stack([baked.get_buffer(f"{owner}.lo"), baked.get_buffer(f"{owner}.hi")]).numpy()
+        elif row.bits < 32:
+            q, scale = qweights[row.name]
+            values = q.ravel()
+        else:
+            t = baked.get_parameter(row.name) if row.is_param else baked.get_buffer(row.name)
+            if t.dtype != torch.float32:
+                raise PackedFormatError(f"tensor {row.name!r} is {t.dtype}; the packed format "
+                                        "stores float32 tensors")
+            values = t.detach().cpu().numpy().ravel()
+        chunk = _encode_values(values, row.bits, row.sparse)
+        if row.bits < 32:
+            chunk += scale.astype("<f4").tobytes()
+        chunks.append(chunk)
+        entry = [row.name, row.bits, int(row.sparse)]
+        if row.name in attrs:  # not owned by a leaf module: its shape is not implied
+            entry += [list(baked.get_parameter(row.name).shape if row.is_param
+                           else baked.get_buffer(row.name).shape), int(row.is_param)]
+        entries.append(entry)
+
+    header = zlib.compress(json.dumps(
+        {"modules": modules, "graph": _encode_graph(graph), "tensors": entries},
+        separators=(",", ":"), allow_nan=False).encode(), 9)
+    payload = b"".join(chunks)
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)))
+        f.write(header)
+        f.write(payload)
+    return PackedInfo(path, _PREFIX.size + len(header), len(payload), path.stat().st_size)
+
+
+def load_packed(path: str | Path) -> nn.Module:
+    """Rebuilds the model stored by :func:`save_packed`, in eval mode, from the file alone.
+
+    Example:
+        >>> model = autocompress.load_packed("dist/model.acpk")  # doctest: +SKIP
+        >>> logits = model(x)  # doctest: +SKIP
+
+    Raises:
+        PackedFormatError: Not a packed file, an unsupported version, or a damaged file.
+    """
+    header, payload = _read(Path(path))
+    graph = _decode_graph(header["graph"])
+    root: dict[str, Any] = {name: _build_module(spec) for name, spec in header["modules"].items()}
+
+    state, offset = {}, 0
+    for name, bits, sparse, *extra in header["tensors"]:
+        owner, _, attr = name.rpartition(".")
+        if extra:
+            shape = tuple(extra[0])
+        elif attr == _QPARAMS:
+            shape = (2,)
+        else:
+            shape = tuple(getattr(root[owner], attr).shape)
+        vals, offset = _decode_values(payload, offset, math.prod(shape), bits, bool(sparse))
+        if bits < 32:
+            scale = np.frombuffer(_take(payload, offset, 4 * shape[0]), "<f4")
+            offset += 4 * shape[0]
+            vals = vals.reshape(shape[0], -1).astype(np.float32) * scale[:, None]
+        t = torch.from_numpy(np.array(vals, np.float32).reshape(shape))
+        if attr == _QPARAMS:
+            state.update({f"{owner}.lo": t[0], f"{owner}.hi": t[1],
+                          f"{owner}.initialized": torch.tensor(True)})
+        elif extra:  # a get_attr target: handed to the GraphModule directly
+            root[name] = nn.Parameter(t, requires_grad=False) if extra[1] else t
+        else:
+            state[name] = t
+    if offset != len(payload):
+        raise PackedFormatError(f"{path}: {len(payload) - offset} bytes left after the tensors")
+
+    model = fx.GraphModule(root, graph, class_name="PackedModel")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked") and k not in root]
+    if missing or unexpected:
+        raise PackedFormatError(f"{path}: tensors do not match the architecture "
+                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _read(path: Path) -> tuple[dict, memoryview]:
+    """The header (parsed) and the payload of a packed file."""
+    data = path.read_bytes()
+    if len(data) < _PREFIX.size or data[:4] != MAGIC:
+        raise PackedFormatError(f"{path}: not a packed model")
+    _, version, header_len = _PREFIX.unpack_from(data)
+    if version != FORMAT_VERSION:
+        raise PackedFormatError(f"{path}: packed format version {version} is not supported; "
+                                f"expected {FORMAT_VERSION}")
+    try:
+        header = json.loads(zlib.decompress(data[_PREFIX.size:_PREFIX.size + header_len]))
+    except (zlib.error, ValueError) as e:
+        raise PackedFormatError(f"{path}: damaged header: {e}") from None
+    return header, memoryview(data)[_PREFIX.size + header_len:]
+
+
+__all__ = ["LEAF_TYPES", "PackedFormatError", "PackedInfo", "load_packed", "pack_bits",
+           "save_packed", "unpack_bits"]
