@@ -41,6 +41,7 @@ from torch import nn
 
 from autocompress.compress.deploy import bake, export_onnx
 from autocompress.measure import cache as latency_cache
+from autocompress.measure._machine import cpu_model
 from autocompress.measure._timing import time_runs
 from autocompress.measure.target import Target
 
@@ -171,15 +172,7 @@ def machine_facts() -> dict[str, str]:
     """CPU and runtime versions, logged with every measurement."""
     import onnxruntime as ort
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "torch": torch.__version__, "onnxruntime": ort.__version__,
+    return {"cpu": cpu_model(), "torch": torch.__version__, "onnxruntime": ort.__version__,
             "python": platform.python_version()}
 
 
