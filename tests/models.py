@@ -240,3 +240,23 @@ def grouped_task() -> Task:
     return Task(model=model, train_loader=train_loader,
                 val_loader=DataLoader(TensorDataset(x_val, y_val), batch_size=256),
                 example_inputs=x_val[:4], name="grouped")
+
+
+def crashing_task() -> Task:
+    """The tiny task whose metric kills the worker process (``os._exit``) when the last layer
+    has 4-bit weights: a stand-in for a segfault or an out-of-memory kill in a trial."""
+    import os
+
+    from autocompress.compress import WeightCompression
+
+    def metric(model: nn.Module, loader) -> float:
+        bits = [m.bits for m in model.net[6].modules() if isinstance(m, WeightCompression)]
+        if 4 in bits:
+            os._exit(1)
+        from autocompress.measure import top1_accuracy
+
+        return top1_accuracy(model, loader)
+
+    task = tiny_task()
+    task.metric = metric
+    return task

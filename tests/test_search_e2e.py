@@ -146,3 +146,32 @@ def test_failed_trials_are_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     study = optuna.load_study(study_name=name, storage=storage)
     states = sorted(t.state.name for t in study.trials)
     assert states == sorted("FAIL" if s == "FAILED" else "COMPLETE" for s in statuses.values())
+
+
+def test_a_crashed_worker_fails_only_its_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial whose process dies (os._exit) ends FAILED; the other trials finish."""
+    monkeypatch.chdir(tmp_path)
+    exp = {
+        "name": "crashing", "task": "tests.models:crashing_task",
+        "search_space": {"layers": [{"match": "net.6", "knobs": {"bits": [4, 8]}}]},
+        "objectives": [{"metric": "accuracy"}, {"metric": "size_bytes"}],
+        "target": {"warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01},
+        "search": {"sampler": "random", "trials": 5, "concurrency": 2, "seed": 1},
+        "finetune": {"epochs": 1},
+    }
+    path = tmp_path / "crashing.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cli.main(["search", str(path), "--tracking-uri", uri]) == 0
+
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("crashing").experiment_id],
+                                f"tags.`{ROLE}` = 'search'")[0]
+    trials = read_trials(client, parent.info.run_id)
+    assert len(trials) == 5
+    for run in trials:
+        crashed = run.data.params["net.6/bits"] == "4"
+        assert run.info.status == ("FAILED" if crashed else "FINISHED"), run.data.params
+        if crashed:
+            assert run.data.tags["autocompress.error"]
+    assert {r.info.status for r in trials} == {"FAILED", "FINISHED"}
