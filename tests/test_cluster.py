@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 
 from autocompress.config import load_experiment
 from autocompress.search import run_search
 from autocompress.tracking import NODE, TRIAL_METRICS, read_trials
+from tests.searches import write_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -53,16 +53,7 @@ def test_search_on_a_multi_node_cluster(cluster, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     ray_cluster, workers = cluster
     monkeypatch.chdir(tmp_path)
-    exp = {
-        "name": "on-a-cluster", "task": "tests.models:tiny_task",
-        "search_space": str(ROOT / "search_spaces" / "default.yaml"),
-        "objectives": [{"metric": "accuracy"}, {"metric": "size_bytes"}],
-        "target": {"warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01},
-        "search": {"sampler": "random", "trials": TRIALS, "concurrency": 2, "seed": 0},
-        "finetune": {"epochs": 1},
-    }
-    path = tmp_path / "cluster.yaml"
-    path.write_text(yaml.safe_dump(exp))
+    path = write_experiment(tmp_path, "on-a-cluster", trials=TRIALS)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     result = run_search(load_experiment(path), tracking_uri=uri, address=ray_cluster.address)

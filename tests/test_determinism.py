@@ -8,12 +8,12 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from autocompress.config import load_experiment
 from autocompress.search import run_search
 from autocompress.tracking import read_trials
+from tests.searches import write_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -35,16 +35,8 @@ def _search(path: Path, uri: str) -> tuple[list[dict], list[dict], list[tuple]]:
 def test_same_seed_same_plans_in_the_same_order(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    exp = {
-        "name": "deterministic", "task": "tests.models:tiny_task",
-        "search_space": str(ROOT / "search_spaces" / "default.yaml"),
-        "objectives": [{"metric": "accuracy"}, {"metric": "size_bytes"}],
-        "target": {"warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01},
-        "search": {"sampler": "nsga2", "trials": TRIALS, "concurrency": 1, "seed": 7},
-        "finetune": {"epochs": 1},
-    }
-    path = tmp_path / "deterministic.yaml"
-    path.write_text(yaml.safe_dump(exp))
+    path = write_experiment(tmp_path, "deterministic", sampler="nsga2", trials=TRIALS,
+                            concurrency=1, seed=7)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     first = _search(path, uri)

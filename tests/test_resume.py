@@ -12,11 +12,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from autocompress import cli
 from autocompress.tracking import ROLE, read_trials
+from tests.searches import write_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -24,17 +24,7 @@ TRIALS = 5
 
 
 def _experiment(tmp_path: Path) -> Path:
-    exp = {
-        "name": "resumable", "task": "tests.models:tiny_task",
-        "search_space": str(ROOT / "search_spaces" / "default.yaml"),
-        "objectives": [{"metric": "accuracy"}, {"metric": "size_bytes"}],
-        "target": {"warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01},
-        "search": {"sampler": "tpe", "trials": TRIALS, "concurrency": 2, "seed": 0},
-        "finetune": {"epochs": 2},
-    }
-    path = tmp_path / "resumable.yaml"
-    path.write_text(yaml.safe_dump(exp))
-    return path
+    return write_experiment(tmp_path, "resumable", sampler="tpe", trials=TRIALS, epochs=2)
 
 
 def _start_search(path: Path, tmp_path: Path) -> subprocess.Popen:

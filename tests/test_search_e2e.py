@@ -14,6 +14,7 @@ from autocompress import cli
 from autocompress.config import load_experiment
 from autocompress.pareto import non_dominated_mask
 from autocompress.tracking import PARETO, ROLE, TRIAL_METRICS, read_front, read_trials
+from tests.searches import logged_search, write_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -112,24 +113,14 @@ def test_failed_trials_are_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     import optuna
 
     monkeypatch.chdir(tmp_path)
-    exp = {
-        "name": "failing", "task": "tests.models:grouped_task",
-        "search_space": {"layers": [{"match": "conv", "knobs": {"rank": [None, 0.5]}},
-                                    {"match": "head", "knobs": {"bits": [4, 8]}}]},
-        "objectives": [{"metric": "accuracy"}, {"metric": "size_bytes"}],
-        "target": {"warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01},
-        "search": {"sampler": "random", "trials": 6, "concurrency": 2, "seed": 3},
-        "finetune": {"epochs": 1},
-    }
-    path = tmp_path / "failing.yaml"
-    path.write_text(yaml.safe_dump(exp))
+    path = write_experiment(
+        tmp_path, "failing", task="tests.models:grouped_task", trials=6, seed=3,
+        search_space={"layers": [{"match": "conv", "knobs": {"rank": [None, 0.5]}},
+                                 {"match": "head", "knobs": {"bits": [4, 8]}}]})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert cli.main(["search", str(path), "--tracking-uri", uri]) == 0
 
-    client = MlflowClient(uri)
-    parent = client.search_runs([client.get_experiment_by_name("failing").experiment_id],
-                                f"tags.`{ROLE}` = 'search'")[0]
-    trials = read_trials(client, parent.info.run_id)
+    _, parent, trials = logged_search(uri, "failing")
     assert len(trials) == 6
     statuses = {r.info.run_id: r.info.status for r in trials}
     for run in trials:
@@ -151,23 +142,13 @@ def test_failed_trials_are_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_a_crashed_worker_fails_only_its_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A trial whose process dies (os._exit) ends FAILED; the other trials finish."""
     monkeypatch.chdir(tmp_path)
-    exp = {
-        "name": "crashing", "task": "tests.models:crashing_task",
-        "search_space": {"layers": [{"match": "net.6", "knobs": {"bits": [4, 8]}}]},
-        "objectives": [{"metric": "accuracy"}, {"metric": "size_bytes"}],
-        "target": {"warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01},
-        "search": {"sampler": "random", "trials": 5, "concurrency": 2, "seed": 1},
-        "finetune": {"epochs": 1},
-    }
-    path = tmp_path / "crashing.yaml"
-    path.write_text(yaml.safe_dump(exp))
+    path = write_experiment(tmp_path, "crashing", task="tests.models:crashing_task", trials=5,
+                            seed=1, search_space={"layers": [{"match": "net.6",
+                                                              "knobs": {"bits": [4, 8]}}]})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert cli.main(["search", str(path), "--tracking-uri", uri]) == 0
 
-    client = MlflowClient(uri)
-    parent = client.search_runs([client.get_experiment_by_name("crashing").experiment_id],
-                                f"tags.`{ROLE}` = 'search'")[0]
-    trials = read_trials(client, parent.info.run_id)
+    _, _, trials = logged_search(uri, "crashing")
     assert len(trials) == 5
     for run in trials:
         crashed = run.data.params["net.6/bits"] == "4"

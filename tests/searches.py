@@ -1,0 +1,47 @@
+"""Small real searches for the end-to-end tests: an experiment file and reading MLflow back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from autocompress.tracking import ROLE, read_trials
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST_TARGET = {"warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01}
+
+
+def write_experiment(directory: Path, name: str, *, task: str = "tests.models:tiny_task",
+                     search_space: str | dict | None = None, sampler: str = "random",
+                     trials: int = 4, concurrency: int = 2, seed: int = 0, epochs: int = 1,
+                     **extra: Any) -> Path:
+    """Writes ``<directory>/<name>.yaml``: a fast search, accuracy vs size, short timing.
+
+    Args:
+        search_space: A mapping, a path, or None for ``search_spaces/default.yaml``.
+        extra: Further top-level keys (e.g. ``constraints``), or replacements.
+    """
+    exp = {
+        "name": name, "task": task,
+        "search_space": search_space or str(ROOT / "search_spaces" / "default.yaml"),
+        "objectives": [{"metric": "accuracy"}, {"metric": "size_bytes"}],
+        "target": FAST_TARGET,
+        "search": {"sampler": sampler, "trials": trials, "concurrency": concurrency, "seed": seed},
+        "finetune": {"epochs": epochs},
+        **extra,
+    }
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path
+
+
+def logged_search(uri: str, name: str) -> tuple[MlflowClient, Any, list]:
+    """``(client, parent run, trial runs oldest first)`` of the only search of experiment ``name``."""
+    client = MlflowClient(uri)
+    parents = client.search_runs([client.get_experiment_by_name(name).experiment_id],
+                                 f"tags.`{ROLE}` = 'search'")
+    assert len(parents) == 1, f"expected one search, found {len(parents)}"
+    return client, parents[0], read_trials(client, parents[0].info.run_id)
