@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 
 from autocompress.errors import ConfigError
 from autocompress.plan import Plan
-from autocompress.tracking import ROLE, SUMMARY
+from autocompress.tracking import ROLE, SUMMARY, open_store
 
 PARENT = "mlflow.parentRunId"
 
@@ -126,7 +126,7 @@ def rebuild_from_run(run_id: str, tracking_uri: str) -> Rebuilt:
     from autocompress.compress import apply
     from autocompress.tasks import load_task
 
-    client = MlflowClient(tracking_uri)
+    client = open_store(tracking_uri, must_exist=True)
     run = get_trial_run(client, run_id)
     parent_id = run.data.tags[PARENT]
     config = json.loads(download_text(client, parent_id, "experiment.json"))

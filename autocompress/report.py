@@ -24,10 +24,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.tracking import MlflowClient
-
 from autocompress.rebuild import download_text, quiet_downloads
-from autocompress.tracking import PARETO, TRIAL_METRICS, latest_search, read_front, read_trials
+from autocompress.tracking import (
+    PARETO,
+    TRIAL_METRICS,
+    latest_search,
+    open_store,
+    read_front,
+    read_trials,
+)
 
 FP32_BITS = 10  # where fp32 sits on the bit-width colour scale (after 8)
 _CSS = """
@@ -59,7 +64,7 @@ def write_report(experiment_name: str, tracking_uri: str, out_path: str | Path) 
         ConfigError: No such experiment, or it holds no search.
     """
     quiet_downloads()
-    client = MlflowClient(tracking_uri)
+    client = open_store(tracking_uri, must_exist=True)
     parent = latest_search(client, experiment_name)
     parent_id = parent.info.run_id
     config = json.loads(download_text(client, parent_id, "experiment.json"))
