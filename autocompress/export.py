@@ -224,10 +224,9 @@ def _timings(rebuilt: Rebuilt, fmt: str, loaded: nn.Module) -> dict[str, Any]:
 
 def _derived(rebuilt: Rebuilt, m: dict[str, Any]) -> dict[str, float | None]:
     """``accuracy_drop``, ``compression_ratio`` and ``speedup`` of the re-measured values."""
-    base = rebuilt.baseline
-    return {"accuracy_drop": base["accuracy"] - m["accuracy"] if "accuracy" in base else None,
-            "compression_ratio": base["size_bytes"] / m["size_bytes"] if "size_bytes" in base else None,
-            "speedup": base["latency_ms"] / m["latency_ms"] if "latency_ms" in base else None}
+    from autocompress.measure.metrics import relative_metrics
+
+    return relative_metrics(m, rebuilt.baseline)
 
 
 def _provenance(rebuilt: Rebuilt) -> dict[str, Any]:

@@ -144,6 +144,7 @@ def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment
     from ray import tune
 
     from autocompress.compress.deploy import bake
+    from autocompress.measure.metrics import relative_metrics
     from autocompress.trial import run_trial
 
     torch.set_num_threads(max(1, int(exp.search.cpus_per_trial)))
@@ -157,11 +158,7 @@ def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment
     result = run_trial(task, plan, exp.finetune, exp.target, on_epoch=on_epoch,
                        seed=exp.search.seed or 0)
     metrics = result.metrics.to_dict()
-    relative = {
-        "compression_ratio": baseline["size_bytes"] / metrics["size_bytes"],
-        "speedup": baseline["latency_ms"] / metrics["latency_ms"],
-        "accuracy_drop": baseline["accuracy"] - metrics["accuracy"],
-    }
+    relative = relative_metrics(metrics, baseline)
     weights = io.BytesIO()
     torch.save(bake(result.model).state_dict(), weights)
     files = {"plan.json": plan.to_json(indent=2).encode(), "model.pt": weights.getvalue(),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,11 +44,26 @@ class Metrics:
 
     def relative_to(self, baseline: Metrics) -> dict[str, float]:
         """``compression_ratio``, ``speedup`` and ``accuracy_drop`` against ``baseline``."""
-        return {
-            "compression_ratio": baseline.size_bytes / self.size_bytes,
-            "speedup": baseline.latency_ms / self.latency_ms,
-            "accuracy_drop": baseline.accuracy - self.accuracy,
-        }
+        return relative_metrics(self.to_dict(), baseline.to_dict())  # type: ignore[return-value]
+
+
+# (derived metric, baseline metric it compares, baseline / compressed or baseline - compressed)
+_RELATIVE = (("compression_ratio", "size_bytes", "ratio"), ("speedup", "latency_ms", "ratio"),
+             ("accuracy_drop", "accuracy", "difference"))
+
+
+def relative_metrics(metrics: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[str, float | None]:
+    """``compression_ratio`` (baseline size / size), ``speedup`` (baseline latency / latency) and
+    ``accuracy_drop`` (baseline - accuracy); None where the baseline lacks the metric."""
+    out: dict[str, float | None] = {}
+    for name, key, kind in _RELATIVE:
+        if key not in baseline:
+            out[name] = None
+        elif kind == "ratio":
+            out[name] = baseline[key] / metrics[key]
+        else:
+            out[name] = baseline[key] - metrics[key]
+    return out
 
 
 @torch.no_grad()
