@@ -29,10 +29,13 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
 
 def _target(args: argparse.Namespace):
     from autocompress.measure import Target
+    from autocompress.measure.latency import check_target
 
     try:
-        return Target(device=args.device, runtime=args.runtime, threads=args.threads,
-                      batch_size=args.batch_size)
+        target = Target(device=args.device, runtime=args.runtime, threads=args.threads,
+                        batch_size=args.batch_size)
+        check_target(target)  # e.g. --device cuda on a machine without CUDA
+        return target
     except ValueError as e:
         raise ConfigError(str(e).replace("target.", "--"), key=None) from None
 

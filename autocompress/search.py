@@ -131,11 +131,12 @@ def _searcher_class():
 
 
 def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment,
-               baseline: dict[str, float], inbox: Any) -> None:
+               baseline: dict[str, float], inbox: Any, service: Any, reserved: Any) -> None:
     """One Ray Tune trial: plan -> compress -> fine-tune (reports per epoch) -> measure.
 
     The trial may run on any node of a cluster: its artifacts go to the driver through Ray
-    (``inbox``), not through a checkpoint on a disk the driver would have to share.
+    (``inbox``), not through a checkpoint on a disk the driver would have to share. Its latency
+    is timed by the search's measurement ``service``, whose core (``reserved``) it keeps off.
     """
     import io
 
@@ -145,8 +146,10 @@ def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment
 
     from autocompress.compress.deploy import bake
     from autocompress.measure.metrics import relative_metrics
+    from autocompress.measure.service import ServiceMeasurer, keep_off
     from autocompress.trial import run_trial
 
+    keep_off(reserved)
     torch.set_num_threads(max(1, int(exp.search.cpus_per_trial)))
     warnings.filterwarnings("ignore")
     plan = space.plan_from_params(config)
@@ -156,7 +159,7 @@ def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment
         tune.report({"epoch": epoch + 1, "epoch_accuracy": metric, "node": node})
 
     result = run_trial(task, plan, exp.finetune, exp.target, on_epoch=on_epoch,
-                       seed=exp.search.seed or 0)
+                       seed=exp.search.seed or 0, measurer=ServiceMeasurer(service))
     metrics = result.metrics.to_dict()
     relative = relative_metrics(metrics, baseline)
     weights = io.BytesIO()
@@ -165,8 +168,10 @@ def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment
              "metrics.json": json.dumps({**metrics, **relative}, indent=2).encode()}
     # Delivered before the final report, so the driver finds them when the trial completes.
     ray.get(inbox.put.remote(tune.get_context().get_trial_id(), files))
+    latency = result.metrics.latency.to_dict() if result.metrics.latency else {}
     tune.report({**metrics, **relative, "epochs": len(result.history), "final": True,
-                 "summary": plan.summary(), "trial_seconds": result.seconds, "node": node})
+                 "summary": plan.summary(), "trial_seconds": result.seconds, "node": node,
+                 "latency_info": json.dumps(latency)})
 
 
 def _artifact_inbox() -> Any:
@@ -215,13 +220,16 @@ def _callback(tracker: SearchTracker, inbox: Any):
             if not result.get("final"):
                 tracker.trial_failed(trial.trial_id, "trial ended without a final result")
                 return
+            latency = json.loads(result.get("latency_info") or "{}")
             if not files:
-                tracker.trial_finished(trial.trial_id, result, result.get("summary", ""))
+                tracker.trial_finished(trial.trial_id, result, result.get("summary", ""),
+                                       latency=latency)
                 return
             with tempfile.TemporaryDirectory() as tmp:
                 for name, data in files.items():
                     (Path(tmp) / name).write_bytes(data)
-                tracker.trial_finished(trial.trial_id, result, result.get("summary", ""), Path(tmp))
+                tracker.trial_finished(trial.trial_id, result, result.get("summary", ""), Path(tmp),
+                                       latency=latency)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             inbox.pop.remote(trial.trial_id)  # whatever a trial sent before failing is dropped
@@ -263,6 +271,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
 
     from autocompress.errors import ConfigError
     from autocompress.layers import find_layers
+    from autocompress.measure.service import ServiceMeasurer, pin
     from autocompress.tasks import load_task
 
     echo = echo or (lambda msg: print(f"autocompress: {msg}", file=sys.stderr, flush=True))
@@ -273,6 +282,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     space = exp.search_space.resolve(find_layers(task.model, task.example_inputs))
     previous = _resumable(exp, tracking_uri) if resume else None
     _check_address(address)
+    _check_target(exp)
     echo(f"task {task.name}: {len(space.layers)} layers, {len(space.params())} search parameters")
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # per-epoch reports
@@ -281,9 +291,12 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     started_ray = _connect_ray(exp, address, num_cpus)
     tracker = None
     status = "KILLED"
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
+        service, reserved = _measurement_service(exp, echo)
+        measurer = ServiceMeasurer(service)
         tracker, storage, study_name = (_reopen(exp, tracking_uri, previous, echo) if previous
-                                        else _start(exp, task, tracking_uri, echo))
+                                        else _start(exp, task, tracking_uri, echo, measurer))
         baseline = tracker.baseline
         remaining = exp.search.trials - tracker.finished_count()
         ended_before = tracker.ended_count()
@@ -308,7 +321,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
         inbox = _artifact_inbox()
         trainable = tune.with_resources(
             tune.with_parameters(_trainable, task=task, space=space, exp=exp, baseline=baseline,
-                                 inbox=inbox),
+                                 inbox=inbox, service=service, reserved=reserved),
             {"cpu": exp.search.cpus_per_trial},
         )
         tuner = tune.Tuner(
@@ -342,6 +355,8 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
             tracker.finish(status)
         if started_ray:
             ray.shutdown()
+        if affinity is not None:
+            pin(affinity)  # the driver was kept off the measurement core during the search
     return SearchResult(exp, tracker.parent_run_id, baseline, tracker.table(), tracker.front(),
                         storage, study_name)
 
@@ -375,6 +390,35 @@ def _check_address(address: str | None) -> None:
                           f"one with 'ray start --head' or give its HOST:PORT", key="--address") from None
 
 
+def _check_target(exp: Experiment) -> None:
+    """Refuses a target this machine cannot measure on (e.g. ``device: cuda`` without CUDA)."""
+    from autocompress.errors import ConfigError
+    from autocompress.measure.latency import check_target
+
+    try:
+        check_target(exp.target)
+    except ValueError as e:
+        raise ConfigError(str(e), file=exp.path, key="target.device") from None
+
+
+def _measurement_service(exp: Experiment, echo: Callable[[str], None]) -> tuple[Any, Any]:
+    """Starts the search's measurement service and keeps this (the driver's) process off its
+    core; see :mod:`autocompress.measure.service`."""
+    from autocompress.measure.service import keep_off, start_service
+
+    service, reserved = start_service(exp.target)
+    keep_off(reserved)
+    if exp.target.device == "remote":
+        echo(f"latency: measured by the device agent at {exp.target.url}, one at a time")
+    elif reserved.core is None:
+        echo("latency: this node has a single core, so measurements share it with training "
+             "(expect noisy timings)")
+    else:
+        echo(f"latency: measured one at a time on core {reserved.core}, reserved (trials and this "
+             f"process run on the other cores)")
+    return service, reserved
+
+
 def _connect_ray(exp: Experiment, address: str | None, num_cpus: int | None) -> bool:
     """Starts a local Ray, or connects to the cluster at ``address``; True if this call did.
 
@@ -394,8 +438,9 @@ def _connect_ray(exp: Experiment, address: str | None, num_cpus: int | None) -> 
     # machine (ray.init() would join the last `ray start`ed cluster), unless RAY_ADDRESS says
     # so, as it does inside `ray job submit`.
     local = not address and not os.environ.get("RAY_ADDRESS")
-    cpus = num_cpus or max(os.cpu_count() or 1,
-                           int(exp.search.concurrency * exp.search.cpus_per_trial + 0.999))
+    # One Ray CPU more than the trials need: the measurement service's reserved core.
+    cpus = num_cpus or 1 + max(os.cpu_count() or 1,
+                               int(exp.search.concurrency * exp.search.cpus_per_trial + 0.999))
     path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and Path(p).is_dir())
     try:
         ray.init(address="local" if local else address, num_cpus=cpus if local else None,
@@ -408,14 +453,16 @@ def _connect_ray(exp: Experiment, address: str | None, num_cpus: int | None) -> 
     return True
 
 
-def _start(exp: Experiment, task: Any, tracking_uri: str,
-           echo: Callable[[str], None]) -> tuple[SearchTracker, str, str]:
-    """Measures the baseline and opens a new parent run and a new Optuna study."""
+def _start(exp: Experiment, task: Any, tracking_uri: str, echo: Callable[[str], None],
+           measurer: Any) -> tuple[SearchTracker, str, str]:
+    """Measures the baseline (with ``measurer``, the search's measurement service) and opens a
+    new parent run and a new Optuna study."""
     from autocompress.measure import machine_facts, measure
     from autocompress.measure.latency import target_facts
 
     echo(f"measuring the baseline on {exp.target.runtime}/{exp.target.device}")
-    baseline = measure(task.model, task, exp.target).to_dict()
+    baseline = measure(task.model, task, exp.target, measurer).to_dict()
+    baseline.pop("latency_cache_hit", None)
     echo(f"baseline: accuracy {baseline['accuracy']:.4f}, size {baseline['size_bytes'] / 1024:.1f} "
          f"KiB, latency {baseline['latency_ms']:.4f} ms")
     tracker = SearchTracker.start(

@@ -34,7 +34,10 @@ ERROR = "autocompress.error"
 NODE = "autocompress.node"
 TRIAL_METRICS = ("accuracy", "latency_ms", "latency_p90_ms", "latency_iqr_ms", "size_bytes",
                  "params", "nonzero_params", "macs", "compression_ratio", "speedup",
-                 "accuracy_drop", "finetune_seconds", "trial_seconds")
+                 "accuracy_drop", "latency_cache_hit", "finetune_seconds", "trial_seconds")
+# Facts of a trial's latency measurement, logged as tags autocompress.latency.<key>.
+LATENCY_FACTS = ("runs", "stopped", "ci_low_ms", "ci_high_ms", "runtime", "runtime_version", "device",
+                 "threads", "batch_size", "cpu", "gpu", "cached")
 
 
 @dataclass
@@ -168,8 +171,13 @@ class SearchTracker:
             self.client.set_tag(rec.run_id, NODE, node)
 
     def trial_finished(self, key: str, metrics: Mapping[str, float], summary: str,
-                       artifacts: Path | None = None) -> None:
-        """Logs final metrics and artifacts, closes the run and updates the front."""
+                       artifacts: Path | None = None, latency: Mapping[str, Any] | None = None) -> None:
+        """Logs final metrics and artifacts, closes the run and updates the front.
+
+        Args:
+            latency: The measurement's facts (``LatencyResult.to_dict()``), logged as tags
+                ``autocompress.latency.<key>`` (runs, why timing stopped, runtime version, ...).
+        """
         rec = self.trials[key]
         rec.metrics = {k: float(metrics[k]) for k in TRIAL_METRICS if k in metrics}
         rec.summary = summary
@@ -180,7 +188,9 @@ class SearchTracker:
         self.client.log_batch(
             rec.run_id,
             metrics=[Metric(k, v, now, steps if k == "accuracy" else 0) for k, v in rec.metrics.items()],
-            tags=[RunTag(SUMMARY, summary[:5000]), RunTag(FEASIBLE, str(rec.feasible).lower())],
+            tags=[RunTag(SUMMARY, summary[:5000]), RunTag(FEASIBLE, str(rec.feasible).lower()),
+                  *[RunTag(f"autocompress.latency.{k}", str(latency[k])[:5000])
+                    for k in LATENCY_FACTS if k in (latency or {})]],
         )
         if artifacts is not None:
             self.client.log_artifacts(rec.run_id, str(artifacts))
@@ -264,6 +274,10 @@ class SearchTracker:
         for status in ("FINISHED", "FAILED"):
             self.client.log_metric(self.parent_run_id, f"trials_{status.lower()}",
                                    int(counts.get(status, 0)))
+        hits = table.loc[table["status"] == "FINISHED", "latency_cache_hit"].dropna()
+        if len(hits):
+            self.client.log_metric(self.parent_run_id, "latency_cache_hits", int(hits.sum()))
+            self.client.log_metric(self.parent_run_id, "latency_cache_hit_rate", float(hits.mean()))
 
     def _progress(self) -> str:
         counts = pd.Series([r.status for r in self.trials.values()]).value_counts()
@@ -276,7 +290,8 @@ class SearchTracker:
         front = sum(r.pareto for r in self.trials.values())
         self.echo(f"{self._progress()} {rec.name}: accuracy {m.get('accuracy', float('nan')):.4f} "
                   f"size {m.get('size_bytes', 0) / 1024:.1f} KiB ({m.get('compression_ratio', 0):.1f}x) "
-                  f"latency {m.get('latency_ms', 0):.4f} ms ({m.get('speedup', 0):.2f}x)"
+                  f"latency {m.get('latency_ms', 0):.4f} ms ({m.get('speedup', 0):.2f}x"
+                  f"{', cached' if m.get('latency_cache_hit') else ''})"
                   f"{'' if rec.feasible else ' [infeasible]'}{' *front*' if rec.pareto else ''}"
                   f"  front: {front} | {rec.summary}")
 

@@ -11,6 +11,7 @@ from torch import nn
 from autocompress.compress import apply
 from autocompress.finetune import FinetuneConfig, finetune
 from autocompress.measure import Metrics, Target, measure
+from autocompress.measure.metrics import Measurer
 from autocompress.plan import Plan
 from autocompress.tasks import Task
 
@@ -41,12 +42,14 @@ def run_trial(
     target: Target,
     on_epoch: Callable[[int, float], None] | None = None,
     seed: int = 0,
+    measurer: Measurer | None = None,
 ) -> TrialResult:
     """Compresses ``task.model`` by ``plan``, fine-tunes it (distilling from the original if
-    configured) and measures it on ``target``. ``task.model`` is left untouched."""
+    configured) and measures it on ``target`` (with ``measurer``, see
+    :func:`autocompress.measure.measure`). ``task.model`` is left untouched."""
     start = time.perf_counter()
     model = apply(task.model, plan, task.example_inputs)
     history = finetune(model, task, finetune_config, teacher=task.model, on_epoch=on_epoch,
                        seed=seed)
-    metrics = measure(model, task, target)
+    metrics = measure(model, task, target, measurer)
     return TrialResult(plan, model, metrics, history, time.perf_counter() - start)

@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnxruntime
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -111,6 +113,16 @@ CASES = [
     Case("unreachable-address", [*SEARCH, "--address", "127.0.0.1:1"],
          ["--address", "127.0.0.1:1", "ray start --head"], experiment=GOOD),
 ]
+if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+    CASES.append(Case("cuda-target-without-cuda", SEARCH,
+                      ["exp.yaml", "target.device", "'cuda'", "onnxruntime-gpu", "allowed here"],
+                      experiment=_with(target={"device": "cuda"})))
+if not torch.cuda.is_available():
+    CASES.append(Case("trial-on-cuda-without-cuda",
+                      ["trial", "--task", "tests.models:tiny_task", "--plan",
+                       str(ROOT / "examples" / "digits_plan.json"), "--device", "cuda",
+                       "--runtime", "torch"],
+                      ["--device='cuda'", "no CUDA device", "allowed here"]))
 
 
 def _run(argv: list[str]) -> int:

@@ -44,7 +44,7 @@ def test_latency_is_sane(runtime: str, plan: str) -> None:
         runtime, "cpu", 1, 1)
     assert set(result.to_dict()) == {"latency_ms", "p90_ms", "iqr_ms", "runs", "runtime",
                                      "device", "threads", "batch_size", "ci_low_ms", "ci_high_ms",
-                                     "stopped", "runtime_version", "cpu", "cached"}
+                                     "stopped", "runtime_version", "cpu", "cached", "gpu"}
     assert result.cpu == machine_facts()["cpu"]
     assert result.runtime_version == machine_facts()[runtime]
 
@@ -77,11 +77,37 @@ def test_torch_threads_are_restored() -> None:
     assert torch.get_num_threads() == before
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
-def test_cuda_without_a_gpu_is_an_error() -> None:
+def _has_ort_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+CUDA_HERE = {"torch": torch.cuda.is_available(), "onnxruntime": _has_ort_cuda()}
+
+
+@pytest.mark.parametrize(("runtime", "why"), [("torch", "torch sees no CUDA device"),
+                                               ("onnxruntime", "no CUDAExecutionProvider")])
+def test_cuda_without_a_gpu_is_an_error(runtime: str, why: str) -> None:
+    if CUDA_HERE[runtime]:
+        pytest.skip("checks the no-GPU error")
     spec = MODELS["mlp"]
-    with pytest.raises(RuntimeError, match="no CUDA device"):
-        measure_latency(spec.build(), spec.example_inputs(), quick(device="cuda"))
+    with pytest.raises(ValueError, match=f"target.device='cuda' with runtime {runtime}: .*{why}"):
+        measure_latency(spec.build(), spec.example_inputs(), quick(device="cuda", runtime=runtime))
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_cuda_latency(runtime: str) -> None:
+    """Runs only where a CUDA device (and, for onnxruntime, onnxruntime-gpu) exists."""
+    if not CUDA_HERE[runtime]:
+        pytest.skip(f"no CUDA for {runtime} on this machine")
+    spec = MODELS["residual"]
+    model = spec.build()
+    result = measure_latency(model, spec.example_inputs(), quick(device="cuda", runtime=runtime),
+                             use_cache=False)
+    assert result.device == "cuda" and result.gpu == torch.cuda.get_device_name()
+    assert 0 < result.latency_ms <= result.p90_ms < 1000
+    assert result.runs >= quick().min_runs
 
 
 @pytest.mark.parametrize(("field", "value", "allowed"), [

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -71,6 +72,16 @@ def test_search_logs_everything_to_mlflow(tiny_experiment: Path, tmp_path: Path,
         assert {"plan.json", "model.pt", "metrics.json"} <= files
         history = client.get_metric_history(run.info.run_id, "accuracy")
         assert len(history) >= 2  # per-epoch value(s) plus the final one
+        # The measurement protocol and the measuring machine are logged with each trial.
+        tags = run.data.tags
+        assert tags["autocompress.latency.runtime"] == "onnxruntime"
+        assert tags["autocompress.latency.runtime_version"] == onnxruntime.__version__
+        assert tags["autocompress.latency.threads"] == "1" and tags["autocompress.latency.batch_size"] == "1"
+        assert tags["autocompress.latency.cpu"] and int(tags["autocompress.latency.runs"]) >= 5
+        hit = run.data.metrics["latency_cache_hit"]
+        assert hit in (0, 1) and tags["autocompress.latency.cached"] == str(bool(hit))
+    assert parent.data.metrics["latency_cache_hits"] == sum(
+        r.data.metrics["latency_cache_hit"] for r in trials)
 
     # The pareto tags equal an independent non-dominated computation over the child runs.
     values = np.array([[r.data.metrics["accuracy"], r.data.metrics["size_bytes"]]

@@ -64,38 +64,118 @@ class LatencyResult:
     runtime_version: str = ""
     cpu: str = ""
     cached: bool = False  # taken from the latency cache (autocompress.measure.cache)
+    gpu: str = ""  # the CUDA device's name with device: cuda
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass
+class Prepared:
+    """A model made ready to time on a target, without timing it yet.
+
+    Built where the model lives (a trial); timed where the measurement runs (in-process, or
+    the search's measurement service, see :mod:`autocompress.measure.service`). Picklable.
+
+    Attributes:
+        batch: The timed input batch (``target.batch_size`` rows).
+        onnx: The exported ONNX model (``onnxruntime`` runtime, local or remote).
+        module: The baked eager module (``torch`` runtime).
+        key: Latency-cache key (architecture, precision, target, measuring machine), or None
+            when the model has no ONNX form to derive it from.
+    """
+
+    batch: torch.Tensor
+    onnx: bytes | None = None
+    module: nn.Module | None = None
+    key: str | None = None
+
+
+def prepare(model: nn.Module, example_inputs: torch.Tensor, target: Target) -> Prepared:
+    """Builds the deployable form of ``model`` for ``target`` and its latency-cache key.
+
+    The key is derived from the exported ONNX graph with weight values left out (see
+    :mod:`autocompress.measure.cache`), for the ``torch`` runtime too; a model that cannot be
+    exported to ONNX is measured on ``torch`` without caching.
+    """
+    batch = _batch(example_inputs, target.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = export_onnx(model, example_inputs, Path(tmp) / "model.onnx")
+        except Exception:
+            if target.runtime == "onnxruntime":
+                raise
+            return Prepared(batch, module=bake(model))
+        key = _cache_key(path, target)
+        if target.runtime == "onnxruntime":
+            return Prepared(batch, onnx=path.read_bytes(), key=key)
+    return Prepared(batch, module=bake(model), key=key)
+
+
+def measure_prepared(prepared: Prepared, target: Target, use_cache: bool = True) -> LatencyResult:
+    """Times ``prepared`` on ``target`` in this process, or takes it from the latency cache.
+
+    Args:
+        use_cache: Take an earlier measurement of the same key from the cache and store this
+            one there. False always measures.
+    """
+    check_target(target)
+    use_cache = use_cache and prepared.key is not None
+    if use_cache:
+        hit = latency_cache.lookup(str(prepared.key))
+        if hit is not None:
+            known = {f.name for f in fields(LatencyResult)}
+            return LatencyResult(**{**{k: v for k, v in hit.items() if k in known}, "cached": True})
+    if prepared.module is not None:
+        result = _time(_torch_runner(prepared.module, prepared.batch, target), target)
+    else:
+        assert prepared.onnx is not None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            path.write_bytes(prepared.onnx)
+            if target.device == "remote":
+                result = _measure_remote(path, target)
+            else:
+                result = _time(_onnxruntime_runner(path, prepared.batch, target), target)
+    if use_cache:
+        latency_cache.store(str(prepared.key), result.to_dict())
+    return result
+
+
 def measure_latency(model: nn.Module, example_inputs: torch.Tensor, target: Target,
                     use_cache: bool = True) -> LatencyResult:
-    """Times the deployable form of ``model`` on ``target`` (see the module docstring).
+    """Times the deployable form of ``model`` on ``target`` in this process (see the module
+    docstring): :func:`prepare`, then :func:`measure_prepared`.
 
     Args:
         use_cache: Take an earlier measurement of the same architecture and precision on the
             same target from the latency cache (``autocompress.measure.cache``), and store
             this one there. False always measures (e.g. to verify an export).
     """
-    if target.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("target.device is 'cuda' but no CUDA device is available")
-    batch = _batch(example_inputs, target.batch_size)
-    if target.runtime != "onnxruntime":
-        return _time(_torch_runner(model, batch, target), target)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model, example_inputs, Path(tmp) / "model.onnx")
-        key = _cache_key(path, target)
-        hit = latency_cache.lookup(key) if use_cache else None
-        if hit is not None:
-            known = {f.name for f in fields(LatencyResult)}
-            return LatencyResult(**{**{k: v for k, v in hit.items() if k in known}, "cached": True})
-        if target.device == "remote":
-            result = _measure_remote(path, target)
-        else:
-            result = _time(_onnxruntime_runner(path, batch, target), target)
-    latency_cache.store(key, result.to_dict())
-    return result
+    check_target(target)
+    return measure_prepared(prepare(model, example_inputs, target), target, use_cache)
+
+
+def check_target(target: Target) -> None:
+    """Refuses a runtime/device combination this machine cannot run.
+
+    Raises:
+        ValueError: ``device: cuda`` without a CUDA device (``torch``) or without ONNX
+            Runtime's CUDA execution provider (``onnxruntime``); the message names the key.
+    """
+    if target.device != "cuda":
+        return
+    if target.runtime == "torch" and not torch.cuda.is_available():
+        raise ValueError("target.device='cuda' with runtime torch: torch sees no CUDA device here "
+                         f"(torch {torch.__version__}); allowed here: ['cpu', 'remote']")
+    if target.runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in providers:
+            raise ValueError(f"target.device='cuda' with runtime onnxruntime: this onnxruntime has no "
+                             f"CUDAExecutionProvider (it has {providers}; install onnxruntime-gpu); "
+                             f"allowed here: ['cpu', 'remote']")
 
 
 def _cache_key(path: Path, target: Target) -> str:
@@ -104,6 +184,8 @@ def _cache_key(path: Path, target: Target) -> str:
         facts = target_facts(target)
     else:
         facts = {**machine_facts(), "host": platform.node()}
+        if target.device == "cuda":
+            facts["gpu"] = torch.cuda.get_device_name()
     return latency_cache.cache_key(latency_cache.graph_signature(path), target.to_dict(), facts)
 
 
@@ -137,9 +219,9 @@ def _has_activation_quant(path: Path) -> bool:
     return any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)
 
 
-def _torch_runner(model: nn.Module, batch: torch.Tensor, target: Target) -> Callable[[], object]:
+def _torch_runner(deployable: nn.Module, batch: torch.Tensor, target: Target) -> Callable[[], object]:
     device = torch.device(target.device)
-    deployable = bake(model).to(device)
+    deployable = deployable.to(device).eval()
     x = batch.to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     threads = target.threads
@@ -162,9 +244,10 @@ def _time(run: Callable[[], object], target: Target) -> LatencyResult:
     t = time_runs(run, warmup=target.warmup, min_runs=target.min_runs, max_runs=target.max_runs,
                   budget_s=target.budget_s, rel_ci=target.rel_ci)
     facts = machine_facts()
+    gpu = torch.cuda.get_device_name() if target.device == "cuda" else ""
     return LatencyResult(t.latency_ms, t.p90_ms, t.iqr_ms, t.runs, target.runtime, target.device,
                          target.threads, target.batch_size, t.ci_low_ms, t.ci_high_ms, t.stopped,
-                         facts[target.runtime], facts["cpu"])
+                         facts[target.runtime], facts["cpu"], gpu=gpu)
 
 
 @functools.cache

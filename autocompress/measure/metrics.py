@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
 from autocompress.layers import count_macs
-from autocompress.measure.latency import measure_latency
+from autocompress.measure.latency import LatencyResult, measure_latency
 from autocompress.measure.size import count_params, size_bytes
 from autocompress.measure.target import Target
 
@@ -28,6 +28,9 @@ class Metrics:
         params: Stored parameters.
         nonzero_params: Parameters that are not zero.
         macs: Dense multiply-accumulates of one sample.
+        latency_cache_hit: 1 when the latency came from the latency cache (an earlier
+            measurement of the same architecture and precision on the same target), else 0.
+        latency: The whole latency measurement (protocol, runs, versions, CPU); not a metric.
     """
 
     accuracy: float
@@ -38,9 +41,12 @@ class Metrics:
     params: int
     nonzero_params: int
     macs: int
+    latency_cache_hit: int = 0
+    latency: LatencyResult | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """The metrics by name (``latency`` left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "latency"}
 
     def relative_to(self, baseline: Metrics) -> dict[str, float]:
         """``compression_ratio``, ``speedup`` and ``accuracy_drop`` against ``baseline``."""
@@ -79,10 +85,18 @@ def top1_accuracy(model: nn.Module, loader) -> float:
     return correct / max(total, 1)
 
 
-def measure(model: nn.Module, task, target: Target) -> Metrics:
-    """Measures ``model`` (compressed or not) on ``task``'s validation data and on ``target``."""
+Measurer = Callable[[nn.Module, torch.Tensor, Target], LatencyResult]
+
+
+def measure(model: nn.Module, task, target: Target, measurer: Measurer | None = None) -> Metrics:
+    """Measures ``model`` (compressed or not) on ``task``'s validation data and on ``target``.
+
+    Args:
+        measurer: Times the model (default :func:`measure_latency`, in this process; a search
+            passes its measurement service, :class:`~autocompress.measure.service.ServiceMeasurer`).
+    """
     accuracy = float(task.evaluate(model))
-    latency = measure_latency(model, task.example_inputs, target)
+    latency = (measurer or measure_latency)(model, task.example_inputs, target)
     params, nonzero = count_params(model)
     return Metrics(
         accuracy=accuracy,
@@ -93,4 +107,6 @@ def measure(model: nn.Module, task, target: Target) -> Metrics:
         params=params,
         nonzero_params=nonzero,
         macs=sum(count_macs(model, task.example_inputs[:1]).values()),
+        latency_cache_hit=int(latency.cached),
+        latency=latency,
     )
