@@ -163,12 +163,14 @@ def _print_front(rows: Sequence[dict]) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from autocompress.config import load_experiment
+    from autocompress.remote_search import client_address, run_remote_search
     from autocompress.search import run_search
 
     exp = load_experiment(args.experiment, trials=args.trials, concurrency=args.concurrency,
                           name=args.name)
     uri = args.tracking_uri or exp.tracking_uri or DEFAULT_TRACKING_URI
-    result = run_search(exp, tracking_uri=uri, address=args.address, resume=args.resume)
+    search = run_remote_search if client_address(args.address) else run_search  # ray://: on the cluster
+    result = search(exp, tracking_uri=uri, address=args.address, resume=args.resume)
     front = result.front.drop(columns=["error"]).to_dict("records")
     if args.json:
         print(json.dumps({"parent_run_id": result.parent_run_id, "baseline": result.baseline,
@@ -309,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="override the experiment name")
     p.add_argument("--resume", action="store_true",
                    help="continue the latest search of this experiment up to --trials finished trials")
-    p.add_argument("--address", help="Ray cluster to run the trials on (auto, or HOST:PORT of the head)")
+    p.add_argument("--address", help="Ray cluster to run the trials on (auto, or HOST:PORT of the head; "
+                   "ray://HOST:PORT runs the whole search there through Ray Client)")
     p.add_argument("--tracking-uri", help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(fn=cmd_search)

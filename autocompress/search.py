@@ -241,7 +241,8 @@ def _callback(tracker: SearchTracker, inbox: Any):
 
 def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
                address: str | None = None, num_cpus: int | None = None, resume: bool = False,
-               echo: Callable[[str], None] | None = None) -> SearchResult:
+               echo: Callable[[str], None] | None = None,
+               study_storage: str | None = None) -> SearchResult:
     """Runs the search of ``exp`` and returns its trials and Pareto front.
 
     Everything that can be checked is checked before anything is written to MLflow: the task
@@ -258,6 +259,8 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
         resume: Continue the latest search of ``exp.name`` (same parent run, same Optuna
             study) until it has ``search.trials`` finished trials.
         echo: Progress output; default prints to stderr.
+        study_storage: Optuna storage URL of a new search (default: :func:`study_storage_url`);
+            a resumed search uses the one recorded in its parent run.
 
     Raises:
         ConfigError: Bad task, search space or Ray address; with ``resume``, no search to
@@ -296,7 +299,8 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
         service, reserved = _measurement_service(exp, echo)
         measurer = ServiceMeasurer(service)
         tracker, storage, study_name = (_reopen(exp, tracking_uri, previous, echo) if previous
-                                        else _start(exp, task, tracking_uri, echo, measurer))
+                                        else _start(exp, task, tracking_uri, echo, measurer,
+                                                    study_storage))
         baseline = tracker.baseline
         remaining = exp.search.trials - tracker.finished_count()
         ended_before = tracker.ended_count()
@@ -374,10 +378,12 @@ def _check_address(address: str | None) -> None:
     assert address is not None
     if address.startswith("ray://"):
         raise ConfigError(
-            f"{address!r}: Ray Client addresses are not supported (Ray Tune would run the "
-            f"search's driver and its MLflow writer on the head node); run autocompress on a "
-            f"node of the cluster with --address auto, e.g. via 'ray job submit -- autocompress "
-            f"search EXPERIMENT.yaml --address auto'", key="--address")
+            f"{address!r}: run_search needs a direct Ray address (auto or HOST:PORT) on a node "
+            f"of the cluster (it is the search's driver and MLflow writer); to search through "
+            f"Ray Client, use the command line, which runs the whole search on the cluster: "
+            f"autocompress search EXPERIMENT.yaml --address {address} --tracking-uri "
+            f"http://SERVER:5000 (or autocompress.remote_search.run_remote_search)",
+            key="--address")
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit():
@@ -454,9 +460,9 @@ def _connect_ray(exp: Experiment, address: str | None, num_cpus: int | None) -> 
 
 
 def _start(exp: Experiment, task: Any, tracking_uri: str, echo: Callable[[str], None],
-           measurer: Any) -> tuple[SearchTracker, str, str]:
+           measurer: Any, study_storage: str | None = None) -> tuple[SearchTracker, str, str]:
     """Measures the baseline (with ``measurer``, the search's measurement service) and opens a
-    new parent run and a new Optuna study."""
+    new parent run and a new Optuna study (in ``study_storage``, default beside the store)."""
     from autocompress.measure import machine_facts, measure
     from autocompress.measure.latency import target_facts
 
@@ -471,7 +477,7 @@ def _start(exp: Experiment, task: Any, tracking_uri: str, echo: Callable[[str], 
         max_accuracy_drop=exp.constraints.max_accuracy_drop,
         facts={**machine_facts(), **target_facts(exp.target)}, echo=echo, total=exp.search.trials,
     )
-    storage = study_storage_url(tracking_uri)
+    storage = study_storage or study_storage_url(tracking_uri)
     study_name = f"{exp.name}-{tracker.parent_run_id}"
     tracker.client.set_tag(tracker.parent_run_id, "autocompress.study", f"{storage}#{study_name}")
     return tracker, storage, study_name

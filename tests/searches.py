@@ -1,7 +1,15 @@
-"""Small real searches for the end-to-end tests: an experiment file and reading MLflow back."""
+"""Small real searches for the end-to-end tests: an experiment file, a real MLflow tracking
+server, and reading MLflow back."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +53,44 @@ def logged_search(uri: str, name: str) -> tuple[MlflowClient, Any, list]:
                                  f"tags.`{ROLE}` = 'search'")
     assert len(parents) == 1, f"expected one search, found {len(parents)}"
     return client, parents[0], read_trials(client, parents[0].info.run_id)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, timeout: float = 60) -> Iterator[str]:
+    """A real ``mlflow server`` (SQLite backend, proxied artifacts under ``root``) on a free
+    loopback port; yields its URL and stops it on exit."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError("mlflow server exited at start-up") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start within {timeout:.0f} s") from None
+                time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,44 +11,17 @@ from mlflow.tracking import MlflowClient
 
 from autocompress.pareto import non_dominated_mask
 from autocompress.tracking import PARETO, ROLE, SearchTracker, read_front, read_trials
+from tests.searches import mlflow_server
 
 BASELINE = {"accuracy": 0.95, "size_bytes": 1000.0, "latency_ms": 1.0}
 OBJECTIVES = [("accuracy", "max"), ("size_bytes", "min")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real MLflow tracking server with proxied artifacts, on a free loopback port."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail("mlflow server exited at start-up")
-                time.sleep(0.25)
-        else:
-            pytest.fail("mlflow server did not start within 60 s")
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("http", marks=pytest.mark.slow)])
