@@ -11,7 +11,7 @@ token_env: AUTOCOMPRESS_AGENT_TOKEN}``.
 Endpoints (every request needs ``Authorization: Bearer TOKEN``, else 401):
 
 - ``GET /info``: device facts (CPU model, cores, runtime versions, platform) as JSON.
-- ``POST /measure?threads=T&batch_size=B[&warmup=&min_runs=&max_runs=&budget_s=&rel_ci=
+- ``POST /measure?threads=T&batch_size=B[&warmup=&min_runs=&max_runs=&budget_s=&rel_ci=&min_time_s=
   &fold_weight_qdq=0|1]`` with the raw ONNX model as the body: the timings as JSON
   (``latency_ms`` median, ``p90_ms``, ``iqr_ms``, ``runs``, ``ci_low_ms``, ``ci_high_ms``,
   ``threads``, ``batch_size``, ``stopped``), by the protocol of
@@ -50,9 +50,10 @@ SETTINGS: dict[str, tuple[type, Any, float, float]] = {
     "batch_size": (int, 1, 1, 65536),
     "warmup": (int, 10, 0, 10_000),
     "min_runs": (int, 30, 1, MAX_RUNS),
-    "max_runs": (int, 300, 1, MAX_RUNS),
+    "max_runs": (int, MAX_RUNS, 1, MAX_RUNS),
     "budget_s": (float, 1.0, 1e-6, MAX_BUDGET_S),
     "rel_ci": (float, 0.02, 0.0, 0.999),
+    "min_time_s": (float, 0.0, 0.0, MAX_BUDGET_S),
     "fold_weight_qdq": (int, 0, 0, 1),
 }
 
@@ -182,7 +183,8 @@ def measure(model: bytes, settings: dict[str, Any], timeout_s: float) -> dict[st
     try:
         t = time_runs(lambda: session.run(None, feed, run_options), warmup=settings["warmup"],
                       min_runs=settings["min_runs"], max_runs=settings["max_runs"],
-                      budget_s=settings["budget_s"], rel_ci=settings["rel_ci"])
+                      budget_s=settings["budget_s"], rel_ci=settings["rel_ci"],
+                      min_time_s=settings["min_time_s"])
     except Exception:
         if expired.is_set():
             raise TimeoutError(f"measurement took longer than {timeout_s:g} s") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -63,6 +64,7 @@ def finetune(
     teacher: nn.Module | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     seed: int = 0,
+    step_gate: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> list[float]:
     """Trains ``model`` in place for ``config.epochs`` epochs; returns the metric after each.
 
@@ -78,6 +80,9 @@ def finetune(
         teacher: The uncompressed model, for distillation.
         on_epoch: Called with ``(epoch, metric)`` after each epoch (e.g. to report progress).
         seed: Seeds the data order and any randomness of the step.
+        step_gate: Makes the context every training step and every evaluation runs in (a
+            search passes its measurement service's gate, which holds them back while a
+            latency is being measured on this machine; see ``autocompress.measure.service``).
 
     Raises:
         DivergedError: The loss became NaN or infinite.
@@ -95,24 +100,31 @@ def finetune(
     if distill:
         teacher.eval()
     t = config.temperature
+    gate = step_gate or contextlib.nullcontext
+
+    def step(x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
+        out = model(x)
+        loss = task.loss(out, y)
+        if distill:
+            with torch.no_grad():
+                soft = F.softmax(teacher(x) / t, dim=1)
+            kd = F.kl_div(F.log_softmax(out / t, dim=1), soft, reduction="batchmean") * t * t
+            loss = (1 - config.alpha) * loss + config.alpha * kd
+        if not torch.isfinite(loss):
+            raise DivergedError(f"loss became {loss.item()} in epoch {epoch}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
     history = []
     for epoch in range(config.epochs):
         model.train()
         for x, y in task.train_loader:
-            out = model(x)
-            loss = task.loss(out, y)
-            if distill:
-                with torch.no_grad():
-                    soft = F.softmax(teacher(x) / t, dim=1)
-                kd = F.kl_div(F.log_softmax(out / t, dim=1), soft, reduction="batchmean") * t * t
-                loss = (1 - config.alpha) * loss + config.alpha * kd
-            if not torch.isfinite(loss):
-                raise DivergedError(f"loss became {loss.item()} in epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            with gate():
+                step(x, y, epoch)
         scheduler.step()
-        metric = float(task.evaluate(model))
+        with gate():
+            metric = float(task.evaluate(model))
         history.append(metric)
         if on_epoch is not None:
             on_epoch(epoch, metric)

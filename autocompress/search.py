@@ -146,7 +146,7 @@ def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment
 
     from autocompress.compress.deploy import bake
     from autocompress.measure.metrics import relative_metrics
-    from autocompress.measure.service import ServiceMeasurer, keep_off
+    from autocompress.measure.service import ServiceMeasurer, keep_off, training_gate
     from autocompress.trial import run_trial
 
     keep_off(reserved)
@@ -159,7 +159,8 @@ def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment
         tune.report({"epoch": epoch + 1, "epoch_accuracy": metric, "node": node})
 
     result = run_trial(task, plan, exp.finetune, exp.target, on_epoch=on_epoch,
-                       seed=exp.search.seed or 0, measurer=ServiceMeasurer(service))
+                       seed=exp.search.seed or 0, measurer=ServiceMeasurer(service),
+                       step_gate=training_gate(reserved))
     metrics = result.metrics.to_dict()
     relative = relative_metrics(metrics, baseline)
     weights = io.BytesIO()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -43,13 +44,15 @@ def run_trial(
     on_epoch: Callable[[int, float], None] | None = None,
     seed: int = 0,
     measurer: Measurer | None = None,
+    step_gate: Callable[[], AbstractContextManager] | None = None,
 ) -> TrialResult:
     """Compresses ``task.model`` by ``plan``, fine-tunes it (distilling from the original if
     configured) and measures it on ``target`` (with ``measurer``, see
-    :func:`autocompress.measure.measure`). ``task.model`` is left untouched."""
+    :func:`autocompress.measure.measure`; ``step_gate``: see :func:`finetune`). ``task.model``
+    is left untouched."""
     start = time.perf_counter()
     model = apply(task.model, plan, task.example_inputs)
     history = finetune(model, task, finetune_config, teacher=task.model, on_epoch=on_epoch,
-                       seed=seed)
+                       seed=seed, step_gate=step_gate)
     metrics = measure(model, task, target, measurer)
     return TrialResult(plan, model, metrics, history, time.perf_counter() - start)

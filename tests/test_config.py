@@ -212,7 +212,7 @@ BAD_EXPERIMENTS = {
     "target-type": (_B + "target: {threads: two}\n", "target.threads", "expected an integer"),
     "target-range": (_B + "target: {threads: 0}\n", "target.threads", "allowed: an integer >= 1"),
     "target-device": (_B + "target: {device: tpu}\n", "target.device", "allowed: ['cpu'"),
-    "target-runs": (_B + "target: {min_runs: 500}\n", "target.max_runs", "< min_runs=500"),
+    "target-runs": (_B + "target: {min_runs: 500, max_runs: 300}\n", "target.max_runs", "< min_runs=500"),
     "finetune-epochs": (_B + "finetune: {epochs: -1}\n", "finetune.epochs", ">= 0"),
     "finetune-bool": (_B + "finetune: {distill: maybe}\n", "finetune.distill",
                       "expected true or false"),

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from autocompress.measure.latency import prepare
-from autocompress.measure.service import Reservation, ServiceMeasurer, keep_off, start_service
+from autocompress.measure.service import (
+    Reservation,
+    ServiceMeasurer,
+    TrainingGate,
+    keep_off,
+    start_service,
+    training_gate,
+)
 from autocompress.measure.target import Target
 from tests.models import MODELS
 
@@ -51,7 +61,8 @@ def test_service_pins_itself_to_a_reserved_core(service) -> None:
     info = ray.get(actor.info.remote())
     assert info["isolated"] and info["core"] == max(os.sched_getaffinity(0))
     assert info["affinity"] == [info["core"]]
-    assert reserved == Reservation(ray.get_runtime_context().get_node_id(), info["core"])
+    assert reserved == Reservation(ray.get_runtime_context().get_node_id(), info["core"],
+                                   info["gate_dir"])
     # The reserved core's Ray CPU is taken, so no trial is scheduled onto its share.
     assert ray.available_resources().get("CPU", 0) == pytest.approx(2)
 
@@ -115,3 +126,46 @@ def test_torch_runtime_through_the_service(service) -> None:
         assert result.runtime == "torch" and result.latency_ms > 0
     finally:
         ray.kill(actor)
+
+
+def test_a_measurement_waits_for_running_steps_and_holds_new_ones(tmp_path: Path) -> None:
+    """Two handles on the same lock files (as two processes have): the service's ``measuring``
+    waits for a running step, and a step that starts during a measurement waits for its end."""
+    service_side, trial_side = TrainingGate(str(tmp_path)), TrainingGate(str(tmp_path))
+    events: list[str] = []
+
+    def measure() -> None:
+        with service_side.measuring():
+            events.append("measure start")
+            time.sleep(0.3)
+            events.append("measure end")
+
+    with trial_side.step():
+        thread = threading.Thread(target=measure)
+        thread.start()
+        time.sleep(0.3)
+        events.append("step end")
+    time.sleep(0.1)  # the measurement runs now
+    with trial_side.step():
+        events.append("next step")
+    thread.join()
+    assert events == ["step end", "measure start", "measure end", "next step"]
+
+
+def test_training_gate_only_on_the_service_node(service) -> None:
+    import ray
+
+    _, reserved = service
+    assert reserved.gate_dir and Path(reserved.gate_dir).is_dir()
+
+    @ray.remote(num_cpus=1)
+    def gate_kind(reserved: Reservation) -> str:
+        gate = training_gate(reserved)
+        return "no-op" if gate is contextlib.nullcontext else type(gate.__self__).__name__
+
+    assert ray.get(gate_kind.remote(reserved)) == "TrainingGate"
+    assert training_gate(None) is contextlib.nullcontext
+    off = Reservation("another-node", reserved.core, reserved.gate_dir)
+    assert ray.get(gate_kind.remote(off)) == "no-op"
+    no_pause = Reservation(reserved.node_id, reserved.core, None)
+    assert ray.get(gate_kind.remote(no_pause)) == "no-op"

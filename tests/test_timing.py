@@ -101,3 +101,17 @@ def test_spread_statistics() -> None:
     t, _ = run(list(map(float, range(1, 101))), rel_ci=0, max_runs=100)
     assert t.latency_ms == pytest.approx(50.5) and t.p90_ms == pytest.approx(90.1)
     assert t.iqr_ms == pytest.approx(49.5) and (t.ci_low_ms, t.ci_high_ms) == pytest.approx((40.0, 61.0))
+
+
+def test_min_time_comes_before_the_interval() -> None:
+    """10 ms runs: the interval is tight after 6 runs, but timing goes on for 0.2 s."""
+    t, _ = run([10.0] * 1000, min_runs=3, min_time_s=0.2)
+    assert t.stopped == "ci" and t.runs == 20  # 20 runs x 10 ms = 0.2 s
+
+
+def test_many_runs_check_the_interval_now_and_then() -> None:
+    """Past 1000 runs the interval is checked every 5% more runs, still stopping on it."""
+    noise = np.random.default_rng(1).normal(10.0, 1.0, 50_000).clip(5, None)
+    t, _ = run(noise, rel_ci=0.002, max_runs=50_000)
+    assert t.stopped == "ci" and 1000 < t.runs < 50_000
+    assert t.ci_high_ms <= t.latency_ms * 1.002 and t.ci_low_ms >= t.latency_ms * 0.998

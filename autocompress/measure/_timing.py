@@ -1,16 +1,17 @@
 """The timing loop shared by local measurement and the remote device agent (numpy only, no torch).
 
 Protocol: ``warmup`` untimed runs, then timed runs (``time.perf_counter``) until at least
-``min_runs`` are done and either the 95% confidence interval of the median is within
-``±rel_ci`` of the median, or ``budget_s`` seconds of timing are spent; never more than
-``max_runs``. The interval is distribution-free: the order statistics ``x(l) <= median <=
-x(n+1-l)`` with ``l`` from the Binomial(n, 1/2) distribution (exact up to 1000 runs, normal
-approximation beyond).
+``min_runs`` are done and either (after at least ``min_time_s`` seconds of timing) the 95%
+confidence interval of the median is within ``±rel_ci`` of the median, or ``budget_s``
+seconds of timing are spent; never more than ``max_runs``. ``min_time_s`` keeps a fast model
+from being judged on a few milliseconds of runs, which one hiccup of the machine (an
+interrupt, a descheduled virtual CPU) would cover entirely. The interval is
+distribution-free: the order statistics ``x(l) <= median <= x(n+1-l)`` with ``l`` from
+the Binomial(n, 1/2) distribution (exact up to 1000 runs, normal approximation beyond).
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 import time
 from collections.abc import Callable
@@ -93,25 +94,36 @@ def ci_is_tight(sorted_times: list[float], rel_ci: float) -> bool:
 
 
 def time_runs(run: Callable[[], object], *, warmup: int, min_runs: int, max_runs: int,
-              budget_s: float, rel_ci: float = 0.02,
+              budget_s: float, rel_ci: float = 0.02, min_time_s: float = 0.0,
               clock: Callable[[], float] = time.perf_counter) -> Timing:
-    """Times ``run`` by the protocol in the module docstring (``clock`` is for tests)."""
+    """Times ``run`` by the protocol in the module docstring (``clock`` is for tests).
+
+    The interval is checked after every run up to 1000 runs, then whenever the runs grew by
+    5% (sorting tens of thousands of times after every run would cost more than the runs).
+    """
     for _ in range(warmup):
         run()
-    times: list[float] = []  # kept sorted
+    times: list[float] = []
     start = clock()
     stopped = "max_runs"
+    next_check = min_runs
     while len(times) < max_runs:
         t0 = clock()
         run()
-        bisect.insort(times, (clock() - t0) * 1e3)
-        if len(times) >= min_runs:
-            if ci_is_tight(times, rel_ci):
+        t1 = clock()
+        times.append((t1 - t0) * 1e3)
+        n = len(times)
+        if n < min_runs:
+            continue
+        if rel_ci > 0 and n >= next_check and t1 - start >= min_time_s:
+            next_check = n + 1 if n < 1000 else int(n * 1.05)
+            if ci_is_tight(sorted(times), rel_ci):
                 stopped = "ci"
                 break
-            if clock() - start > budget_s:
-                stopped = "budget"
-                break
+        if t1 - start > budget_s:
+            stopped = "budget"
+            break
+    times.sort()
     arr = np.asarray(times)
     q25, q50, q75, q90 = np.percentile(arr, [25, 50, 75, 90])
     lo, hi = median_ci(times)

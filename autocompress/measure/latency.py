@@ -121,11 +121,9 @@ def measure_prepared(prepared: Prepared, target: Target, use_cache: bool = True)
     """
     check_target(target)
     use_cache = use_cache and prepared.key is not None
-    if use_cache:
-        hit = latency_cache.lookup(str(prepared.key))
-        if hit is not None:
-            known = {f.name for f in fields(LatencyResult)}
-            return LatencyResult(**{**{k: v for k, v in hit.items() if k in known}, "cached": True})
+    hit = cached_result(prepared) if use_cache else None
+    if hit is not None:
+        return hit
     if prepared.module is not None:
         result = _time(_torch_runner(prepared.module, prepared.batch, target), target)
     else:
@@ -140,6 +138,15 @@ def measure_prepared(prepared: Prepared, target: Target, use_cache: bool = True)
     if use_cache:
         latency_cache.store(str(prepared.key), result.to_dict())
     return result
+
+
+def cached_result(prepared: Prepared) -> LatencyResult | None:
+    """The latency cache's result for ``prepared`` (``cached=True``), or None."""
+    hit = latency_cache.lookup(str(prepared.key)) if prepared.key is not None else None
+    if hit is None:
+        return None
+    known = {f.name for f in fields(LatencyResult)}
+    return LatencyResult(**{**{k: v for k, v in hit.items() if k in known}, "cached": True})
 
 
 def measure_latency(model: nn.Module, example_inputs: torch.Tensor, target: Target,
@@ -242,7 +249,7 @@ def _torch_runner(deployable: nn.Module, batch: torch.Tensor, target: Target) ->
 
 def _time(run: Callable[[], object], target: Target) -> LatencyResult:
     t = time_runs(run, warmup=target.warmup, min_runs=target.min_runs, max_runs=target.max_runs,
-                  budget_s=target.budget_s, rel_ci=target.rel_ci)
+                  budget_s=target.budget_s, rel_ci=target.rel_ci, min_time_s=target.min_time_s)
     facts = machine_facts()
     gpu = torch.cuda.get_device_name() if target.device == "cuda" else ""
     return LatencyResult(t.latency_ms, t.p90_ms, t.iqr_ms, t.runs, target.runtime, target.device,
@@ -317,7 +324,7 @@ def _measure_remote(path: Path, target: Target) -> LatencyResult:
     query = urllib.parse.urlencode({
         "threads": target.threads, "batch_size": target.batch_size, "warmup": target.warmup,
         "min_runs": target.min_runs, "max_runs": target.max_runs, "budget_s": target.budget_s,
-        "rel_ci": target.rel_ci, "fold_weight_qdq": int(fold)})
+        "rel_ci": target.rel_ci, "min_time_s": target.min_time_s, "fold_weight_qdq": int(fold)})
     r = _agent_request(target, f"/measure?{query}", body)
     return LatencyResult(float(r["latency_ms"]), float(r["p90_ms"]), float(r["iqr_ms"]), int(r["runs"]),
                          target.runtime, target.device, int(r["threads"]), int(r["batch_size"]),

@@ -10,6 +10,16 @@ measurements never overlap each other either, and it consults and fills the late
 under that same order, so an architecture is measured once even when two trials finish it
 at the same moment.
 
+A separate core is not always enough: cores share caches and memory bandwidth, and on
+machines with SMT (and on VMs whose virtual CPUs are hyperthreads of one physical core) a
+busy sibling slows the measuring core down. So with ``target.pause_training`` (the default)
+the service also pauses training on its node while it times: trials run every training step
+and evaluation through :class:`TrainingGate`, two ``flock`` files in a directory the service
+owns. The service takes the *gate* lock exclusively (no new step starts), then the *work*
+lock exclusively (running steps finish), times, and releases both; a step takes the gate
+shared for an instant, then holds *work* shared while it runs. Locks die with their process,
+so a crashed trial never blocks the service.
+
 Trials prepare their model where they run (export, cache key: :func:`~autocompress.measure.
 latency.prepare`) and send the result to the actor through Ray; only the timing happens on the
 reserved core.
@@ -21,14 +31,26 @@ the service then measures unpinned and says so (``isolated`` is False in :meth:`
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from autocompress.measure.latency import LatencyResult, Prepared, measure_prepared, prepare
+from autocompress.measure.latency import (
+    LatencyResult,
+    Prepared,
+    cached_result,
+    measure_prepared,
+    prepare,
+)
 from autocompress.measure.target import Target
 
 
@@ -64,10 +86,78 @@ def keep_off(reserved: Reservation | None) -> None:
 
 @dataclass(frozen=True)
 class Reservation:
-    """Where the measurement service runs: a Ray node and the core reserved on it (or None)."""
+    """Where the measurement service runs.
+
+    Attributes:
+        node_id: Its Ray node.
+        core: The core reserved on that node, or None.
+        gate_dir: Directory of its :class:`TrainingGate` locks (``pause_training``), or None.
+    """
 
     node_id: str
     core: int | None
+    gate_dir: str | None = None
+
+
+class TrainingGate:
+    """Pauses training steps on one machine while the measurement service times a model.
+
+    Picklable (holds paths; each process opens the lock files on first use). Trials use
+    :meth:`step` around each training step; the service uses :meth:`measuring`.
+
+    Args:
+        directory: Where the two lock files live (created by the service).
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._fds: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"directory": self.directory, "_fds": {}}
+
+    def _fd(self, name: str) -> int:
+        if name not in self._fds:
+            self._fds[name] = os.open(Path(self.directory) / name, os.O_RDWR | os.O_CREAT, 0o600)
+        return self._fds[name]
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """Waits while a measurement runs, then holds it back until the step is done."""
+        gate, work = self._fd("gate"), self._fd("work")
+        fcntl.flock(gate, fcntl.LOCK_SH)
+        fcntl.flock(work, fcntl.LOCK_SH)
+        fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(work, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Stops new steps, waits for running ones, and holds them back until done."""
+        gate, work = self._fd("gate"), self._fd("work")
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(work, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(work, fcntl.LOCK_UN)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+def training_gate(reserved: Reservation | None) -> Any:
+    """The per-step context of a trial: the service's gate when this process runs on the
+    service's node and training pauses for measurements, else a no-op."""
+    if reserved is None or reserved.gate_dir is None:
+        return contextlib.nullcontext
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_node_id() != reserved.node_id:
+        return contextlib.nullcontext
+    return TrainingGate(reserved.gate_dir).step
 
 
 class MeasurementService:
@@ -90,7 +180,14 @@ class MeasurementService:
         if reserve and len(cores) > 1:
             self.core = cores[-1]
             pin({self.core})
+        self.gate: TrainingGate | None = None
+        if reserve and target.pause_training:
+            self.gate = TrainingGate(tempfile.mkdtemp(prefix="autocompress-gate-"))
         torch.set_num_threads(target.threads)
+
+    def __del__(self) -> None:
+        if getattr(self, "gate", None) is not None:
+            shutil.rmtree(self.gate.directory, ignore_errors=True)
 
     def info(self) -> dict[str, Any]:
         """Where the service runs: node id, reserved core, pid, current affinity, counters."""
@@ -99,12 +196,16 @@ class MeasurementService:
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         return {"node_id": node, "core": self.core, "isolated": self.core is not None,
-                "pid": os.getpid(), "affinity": affinity, "measured": self.measured,
-                "cache_hits": self.cache_hits}
+                "gate_dir": self.gate.directory if self.gate else None, "pid": os.getpid(),
+                "affinity": affinity, "measured": self.measured, "cache_hits": self.cache_hits}
 
     def measure(self, prepared: Prepared, use_cache: bool = True) -> LatencyResult:
-        """Times ``prepared`` (or takes it from the cache); one call at a time."""
-        result = measure_prepared(prepared, self.target, use_cache)
+        """Times ``prepared`` (or takes it from the cache); one call at a time, with training
+        on this node paused (``target.pause_training``)."""
+        result = cached_result(prepared) if use_cache else None
+        if result is None:
+            with self.gate.measuring() if self.gate else contextlib.nullcontext():
+                result = measure_prepared(prepared, self.target, use_cache)
         self.cache_hits += result.cached
         self.measured += not result.cached
         return result
@@ -134,7 +235,7 @@ def start_service(target: Target) -> tuple[Any, Reservation]:
              .options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=here, max_concurrency=1)
              .remote(target, reserve=local))
     info = ray.get(actor.info.remote())
-    return actor, Reservation(info["node_id"], info["core"])
+    return actor, Reservation(info["node_id"], info["core"], info["gate_dir"])
 
 
 class ServiceMeasurer:

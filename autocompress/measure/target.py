@@ -22,8 +22,14 @@ class Target:
         min_runs: Timed runs always done.
         max_runs: Upper bound on timed runs.
         budget_s: Stop timing after ``min_runs`` once this many seconds are spent.
-        rel_ci: Stop timing after ``min_runs`` once the 95% confidence interval of the median
-            is within ``±rel_ci`` of the median (0 turns this off).
+        rel_ci: Stop timing after ``min_runs`` and ``min_time_s`` once the 95% confidence
+            interval of the median is within ``±rel_ci`` of the median (0 turns this off).
+        min_time_s: Time at least this long before the interval may stop timing (a smaller
+            ``budget_s`` wins), so that a fast model is not judged on a few milliseconds.
+        pause_training: During a search, hold back the training steps of trials on the
+            measuring machine while a latency is being timed (they wait, then go on), so that
+            they cannot disturb it through shared caches, memory or SMT siblings of the
+            measuring core. Costs the trials that time.
         url: ``http(s)://host:port`` of the device agent (``device: remote`` only).
         token_env: Name of the environment variable holding the agent's token
             (``device: remote`` only).
@@ -35,9 +41,11 @@ class Target:
     batch_size: int = 1
     warmup: int = 10
     min_runs: int = 30
-    max_runs: int = 300
+    max_runs: int = 100_000
     budget_s: float = 1.0
     rel_ci: float = 0.02
+    min_time_s: float = 0.5
+    pause_training: bool = True
     url: str | None = None
     token_env: str | None = None
 
@@ -60,6 +68,11 @@ class Target:
         if (not isinstance(self.rel_ci, int | float) or isinstance(self.rel_ci, bool)
                 or not 0 <= self.rel_ci < 1):
             raise ValueError(f"target.rel_ci={self.rel_ci!r}; allowed: a number >= 0 and < 1")
+        if (not isinstance(self.min_time_s, int | float) or isinstance(self.min_time_s, bool)
+                or not self.min_time_s >= 0):
+            raise ValueError(f"target.min_time_s={self.min_time_s!r}; allowed: a number >= 0")
+        if not isinstance(self.pause_training, bool):
+            raise ValueError(f"target.pause_training={self.pause_training!r}; allowed: true or false")
         self._check_remote()
 
     def _check_remote(self) -> None:
