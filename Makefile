@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 export AUTOCOMPRESS_CACHE ?= $(CURDIR)/.autocompress/cache
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench bench-isolation bench-cache clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/latency.py
+
+bench-isolation: $(STAMP)
+	$(BIN)/python bench/isolation.py
+
+bench-cache: $(STAMP)
+	$(BIN)/python bench/cache_hits.py
 
 clean:
 	rm -rf $(VENV) .autocompress mlflow.db mlruns
