@@ -94,6 +94,9 @@ def make_sampler(exp: Experiment, baseline_accuracy: float):
     import optuna
 
     s = exp.search
+    # Optuna 5 deprecates constraints_func for trial.set_constraint, which needs the objective
+    # function that Ray's OptunaSearch owns; it still works until Optuna 7.
+    warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
     constraint = None
     if exp.constraints.max_accuracy_drop is not None and "accuracy" in exp.metrics:
         constraint = _AccuracyDropConstraint(exp.metrics.index("accuracy"), baseline_accuracy,
