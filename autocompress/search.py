@@ -278,7 +278,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
 
     from autocompress.errors import ConfigError
     from autocompress.layers import find_layers
-    from autocompress.measure.service import ServiceMeasurer, pin
+    from autocompress.measure.service import ServiceMeasurer, pin, stop_service
     from autocompress.tasks import load_task
 
     echo = echo or (lambda msg: print(f"autocompress: {msg}", file=sys.stderr, flush=True))
@@ -299,6 +299,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     tracker = None
     status = "KILLED"
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    service = None
     try:
         service, reserved = _measurement_service(exp, echo)
         measurer = ServiceMeasurer(service)
@@ -361,6 +362,8 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     finally:
         if tracker is not None:
             tracker.finish(status)
+        if service is not None:
+            stop_service(service)  # on a cluster that outlives the search, free its CPU
         if started_ray:
             ray.shutdown()
         if affinity is not None:

@@ -18,6 +18,7 @@ from autocompress.measure.service import (
     TrainingGate,
     keep_off,
     start_service,
+    stop_service,
     training_gate,
 )
 from autocompress.measure.target import Target
@@ -50,7 +51,12 @@ def service(ray_local):
     try:
         yield actor, reserved
     finally:
-        ray.kill(actor)
+        stop_service(actor)
+    assert reserved.gate_dir is None or not Path(reserved.gate_dir).exists()
+    deadline = time.monotonic() + 30  # ray.kill frees the actor's CPU asynchronously
+    while ray.available_resources().get("CPU", 0) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources().get("CPU", 0) == pytest.approx(3)  # the reserved CPU is back
 
 
 @pytest.mark.skipif(not TWO_CORES, reason="needs two cores to reserve one")

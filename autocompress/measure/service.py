@@ -185,8 +185,9 @@ class MeasurementService:
             self.gate = TrainingGate(tempfile.mkdtemp(prefix="autocompress-gate-"))
         torch.set_num_threads(target.threads)
 
-    def __del__(self) -> None:
-        if getattr(self, "gate", None) is not None:
+    def close(self) -> None:
+        """Removes the gate's lock files (the service is done)."""
+        if self.gate is not None:
             shutil.rmtree(self.gate.directory, ignore_errors=True)
 
     def info(self) -> dict[str, Any]:
@@ -236,6 +237,17 @@ def start_service(target: Target) -> tuple[Any, Reservation]:
              .remote(target, reserve=local))
     info = ray.get(actor.info.remote())
     return actor, Reservation(info["node_id"], info["core"], info["gate_dir"])
+
+
+def stop_service(actor: Any) -> None:
+    """Ends the service actor (and frees its reserved CPU and core), removing its lock files."""
+    import ray
+
+    try:
+        ray.get(actor.close.remote(), timeout=30)
+    except Exception:  # noqa: BLE001  (a dead actor has nothing left to clean)
+        pass
+    ray.kill(actor)
 
 
 class ServiceMeasurer:
