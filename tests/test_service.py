@@ -175,3 +175,9 @@ def test_training_gate_only_on_the_service_node(service) -> None:
     assert ray.get(gate_kind.remote(off)) == "no-op"
     no_pause = Reservation(reserved.node_id, reserved.core, None)
     assert ray.get(gate_kind.remote(no_pause)) == "no-op"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_a_cuda_service_without_a_gpu_is_refused_not_left_pending(ray_local) -> None:
+    with pytest.raises(RuntimeError, match="Ray sees no GPU on this node"):
+        start_service(Target(device="cuda"))

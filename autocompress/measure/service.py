@@ -212,6 +212,9 @@ class MeasurementService:
         return result
 
 
+START_TIMEOUT_S = 120.0  # to get the service's CPU (and GPU) on the driver's node
+
+
 def start_service(target: Target) -> tuple[Any, Reservation]:
     """Starts the measurement service actor on this (the driver's) node.
 
@@ -229,13 +232,23 @@ def start_service(target: Target) -> tuple[Any, Reservation]:
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
     local = target.device != "remote"
-    cpus = 1 if local and node.get("Resources", {}).get("CPU", 0) >= 2 else 0
+    resources = node.get("Resources", {})
+    cpus = 1 if local and resources.get("CPU", 0) >= 2 else 0
     gpus = 1 if target.device == "cuda" else 0
+    if gpus and resources.get("GPU", 0) < 1:
+        raise RuntimeError("target.device is 'cuda' but Ray sees no GPU on this node (check "
+                           "CUDA_VISIBLE_DEVICES, or start Ray with --num-gpus)")
     here = NodeAffinitySchedulingStrategy(node_id, soft=False)
     actor = (ray.remote(MeasurementService)
              .options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=here, max_concurrency=1)
              .remote(target, reserve=local))
-    info = ray.get(actor.info.remote())
+    try:
+        info = ray.get(actor.info.remote(), timeout=START_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        ray.kill(actor)
+        raise RuntimeError(f"the measurement service did not start within {START_TIMEOUT_S:.0f} s: "
+                           f"this node has no free CPU{' or GPU' if gpus else ''} for it "
+                           f"(free: {ray.available_resources()})") from None
     return actor, Reservation(info["node_id"], info["core"], info["gate_dir"])
 
 
