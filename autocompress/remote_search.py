@@ -52,7 +52,7 @@ import pandas as pd
 
 from autocompress.config import Experiment
 from autocompress.errors import ConfigError
-from autocompress.search import SearchResult
+from autocompress.search import SearchResult, host_port
 
 CLIENT_SCHEME = "ray://"
 
@@ -121,7 +121,7 @@ def run_remote_search(exp: Experiment, *, tracking_uri: str, address: str | None
     check_tracking_uri(tracking_uri)
     check_client_address(address)
     server_host = urllib.parse.urlsplit(tracking_uri).hostname or ""
-    if _is_loopback_host(server_host) and not _is_loopback_host(_host_port(address[len(CLIENT_SCHEME):])[0]):
+    if _is_loopback_host(server_host) and not _is_loopback_host(host_port(address[len(CLIENT_SCHEME):])[0]):
         echo(f"warning: the cluster must reach the tracking server at {tracking_uri}, which is a "
              f"loopback address; it resolves to the head node there, not to this machine")
     try:
@@ -180,7 +180,7 @@ def check_client_address(address: str) -> None:
     if importlib.util.find_spec("grpc") is None:
         raise ConfigError(f"{address}: Ray Client needs grpcio, which is not installed; "
                           f'pip install "autocompress[cluster]"', key="--address")
-    host, port = _host_port(address[len(CLIENT_SCHEME):])
+    host, port = host_port(address[len(CLIENT_SCHEME):])
     if not host or port is None:
         raise ConfigError(f"{address!r} is not a Ray Client address; allowed: ray://HOST:PORT of "
                           f"the head node's Ray Client server (e.g. ray://10.0.0.1:10001)",
@@ -433,10 +433,6 @@ def _write(chunks: list[str]) -> None:
         sys.stderr.write(text)
     sys.stderr.flush()
 
-
-def _host_port(address: str) -> tuple[str, int | None]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port) if port.isdigit() else None
 
 
 def _is_loopback_host(host: str) -> bool:

@@ -391,16 +391,21 @@ def _check_address(address: str | None) -> None:
             f"autocompress search EXPERIMENT.yaml --address {address} --tracking-uri "
             f"http://SERVER:5000 (or autocompress.remote_search.run_remote_search)",
             key="--address")
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    if not host or not port.isdigit():
+    host, port = host_port(address)
+    if not host or port is None:
         raise ConfigError(f"{address!r} is not a Ray address; allowed: auto or HOST:PORT of the "
                           f"head node (e.g. 10.0.0.1:6379)", key="--address")
     try:
-        socket.create_connection((host, int(port)), timeout=10).close()
+        socket.create_connection((host, port), timeout=10).close()
     except OSError as e:
         raise ConfigError(f"cannot reach a Ray head node at {address} ({e.strerror or e}); start "
                           f"one with 'ray start --head' or give its HOST:PORT", key="--address") from None
+
+
+def host_port(address: str) -> tuple[str, int | None]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as ``(host, port)``; the port is None if not a number."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port) if port.isdigit() else None
 
 
 def _check_target(exp: Experiment) -> None:

@@ -33,6 +33,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -112,32 +113,38 @@ def prepare(model: nn.Module, example_inputs: torch.Tensor, target: Target) -> P
     return Prepared(batch, module=bake(model), key=key)
 
 
-def measure_prepared(prepared: Prepared, target: Target, use_cache: bool = True) -> LatencyResult:
+def measure_prepared(prepared: Prepared, target: Target, use_cache: bool = True,
+                     while_timing: Callable[[], AbstractContextManager] = nullcontext) -> LatencyResult:
     """Times ``prepared`` on ``target`` in this process, or takes it from the latency cache.
 
     Args:
         use_cache: Take an earlier measurement of the same key from the cache and store this
             one there. False always measures.
+        while_timing: The context the timing (not a cache hit) runs in; the measurement
+            service passes its training gate.
     """
     check_target(target)
     use_cache = use_cache and prepared.key is not None
     hit = cached_result(prepared) if use_cache else None
     if hit is not None:
         return hit
-    if prepared.module is not None:
-        result = _time(_torch_runner(prepared.module, prepared.batch, target), target)
-    else:
-        assert prepared.onnx is not None
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
-            path.write_bytes(prepared.onnx)
-            if target.device == "remote":
-                result = _measure_remote(path, target)
-            else:
-                result = _time(_onnxruntime_runner(path, prepared.batch, target), target)
+    with while_timing():
+        result = _time_prepared(prepared, target)
     if use_cache:
         latency_cache.store(str(prepared.key), result.to_dict())
     return result
+
+
+def _time_prepared(prepared: Prepared, target: Target) -> LatencyResult:
+    if prepared.module is not None:
+        return _time(_torch_runner(prepared.module, prepared.batch, target), target)
+    assert prepared.onnx is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(prepared.onnx)
+        if target.device == "remote":
+            return _measure_remote(path, target)
+        return _time(_onnxruntime_runner(path, prepared.batch, target), target)
 
 
 def cached_result(prepared: Prepared) -> LatencyResult | None:

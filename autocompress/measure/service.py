@@ -44,13 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress.measure.latency import (
-    LatencyResult,
-    Prepared,
-    cached_result,
-    measure_prepared,
-    prepare,
-)
+from autocompress.measure.latency import LatencyResult, Prepared, measure_prepared, prepare
 from autocompress.measure.target import Target
 
 
@@ -71,13 +65,17 @@ def _threads() -> list[int]:
         return [0]
 
 
-def keep_off(reserved: Reservation | None) -> None:
-    """Pins this process away from ``reserved``'s core, if it runs on the reserved node."""
-    if reserved is None or reserved.core is None or not hasattr(os, "sched_setaffinity"):
-        return
+def _on_service_node(reserved: Reservation) -> bool:
+    """Whether this process runs on the Ray node of the measurement service."""
     import ray
 
-    if not ray.is_initialized() or ray.get_runtime_context().get_node_id() != reserved.node_id:
+    return ray.is_initialized() and ray.get_runtime_context().get_node_id() == reserved.node_id
+
+
+def keep_off(reserved: Reservation | None) -> None:
+    """Pins this process away from ``reserved``'s core, if it runs on the reserved node."""
+    if (reserved is None or reserved.core is None or not hasattr(os, "sched_setaffinity")
+            or not _on_service_node(reserved)):
         return
     allowed = os.sched_getaffinity(0) - {reserved.core}
     if allowed:
@@ -151,11 +149,7 @@ class TrainingGate:
 def training_gate(reserved: Reservation | None) -> Any:
     """The per-step context of a trial: the service's gate when this process runs on the
     service's node and training pauses for measurements, else a no-op."""
-    if reserved is None or reserved.gate_dir is None:
-        return contextlib.nullcontext
-    import ray
-
-    if not ray.is_initialized() or ray.get_runtime_context().get_node_id() != reserved.node_id:
+    if reserved is None or reserved.gate_dir is None or not _on_service_node(reserved):
         return contextlib.nullcontext
     return TrainingGate(reserved.gate_dir).step
 
@@ -203,10 +197,8 @@ class MeasurementService:
     def measure(self, prepared: Prepared, use_cache: bool = True) -> LatencyResult:
         """Times ``prepared`` (or takes it from the cache); one call at a time, with training
         on this node paused (``target.pause_training``)."""
-        result = cached_result(prepared) if use_cache else None
-        if result is None:
-            with self.gate.measuring() if self.gate else contextlib.nullcontext():
-                result = measure_prepared(prepared, self.target, use_cache)
+        result = measure_prepared(prepared, self.target, use_cache,
+                                  self.gate.measuring if self.gate else contextlib.nullcontext)
         self.cache_hits += result.cached
         self.measured += not result.cached
         return result
