@@ -55,11 +55,22 @@ def logged_search(uri: str, name: str) -> tuple[MlflowClient, Any, list]:
     return client, parents[0], read_trials(client, parents[0].info.run_id)
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` different TCP ports free on the loopback interface now.
+
+    All are bound at once: ports picked one after another can repeat, since the kernel may
+    hand out a port again as soon as the socket that held it is closed.
+    """
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port() -> int:
     """A TCP port free on the loopback interface now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ from autocompress import cli
 from autocompress.errors import ConfigError
 from autocompress.remote_search import client_address, study_storage_for
 from autocompress.tracking import TRIAL_METRICS
-from tests.searches import free_port, logged_search, mlflow_server, write_experiment
+from tests.searches import free_ports, logged_search, mlflow_server, write_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIALS = 4
@@ -115,14 +115,14 @@ def ray_head(env: dict[str, str], num_cpus: int = 3, timeout: float = 90) -> Ite
     ``ray://`` address. Stops exactly the processes it started, also when the test fails."""
     # Short: Ray's Unix socket paths under it must stay within 107 bytes.
     temp = Path(tempfile.mkdtemp(prefix="acray-", dir="/tmp"))
-    client_port = free_port()
+    options = ("port", "node-manager-port", "object-manager-port", "runtime-env-agent-port",
+               "dashboard-agent-grpc-port", "dashboard-agent-listen-port", "metrics-export-port")
+    client_port, *ports = free_ports(1 + len(options))  # all different
     ray = Path(sys.executable).with_name("ray")
     cmd = [str(ray) if ray.exists() else "ray", "start", "--head", "--block",
            "--disable-usage-stats", "--include-dashboard=false", f"--num-cpus={num_cpus}",
            f"--temp-dir={temp}", f"--ray-client-server-port={client_port}"]
-    for option in ("port", "node-manager-port", "object-manager-port", "runtime-env-agent-port",
-                   "dashboard-agent-grpc-port", "dashboard-agent-listen-port", "metrics-export-port"):
-        cmd.append(f"--{option}={free_port()}")
+    cmd += [f"--{option}={port}" for option, port in zip(options, ports, strict=True)]
     log = (temp / "ray-start.log").open("w")
     proc = subprocess.Popen(cmd, env=env, cwd=temp, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
