@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from autocompress.errors import ConfigError
-from autocompress.plan import PlanError
+from autocompress.compress._plan import PlanError
+from autocompress.config._errors import ConfigError
 
 EXIT_BAD_INPUT = 2
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -41,7 +41,7 @@ def _target(args: argparse.Namespace):
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from autocompress.layers import find_layers
+    from autocompress.compress._layers import find_layers
     from autocompress.tasks import load_task
 
     task = load_task(args.task, seed=args.seed)
@@ -60,7 +60,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     from autocompress.finetune import FinetuneConfig
     from autocompress.measure import measure
     from autocompress.tasks import load_task
-    from autocompress.trial import run_trial
+    from autocompress.tune._trial import run_trial
 
     target = _target(args)
     plan = _read_plan(args.plan)
@@ -92,7 +92,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 
 def _read_plan(path: str):
-    from autocompress.plan import Plan
+    from autocompress.compress._plan import Plan
 
     try:
         text = Path(path).read_text()
@@ -107,7 +107,7 @@ def _read_plan(path: str):
 def _save_trial(out: Path, result, baseline: dict, compressed: dict) -> None:
     import torch
 
-    from autocompress.compress.deploy import bake
+    from autocompress.compress._bake import bake
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(result.plan.to_json(indent=2))
@@ -144,27 +144,19 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip())
 
 
-FRONT_COLUMNS = (("trial", "trial", str), ("run_id", "run id", str),
-                 ("accuracy", "accuracy", "{:.4f}"), ("accuracy_drop", "drop", "{:+.4f}"),
-                 ("size_bytes", "size KiB", lambda v: f"{v / 1024:.1f}"),
-                 ("compression_ratio", "ratio", "{:.1f}x"), ("latency_ms", "latency ms", "{:.4f}"),
-                 ("speedup", "speedup", "{:.2f}x"), ("summary", "plan", str))
-
-
 def _print_front(rows: Sequence[dict]) -> None:
-    def cell(row: dict, key: str, fmt) -> str:
-        if key not in row:
-            return ""
-        return fmt(row[key]) if callable(fmt) else fmt.format(row[key])
+    from autocompress.measure._registry import front_columns
 
-    _print_table([h for _, h, _ in FRONT_COLUMNS],
-                 [[cell(r, k, f) for k, _, f in FRONT_COLUMNS] for r in rows])
+    columns = [("trial", "trial", str), ("run_id", "run id", str), *front_columns(),
+               ("summary", "plan", str)]
+    _print_table([h for _, h, _ in columns],
+                 [["" if r.get(k) is None else f(r[k]) for k, _, f in columns] for r in rows])
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from autocompress.config import load_experiment
-    from autocompress.remote_search import client_address, run_remote_search
-    from autocompress.search import run_search
+    from autocompress.config._experiment import load_experiment
+    from autocompress.tune._driver import run_search
+    from autocompress.tune._remote import client_address, run_remote_search
 
     exp = load_experiment(args.experiment, trials=args.trials, concurrency=args.concurrency,
                           name=args.name)
@@ -200,7 +192,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from autocompress.export import VerificationError, export_run
+    from autocompress.deploy._export import VerificationError, export_run
 
     try:
         result = export_run(args.run_id, args.format, args.out, args.tracking_uri,
@@ -245,7 +237,7 @@ def _relative(path: str | Path) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from autocompress.report import write_report
+    from autocompress.deploy._report import write_report
 
     path = write_report(args.experiment_name, args.tracking_uri, args.out)
     if args.json:

@@ -38,8 +38,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from autocompress.config import load_experiment
-from autocompress.search import run_search
 from autocompress.tracking import read_trials
+from autocompress.tune._driver import run_search
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCHES = (("default", "default", 0, True), ("mixed_precision", "mixed_precision", 0, True),

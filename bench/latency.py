@@ -52,8 +52,9 @@ import torch
 from torch import nn
 
 from autocompress.compress import apply
-from autocompress.compress.deploy import export_onnx
-from autocompress.layers import count_macs, find_layers
+from autocompress.compress._bake import export_onnx
+from autocompress.compress._layers import count_macs, find_layers
+from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.measure import (
     LatencyResult,
     Target,
@@ -63,7 +64,6 @@ from autocompress.measure import (
     size_bytes,
 )
 from autocompress.measure.latency import _batch, _onnxruntime_runner, _time
-from autocompress.plan import LayerPlan, Plan
 from autocompress.tasks import load_task
 
 RUNTIMES = ("onnxruntime", "torch")

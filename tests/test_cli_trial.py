@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from autocompress.cli import main
+from autocompress.compress._plan import Plan
 from autocompress.finetune import FinetuneConfig
 from autocompress.measure import Target
-from autocompress.plan import Plan
 from autocompress.tasks import Task
-from autocompress.trial import run_trial
+from autocompress.tune._trial import run_trial
 
 TASK = "tests.models:tiny_task"
 PLAN = {"version": 1, "layers": {"net.0": {"sparsity": 0.5, "structure": "channel"},

@@ -22,9 +22,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autocompress.compress import apply, list_methods
-from autocompress.compress.deploy import bake, export_onnx
+from autocompress.compress._bake import bake, export_onnx
+from autocompress.compress._plan import LayerPlan, Plan, PlanError
 from autocompress.measure import count_params, size_bytes
-from autocompress.plan import LayerPlan, Plan, PlanError
 from tests.models import MODELS, ModelSpec
 
 ACT_QUANT_BYTES = 8  # fp32 scale + int32 zero point, see autocompress.measure.size

@@ -12,17 +12,17 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from autocompress.compress._layers import LayerInfo
 from autocompress.config import (
     METRICS,
+    ConfigError,
     Constraints,
     Experiment,
     Objective,
     SearchSettings,
     load_experiment,
 )
-from autocompress.errors import ConfigError
 from autocompress.finetune import FinetuneConfig
-from autocompress.layers import LayerInfo
 from autocompress.measure.target import Target
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from autocompress.config import load_experiment
-from autocompress.search import run_search
 from autocompress.tracking import read_trials
+from autocompress.tune._driver import run_search
 from tests.searches import write_experiment
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from autocompress.compress import apply
+from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.finetune import DivergedError, FinetuneConfig, finetune
-from autocompress.plan import LayerPlan, Plan
 from autocompress.tasks import Task
 from tests.models import MLP, tiny_task
 

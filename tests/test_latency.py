@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from autocompress.compress import apply
+from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.measure import Target, machine_facts, measure_latency
-from autocompress.plan import LayerPlan, Plan
 from tests.models import MODELS
 
 PLANS = {
@@ -164,8 +164,7 @@ def test_remote_target_validation(kw: dict, message: str) -> None:
 def test_remote_target_in_an_experiment_names_the_key(tmp_path) -> None:
     import yaml
 
-    from autocompress.config import load_experiment
-    from autocompress.errors import ConfigError
+    from autocompress.config import ConfigError, load_experiment
 
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     exp = {"name": "x", "task": "digits", "search_space": str(root / "search_spaces" / "default.yaml"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from autocompress.layers import count_macs, find_layers
+from autocompress.compress._layers import count_macs, find_layers
 from tests.models import MODELS
 
 

@@ -15,10 +15,10 @@ from torch import nn
 
 import autocompress
 from autocompress.compress import apply
-from autocompress.compress.deploy import bake
+from autocompress.compress._bake import bake
+from autocompress.compress._plan import LayerPlan, Plan
+from autocompress.deploy._packed import PackedFormatError, load_packed, pack_bits, save_packed, unpack_bits
 from autocompress.measure import size_bytes
-from autocompress.packed import PackedFormatError, load_packed, pack_bits, save_packed, unpack_bits
-from autocompress.plan import LayerPlan, Plan
 from autocompress.tasks.builtin import DigitsCNN
 from tests.models import MODELS, ModelSpec
 

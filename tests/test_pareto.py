@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from autocompress.pareto import (
+from autocompress.tracking._pareto import (
     hypervolume,
     non_dominated_mask,
     non_dominated_rank,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autocompress.plan import PLAN_VERSION, LayerPlan, Plan, PlanError
+from autocompress.compress._plan import PLAN_VERSION, LayerPlan, Plan, PlanError
 
 layer_plans = st.builds(
     LayerPlan,

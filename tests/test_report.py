@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from autocompress import cli
-from autocompress.report import write_report
+from autocompress.deploy._report import write_report
 from autocompress.tracking import SearchTracker
 
 BASELINE = {"accuracy": 0.95, "size_bytes": 4000.0, "latency_ms": 1.0, "params": 1000,
@@ -73,7 +73,7 @@ def test_report_command(search: tuple[str, str], tmp_path: Path, capsys) -> None
 
 
 def test_heat_map_columns_follow_model_order() -> None:
-    from autocompress.report import _layer_order
+    from autocompress.deploy._report import _layer_order
 
     layers = {name: {} for name in ("classifier.1", "classifier.3", "features.0", "features.3")}
     warm_start = {"summary": "features.0: b8 | features.3: b8 | classifier.1: b8 | classifier.3: b8"}

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from autocompress.compress import apply
+from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.measure import count_params, size_bytes, size_report, tensor_bytes
-from autocompress.plan import LayerPlan, Plan
 
 FAST = settings(max_examples=200, deadline=None)
 

@@ -12,15 +12,16 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autocompress.errors import ConfigError, did_you_mean
-from autocompress.layers import COMPRESSIBLE_TYPES, LayerInfo
-from autocompress.plan import LayerPlan, Plan
-from autocompress.space import (
+from autocompress.compress._layers import COMPRESSIBLE_TYPES, LayerInfo
+from autocompress.compress._plan import LayerPlan, Plan
+from autocompress.config import (
     KNOBS,
     LAYER_TYPES,
+    ConfigError,
     Knob,
     ResolvedSpace,
     SearchSpace,
+    did_you_mean,
     load_search_space,
 )
 
@@ -93,7 +94,7 @@ def test_space_round_trips_through_dict(path):
 def test_documented_example_loads_and_resolves():
     import textwrap
 
-    import autocompress.space as module
+    import autocompress.config._space as module
 
     doc = module.__doc__
     example = yaml.safe_load(textwrap.dedent(doc[doc.index("::") + 2:doc.index("Rules apply")]))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autocompress.errors import ConfigError
+from autocompress.config import ConfigError
 from autocompress.tasks import Task, cache_dir, list_tasks, load_task
 from autocompress.tasks._registry import cached_baseline
 from tests.models import MLP, tiny_task

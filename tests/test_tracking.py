@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from autocompress.pareto import non_dominated_mask
 from autocompress.tracking import PARETO, ROLE, SearchTracker, read_front, read_trials
+from autocompress.tracking._pareto import non_dominated_mask
 from tests.searches import mlflow_server
 
 BASELINE = {"accuracy": 0.95, "size_bytes": 1000.0, "latency_ms": 1.0}
@@ -78,3 +78,19 @@ def test_tracker_keeps_the_front_current(tracking_uri: str, tmp_path: Path) -> N
     assert front[0]["plan"] == {"version": 1, "layers": {}}
     assert any("FAILED: ValueError: boom" in line for line in lines)
     assert sum("*front*" in line for line in lines) == 3  # t0, t1 and t4 joined the front
+
+
+def test_a_trial_without_an_objective_value_fails_instead_of_logging_nan(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lines: list[str] = []
+    tracker = SearchTracker.start(uri, "no-objective", {"task": "t"}, BASELINE, OBJECTIVES,
+                                  echo=lines.append)
+    tracker.trial_started("t0", {})
+    metrics = _metrics(0.9, 500.0)
+    del metrics["size_bytes"]
+    tracker.trial_finished("t0", metrics, "plan")
+    tracker.finish()
+    run = read_trials(MlflowClient(uri), tracker.parent_run_id)[0]
+    assert run.info.status == "FAILED"
+    assert "size_bytes" in run.data.tags["autocompress.error"]
+    assert "size_bytes" not in run.data.metrics

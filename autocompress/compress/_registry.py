@@ -12,14 +12,16 @@ are computed from the weights that remain.
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from autocompress.layers import find_layers
-from autocompress.plan import Plan, PlanError
+from autocompress.compress._layers import find_layers
+from autocompress.compress._plan import Plan, PlanError
 
 Transform = Callable[[nn.Module, Plan, torch.Tensor], None]
 
@@ -32,6 +34,15 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
+# The built-in methods, one module each, imported on first use. A new method is one file with
+# a ``@register_method`` function, plus its module name here.
+BUILTIN_METHODS = ("lowrank", "prune", "quantize")
+
+
+@functools.cache
+def _load_builtin_methods() -> None:
+    for module in BUILTIN_METHODS:
+        importlib.import_module(f"autocompress.compress.{module}")
 
 
 def register_method(name: str, order: int) -> Callable[[Transform], Transform]:
@@ -48,6 +59,7 @@ def register_method(name: str, order: int) -> Callable[[Transform], Transform]:
 
 def list_methods() -> list[str]:
     """Names of the registered methods, in the order they are applied."""
+    _load_builtin_methods()
     return [m.name for m in sorted(_METHODS.values(), key=lambda m: m.order)]
 
 
@@ -64,6 +76,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: torch.Tensor,
     Raises:
         PlanError: The plan names an unknown layer or asks for something a layer cannot do.
     """
+    _load_builtin_methods()
     layers = find_layers(model, example_inputs)
     plan.validate([layer.name for layer in layers])
     unknown = set(methods or ()) - set(_METHODS)

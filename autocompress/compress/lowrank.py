@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from autocompress.compress._modules import LowRank
+from autocompress.compress._plan import Plan, PlanError
 from autocompress.compress._registry import pure, register_method
-from autocompress.plan import Plan, PlanError
 
 
 def kept_rank(weight_shape: torch.Size | tuple[int, ...], fraction: float) -> int:

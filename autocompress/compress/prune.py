@@ -18,10 +18,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from autocompress.compress._layers import find_layers
 from autocompress.compress._modules import leaves, weight_compression
+from autocompress.compress._plan import Plan, PlanError
 from autocompress.compress._registry import pure, register_method
-from autocompress.layers import find_layers
-from autocompress.plan import Plan, PlanError
 
 
 @register_method("prune", order=20)

@@ -17,8 +17,8 @@ from autocompress.compress._modules import (
     leaves,
     weight_compression,
 )
+from autocompress.compress._plan import Plan
 from autocompress.compress._registry import pure, register_method
-from autocompress.plan import Plan
 
 
 @register_method("quantize", order=30)

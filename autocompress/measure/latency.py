@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autocompress.compress.deploy import bake, export_onnx
+from autocompress.compress._bake import bake, export_onnx
 from autocompress.measure import cache as latency_cache
 from autocompress.measure._machine import cpu_model
 from autocompress.measure._timing import time_runs

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 import torch
 from torch import nn
 
-from autocompress.layers import count_macs
+from autocompress.compress._layers import count_macs
+from autocompress.measure._registry import relative_metrics
 from autocompress.measure.latency import LatencyResult, measure_latency
 from autocompress.measure.size import count_params, size_bytes
 from autocompress.measure.target import Target
@@ -18,6 +18,8 @@ from autocompress.measure.target import Target
 @dataclass(frozen=True)
 class Metrics:
     """Measured metrics of one model (names are the MLflow / ``--json`` contract).
+
+    The fields are the metric registry's ``measure`` metrics (a test checks they agree).
 
     Attributes:
         accuracy: The task metric on the validation data (higher is better).
@@ -51,25 +53,6 @@ class Metrics:
     def relative_to(self, baseline: Metrics) -> dict[str, float]:
         """``compression_ratio``, ``speedup`` and ``accuracy_drop`` against ``baseline``."""
         return relative_metrics(self.to_dict(), baseline.to_dict())  # type: ignore[return-value]
-
-
-# (derived metric, baseline metric it compares, baseline / compressed or baseline - compressed)
-_RELATIVE = (("compression_ratio", "size_bytes", "ratio"), ("speedup", "latency_ms", "ratio"),
-             ("accuracy_drop", "accuracy", "difference"))
-
-
-def relative_metrics(metrics: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[str, float | None]:
-    """``compression_ratio`` (baseline size / size), ``speedup`` (baseline latency / latency) and
-    ``accuracy_drop`` (baseline - accuracy); None where the baseline lacks the metric."""
-    out: dict[str, float | None] = {}
-    for name, key, kind in _RELATIVE:
-        if key not in baseline:
-            out[name] = None
-        elif kind == "ratio":
-            out[name] = baseline[key] / metrics[key]
-        else:
-            out[name] = baseline[key] - metrics[key]
-    return out
 
 
 @torch.no_grad()

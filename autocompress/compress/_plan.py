@@ -8,17 +8,16 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from autocompress.config._errors import did_you_mean
+from autocompress.config._knobs import KNOB_TABLE, summary_tokens
+
 PLAN_VERSION = 1
-STRUCTURES = ("unstructured", "channel")
-BITS = (2, 3, 4, 5, 6, 7, 8)
-ACT_BITS = (8,)
 
 
 class PlanError(ValueError):
@@ -46,22 +45,14 @@ class LayerPlan:
     act_bits: int | None = None
 
     def __post_init__(self) -> None:
-        _check(
-            isinstance(self.sparsity, int | float) and 0.0 <= self.sparsity < 1.0,
-            "sparsity", self.sparsity, "a number in [0, 1)",
-        )
-        _check(self.structure in STRUCTURES, "structure", self.structure, f"one of {list(STRUCTURES)}")
-        _check(self.bits is None or self.bits in BITS, "bits", self.bits, "an integer in 2..8 or null")
-        _check(
-            self.rank is None or (isinstance(self.rank, int | float) and 0.0 < self.rank <= 1.0),
-            "rank", self.rank, "a number in (0, 1] or null",
-        )
-        _check(self.act_bits is None or self.act_bits in ACT_BITS, "act_bits", self.act_bits, "8 or null")
+        for spec in KNOB_TABLE.values():
+            value = getattr(self, spec.name)
+            _check(spec.valid(value), spec.name, value, spec.allowed)
 
     @property
     def is_identity(self) -> bool:
         """True when this entry changes nothing."""
-        return self.sparsity == 0.0 and self.bits is None and self.rank is None and self.act_bits is None
+        return not summary_tokens(self)  # every knob that changes something has a token
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,7 +70,7 @@ class LayerPlan:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise PlanError(f"{where}: unknown key {unknown[0]!r}{_did_you_mean(unknown[0], known)}; "
+            raise PlanError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)}; "
                             f"allowed: {sorted(known)}")
         try:
             return cls(**data)
@@ -118,7 +109,7 @@ class Plan:
         valid = list(layer_names)
         for name in self.layers:
             if name not in valid:
-                raise PlanError(f"plan names unknown layer {name!r}{_did_you_mean(name, valid)}; "
+                raise PlanError(f"plan names unknown layer {name!r}{did_you_mean(name, valid)}; "
                                 f"compressible layers: {valid}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,7 +125,7 @@ class Plan:
         unknown = sorted(set(data) - {"version", "layers"})
         if unknown:
             raise PlanError(f"plan: unknown key {unknown[0]!r}"
-                            f"{_did_you_mean(unknown[0], ['layers', 'version'])}; "
+                            f"{did_you_mean(unknown[0], ['layers', 'version'])}; "
                             "allowed: ['layers', 'version']")
         layers = {str(k): LayerPlan.from_dict(v, where=f"layers.{k}")
                   for k, v in data.get("layers", {}).items()}
@@ -154,18 +145,7 @@ class Plan:
 
     def summary(self) -> str:
         """A one-line human summary, e.g. ``conv1: s0.50ch b4 | fc: r0.25``."""
-        parts = []
-        for name, lp in self.active().items():
-            bits = []
-            if lp.sparsity:
-                bits.append(f"s{lp.sparsity:.2f}{'ch' if lp.structure == 'channel' else ''}")
-            if lp.bits is not None:
-                bits.append(f"b{lp.bits}")
-            if lp.rank is not None:
-                bits.append(f"r{lp.rank:.2f}")
-            if lp.act_bits is not None:
-                bits.append(f"a{lp.act_bits}")
-            parts.append(f"{name}: {' '.join(bits)}")
+        parts = [f"{name}: {summary_tokens(lp)}" for name, lp in self.active().items()]
         return " | ".join(parts) or "(no compression)"
 
 
@@ -174,7 +154,3 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok or isinstance(value, bool) or (isinstance(value, float) and math.isnan(value)):
         raise PlanError(f"{key}={value!r} is out of range; allowed: {allowed}")
 
-
-def _did_you_mean(name: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""

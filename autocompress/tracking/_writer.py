@@ -24,20 +24,18 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from autocompress.pareto import hypervolume, non_dominated_mask, reference_point
-
-ROLE = "autocompress.role"
-PARETO = "autocompress.pareto"
-FEASIBLE = "autocompress.feasible"
-SUMMARY = "autocompress.summary"
-ERROR = "autocompress.error"
-NODE = "autocompress.node"
-TRIAL_METRICS = ("accuracy", "latency_ms", "latency_p90_ms", "latency_iqr_ms", "size_bytes",
-                 "params", "nonzero_params", "macs", "compression_ratio", "speedup",
-                 "accuracy_drop", "latency_cache_hit", "finetune_seconds", "trial_seconds")
-# Facts of a trial's latency measurement, logged as tags autocompress.latency.<key>.
-LATENCY_FACTS = ("runs", "stopped", "ci_low_ms", "ci_high_ms", "runtime", "runtime_version", "device",
-                 "threads", "batch_size", "cpu", "gpu", "cached")
+from autocompress.tracking._names import (
+    ERROR,
+    FEASIBLE,
+    LATENCY_FACTS,
+    NODE,
+    PARETO,
+    ROLE,
+    SUMMARY,
+    TRIAL_METRICS,
+)
+from autocompress.tracking._pareto import hypervolume, non_dominated_mask, reference_point
+from autocompress.tracking._reader import read_trials
 
 
 @dataclass
@@ -179,6 +177,10 @@ class SearchTracker:
                 ``autocompress.latency.<key>`` (runs, why timing stopped, runtime version, ...).
         """
         rec = self.trials[key]
+        missing = [m for m, _ in self.objectives if metrics.get(m) is None]
+        if missing:  # an objective Optuna would see as NaN: the trial failed, say why
+            self.trial_failed(key, f"the trial produced no value for objective(s) {missing}")
+            return
         rec.metrics = {k: float(metrics[k]) for k in TRIAL_METRICS if k in metrics}
         rec.summary = summary
         rec.feasible = (self.max_accuracy_drop is None
@@ -257,7 +259,7 @@ class SearchTracker:
                 self.client.set_tag(rec.run_id, PARETO, str(rec.pareto).lower())
 
     def _log_parent_artifacts(self) -> None:
-        from autocompress.plots import write_plots
+        from autocompress.tracking._plots import write_plots
 
         table = self.table()
         with tempfile.TemporaryDirectory() as tmp:
@@ -310,77 +312,3 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def open_store(tracking_uri: str, *, must_exist: bool = False) -> MlflowClient:
-    """An MLflow client of ``tracking_uri``.
-
-    Args:
-        tracking_uri: Any MLflow tracking URI.
-        must_exist: For commands that only read: refuse a ``sqlite:///`` store whose file does
-            not exist, instead of creating an empty one.
-
-    Raises:
-        ConfigError: ``must_exist`` and the SQLite file is missing.
-    """
-    from autocompress.errors import ConfigError
-
-    if must_exist and tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri[len("sqlite:///"):])
-        if not path.is_file():
-            raise ConfigError(f"no MLflow store at {path} (nothing was logged there yet); give the "
-                              f"tracking URI a search logged to", key="--tracking-uri")
-    return MlflowClient(tracking_uri)
-
-
-def latest_search(client: MlflowClient, experiment_name: str):
-    """The most recent parent run of a search in ``experiment_name``.
-
-    Raises:
-        ConfigError: No such experiment, or it holds no search.
-    """
-    from autocompress.errors import ConfigError
-
-    exp = client.get_experiment_by_name(experiment_name)
-    if exp is None:
-        names = [e.name for e in client.search_experiments()]
-        raise ConfigError(f"no MLflow experiment named {experiment_name!r}; experiments: {names}")
-    runs = client.search_runs([exp.experiment_id], f"tags.`{ROLE}` = 'search'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        raise ConfigError(f"experiment {experiment_name!r} holds no autocompress search")
-    return runs[0]
-
-
-def read_trials(client: MlflowClient, parent_run_id: str) -> list:
-    """The child (trial) runs of a search, oldest first."""
-    parent = client.get_run(parent_run_id)
-    return client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{ROLE}` = 'trial'",
-        order_by=["attributes.start_time ASC"], max_results=50000,
-    )
-
-
-def read_front(tracking_uri: str, experiment_name: str,
-               max_accuracy_drop: float | None = None) -> list[dict[str, Any]]:
-    """The Pareto-optimal trials of the latest search, as logged in MLflow.
-
-    Returns:
-        One dict per front trial: ``run_id``, ``trial``, the metrics, ``summary`` and ``plan``,
-        best accuracy first.
-    """
-    client = open_store(tracking_uri, must_exist=True)
-    parent = latest_search(client, experiment_name)
-    rows = []
-    for run in read_trials(client, parent.info.run_id):
-        if run.data.tags.get(PARETO) != "true" or run.info.status != "FINISHED":
-            continue
-        m = run.data.metrics
-        if max_accuracy_drop is not None and m.get("accuracy_drop", 0.0) > max_accuracy_drop:
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            plan = json.loads(Path(client.download_artifacts(run.info.run_id, "plan.json", tmp))
-                              .read_text())
-        rows.append({"run_id": run.info.run_id, "trial": run.info.run_name,
-                     **{k: m[k] for k in TRIAL_METRICS if k in m},
-                     "summary": run.data.tags.get(SUMMARY, ""), "plan": plan})
-    return sorted(rows, key=lambda r: -r.get("accuracy", 0.0))

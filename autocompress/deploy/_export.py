@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress.rebuild import Rebuilt, rebuild_from_run
+from autocompress.deploy._rebuild import Rebuilt, rebuild_from_run
 
 FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "packed": "model.acpk"}
 FORMATS = tuple(FILES)
@@ -92,13 +92,13 @@ class _OnnxModule(nn.Module):
 
 
 def _write_onnx(rebuilt: Rebuilt, path: Path) -> None:
-    from autocompress.compress.deploy import export_onnx
+    from autocompress.compress._bake import export_onnx
 
     export_onnx(rebuilt.model, rebuilt.task.example_inputs, path)
 
 
 def _write_torchscript(rebuilt: Rebuilt, path: Path) -> None:
-    from autocompress.compress.deploy import bake
+    from autocompress.compress._bake import bake
 
     with warnings.catch_warnings():  # deprecation notice; tracer notes on frozen act ranges
         warnings.simplefilter("ignore")
@@ -107,7 +107,7 @@ def _write_torchscript(rebuilt: Rebuilt, path: Path) -> None:
 
 
 def _write_packed(rebuilt: Rebuilt, path: Path) -> None:
-    from autocompress.packed import save_packed
+    from autocompress.deploy._packed import save_packed
 
     save_packed(rebuilt.model, path)
 
@@ -119,7 +119,7 @@ def _load_torchscript(path: Path) -> nn.Module:
 
 
 def _load_packed(path: Path) -> nn.Module:
-    from autocompress.packed import load_packed
+    from autocompress.deploy._packed import load_packed
 
     return load_packed(path)
 
@@ -151,7 +151,7 @@ def export_run(run_id: str, fmt: str, out_dir: str | Path, tracking_uri: str,
         ConfigError: Unknown format, unknown run id, or a run that is not a finished trial.
         VerificationError: The artifact's metric or size differs from the logged one.
     """
-    from autocompress.errors import ConfigError
+    from autocompress.config._errors import ConfigError
 
     if fmt not in FILES:
         raise ConfigError(f"unknown export format {fmt!r}; allowed: {list(FORMATS)}", key="--format")
@@ -224,7 +224,7 @@ def _timings(rebuilt: Rebuilt, fmt: str, loaded: nn.Module) -> dict[str, Any]:
 
 def _derived(rebuilt: Rebuilt, m: dict[str, Any]) -> dict[str, float | None]:
     """``accuracy_drop``, ``compression_ratio`` and ``speedup`` of the re-measured values."""
-    from autocompress.measure.metrics import relative_metrics
+    from autocompress.measure._registry import relative_metrics
 
     return relative_metrics(m, rebuilt.baseline)
 
@@ -258,7 +258,7 @@ def _time_artifact(rebuilt: Rebuilt, fmt: str, loaded: nn.Module):
 def _max_output_diff(loaded: nn.Module, rebuilt: Rebuilt) -> float | None:
     """Largest ``|artifact output - trial model output|`` over the validation inputs (for the
     record; the pass/fail criterion is the metric). None for non-tensor outputs."""
-    from autocompress.compress.deploy import bake
+    from autocompress.compress._bake import bake
 
     reference = bake(rebuilt.model)
     worst = 0.0

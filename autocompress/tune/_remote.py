@@ -50,9 +50,10 @@ from typing import Any
 
 import pandas as pd
 
-from autocompress.config import Experiment
-from autocompress.errors import ConfigError
-from autocompress.search import SearchResult, host_port
+from autocompress.config._errors import ConfigError
+from autocompress.config._experiment import Experiment
+from autocompress.tune._ray import host_port
+from autocompress.tune._result import SearchResult
 
 CLIENT_SCHEME = "ray://"
 
@@ -295,7 +296,7 @@ def _search_on_cluster(exp: Experiment, tracking_uri: str, resume: bool,
     """
     import ray
 
-    from autocompress import search
+    from autocompress.tune import _driver as search
 
     ray.get(progress.start.remote())
     out = _Forward(progress, sys.stdout)

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 
-PAIRS = (("size_bytes", "accuracy"), ("latency_ms", "accuracy"))
-LABELS = {"size_bytes": "size (bytes)", "latency_ms": "latency (ms)", "accuracy": "accuracy"}
+from autocompress.measure._registry import METRIC_TABLE, plotted_metrics
+
+# (x, y) of each plot: accuracy against every metric the registry marks as plotted.
+PAIRS = tuple((m.name, "accuracy") for m in plotted_metrics())
+LABELS = {m.name: m.label or m.name for m in METRIC_TABLE.values()}
 
 
 def write_plots(trials: pd.DataFrame, baseline: dict[str, float], out_dir: Path) -> list[Path]:

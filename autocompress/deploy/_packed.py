@@ -66,8 +66,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import _get_qualified_name
 
+from autocompress.compress._bake import bake, quantized_weights
 from autocompress.compress._modules import ActFakeQuant, act_quant_pre_hook
-from autocompress.compress.deploy import bake, quantized_weights
 from autocompress.measure.size import size_report
 
 MAGIC = b"ACPK"

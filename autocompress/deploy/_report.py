@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from autocompress.rebuild import download_text, quiet_downloads
+from autocompress.config._knobs import heat_maps
+from autocompress.deploy._rebuild import download_text, quiet_downloads
+from autocompress.measure._registry import front_columns
 from autocompress.tracking import (
     PARETO,
     TRIAL_METRICS,
@@ -34,7 +36,6 @@ from autocompress.tracking import (
     read_trials,
 )
 
-FP32_BITS = 10  # where fp32 sits on the bit-width colour scale (after 8)
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1200px;
 color:#212529;padding:0 1rem}
@@ -160,33 +161,14 @@ def _heatmaps(front: list[dict], layers: list[str]) -> list:
     def knob(row: dict, layer: str) -> dict:
         return row["plan"].get("layers", {}).get(layer, {})
 
-    def sparsity(k: dict) -> tuple[float, str]:
-        s = k.get("sparsity", 0.0)
-        return s, (f"{s:.2f}{'ch' if k.get('structure') == 'channel' else ''}" if s else "0")
-
-    def bits(k: dict) -> tuple[float, str]:
-        b, a = k.get("bits"), k.get("act_bits")
-        return (FP32_BITS if b is None else b), ("fp32" if b is None else str(b)) + (f" a{a}" if a else "")
-
-    def rank(k: dict) -> tuple[float, str]:
-        r = k.get("rank")
-        return (1.0 if r is None else r), ("full" if r is None else f"{r:.2f}")
-
-    specs = (
-        ("weight sparsity", sparsity, "Oranges", {"zmin": 0, "zmax": 1}),
-        ("weight bits", bits, "Blues_r",
-         {"zmin": 2, "zmax": FP32_BITS, "colorbar": {"tickvals": [2, 4, 6, 8, FP32_BITS],
-                                                     "ticktext": ["2", "4", "6", "8", "fp32"]}}),
-        ("kept rank", rank, "Greens_r", {"zmin": 0, "zmax": 1}),
-    )
     figures = []
-    for title, fn, colors, extra in specs:
-        cells = [[fn(knob(row, layer)) for layer in layers] for row in front]
+    for heat in heat_maps():  # one per knob, from the knob table
+        cells = [[heat.cell(knob(row, layer)) for layer in layers] for row in front]
         fig = go.Figure(go.Heatmap(
             z=[[c[0] for c in r] for r in cells], text=[[c[1] for c in r] for r in cells],
-            x=layers, y=rows, colorscale=colors, texttemplate="%{text}", xgap=2, ygap=2,
-            hovertemplate="%{y}<br>%{x}: %{text}<extra></extra>", **extra))
-        fig.update_layout(title=title, template="plotly_white", height=120 + 28 * len(front),
+            x=layers, y=rows, colorscale=heat.colorscale, texttemplate="%{text}", xgap=2, ygap=2,
+            hovertemplate="%{y}<br>%{x}: %{text}<extra></extra>", **heat.layout))
+        fig.update_layout(title=heat.title, template="plotly_white", height=120 + 28 * len(front),
                           margin={"t": 40, "b": 30, "l": 10}, yaxis={"autorange": "reversed"})
         figures.append(fig)
     return figures
@@ -243,18 +225,14 @@ def _num(value: float | None, fmt) -> str:
 def _front_table(front: list[dict], tracking_uri: str) -> str:
     if not front:
         return "<p>No trial is on the front (all failed or were infeasible).</p>"
-    head = ("trial", "run id", "accuracy", "drop", "size KiB", "ratio", "latency ms", "speed-up", "plan")
+    columns = front_columns()
+    head = ("trial", "run id", *(h for _, h, _ in columns), "plan")
     rows = []
     for r in front:
-        cells = [
-            html.escape(str(r.get("trial"))), f"<code>{r['run_id']}</code>",
-            _num(r.get("accuracy"), "{:.4f}"), _num(r.get("accuracy_drop"), "{:+.4f}"),
-            _num(r.get("size_bytes"), lambda v: f"{v / 1024:.1f}"),
-            _num(r.get("compression_ratio"), "{:.1f}x"), _num(r.get("latency_ms"), "{:.4f}"),
-            _num(r.get("speedup"), "{:.2f}x"), html.escape(r.get("summary", "")),
-        ]
-        rows.append("<tr>" + "".join(
-            f"<td{' class=num' if 2 <= i <= 7 else ''}>{c}</td>" for i, c in enumerate(cells)) + "</tr>")
+        cells = [f"<td>{html.escape(str(r.get('trial')))}</td>", f"<td><code>{r['run_id']}</code></td>",
+                 *(f"<td class=num>{_num(r.get(k), fmt)}</td>" for k, _, fmt in columns),
+                 f"<td>{html.escape(r.get('summary', ''))}</td>"]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
     example = front[0]["run_id"]
     return ("<table id=front-table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
             + "".join(rows) + "</table>"

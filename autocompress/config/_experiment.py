@@ -35,10 +35,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from autocompress.errors import ConfigError, did_you_mean, read_yaml
+from autocompress.config._errors import ConfigError, did_you_mean, read_yaml
+from autocompress.config._space import SearchSpace, load_search_space
 from autocompress.finetune import FinetuneConfig
+from autocompress.measure._registry import objective_metrics
 from autocompress.measure.target import Target
-from autocompress.space import SearchSpace, load_search_space
 
 __all__ = [
     "METRICS",
@@ -51,14 +52,8 @@ __all__ = [
 ]
 
 EXPERIMENT_VERSION = 1
-# Objective metrics and the only sensible direction for each.
-METRICS: dict[str, str] = {
-    "accuracy": "max",
-    "latency_ms": "min",
-    "size_bytes": "min",
-    "params": "min",
-    "macs": "min",
-}
+# Objective metrics and the only sensible direction for each (from the metric registry).
+METRICS: dict[str, str] = objective_metrics()
 SAMPLERS = ("nsga2", "tpe", "random")
 MAX_OBJECTIVES = 3
 _TASK_RE = re.compile(r"[A-Za-z_]\w*|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")

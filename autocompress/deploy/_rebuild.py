@@ -8,8 +8,8 @@ baseline comes from the cache), the plan is applied to get the compressed archit
 are loaded into it:
 
 - a parametrized weight's logged values go to ``parametrizations.weight.original``; its mask
-  becomes ``weight != 0`` where the plan asked for unstructured sparsity on that layer, and
-  stays all-ones elsewhere;
+  becomes ``weight != 0`` where the knob table says the layer's plan keeps a mask
+  (``KnobSpec.masks``: unstructured sparsity), and stays all-ones elsewhere;
 - quantizing already-quantized values is the identity: the largest magnitude of ``q * scale``
   is ``qmax * scale``, so the recomputed scale and integer values are the logged ones.
 
@@ -31,8 +31,8 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 from torch.nn.utils import parametrize
 
-from autocompress.errors import ConfigError
-from autocompress.plan import Plan
+from autocompress.compress._plan import Plan
+from autocompress.config._errors import ConfigError
 from autocompress.tracking import ROLE, SUMMARY, open_store
 
 PARENT = "mlflow.parentRunId"
@@ -163,9 +163,10 @@ def load_baked_state(model: nn.Module, state: dict[str, torch.Tensor], plan: Pla
             the search).
     """
     from autocompress.compress._modules import leaves, weight_compression
+    from autocompress.config._knobs import needs_masks
 
     masked = {id(leaf) for name, lp in plan.active().items()
-              if lp.sparsity > 0 and lp.structure == "unstructured" for leaf in leaves(model, name)}
+              if needs_masks(lp) for leaf in leaves(model, name)}
     mapped = {}
     for key, value in state.items():
         owner, _, attr = key.rpartition(".")

@@ -1,0 +1,184 @@
+"""The knob table: every per-layer compression knob, declared once.
+
+A knob is a field of :class:`~autocompress.compress.LayerPlan`. Its :class:`KnobSpec` says what
+values it takes, how a search space may give its domain (a range or only choices), which value
+is the mildest (the warm-start trial), how a sampled value becomes a plan value, which values a
+given layer cannot take, its token in the one-line plan summary, whether rebuilding a trial
+must restore masks for it, and its heat map in the report. The plan, the search space, the
+report and rebuild all read this table; a new knob is one ``LayerPlan`` field plus one entry
+here (``rank`` is the one to copy).
+
+Torch-free: reading a config does not import torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from autocompress.config._domain import Knob, _same
+
+__all__ = ["KNOBS", "KNOB_TABLE", "Heat", "KnobSpec", "heat_maps", "needs_masks", "summary_tokens"]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _numbers(knob: Knob) -> list[Any]:
+    return [c for c in knob.choices if _number(c)]
+
+
+def _first_of(knob: Knob, preferred: list[Any]) -> Any:
+    """The first of ``preferred`` among ``knob``'s choices, else its first choice."""
+    return next((p for p in preferred if any(_same(p, c) for c in knob.choices)), knob.choices[0])
+
+
+@dataclass(frozen=True)
+class Heat:
+    """A report heat map of one knob over the front's layers.
+
+    Attributes:
+        title: Figure title.
+        cell: ``cell(knobs) -> (value, text)`` for one layer's plan entry (a dict, possibly
+            empty: the layer was not changed).
+        colorscale: A plotly colour scale.
+        layout: Extra ``go.Heatmap`` arguments (``zmin``, ``zmax``, ``colorbar``).
+    """
+
+    title: str
+    cell: Callable[[dict[str, Any]], tuple[float, str]]
+    colorscale: str
+    layout: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class KnobSpec:
+    """Everything autocompress knows about one knob.
+
+    Attributes:
+        name: The ``LayerPlan`` field.
+        default: The value that changes nothing (``LayerPlan``'s default).
+        allowed: The allowed plan values in words, used in error messages.
+        valid: Whether one plan value is allowed.
+        integer: Values are integers (a range over it is an integer range).
+        rangeable: A search space may give a ``{low, high}`` range (else choices or a value).
+        mildest: The mildest value a domain allows (the warm-start trial's).
+        to_plan: A sampled value as a plan value (``rank`` 1.0 is no factorization).
+        refuses: ``refuses(value, layer)``: the layer cannot take the value; such values are
+            dropped from the layer's domain (a shared value falls back to ``default``).
+            ``layer`` has at least ``name``, ``type`` and ``is_output``.
+        token: The knob's part of the one-line plan summary (``LayerPlan`` in), "" when the
+            knob changes nothing (a plan entry whose knobs all give "" is the identity).
+        masks: Whether a layer with this plan entry keeps a sparsity mask that rebuilding the
+            trial must restore from the logged zeros.
+        heat: The report's heat map of this knob, or None.
+    """
+
+    name: str
+    default: Any
+    allowed: str
+    valid: Callable[[Any], bool]
+    integer: bool = False
+    rangeable: bool = False
+    mildest: Callable[[Knob], Any] = lambda knob: knob.value
+    to_plan: Callable[[Any], Any] = lambda value: value
+    refuses: Callable[[Any, Any], bool] = lambda value, layer: False
+    token: Callable[[Any], str] = lambda lp: ""
+    masks: Callable[[Any], bool] = lambda lp: False
+    heat: Heat | None = None
+
+    def mildest_value(self, knob: Knob) -> Any:
+        """The mildest value of ``knob``'s domain."""
+        if knob.kind == "fixed":
+            return knob.value
+        return self.mildest(knob)
+
+
+# --- the knobs -------------------------------------------------------------------------------
+
+
+def _mildest_sparsity(knob: Knob) -> Any:
+    return knob.snap(knob.bounds()[0]) if knob.kind == "range" else _first_of(knob, sorted(_numbers(knob)))
+
+
+def _mildest_bits(knob: Knob) -> Any:
+    if knob.kind == "range":
+        low, high = knob.bounds()
+        return int(high) if high < 8 else 8 if knob.contains(8) else int(low)
+    return _first_of(knob, [8, *sorted(_numbers(knob), reverse=True), None])
+
+
+def _mildest_rank(knob: Knob) -> Any:
+    if knob.kind == "range":
+        return knob.snap(knob.bounds()[1])
+    return _first_of(knob, [None, *sorted(_numbers(knob), reverse=True)])
+
+
+_FP32_BITS = 10  # where fp32 sits on the report's bit-width colour scale (after 8)
+
+KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
+    KnobSpec(
+        "sparsity", 0.0, "a number in [0, 1)", lambda v: _number(v) and 0.0 <= v < 1.0,
+        rangeable=True, mildest=_mildest_sparsity,
+        token=lambda lp: f"s{lp.sparsity:.2f}{'ch' if lp.structure == 'channel' else ''}"
+        if lp.sparsity else "",
+        masks=lambda lp: lp.sparsity > 0 and lp.structure == "unstructured",
+        heat=Heat("weight sparsity",
+                  lambda k: (k.get("sparsity", 0.0), f"{k['sparsity']:.2f}"
+                             f"{'ch' if k.get('structure') == 'channel' else ''}"
+                             if k.get("sparsity") else "0"),
+                  "Oranges", {"zmin": 0, "zmax": 1})),
+    KnobSpec(
+        # The output layer keeps its channels: they are the model's outputs (the classes).
+        "structure", "unstructured", "one of ['unstructured', 'channel']",
+        lambda v: v in ("unstructured", "channel"),
+        mildest=lambda knob: _first_of(knob, ["unstructured"]),
+        refuses=lambda value, layer: value == "channel" and bool(layer.is_output)),
+    KnobSpec(
+        "bits", None, "an integer in 2..8 or null",
+        lambda v: v is None or v in range(2, 9),
+        integer=True, rangeable=True, mildest=_mildest_bits,
+        token=lambda lp: "" if lp.bits is None else f"b{lp.bits}",
+        heat=Heat("weight bits",
+                  lambda k: (_FP32_BITS if k.get("bits") is None else k["bits"],
+                             ("fp32" if k.get("bits") is None else str(k["bits"]))
+                             + (f" a{k['act_bits']}" if k.get("act_bits") else "")),
+                  "Blues_r", {"zmin": 2, "zmax": _FP32_BITS,
+                              "colorbar": {"tickvals": [2, 4, 6, 8, _FP32_BITS],
+                                           "ticktext": ["2", "4", "6", "8", "fp32"]}})),
+    KnobSpec(
+        # Full rank is no factorization: a full-rank factorization stores more weights than the
+        # layer it replaces.
+        "rank", None, "a number in (0, 1] or null",
+        lambda v: v is None or (_number(v) and 0.0 < v <= 1.0),
+        rangeable=True, mildest=_mildest_rank,
+        to_plan=lambda v: None if v == 1.0 else v,
+        token=lambda lp: "" if lp.rank is None else f"r{lp.rank:.2f}",
+        heat=Heat("kept rank",
+                  lambda k: (1.0 if k.get("rank") is None else k["rank"],
+                             "full" if k.get("rank") is None else f"{k['rank']:.2f}"),
+                  "Greens_r", {"zmin": 0, "zmax": 1})),
+    KnobSpec(
+        "act_bits", None, "8 or null", lambda v: v is None or v == 8,
+        integer=True, mildest=lambda knob: _first_of(knob, [None]),
+        token=lambda lp: "" if lp.act_bits is None else f"a{lp.act_bits}"),
+)}
+KNOBS: tuple[str, ...] = tuple(KNOB_TABLE)
+
+
+def summary_tokens(lp: Any) -> str:
+    """A layer's plan entry in one line, e.g. ``s0.50ch b4 r0.25``."""
+    return " ".join(t for spec in KNOB_TABLE.values() if (t := spec.token(lp)))
+
+
+def needs_masks(lp: Any) -> bool:
+    """Whether rebuilding a trial must restore this layer's sparsity masks from the zeros."""
+    return any(spec.masks(lp) for spec in KNOB_TABLE.values())
+
+
+def heat_maps() -> list[Heat]:
+    """The report's heat maps, in knob order."""
+    return [spec.heat for spec in KNOB_TABLE.values() if spec.heat is not None]

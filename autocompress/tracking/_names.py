@@ -1,0 +1,19 @@
+"""Names in the MLflow store: the tags autocompress writes and reads (DESIGN.md, "what MLflow
+holds"). The metric names come from the metric registry (:mod:`autocompress.measure`)."""
+
+from autocompress.measure._registry import trial_metrics
+
+ROLE = "autocompress.role"  # "search" on a parent run, "trial" on a child run
+PARENT = "mlflow.parentRunId"
+PARETO = "autocompress.pareto"  # "true" | "false", kept current as the front changes
+FEASIBLE = "autocompress.feasible"
+SUMMARY = "autocompress.summary"  # the plan in one line
+ERROR = "autocompress.error"  # why a trial failed
+NODE = "autocompress.node"  # the Ray node a trial ran on
+TRIAL_KEY = "autocompress.trial_key"
+STUDY = "autocompress.study"  # "<optuna storage>#<study name>" on a parent run
+LATENCY_PREFIX = "autocompress.latency."
+TRIAL_METRICS = trial_metrics()  # every registered metric; a finished trial logs them all
+# Facts of a trial's latency measurement, logged as tags autocompress.latency.<key>.
+LATENCY_FACTS = ("runs", "stopped", "ci_low_ms", "ci_high_ms", "runtime", "runtime_version", "device",
+                 "threads", "batch_size", "cpu", "gpu", "cached")

@@ -1,0 +1,164 @@
+"""The search: Ray Tune trials, sampled by Optuna (multi-objective), logged to MLflow.
+
+The driver loads the task once (the baseline comes from the cache), measures the baseline,
+and ships task and search space to the trials through Ray's object store. Each trial turns
+its sampled parameters into a :class:`~autocompress.plan.Plan`, compresses, fine-tunes
+(reporting the metric per epoch), measures on the target and sends its plan and weights back
+to the driver through Ray (no checkpoint, so trials on other nodes of a cluster need no
+shared disk). A driver-side Ray Tune callback is the only MLflow writer
+(:mod:`autocompress.tracking`). The Optuna study lives in an SQLite file next to the MLflow
+store, so the front can be read back and a search resumed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from autocompress.config._experiment import Experiment
+from autocompress.tune._ray import (
+    _artifact_inbox,
+    _callback,
+    _check_address,
+    _check_target,
+    _connect_ray,
+    _measurement_service,
+)
+from autocompress.tune._result import DEFAULT_TRACKING_URI, SearchResult
+from autocompress.tune._resume import _reopen, _resumable, _start
+from autocompress.tune._samplers import _DefineByRun, _searcher_class, make_sampler
+from autocompress.tune._trial import _trainable
+
+
+def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
+               address: str | None = None, num_cpus: int | None = None, resume: bool = False,
+               echo: Callable[[str], None] | None = None,
+               study_storage: str | None = None) -> SearchResult:
+    """Runs the search of ``exp`` and returns its trials and Pareto front.
+
+    Everything that can be checked is checked before anything is written to MLflow: the task
+    (imported and built), the search space against the model's layers, the Ray address and,
+    with ``resume``, the search to resume. A :class:`ConfigError` therefore leaves no trace.
+
+    Args:
+        exp: The validated experiment.
+        tracking_uri: MLflow tracking URI (any MLflow URI, e.g. ``http://host:5000``).
+        address: Ray cluster address (``auto``, ``HOST:PORT``) to run the trials on an existing
+            cluster; None starts a local Ray. The driver (this process, the only MLflow writer)
+            must run on a node of the cluster; trials need no shared disk.
+        num_cpus: CPUs of the local Ray (default: enough for ``concurrency`` trials).
+        resume: Continue the latest search of ``exp.name`` (same parent run, same Optuna
+            study) until it has ``search.trials`` finished trials.
+        echo: Progress output; default prints to stderr.
+        study_storage: Optuna storage URL of a new search (default: :func:`study_storage_url`);
+            a resumed search uses the one recorded in its parent run.
+
+    Raises:
+        ConfigError: Bad task, search space or Ray address; with ``resume``, no search to
+            resume or an experiment that changed since the search started.
+        KeyboardInterrupt: The search was interrupted (Ctrl-C); finished trials are kept and
+            ``resume=True`` continues it.
+    """
+    import optuna
+    import ray
+    from ray import tune
+
+    from autocompress.compress._layers import find_layers
+    from autocompress.config._errors import ConfigError
+    from autocompress.measure.service import ServiceMeasurer, pin, stop_service
+    from autocompress.tasks import load_task
+
+    echo = echo or (lambda msg: print(f"autocompress: {msg}", file=sys.stderr, flush=True))
+    try:
+        task = load_task(exp.task, seed=exp.search.seed or 0)
+    except ConfigError as e:
+        raise e.located(exp.path) from None
+    space = exp.search_space.resolve(find_layers(task.model, task.example_inputs))
+    previous = _resumable(exp, tracking_uri) if resume else None
+    _check_address(address)
+    _check_target(exp)
+    echo(f"task {task.name}: {len(space.layers)} layers, {len(space.params())} search parameters")
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # per-epoch reports
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "100")
+    started_ray = _connect_ray(exp, address, num_cpus)
+    tracker = None
+    status = "KILLED"
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    service = None
+    try:
+        service, reserved = _measurement_service(exp, echo)
+        measurer = ServiceMeasurer(service)
+        tracker, storage, study_name = (_reopen(exp, tracking_uri, previous, echo) if previous
+                                        else _start(exp, task, tracking_uri, echo, measurer,
+                                                    study_storage))
+        baseline = tracker.baseline
+        remaining = exp.search.trials - tracker.finished_count()
+        ended_before = tracker.ended_count()
+        echo(f"MLflow: {tracking_uri}, experiment {exp.name!r}, parent run {tracker.parent_run_id}")
+        if remaining <= 0:
+            echo(f"the search already has {tracker.finished_count()} finished trials; nothing to do")
+            status = "FINISHED"
+            return SearchResult(exp, tracker.parent_run_id, baseline, tracker.table(),
+                                tracker.front(), storage, study_name)
+        if address:
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            echo(f"Ray cluster at {address}: {len(nodes)} nodes, "
+                 f"{ray.cluster_resources().get('CPU', 0):g} CPUs")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warm = exp.search.warm_start and not tracker.trials
+        searcher = _searcher_class()(
+            space=_DefineByRun(space), metric=exp.metrics, mode=exp.modes,
+            sampler=make_sampler(exp, baseline["accuracy"]), study_name=study_name,
+            points_to_evaluate=[space.warm_start_params()] if warm else None,
+            storage=optuna.storages.RDBStorage(storage),
+        )
+        inbox = _artifact_inbox()
+        trainable = tune.with_resources(
+            tune.with_parameters(_trainable, task=task, space=space, exp=exp, baseline=baseline,
+                                 inbox=inbox, service=service, reserved=reserved),
+            {"cpu": exp.search.cpus_per_trial},
+        )
+        tuner = tune.Tuner(
+            trainable,
+            # Reused trial processes skip seconds of start-up (Python, torch) per trial; each
+            # trial still seeds its own randomness (finetune), so results do not depend on it.
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining,
+                                        max_concurrent_trials=exp.search.concurrency,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(Path(".autocompress/ray").resolve()),
+                callbacks=[_callback(tracker, inbox)], verbose=0,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+        echo(f"searching: {remaining} trials, {exp.search.concurrency} at a time, "
+             f"sampler {exp.search.sampler}")
+        tuner.fit()
+        if tracker.ended_count() - ended_before < remaining:
+            raise KeyboardInterrupt  # Ray Tune caught Ctrl-C and stopped early
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        where = f" {exp.path}" if exp.path else ""
+        done = tracker.finished_count() if tracker else 0
+        echo(f"interrupted: {done} of {exp.search.trials} trials finished and kept. "
+             f"Resume with: autocompress search{where} --resume")
+        raise
+    finally:
+        if tracker is not None:
+            tracker.finish(status)
+        if service is not None:
+            stop_service(service)  # on a cluster that outlives the search, free its CPU
+        if started_ray:
+            ray.shutdown()
+        if affinity is not None:
+            pin(affinity)  # the driver was kept off the measurement core during the search
+    return SearchResult(exp, tracker.parent_run_id, baseline, tracker.table(), tracker.front(),
+                        storage, study_name)
+
+

@@ -1,0 +1,187 @@
+"""Ray plumbing of a search: connecting, the artifact inbox, the MLflow callback and the
+measurement service."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from autocompress.config._experiment import Experiment
+from autocompress.tracking._writer import SearchTracker
+
+
+def _artifact_inbox() -> Any:
+    """An actor on the driver's node that holds each trial's artifacts until the driver logs them.
+
+    Trials put ``{file name: bytes}`` there through Ray's object store, from whichever node
+    they run on; the driver's callback pops them. The actor belongs to the driver's job and
+    goes away with it.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    class ArtifactInbox:
+        def __init__(self) -> None:
+            self.files: dict[str, dict[str, bytes]] = {}
+
+        def put(self, key: str, files: dict[str, bytes]) -> None:
+            self.files[key] = files
+
+        def pop(self, key: str) -> dict[str, bytes] | None:
+            return self.files.pop(key, None)
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(ArtifactInbox).options(scheduling_strategy=here).remote()
+
+
+
+def _callback(tracker: SearchTracker, inbox: Any):
+    import ray
+    from ray.tune import Callback
+
+    class MlflowTrialCallback(Callback):
+        """Forwards Ray Tune trial events to the (single, driver-side) MLflow writer."""
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            tracker.trial_started(trial.trial_id, trial.config)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("node"):
+                tracker.trial_node(trial.trial_id, str(result["node"]))
+            if not result.get("final") and "epoch_accuracy" in result:
+                tracker.trial_epoch(trial.trial_id, int(result["epoch"]), result["epoch_accuracy"])
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            files = ray.get(inbox.pop.remote(trial.trial_id))
+            if not result.get("final"):
+                tracker.trial_failed(trial.trial_id, "trial ended without a final result")
+                return
+            latency = json.loads(result.get("latency_info") or "{}")
+            if not files:
+                tracker.trial_finished(trial.trial_id, result, result.get("summary", ""),
+                                       latency=latency)
+                return
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, data in files.items():
+                    (Path(tmp) / name).write_bytes(data)
+                tracker.trial_finished(trial.trial_id, result, result.get("summary", ""), Path(tmp),
+                                       latency=latency)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            inbox.pop.remote(trial.trial_id)  # whatever a trial sent before failing is dropped
+            error = trial.error_file and Path(trial.error_file).read_text(errors="replace")
+            tracker.trial_failed(trial.trial_id, error or "trial failed")
+
+    return MlflowTrialCallback()
+
+
+
+def _check_address(address: str | None) -> None:
+    """Refuses a Ray address that cannot work, before anything starts.
+
+    A ``HOST:PORT`` is probed with a plain TCP connection: Ray itself waits minutes for an
+    unreachable GCS and then exits the process.
+    """
+    from autocompress.config._errors import ConfigError
+
+    if address in (None, "auto", "local"):
+        return
+    assert address is not None
+    if address.startswith("ray://"):
+        raise ConfigError(
+            f"{address!r}: run_search needs a direct Ray address (auto or HOST:PORT) on a node "
+            f"of the cluster (it is the search's driver and MLflow writer); to search through "
+            f"Ray Client, use the command line, which runs the whole search on the cluster: "
+            f"autocompress search EXPERIMENT.yaml --address {address} --tracking-uri "
+            f"http://SERVER:5000 (or autocompress.remote_search.run_remote_search)",
+            key="--address")
+    host, port = host_port(address)
+    if not host or port is None:
+        raise ConfigError(f"{address!r} is not a Ray address; allowed: auto or HOST:PORT of the "
+                          f"head node (e.g. 10.0.0.1:6379)", key="--address")
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as e:
+        raise ConfigError(f"cannot reach a Ray head node at {address} ({e.strerror or e}); start "
+                          f"one with 'ray start --head' or give its HOST:PORT", key="--address") from None
+
+
+
+def host_port(address: str) -> tuple[str, int | None]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as ``(host, port)``; the port is None if not a number."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port) if port.isdigit() else None
+
+
+
+def _check_target(exp: Experiment) -> None:
+    """Refuses a target this machine cannot measure on (e.g. ``device: cuda`` without CUDA)."""
+    from autocompress.config._errors import ConfigError
+    from autocompress.measure.latency import check_target
+
+    try:
+        check_target(exp.target)
+    except ValueError as e:
+        raise ConfigError(str(e), file=exp.path, key="target.device") from None
+
+
+
+def _measurement_service(exp: Experiment, echo: Callable[[str], None]) -> tuple[Any, Any]:
+    """Starts the search's measurement service and keeps this (the driver's) process off its
+    core; see :mod:`autocompress.measure.service`."""
+    from autocompress.measure.service import keep_off, start_service
+
+    service, reserved = start_service(exp.target)
+    keep_off(reserved)
+    if exp.target.device == "remote":
+        echo(f"latency: measured by the device agent at {exp.target.url}, one at a time")
+    elif reserved.core is None:
+        echo("latency: this node has a single core, so measurements share it with training "
+             "(expect noisy timings)")
+    else:
+        echo(f"latency: measured one at a time on core {reserved.core}, reserved (trials and this "
+             f"process run on the other cores)")
+    return service, reserved
+
+
+
+def _connect_ray(exp: Experiment, address: str | None, num_cpus: int | None) -> bool:
+    """Starts a local Ray, or connects to the cluster at ``address``; True if this call did.
+
+    Trials must import the user's task module as the driver did, on every node: the driver's
+    working directory and ``sys.path`` go to the workers as ``PYTHONPATH`` (with a cluster,
+    the code must be at the same paths there, or shipped with ``ray job submit --working-dir``).
+    """
+    import ray
+
+    from autocompress.config._errors import ConfigError
+
+    if ray.is_initialized():
+        return False
+    if address == "local":
+        address = None
+    # Without an address: a new local Ray ("local"), never one that happens to run on this
+    # machine (ray.init() would join the last `ray start`ed cluster), unless RAY_ADDRESS says
+    # so, as it does inside `ray job submit`.
+    local = not address and not os.environ.get("RAY_ADDRESS")
+    # One Ray CPU more than the trials need: the measurement service's reserved core.
+    cpus = num_cpus or 1 + max(os.cpu_count() or 1,
+                               int(exp.search.concurrency * exp.search.cpus_per_trial + 0.999))
+    path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and Path(p).is_dir())
+    try:
+        ray.init(address="local" if local else address, num_cpus=cpus if local else None,
+                 include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                 configure_logging=True, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    except (ConnectionError, ValueError) as e:
+        if not address:
+            raise
+        raise ConfigError(f"cannot connect to Ray at {address!r}: {e}", key="--address") from None
+    return True

@@ -1,0 +1,118 @@
+"""One compress -> fine-tune -> measure cycle (``autocompress trial``), and the Ray Tune trial of a
+search that runs it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from autocompress.compress import apply
+from autocompress.compress._plan import Plan
+from autocompress.config._experiment import Experiment
+from autocompress.config._resolve import ResolvedSpace
+from autocompress.finetune import FinetuneConfig, finetune
+from autocompress.measure import Metrics, Target, measure
+from autocompress.measure.metrics import Measurer
+from autocompress.tasks import Task
+
+
+@dataclass
+class TrialResult:
+    """What one trial produced.
+
+    Attributes:
+        plan: The plan that was applied.
+        model: The compressed, fine-tuned model (parametrized: masks and fake-quant live).
+        metrics: Its measured metrics.
+        history: The task metric after each fine-tuning epoch.
+        seconds: Wall time of compress + fine-tune + measure.
+        finetune_seconds: Wall time of the fine-tuning.
+    """
+
+    plan: Plan
+    model: nn.Module
+    metrics: Metrics
+    history: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    finetune_seconds: float = 0.0
+
+    def trial_metrics(self) -> dict[str, float]:
+        """The metric registry's ``trial`` metrics of this trial."""
+        return {"trial_seconds": self.seconds, "finetune_seconds": self.finetune_seconds}
+
+
+def run_trial(
+    task: Task,
+    plan: Plan,
+    finetune_config: FinetuneConfig,
+    target: Target,
+    on_epoch: Callable[[int, float], None] | None = None,
+    seed: int = 0,
+    measurer: Measurer | None = None,
+    step_gate: Callable[[], AbstractContextManager] | None = None,
+) -> TrialResult:
+    """Compresses ``task.model`` by ``plan``, fine-tunes it (distilling from the original if
+    configured) and measures it on ``target`` (with ``measurer``, see
+    :func:`autocompress.measure.measure`; ``step_gate``: see :func:`finetune`). ``task.model``
+    is left untouched."""
+    start = time.perf_counter()
+    model = apply(task.model, plan, task.example_inputs)
+    tuning = time.perf_counter()
+    history = finetune(model, task, finetune_config, teacher=task.model, on_epoch=on_epoch,
+                       seed=seed, step_gate=step_gate)
+    tuned = time.perf_counter()
+    metrics = measure(model, task, target, measurer)
+    return TrialResult(plan, model, metrics, history, time.perf_counter() - start, tuned - tuning)
+
+
+def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment,
+               baseline: dict[str, float], inbox: Any, service: Any, reserved: Any) -> None:
+    """One Ray Tune trial: plan -> compress -> fine-tune (reports per epoch) -> measure.
+
+    The trial may run on any node of a cluster: its artifacts go to the driver through Ray
+    (``inbox``), not through a checkpoint on a disk the driver would have to share. Its latency
+    is timed by the search's measurement ``service``, whose core (``reserved``) it keeps off.
+    """
+    import io
+
+    import ray
+    import torch
+    from ray import tune
+
+    from autocompress.compress._bake import bake
+    from autocompress.measure._registry import relative_metrics
+    from autocompress.measure.service import ServiceMeasurer, keep_off, training_gate
+    from autocompress.tune._trial import run_trial
+
+    keep_off(reserved)
+    torch.set_num_threads(max(1, int(exp.search.cpus_per_trial)))
+    warnings.filterwarnings("ignore")
+    plan = space.plan_from_params(config)
+    node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()}"
+
+    def on_epoch(epoch: int, metric: float) -> None:
+        tune.report({"epoch": epoch + 1, "epoch_accuracy": metric, "node": node})
+
+    result = run_trial(task, plan, exp.finetune, exp.target, on_epoch=on_epoch,
+                       seed=exp.search.seed or 0, measurer=ServiceMeasurer(service),
+                       step_gate=training_gate(reserved))
+    metrics = result.metrics.to_dict()
+    relative = relative_metrics(metrics, baseline)
+    weights = io.BytesIO()
+    torch.save(bake(result.model).state_dict(), weights)
+    files = {"plan.json": plan.to_json(indent=2).encode(), "model.pt": weights.getvalue(),
+             "metrics.json": json.dumps({**metrics, **relative}, indent=2).encode()}
+    # Delivered before the final report, so the driver finds them when the trial completes.
+    ray.get(inbox.put.remote(tune.get_context().get_trial_id(), files))
+    latency = result.metrics.latency.to_dict() if result.metrics.latency else {}
+    tune.report({**metrics, **relative, **result.trial_metrics(), "epochs": len(result.history),
+                 "final": True, "summary": plan.summary(), "node": node,
+                 "latency_info": json.dumps(latency)})
