@@ -44,18 +44,26 @@ DEFAULT_TIMEOUT_S = 120.0
 MAX_BUDGET_S = 60.0
 MAX_RUNS = 100_000
 
-# name: (type, default, low, high)
-SETTINGS: dict[str, tuple[type, Any, float, float]] = {
-    "threads": (int, 1, 1, 1024),
-    "batch_size": (int, 1, 1, 65536),
-    "warmup": (int, 10, 0, 10_000),
-    "min_runs": (int, 30, 1, MAX_RUNS),
-    "max_runs": (int, MAX_RUNS, 1, MAX_RUNS),
-    "budget_s": (float, 1.0, 1e-6, MAX_BUDGET_S),
-    "rel_ci": (float, 0.02, 0.0, 0.999),
-    "min_time_s": (float, 0.0, 0.0, MAX_BUDGET_S),
-    "fold_weight_qdq": (int, 0, 0, 1),
+# name: (type, low, high): what a request may ask for. The defaults of the timing settings are
+# TimingSettings' own, so a measurement here follows the same protocol as a local one.
+SETTINGS: dict[str, tuple[type, float, float]] = {
+    "threads": (int, 1, 1024),
+    "batch_size": (int, 1, 65536),
+    "warmup": (int, 0, 10_000),
+    "min_runs": (int, 1, MAX_RUNS),
+    "max_runs": (int, 1, MAX_RUNS),
+    "budget_s": (float, 1e-6, MAX_BUDGET_S),
+    "rel_ci": (float, 0.0, 0.999),
+    "min_time_s": (float, 0.0, MAX_BUDGET_S),
+    "fold_weight_qdq": (int, 0, 1),
 }
+
+
+def _defaults() -> dict[str, Any]:
+    from autocompress.measure._timing import TimingSettings
+
+    return {"threads": 1, "batch_size": 1, "fold_weight_qdq": 0,
+            **{k: min(v, SETTINGS[k][2]) for k, v in TimingSettings().to_dict().items()}}
 
 
 class BadRequest(Exception):
@@ -73,7 +81,7 @@ def parse_settings(query: str) -> dict[str, Any]:
                                        max_num_fields=len(SETTINGS))
     except ValueError as e:
         raise BadRequest(f"bad query string: {e}") from None
-    out = {name: spec[1] for name, spec in SETTINGS.items()}
+    out = _defaults()
     seen: set[str] = set()
     for key, raw in pairs:
         if key not in SETTINGS:
@@ -81,7 +89,7 @@ def parse_settings(query: str) -> dict[str, Any]:
         if key in seen:
             raise BadRequest(f"setting {key!r} given twice")
         seen.add(key)
-        kind, _, low, high = SETTINGS[key]
+        kind, low, high = SETTINGS[key]
         try:
             value = int(raw) if kind is int else float(raw)
         except ValueError:
@@ -90,8 +98,12 @@ def parse_settings(query: str) -> dict[str, Any]:
         if not low <= value <= high:  # also refuses NaN
             raise BadRequest(f"{key}={raw!r}; allowed: from {low:g} to {high:g}")
         out[key] = value
-    if out["max_runs"] < out["min_runs"]:
-        raise BadRequest(f"max_runs={out['max_runs']} < min_runs={out['min_runs']}")
+    from autocompress.measure._timing import TimingSettings
+
+    try:
+        TimingSettings.from_mapping(out)  # the protocol's own checks (max_runs >= min_runs, ...)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     return out
 
 
@@ -148,16 +160,10 @@ def measure(model: bytes, settings: dict[str, Any], timeout_s: float) -> dict[st
     """Times the ONNX ``model`` bytes with ``settings`` (TimeoutError past ``timeout_s``)."""
     import onnxruntime as ort
 
-    from autocompress.measure._timing import time_runs
+    from autocompress.measure._timing import TimingSettings, time_runs
+    from autocompress.measure.runtimes._ort import session_options
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = settings["threads"]
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if settings["fold_weight_qdq"]:
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    opts = session_options(settings["threads"], bool(settings["fold_weight_qdq"]))
     try:
         session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises several types for malformed models
@@ -181,10 +187,8 @@ def measure(model: bytes, settings: dict[str, Any], timeout_s: float) -> dict[st
             raise TimeoutError(f"measurement took longer than {timeout_s:g} s") from None
         raise BadRequest(f"the model does not run: {str(e).strip()[:500]}") from None
     try:
-        t = time_runs(lambda: session.run(None, feed, run_options), warmup=settings["warmup"],
-                      min_runs=settings["min_runs"], max_runs=settings["max_runs"],
-                      budget_s=settings["budget_s"], rel_ci=settings["rel_ci"],
-                      min_time_s=settings["min_time_s"])
+        t = time_runs(lambda: session.run(None, feed, run_options),
+                      TimingSettings.from_mapping(settings))
     except Exception:
         if expired.is_set():
             raise TimeoutError(f"measurement took longer than {timeout_s:g} s") from None

@@ -92,12 +92,20 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 
 def _read_plan(path: str):
+    """The plan in the JSON file ``path``.
+
+    Raises:
+        ConfigError: The file cannot be read, is not UTF-8 text, or holds no valid plan.
+    """
     from autocompress.compress._plan import Plan
 
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read plan: {e.strerror}", file=path) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not a UTF-8 text file (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}); a plan is a JSON file", file=path) from None
     try:
         return Plan.from_json(text)
     except PlanError as e:

@@ -249,7 +249,7 @@ def test_remote_without_the_token_variable_is_a_clear_error(agent: Agent,
 
 def test_remote_measure_latency(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
     from autocompress.measure import Target, measure_latency
-    from autocompress.measure.latency import target_facts
+    from autocompress.measure.runtimes._remote import target_facts
     from tests.models import MODELS
 
     monkeypatch.setenv("AC_TEST_AGENT_TOKEN", TOKEN)

@@ -19,7 +19,7 @@ from autocompress.compress._bake import bake
 from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.deploy._packed import PackedFormatError, load_packed, pack_bits, save_packed, unpack_bits
 from autocompress.measure import size_bytes
-from autocompress.tasks.builtin import DigitsCNN
+from autocompress.tasks.digits import DigitsCNN
 from tests.models import MODELS, ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]

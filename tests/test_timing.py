@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import numpy as np
 import pytest
 
-from autocompress.measure._timing import median_ci, median_ci_ranks, time_runs
+from autocompress.measure._timing import TimingSettings, median_ci, median_ci_ranks, time_runs
 
 
 class FakeRun:
@@ -30,7 +30,7 @@ class FakeRun:
 def run(durations: Iterable[float], **kw: float) -> tuple:
     fake = FakeRun(durations)
     settings = {"warmup": 0, "min_runs": 5, "max_runs": 1000, "budget_s": 1e9, "rel_ci": 0.02, **kw}
-    return time_runs(fake, clock=fake.clock, **settings), fake
+    return time_runs(fake, TimingSettings(**{"min_time_s": 0.0, **settings}), clock=fake.clock), fake
 
 
 def test_ranks_match_the_binomial_table() -> None:

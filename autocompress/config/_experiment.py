@@ -40,6 +40,7 @@ from autocompress.config._space import SearchSpace, load_search_space
 from autocompress.finetune import FinetuneConfig
 from autocompress.measure._registry import objective_metrics
 from autocompress.measure.target import Target
+from autocompress.tune._samplers import sampler_names
 
 __all__ = [
     "METRICS",
@@ -54,7 +55,7 @@ __all__ = [
 EXPERIMENT_VERSION = 1
 # Objective metrics and the only sensible direction for each (from the metric registry).
 METRICS: dict[str, str] = objective_metrics()
-SAMPLERS = ("nsga2", "tpe", "random")
+SAMPLERS = sampler_names()  # nsga2, tpe, random: the registry in autocompress/tune/_samplers.py
 MAX_OBJECTIVES = 3
 _TASK_RE = re.compile(r"[A-Za-z_]\w*|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 _REQUIRED = ("name", "task", "search_space", "objectives")

@@ -14,13 +14,71 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
 CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class TimingSettings:
+    """The timing protocol (module docstring), shared by local measurement and the device agent.
+
+    Attributes:
+        warmup: Untimed runs before timing.
+        min_runs: Timed runs always done.
+        max_runs: Upper bound on timed runs.
+        budget_s: Stop timing after ``min_runs`` once this many seconds are spent.
+        rel_ci: Stop timing after ``min_runs`` and ``min_time_s`` once the 95% confidence
+            interval of the median is within ``±rel_ci`` of the median (0 turns this off).
+        min_time_s: Time at least this long before the interval may stop timing (a smaller
+            ``budget_s`` wins), so that a fast model is not judged on a few milliseconds.
+
+    Raises:
+        ValueError: A setting out of range (the message names it and the allowed values).
+    """
+
+    warmup: int = 10
+    min_runs: int = 30
+    max_runs: int = 100_000
+    budget_s: float = 1.0
+    rel_ci: float = 0.02
+    min_time_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        for key in ("min_runs", "max_runs"):
+            if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)!r}; allowed: an integer >= 1")
+        if not _is_int(self.warmup) or self.warmup < 0:
+            raise ValueError(f"warmup={self.warmup!r}; allowed: an integer >= 0")
+        if self.max_runs < self.min_runs:
+            raise ValueError(f"max_runs={self.max_runs} < min_runs={self.min_runs}")
+        if not _is_number(self.budget_s) or not self.budget_s > 0:  # "not > 0" refuses NaN
+            raise ValueError(f"budget_s={self.budget_s!r}; allowed: a number > 0")
+        if not _is_number(self.rel_ci) or not 0 <= self.rel_ci < 1:
+            raise ValueError(f"rel_ci={self.rel_ci!r}; allowed: a number >= 0 and < 1")
+        if not _is_number(self.min_time_s) or not self.min_time_s >= 0:
+            raise ValueError(f"min_time_s={self.min_time_s!r}; allowed: a number >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> TimingSettings:
+        """The settings named in ``data`` (other keys ignored), the rest at their defaults."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -93,14 +151,15 @@ def ci_is_tight(sorted_times: list[float], rel_ci: float) -> bool:
     return med * (1 - rel_ci) <= lo and hi <= med * (1 + rel_ci)
 
 
-def time_runs(run: Callable[[], object], *, warmup: int, min_runs: int, max_runs: int,
-              budget_s: float, rel_ci: float = 0.02, min_time_s: float = 0.0,
+def time_runs(run: Callable[[], object], settings: TimingSettings, *,
               clock: Callable[[], float] = time.perf_counter) -> Timing:
     """Times ``run`` by the protocol in the module docstring (``clock`` is for tests).
 
     The interval is checked after every run up to 1000 runs, then whenever the runs grew by
     5% (sorting tens of thousands of times after every run would cost more than the runs).
     """
+    warmup, min_runs, max_runs = settings.warmup, settings.min_runs, settings.max_runs
+    budget_s, rel_ci, min_time_s = settings.budget_s, settings.rel_ci, settings.min_time_s
     for _ in range(warmup):
         run()
     times: list[float] = []

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+
+from autocompress.measure._timing import TimingSettings
+from autocompress.measure.runtimes import devices_of, runtime_names
 
 DEVICES = ("cpu", "cuda", "remote")
-RUNTIMES = ("onnxruntime", "torch")
 
 
 @dataclass(frozen=True)
@@ -18,14 +20,9 @@ class Target:
         runtime: ``onnxruntime`` (the exported ONNX model) or ``torch`` (eager PyTorch).
         threads: Intra-op threads of the runtime, fixed for every measurement.
         batch_size: Batch size of the timed inputs.
-        warmup: Untimed runs before timing.
-        min_runs: Timed runs always done.
-        max_runs: Upper bound on timed runs.
-        budget_s: Stop timing after ``min_runs`` once this many seconds are spent.
-        rel_ci: Stop timing after ``min_runs`` and ``min_time_s`` once the 95% confidence
-            interval of the median is within ``±rel_ci`` of the median (0 turns this off).
-        min_time_s: Time at least this long before the interval may stop timing (a smaller
-            ``budget_s`` wins), so that a fast model is not judged on a few milliseconds.
+        warmup, min_runs, max_runs, budget_s, rel_ci, min_time_s: The timing protocol
+            (:class:`~autocompress.measure._timing.TimingSettings`, same defaults, same
+            meaning; :attr:`timing` gives them as one object).
         pause_training: During a search, hold back the training steps of trials on the
             measuring machine while a latency is being timed (they wait, then go on), so that
             they cannot disturb it through shared caches, memory or SMT siblings of the
@@ -39,12 +36,12 @@ class Target:
     runtime: str = "onnxruntime"
     threads: int = 1
     batch_size: int = 1
-    warmup: int = 10
-    min_runs: int = 30
-    max_runs: int = 100_000
-    budget_s: float = 1.0
-    rel_ci: float = 0.02
-    min_time_s: float = 0.5
+    warmup: int = TimingSettings.warmup  # one default, shared with the agent
+    min_runs: int = TimingSettings.min_runs
+    max_runs: int = TimingSettings.max_runs
+    budget_s: float = TimingSettings.budget_s
+    rel_ci: float = TimingSettings.rel_ci
+    min_time_s: float = TimingSettings.min_time_s
     pause_training: bool = True
     url: str | None = None
     token_env: str | None = None
@@ -52,25 +49,16 @@ class Target:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"target.device={self.device!r}; allowed: {list(DEVICES)}")
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"target.runtime={self.runtime!r}; allowed: {list(RUNTIMES)}")
-        for key in ("threads", "batch_size", "min_runs", "max_runs"):
+        if self.runtime not in runtime_names():
+            raise ValueError(f"target.runtime={self.runtime!r}; allowed: {runtime_names()}")
+        for key in ("threads", "batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"target.{key}={value!r}; allowed: an integer >= 1")
-        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
-            raise ValueError(f"target.warmup={self.warmup!r}; allowed: an integer >= 0")
-        if self.max_runs < self.min_runs:
-            raise ValueError(f"target.max_runs={self.max_runs} < min_runs={self.min_runs}")
-        if (not isinstance(self.budget_s, int | float) or isinstance(self.budget_s, bool)
-                or not self.budget_s > 0):  # "not > 0" also refuses NaN
-            raise ValueError(f"target.budget_s={self.budget_s!r}; allowed: a number > 0")
-        if (not isinstance(self.rel_ci, int | float) or isinstance(self.rel_ci, bool)
-                or not 0 <= self.rel_ci < 1):
-            raise ValueError(f"target.rel_ci={self.rel_ci!r}; allowed: a number >= 0 and < 1")
-        if (not isinstance(self.min_time_s, int | float) or isinstance(self.min_time_s, bool)
-                or not self.min_time_s >= 0):
-            raise ValueError(f"target.min_time_s={self.min_time_s!r}; allowed: a number >= 0")
+        try:
+            self.timing  # noqa: B018  (validates the timing settings)
+        except ValueError as e:
+            raise ValueError(f"target.{e}") from None
         if not isinstance(self.pause_training, bool):
             raise ValueError(f"target.pause_training={self.pause_training!r}; allowed: true or false")
         self._check_remote()
@@ -82,8 +70,9 @@ class Target:
                     raise ValueError(f"target.{key}={getattr(self, key)!r}; allowed: only with "
                                      f"device: remote")
             return
-        if self.runtime != "onnxruntime":
-            raise ValueError(f"target.runtime={self.runtime!r}; allowed: ['onnxruntime'] with "
+        if self.device not in devices_of(self.runtime):
+            allowed = [name for name in runtime_names() if self.device in devices_of(name)]
+            raise ValueError(f"target.runtime={self.runtime!r}; allowed: {allowed} with "
                              f"device: remote")
         url = self.url
         if (not isinstance(url, str) or not url.startswith(("http://", "https://"))
@@ -94,6 +83,11 @@ class Target:
             raise ValueError(f"target.token_env={self.token_env!r}; allowed: the name of an "
                              f"environment variable holding the agent's token (required with "
                              f"device: remote)")
+
+    @property
+    def timing(self) -> TimingSettings:
+        """The timing protocol's settings (shared with the device agent)."""
+        return TimingSettings.from_mapping({f.name: getattr(self, f.name) for f in fields(self)})
 
     def to_dict(self) -> dict:
         out = asdict(self)

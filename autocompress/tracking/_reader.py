@@ -30,7 +30,53 @@ def open_store(tracking_uri: str, *, must_exist: bool = False) -> MlflowClient:
         if not path.is_file():
             raise ConfigError(f"no MLflow store at {path} (nothing was logged there yet); give the "
                               f"tracking URI a search logged to", key="--tracking-uri")
-    return MlflowClient(tracking_uri)
+    return client_for(tracking_uri)
+
+
+# Python driver module of a database store -> the pip package that provides it.
+_DRIVER_PACKAGES = {"MySQLdb": "mysqlclient", "pymysql": "PyMySQL", "psycopg2": "psycopg2-binary",
+                    "psycopg": "psycopg[binary]", "pymssql": "pymssql"}
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    """An MLflow client of ``tracking_uri`` whose store is already created.
+
+    Creating the store imports the database driver of a ``mysql://``, ``postgresql://`` or
+    ``mssql://`` URI; a missing driver is bad input (a package to install), not a crash.
+
+    Args:
+        tracking_uri: Any MLflow tracking URI.
+
+    Raises:
+        ConfigError: The store needs a Python package that is not installed (key
+            ``--tracking-uri``).
+    """
+    from autocompress.config._errors import ConfigError
+
+    try:
+        client = MlflowClient(tracking_uri)
+        tracking = getattr(client, "_tracking_client", None)
+        if tracking is not None:
+            _ = tracking.store  # the MLflow version in use may create the store lazily
+    except ImportError as e:
+        module = (e.name or "").split(".")[0]
+        if not module:
+            raise ConfigError(f"{_redacted(tracking_uri)}: cannot load the store's driver: {e}",
+                              key="--tracking-uri") from None
+        package = _DRIVER_PACKAGES.get(module, module)
+        raise ConfigError(f"{_redacted(tracking_uri)} needs the Python module {module!r}, which is "
+                          f"not installed; pip install {package}", key="--tracking-uri") from None
+    return client
+
+
+def _redacted(uri: str) -> str:
+    """``uri`` with the password of its user info (``user:password@``) replaced by ``***``."""
+    scheme, sep, rest = uri.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not (sep and at and ":" in userinfo):
+        return uri
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***{at}{host}{slash}{path}"
 
 
 

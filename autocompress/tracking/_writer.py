@@ -35,7 +35,7 @@ from autocompress.tracking._names import (
     TRIAL_METRICS,
 )
 from autocompress.tracking._pareto import hypervolume, non_dominated_mask, reference_point
-from autocompress.tracking._reader import read_trials
+from autocompress.tracking._reader import client_for, read_trials
 
 
 @dataclass
@@ -86,9 +86,16 @@ class SearchTracker:
               max_accuracy_drop: float | None = None, facts: Mapping[str, str] | None = None,
               echo: Callable[[str], None] = print, total: int | None = None) -> SearchTracker:
         """Creates (or reuses) the MLflow experiment and opens a parent run for a new search."""
-        client = MlflowClient(tracking_uri)
+        client = client_for(tracking_uri)
+        # MLflow 3's UI opens an experiment as GenAI or as model training by this tag.
+        kind_tag, kind = "mlflow.experimentKind", "custom_model_development"
         exp = client.get_experiment_by_name(experiment_name)
-        experiment_id = exp.experiment_id if exp else client.create_experiment(experiment_name)
+        if exp is None:
+            experiment_id = client.create_experiment(experiment_name, tags={kind_tag: kind})
+        else:
+            experiment_id = exp.experiment_id
+            if kind_tag not in exp.tags:  # made by an older autocompress or by hand
+                client.set_experiment_tag(experiment_id, kind_tag, kind)
         run = client.create_run(experiment_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
                                 tags={ROLE: "search", "autocompress.task": str(config.get("task"))})
         run_id = run.info.run_id
@@ -112,7 +119,7 @@ class SearchTracker:
         Finished and failed trials are kept as they are; runs a killed driver left RUNNING
         are ended as KILLED (their trials are re-run, never counted twice).
         """
-        client = MlflowClient(tracking_uri)
+        client = client_for(tracking_uri)
         parent = client.get_run(parent_run_id)
         baseline = {k.removeprefix("baseline_"): v for k, v in parent.data.metrics.items()
                     if k.startswith("baseline_")}

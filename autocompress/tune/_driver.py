@@ -70,6 +70,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     from autocompress.config._errors import ConfigError
     from autocompress.measure.service import ServiceMeasurer, pin, stop_service
     from autocompress.tasks import load_task
+    from autocompress.tracking._reader import client_for
 
     echo = echo or (lambda msg: print(f"autocompress: {msg}", file=sys.stderr, flush=True))
     try:
@@ -80,6 +81,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     previous = _resumable(exp, tracking_uri) if resume else None
     _check_address(address)
     _check_target(exp)
+    client_for(tracking_uri)  # e.g. the database driver of a mysql:// store is not installed
     echo(f"task {task.name}: {len(space.layers)} layers, {len(space.params())} search parameters")
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # per-epoch reports

@@ -1,12 +1,18 @@
-"""Optuna glue: the define-by-run space, the samplers and the accuracy constraint."""
+"""Optuna glue: the define-by-run space, the sampler registry and the accuracy constraint.
+
+A new sampler is one ``@register_sampler`` function here (``_tpe`` is the one to copy); the
+experiment's ``search.sampler`` accepts every registered name. Optuna is imported on first use.
+"""
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from autocompress.config._experiment import Experiment
-from autocompress.config._resolve import ResolvedSpace
+if TYPE_CHECKING:
+    from autocompress.config._experiment import Experiment
+    from autocompress.config._resolve import ResolvedSpace
 
 
 class _DefineByRun:
@@ -33,11 +39,62 @@ class _AccuracyDropConstraint:
 
 
 
-def make_sampler(exp: Experiment, baseline_accuracy: float):
-    """The Optuna sampler named in ``search.sampler``, seeded, with the accuracy constraint."""
+SamplerFactory = Callable[[Any, Any], Any]
+_SAMPLERS: dict[str, SamplerFactory] = {}
+
+
+def register_sampler(name: str) -> Callable[[SamplerFactory], SamplerFactory]:
+    """Registers ``fn(settings: SearchSettings, constraint) -> optuna sampler`` as ``name``.
+
+    ``constraint`` is an Optuna ``constraints_func`` (or None) that the sampler should honour.
+    """
+
+    def deco(fn: SamplerFactory) -> SamplerFactory:
+        if name in _SAMPLERS:
+            raise RuntimeError(f"sampler {name!r} is already registered")
+        _SAMPLERS[name] = fn
+        return fn
+
+    return deco
+
+
+def sampler_names() -> tuple[str, ...]:
+    """The registered samplers (``search.sampler`` values)."""
+    return tuple(_SAMPLERS)
+
+
+@register_sampler("nsga2")
+def _nsga2(s: Any, constraint: Any) -> Any:
     import optuna
 
-    s = exp.search
+    # The default population (50) would make a typical 16-64 trial search purely random.
+    population = max(4, min(50, s.trials // 3))
+    return optuna.samplers.NSGAIISampler(population_size=population, seed=s.seed,
+                                         constraints_func=constraint)
+
+
+@register_sampler("tpe")
+def _tpe(s: Any, constraint: Any) -> Any:
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=s.seed, multivariate=True,
+                                      n_startup_trials=max(4, min(10, s.trials // 3)),
+                                      constraints_func=constraint)
+
+
+@register_sampler("random")
+def _random(s: Any, constraint: Any) -> Any:
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=s.seed)  # samples blindly: nothing to constrain
+
+
+def make_sampler(exp: Experiment, baseline_accuracy: float) -> Any:
+    """The Optuna sampler named in ``search.sampler``, seeded, with the accuracy constraint.
+
+    Raises:
+        KeyError: An unregistered sampler name (the experiment's validation refuses it first).
+    """
     # Optuna 5 deprecates constraints_func for trial.set_constraint, which needs the objective
     # function that Ray's OptunaSearch owns; it still works until Optuna 7.
     warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
@@ -45,17 +102,9 @@ def make_sampler(exp: Experiment, baseline_accuracy: float):
     if exp.constraints.max_accuracy_drop is not None and "accuracy" in exp.metrics:
         constraint = _AccuracyDropConstraint(exp.metrics.index("accuracy"), baseline_accuracy,
                                              exp.constraints.max_accuracy_drop)
-    if s.sampler == "nsga2":
-        # The default population (50) would make a typical 16-64 trial search purely random.
-        population = max(4, min(50, s.trials // 3))
-        return optuna.samplers.NSGAIISampler(population_size=population, seed=s.seed,
-                                             constraints_func=constraint)
-    if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True,
-                                          n_startup_trials=max(4, min(10, s.trials // 3)),
-                                          constraints_func=constraint)
-    return optuna.samplers.RandomSampler(seed=s.seed)
-
+    if exp.search.sampler not in _SAMPLERS:
+        raise KeyError(f"unknown sampler {exp.search.sampler!r}; registered: {list(_SAMPLERS)}")
+    return _SAMPLERS[exp.search.sampler](exp.search, constraint)
 
 
 def _searcher_class():

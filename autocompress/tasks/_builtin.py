@@ -1,0 +1,44 @@
+"""What the built-in tasks share: loaders and a baseline trained once and cached."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from autocompress.finetune import FinetuneConfig, finetune
+from autocompress.tasks._registry import cached_baseline
+from autocompress.tasks._task import Task
+
+
+def loaders(x_train, y_train, x_val, y_val, seed: int, batch_size: int):
+    gen = torch.Generator().manual_seed(seed)
+    train = DataLoader(TensorDataset(x_train, y_train), batch_size=batch_size, shuffle=True,
+                       generator=gen)
+    val = DataLoader(TensorDataset(x_val, y_val), batch_size=512)
+    return train, val
+
+
+def build(name: str, seed: int, model: nn.Module, data, epochs: int, lr: float,
+          batch_size: int, code: object) -> Task:
+    """The task of ``model`` on ``data`` (train x, y, validation x, y), its baseline trained
+    for ``epochs`` once and cached under a hash of ``code`` (the task's own module), so that
+    editing one task does not retrain the others."""
+    torch.manual_seed(seed)
+    train, val = loaders(*data, seed=seed, batch_size=batch_size)
+    task = Task(model=model, train_loader=train, val_loader=val, example_inputs=data[2][:1],
+                name=name)
+
+    def fit(m: nn.Module) -> None:
+        print(f"autocompress: training the {name} baseline ({epochs} epochs, once; cached)",
+              file=sys.stderr)
+        finetune(m, task, FinetuneConfig(epochs=epochs, lr=lr, distill=False), seed=seed)
+
+    task.model, cached = cached_baseline(name, seed, model, fit, code)
+    task.info = {"train_samples": len(data[0]), "val_samples": len(data[2]),
+                 "baseline_epochs": epochs, "baseline_cached": cached}
+    return task
+
+
