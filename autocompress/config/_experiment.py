@@ -57,6 +57,7 @@ EXPERIMENT_VERSION = 1
 METRICS: dict[str, str] = objective_metrics()
 SAMPLERS = sampler_names()  # nsga2, tpe, random: the registry in autocompress/tune/_samplers.py
 MAX_OBJECTIVES = 3
+IN_MEMORY_PREFIX = "<in-memory:"  # the logged reference of a Task object
 _TASK_RE = re.compile(r"[A-Za-z_]\w*|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 _REQUIRED = ("name", "task", "search_space", "objectives")
 _TOP_KEYS = ("version", *_REQUIRED, "target", "search", "finetune", "constraints",
@@ -163,7 +164,8 @@ class Experiment:
 
     Attributes:
         name: Experiment name (the MLflow experiment).
-        task: Built-in task name or ``"package.module:function"`` (not imported here).
+        task: Built-in task name or ``"package.module:function"`` (not imported here), or a
+            :class:`~autocompress.Task` object (an in-memory model, from the Python API).
         search_space: The search space, not yet applied to the model's layers.
         objectives: One to three objectives.
         target: Where latency is measured.
@@ -175,7 +177,7 @@ class Experiment:
     """
 
     name: str
-    task: str
+    task: Any
     search_space: SearchSpace
     objectives: tuple[Objective, ...]
     target: Target = field(default_factory=Target)
@@ -188,7 +190,13 @@ class Experiment:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"name={self.name!r}; allowed: a non-empty string")
-        if not isinstance(self.task, str) or not _TASK_RE.fullmatch(self.task):
+        if not isinstance(self.task, str):
+            from autocompress.tasks._task import Task
+
+            if not isinstance(self.task, Task):
+                raise ValueError(f"task={type(self.task).__name__}; allowed: an autocompress.Task, "
+                                 f"a built-in task name (e.g. digits) or 'package.module:function'")
+        elif not _TASK_RE.fullmatch(self.task):
             raise ValueError(f"task={self.task!r}; allowed: a built-in task name (e.g. digits) "
                              f"or 'package.module:function'")
         if not 1 <= len(self.objectives) <= MAX_OBJECTIVES:
@@ -202,6 +210,12 @@ class Experiment:
                 not isinstance(self.tracking_uri, str) or not self.tracking_uri.strip()):
             raise ValueError(f"tracking_uri={self.tracking_uri!r}; allowed: a non-empty string "
                              f"or null")
+
+    @property
+    def task_ref(self) -> str:
+        """The task as logged: its reference, or ``<in-memory:NAME>`` for a Task object (which
+        cannot be loaded again from the log: pass it to ``autocompress.export(..., task=)``)."""
+        return self.task if isinstance(self.task, str) else f"{IN_MEMORY_PREFIX}{self.task.name}>"
 
     @property
     def metrics(self) -> list[str]:
@@ -223,7 +237,7 @@ class Experiment:
         return {
             "version": EXPERIMENT_VERSION,
             "name": self.name,
-            "task": self.task,
+            "task": self.task_ref,
             "search_space": self.search_space.to_dict(),
             "objectives": [o.to_dict() for o in self.objectives],
             "target": self.target.to_dict(),
@@ -264,6 +278,20 @@ def load_experiment(path: str | os.PathLike, *, trials: int | None = None,
 # --- parsing -------------------------------------------------------------------------------
 
 
+def parse_experiment(data: Any, path: Path) -> Experiment:
+    """Validates an experiment's mapping (a file's content, or the Python API's arguments).
+
+    Args:
+        data: The mapping, as in an experiment file; ``search_space`` may also be a
+            :class:`SearchSpace` or a path object.
+        path: Where relative paths are taken from (their directory).
+
+    Raises:
+        ConfigError: As :func:`load_experiment`, without a file name.
+    """
+    return _parse_experiment(data, path)
+
+
 def _parse_experiment(data: Any, path: Path) -> Experiment:
     if data is None:
         raise ConfigError(f"empty file; expected a mapping with keys {list(_REQUIRED)}")
@@ -280,7 +308,7 @@ def _parse_experiment(data: Any, path: Path) -> Experiment:
                           f"{EXPERIMENT_VERSION}", key="version")
     fields_ = {key: data[key] for key in ("name", "task", "tracking_uri") if key in data}
     for key, value in fields_.items():
-        _check_type(value, _hints(Experiment)[key], key)
+        _check_type(value, str if key == "task" else _hints(Experiment)[key], key)  # a file names its task
     return _construct(
         Experiment, "",
         **fields_,
@@ -295,6 +323,10 @@ def _parse_experiment(data: Any, path: Path) -> Experiment:
 
 
 def _parse_search_space(raw: Any, path: Path) -> SearchSpace:
+    if isinstance(raw, SearchSpace):
+        return raw
+    if isinstance(raw, os.PathLike):
+        raw = os.fspath(raw)
     if isinstance(raw, Mapping):
         return load_search_space(raw, source=str(path), key_prefix="search_space")
     if not isinstance(raw, str) or not raw.strip():

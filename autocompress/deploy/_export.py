@@ -131,7 +131,8 @@ LOADERS: dict[str, Callable[[Path], nn.Module]] = {
 
 
 def export_run(run_id: str, fmt: str, out_dir: str | Path, tracking_uri: str,
-               register: str | None = None, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
+               register: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
+               task: Any = None) -> dict[str, Any]:
     """Exports trial ``run_id`` as ``fmt`` into ``out_dir``, verified (see the module docstring).
 
     Args:
@@ -141,6 +142,7 @@ def export_run(run_id: str, fmt: str, out_dir: str | Path, tracking_uri: str,
         tracking_uri: The MLflow store the search logged to.
         register: Register the artifact as a new version of this MLflow registered model.
         tolerance: Largest allowed ``|artifact metric - logged metric|``.
+        task: The search's task object, for a search that ran on an in-memory task.
 
     Returns:
         The content of ``export.json``: ``path``, ``format``, the re-measured metrics, the
@@ -155,7 +157,7 @@ def export_run(run_id: str, fmt: str, out_dir: str | Path, tracking_uri: str,
 
     if fmt not in FILES:
         raise ConfigError(f"unknown export format {fmt!r}; allowed: {list(FORMATS)}", key="--format")
-    rebuilt = rebuild_from_run(run_id, tracking_uri)
+    rebuilt = rebuild_from_run(run_id, tracking_uri, task)
     out_dir = Path(out_dir)
     created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # removed on failure
     out_dir.mkdir(parents=True, exist_ok=True)

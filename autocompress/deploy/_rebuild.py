@@ -112,30 +112,41 @@ def download_text(client: MlflowClient, run_id: str, path: str) -> str:
         return Path(client.download_artifacts(run_id, path, tmp)).read_text()
 
 
-def rebuild_from_run(run_id: str, tracking_uri: str) -> Rebuilt:
+def rebuild_from_run(run_id: str, tracking_uri: str, task: Any = None) -> Rebuilt:
     """Rebuilds the compressed model of trial run ``run_id`` (see the module docstring).
 
     Args:
         run_id: An autocompress trial run (``autocompress pareto`` lists them).
         tracking_uri: The MLflow tracking store the search logged to.
+        task: The task the search ran on, as a :class:`~autocompress.Task`; needed when it was
+            an in-memory task (the log holds only its name); default: load the logged task.
 
     Raises:
         ConfigError: Unknown run id, a run that is not a finished autocompress trial, or a task
             that cannot be loaded.
     """
     from autocompress.compress import apply
+    from autocompress.config._experiment import IN_MEMORY_PREFIX
     from autocompress.tasks import load_task
+    from autocompress.tasks._registry import remembered_task
 
     client = open_store(tracking_uri, must_exist=True)
     run = get_trial_run(client, run_id)
     parent_id = run.data.tags[PARENT]
     config = json.loads(download_text(client, parent_id, "experiment.json"))
+    if task is None and str(config["task"]).startswith(IN_MEMORY_PREFIX):
+        task = remembered_task(parent_id)  # searched in this process
+        if task is None:
+            raise ConfigError(f"trial run {run_id!r} was searched on an in-memory task "
+                              f"({config['task']}), which the log cannot rebuild; pass the same "
+                              f"task: autocompress.export(run_id, ..., task=task)", key="task")
     plan = Plan.from_json(download_text(client, run_id, "plan.json"))
     quiet_downloads()
     with tempfile.TemporaryDirectory() as tmp:
         state = torch.load(client.download_artifacts(run_id, "model.pt", tmp), weights_only=True)
 
-    task = load_task(config["task"], seed=(config.get("search") or {}).get("seed") or 0)
+    task = load_task(task if task is not None else config["task"],
+                     seed=(config.get("search") or {}).get("seed") or 0)
     model = apply(task.model, plan, task.example_inputs)
     load_baked_state(model, state, plan)
     parent = client.get_run(parent_id)

@@ -49,13 +49,16 @@ def list_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
-def load_task(ref: str, seed: int = 0) -> Task:
-    """A task from a built-in name (``digits``, ``mnist1d``) or ``"package.module:function"``.
+def load_task(ref: str | Task, seed: int = 0) -> Task:
+    """A task from a built-in name (``digits``, ``mnist1d``) or ``"package.module:function"``;
+    a :class:`Task` object is returned as it is.
 
     Raises:
         ConfigError: Unknown built-in name, module or function that cannot be imported, or a
             function that does not return a Task.
     """
+    if isinstance(ref, Task):
+        return ref
     if ref in list_tasks():
         return _TASKS[ref](seed=seed)
     if ":" not in ref:
@@ -77,6 +80,21 @@ def load_task(ref: str, seed: int = 0) -> Task:
         raise ConfigError(f"{ref}() returned {type(task).__name__}, expected autocompress.Task",
                           key="task")
     return task
+
+
+# In-memory tasks of the searches this process ran, by parent run id, so that exporting one of
+# their trials in the same session needs no ``task=`` (the MLflow log holds only the name).
+_SESSION_TASKS: dict[str, Task] = {}
+
+
+def remember_task(parent_run_id: str, task: Task) -> None:
+    """Keeps the in-memory ``task`` of search ``parent_run_id`` for this process's exports."""
+    _SESSION_TASKS[parent_run_id] = task
+
+
+def remembered_task(parent_run_id: str) -> Task | None:
+    """The in-memory task a search of this process ran on, or None."""
+    return _SESSION_TASKS.get(parent_run_id)
 
 
 def cache_dir() -> Path:
