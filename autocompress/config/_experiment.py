@@ -28,13 +28,22 @@ from __future__ import annotations
 import math
 import os
 import re
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from autocompress.config._checks import (
+    build,
+    check_keys,
+    check_type,
+    construct,
+    hints,
+    is_file,
+    is_int,
+    is_number,
+    type_name,
+)
 from autocompress.config._errors import ConfigError, did_you_mean, read_yaml
 from autocompress.config._space import SearchSpace, load_search_space
 from autocompress.finetune import FinetuneConfig
@@ -125,11 +134,11 @@ class SearchSettings:
                              f"allowed: {list(SAMPLERS)}")
         for key in ("trials", "concurrency"):
             value = getattr(self, key)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{key}={value!r}; allowed: an integer >= 1")
-        if self.seed is not None and not _is_int(self.seed):
+        if self.seed is not None and not is_int(self.seed):
             raise ValueError(f"seed={self.seed!r}; allowed: an integer or null")
-        if not _is_number(self.cpus_per_trial) or not 0 < self.cpus_per_trial < math.inf:
+        if not is_number(self.cpus_per_trial) or not 0 < self.cpus_per_trial < math.inf:
             raise ValueError(f"cpus_per_trial={self.cpus_per_trial!r}; allowed: a number > 0")
         if not isinstance(self.warm_start, bool):
             raise ValueError(f"warm_start={self.warm_start!r}; allowed: true or false")
@@ -151,7 +160,7 @@ class Constraints:
 
     def __post_init__(self) -> None:
         value = self.max_accuracy_drop
-        if value is not None and (not _is_number(value) or not 0 <= value < math.inf):
+        if value is not None and (not is_number(value) or not 0 <= value < math.inf):
             raise ValueError(f"max_accuracy_drop={value!r}; allowed: a number >= 0 or null")
 
     def to_dict(self) -> dict[str, Any]:
@@ -297,8 +306,8 @@ def _parse_experiment(data: Any, path: Path) -> Experiment:
         raise ConfigError(f"empty file; expected a mapping with keys {list(_REQUIRED)}")
     if not isinstance(data, Mapping):
         raise ConfigError(f"expected a mapping with keys {list(_REQUIRED)}, "
-                          f"got {_type_name(data)}")
-    _check_keys(data, _TOP_KEYS, "")
+                          f"got {type_name(data)}")
+    check_keys(data, _TOP_KEYS, "")
     for key in _REQUIRED:
         if key not in data:
             raise ConfigError(f"missing required key {key!r}", key=key)
@@ -308,16 +317,16 @@ def _parse_experiment(data: Any, path: Path) -> Experiment:
                           f"{EXPERIMENT_VERSION}", key="version")
     fields_ = {key: data[key] for key in ("name", "task", "tracking_uri") if key in data}
     for key, value in fields_.items():
-        _check_type(value, str if key == "task" else _hints(Experiment)[key], key)  # a file names its task
-    return _construct(
+        check_type(value, str if key == "task" else hints(Experiment)[key], key)  # a file names its task
+    return construct(
         Experiment, "",
         **fields_,
         search_space=_parse_search_space(data["search_space"], path),
         objectives=_parse_objectives(data["objectives"]),
-        target=_build(Target, data.get("target"), "target"),
-        search=_build(SearchSettings, data.get("search"), "search"),
-        finetune=_build(FinetuneConfig, data.get("finetune"), "finetune"),
-        constraints=_build(Constraints, data.get("constraints"), "constraints"),
+        target=build(Target, data.get("target"), "target"),
+        search=build(SearchSettings, data.get("search"), "search"),
+        finetune=build(FinetuneConfig, data.get("finetune"), "finetune"),
+        constraints=build(Constraints, data.get("constraints"), "constraints"),
         path=path,
     )
 
@@ -333,7 +342,7 @@ def _parse_search_space(raw: Any, path: Path) -> SearchSpace:
         raise ConfigError(f"expected a path to a search space file (relative to this file) or "
                           f"an inline mapping with 'layers', got {raw!r}", key="search_space")
     space_path = os.path.normpath(path.parent / os.path.expanduser(raw))
-    if not _is_file(space_path):
+    if not is_file(space_path):
         raise ConfigError(f"search space file not found: {space_path}", key="search_space")
     return load_search_space(space_path)
 
@@ -347,46 +356,8 @@ def _parse_objectives(raw: Any) -> tuple[Objective, ...]:
         where = f"objectives[{i}]"
         if isinstance(item, str):
             item = {"metric": item}
-        out.append(_build(Objective, item, where, optional=False))
+        out.append(build(Objective, item, where, optional=False))
     return tuple(out)
-
-
-def _build(cls: type, raw: Any, where: str, *, optional: bool = True) -> Any:
-    """Builds the dataclass ``cls`` from a mapping, with ConfigErrors keyed under ``where``."""
-    if raw is None and optional:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"expected a mapping of {_field_names(cls)}, got {_type_name(raw)}",
-                          key=where)
-    _check_keys(raw, _field_names(cls), where)
-    hints = _hints(cls)
-    for f in fields(cls):
-        if f.name in raw:
-            _check_type(raw[f.name], hints[f.name], f"{where}.{f.name}")
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise ConfigError(f"missing required key {f.name!r}", key=f"{where}.{f.name}")
-    return _construct(cls, where, **raw)
-
-
-def _construct(cls: type, where: str, **kwargs: Any) -> Any:
-    """``cls(**kwargs)``, its ValueError turned into a ConfigError keyed by the bad field."""
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise _from_value_error(e, where, _field_names(cls)) from None
-
-
-def _from_value_error(e: ValueError, where: str, names: list[str]) -> ConfigError:
-    """Finds the field a dataclass complained about (``target.threads=0; ...``)."""
-    message = str(e)
-    m = re.match(r"(?:\w+\.)?(\w+)(=|: )", message)
-    if m and m[1] in names:
-        key = f"{where}.{m[1]}" if where else m[1]
-        text = message[m.start(1):] if m[2] == "=" else message[m.end():]
-        return ConfigError(text, key=key)
-    return ConfigError(message, key=where or None)
 
 
 def _override(experiment: Experiment, *, trials: int | None, concurrency: int | None,
@@ -398,7 +369,7 @@ def _override(experiment: Experiment, *, trials: int | None, concurrency: int | 
     for option, key, value in overrides:
         if value is None:
             continue
-        _check_type(value, str if key == "name" else int, option)
+        check_type(value, str if key == "name" else int, option)
         try:
             if key == "name":
                 experiment = replace(experiment, name=value)
@@ -412,59 +383,3 @@ def _override(experiment: Experiment, *, trials: int | None, concurrency: int | 
 # --- checks --------------------------------------------------------------------------------
 
 
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-               type(None): "null"}
-
-
-def _check_type(value: Any, hint: Any, key: str) -> None:
-    """Checks ``value`` against a simple annotation (``int``, ``float``, ``str | None``, ...)."""
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if any(_is_instance(value, t) for t in allowed):
-        return
-    words = " or ".join(_TYPE_WORDS.get(t, getattr(t, "__name__", str(t))) for t in allowed)
-    raise ConfigError(f"expected {words}, got {_type_name(value)} {value!r}", key=key)
-
-
-def _is_instance(value: Any, t: Any) -> bool:
-    if t is float:
-        return _is_number(value)
-    if t is int:
-        return _is_int(value)
-    if t is type(None):
-        return value is None
-    return isinstance(t, type) and isinstance(value, t)
-
-
-def _check_keys(data: Mapping[Any, Any], allowed: list[str] | tuple[str, ...], where: str) -> None:
-    for key in data:
-        if key not in allowed:
-            path = f"{where}.{key}" if where else str(key)
-            raise ConfigError(f"unknown key {key!r}{did_you_mean(key, allowed)}; "
-                              f"allowed: {list(allowed)}", key=path)
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in fields(cls) if f.init and f.name != "path"]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_file(path: str) -> bool:
-    try:
-        return Path(path).is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def _type_name(value: Any) -> str:
-    return "nothing" if value is None else type(value).__name__

@@ -45,11 +45,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from autocompress.config._checks import check_keys, type_name
 from autocompress.config._domain import Knob, _same
 from autocompress.config._errors import ConfigError, did_you_mean, read_yaml
 from autocompress.config._knobs import KNOB_TABLE, KNOBS
@@ -209,15 +210,15 @@ def _parse_space(data: Any) -> tuple[Rule, ...]:
         raise ConfigError("empty search space; expected a mapping with a 'layers' list of rules")
     if not isinstance(data, Mapping):
         raise ConfigError(f"expected a mapping with a 'layers' list of rules, "
-                          f"got {_type_name(data)}")
-    _check_keys(data, _TOP_KEYS, "")
+                          f"got {type_name(data)}")
+    check_keys(data, _TOP_KEYS, "")
     version = data.get("version", SPACE_VERSION)
     if version != SPACE_VERSION or isinstance(version, bool):
         raise ConfigError(f"version {version!r} is not supported; allowed: {SPACE_VERSION}",
                           key="version")
     raw_rules = data.get("layers")
     if not isinstance(raw_rules, list | tuple) or not raw_rules:
-        raise ConfigError(f"expected a non-empty list of rules, got {_type_name(raw_rules)}",
+        raise ConfigError(f"expected a non-empty list of rules, got {type_name(raw_rules)}",
                           key="layers")
     rules = tuple(_parse_rule(raw, f"layers[{i}]") for i, raw in enumerate(raw_rules))
     _check_rule_names(rules)
@@ -226,12 +227,12 @@ def _parse_space(data: Any) -> tuple[Rule, ...]:
 
 def _parse_rule(raw: Any, where: str) -> Rule:
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"expected a rule mapping with 'knobs', got {_type_name(raw)}",
+        raise ConfigError(f"expected a rule mapping with 'knobs', got {type_name(raw)}",
                           key=where)
-    _check_keys(raw, _RULE_KEYS, where)
+    check_keys(raw, _RULE_KEYS, where)
     share = raw.get("share", False)
     if not isinstance(share, bool):
-        raise ConfigError(f"expected true or false, got {_type_name(share)}", key=f"{where}.share")
+        raise ConfigError(f"expected true or false, got {type_name(share)}", key=f"{where}.share")
     return Rule(
         knobs=_parse_knobs(raw.get("knobs"), f"{where}.knobs"),
         match=_parse_patterns(raw.get("match"), f"{where}.match", allow_empty=False),
@@ -259,7 +260,7 @@ def _parse_patterns(raw: Any, where: str, *, allow_empty: bool) -> tuple[str, ..
     items = [raw] if isinstance(raw, str) else raw
     if not isinstance(items, list | tuple):
         raise ConfigError(f"expected a module name, a 're:' pattern or a list of them, "
-                          f"got {_type_name(raw)}", key=where)
+                          f"got {type_name(raw)}", key=where)
     if not items and not allow_empty:
         raise ConfigError("empty list; give at least one pattern or leave the key out", key=where)
     for j, item in enumerate(items):
@@ -292,8 +293,8 @@ def _parse_types(raw: Any, where: str) -> tuple[str, ...]:
 def _parse_knobs(raw: Any, where: str) -> dict[str, Knob]:
     if not isinstance(raw, Mapping) or not raw:
         raise ConfigError(f"expected a mapping of knobs from {list(KNOBS)}, "
-                          f"got {_type_name(raw)}", key=where)
-    _check_keys(raw, KNOBS, where, what="knob")
+                          f"got {type_name(raw)}", key=where)
+    check_keys(raw, KNOBS, where, what="knob")
     return {name: _parse_knob(name, value, f"{where}.{name}") for name, value in raw.items()}
 
 
@@ -320,7 +321,7 @@ def _parse_range(name: str, raw: Mapping[str, Any], where: str) -> Knob:
     if not KNOB_TABLE[name].rangeable:
         raise ConfigError(f"a range is not allowed for {name}; give a list of choices or one "
                           f"value", key=where)
-    _check_keys(raw, _RANGE_KEYS, where)
+    check_keys(raw, _RANGE_KEYS, where)
     if "low" not in raw or "high" not in raw:
         raise ConfigError("a range needs both 'low' and 'high'", key=where)
     integer = KNOB_TABLE[name].integer
@@ -386,16 +387,6 @@ def _check_value(name: str, value: Any, where: str, label: str | None = None) ->
         raise ConfigError(f"{shown} is out of range; allowed: {spec.allowed}", key=where)
 
 
-def _check_keys(data: Mapping[Any, Any], allowed: Iterable[str], where: str,
-                what: str = "key") -> None:
-    allowed = list(allowed)
-    for key in data:
-        if key not in allowed:
-            path = f"{where}.{key}" if where else str(key)
-            raise ConfigError(f"unknown {what} {key!r}{did_you_mean(key, allowed)}; "
-                              f"allowed: {allowed}", key=path)
-
-
 def _check_rule_names(rules: Sequence[Rule]) -> None:
     seen: set[str] = set()
     for i, rule in enumerate(rules):
@@ -419,7 +410,3 @@ def _matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
         return _compile(pattern[3:]).fullmatch(name) is not None
     return pattern == name
-
-
-def _type_name(value: Any) -> str:
-    return "nothing" if value is None else type(value).__name__
