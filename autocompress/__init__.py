@@ -13,21 +13,16 @@ from autocompress._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-_WHERE = {
-    "Task": "autocompress.tasks._task",
-    "Plan": "autocompress.compress._plan",
-    "LayerPlan": "autocompress.compress._plan",
-    "PlanError": "autocompress.compress._plan",
-    "ConfigError": "autocompress.config._errors",
-    "Experiment": "autocompress.config._experiment",
-    "load_experiment": "autocompress.config._experiment",
-    "load_search_space": "autocompress.config._space",
-    "SearchResult": "autocompress.tune._result",
-    "search": "autocompress._api",
-    "export": "autocompress._api",
-    "load_packed": "autocompress.deploy._packed",
+_EXPORTS = {
+    "tasks._task": ("Task",),
+    "compress._plan": ("Plan", "LayerPlan", "PlanError"),
+    "config._errors": ("ConfigError",),
+    "config._experiment": ("Experiment", "load_experiment"),
+    "config._space": ("load_search_space",),
+    "tune._result": ("SearchResult",),
+    "_api": ("search", "export"),
+    "deploy._packed": ("load_packed",),
 }
 
-__all__ = [*_WHERE, "__version__"]
-
-__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
+__getattr__, __dir__, _names = lazy_exports(__name__, _EXPORTS)
+__all__ = [*_names, "__version__"]

@@ -9,22 +9,11 @@ Names are imported on first use, so the plan (torch-free) loads without torch.
 
 from autocompress._lazy import lazy_exports
 
-_WHERE = {
-    "Plan": "autocompress.compress._plan",
-    "LayerPlan": "autocompress.compress._plan",
-    "PlanError": "autocompress.compress._plan",
-    "LayerInfo": "autocompress.compress._layers",
-    "find_layers": "autocompress.compress._layers",
-    "count_macs": "autocompress.compress._layers",
-    "ActFakeQuant": "autocompress.compress._modules",
-    "LowRank": "autocompress.compress._modules",
-    "WeightCompression": "autocompress.compress._modules",
-    "apply": "autocompress.compress._registry",
-    "list_methods": "autocompress.compress._registry",
-    "register_method": "autocompress.compress._registry",
-    "bake": "autocompress.compress._bake",
-    "export_onnx": "autocompress.compress._bake",
+_EXPORTS = {
+    "_plan": ("Plan", "LayerPlan", "PlanError"),
+    "_layers": ("LayerInfo", "find_layers", "count_macs"),
+    "_modules": ("ActFakeQuant", "LowRank", "WeightCompression"),
+    "_registry": ("apply", "list_methods", "register_method"),
+    "_bake": ("bake", "export_onnx"),
 }
-__all__ = list(_WHERE)
-
-__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -5,31 +5,15 @@ Bad input raises :class:`ConfigError` naming the file, the dotted key and what i
 
 from autocompress._lazy import lazy_exports
 
-_WHERE = {
-    "ConfigError": "autocompress.config._errors",
-    "did_you_mean": "autocompress.config._errors",
-    "read_yaml": "autocompress.config._errors",
-    "Experiment": "autocompress.config._experiment",
-    "Objective": "autocompress.config._experiment",
-    "SearchSettings": "autocompress.config._experiment",
-    "Constraints": "autocompress.config._experiment",
-    "load_experiment": "autocompress.config._experiment",
-    "SearchSpace": "autocompress.config._space",
-    "Rule": "autocompress.config._space",
-    "load_search_space": "autocompress.config._space",
-    "LAYER_TYPES": "autocompress.config._space",
-    "Knob": "autocompress.config._domain",
-    "ResolvedSpace": "autocompress.config._resolve",
-    "LayerSpace": "autocompress.config._resolve",
-    "Slot": "autocompress.config._resolve",
-    "KNOBS": "autocompress.config._knobs",
-    "KNOB_TABLE": "autocompress.config._knobs",
-    "KnobSpec": "autocompress.config._knobs",
-    "EXPERIMENT_VERSION": "autocompress.config._experiment",
-    "SAMPLERS": "autocompress.config._experiment",
-    "METRICS": "autocompress.config._experiment",
-    "MAX_OBJECTIVES": "autocompress.config._experiment",
+_EXPORTS = {
+    "_errors": ("ConfigError", "did_you_mean", "read_yaml"),
+    "_experiment": (
+        "Experiment", "Objective", "SearchSettings", "Constraints", "load_experiment",
+        "EXPERIMENT_VERSION", "SAMPLERS", "METRICS", "MAX_OBJECTIVES",
+    ),
+    "_space": ("SearchSpace", "Rule", "load_search_space", "LAYER_TYPES"),
+    "_domain": ("Knob",),
+    "_resolve": ("ResolvedSpace", "LayerSpace", "Slot"),
+    "_knobs": ("KNOBS", "KNOB_TABLE", "KnobSpec"),
 }
-__all__ = list(_WHERE)
-
-__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -3,16 +3,10 @@ verification, register it, and report on a search."""
 
 from autocompress._lazy import lazy_exports
 
-_WHERE = {
-    "Rebuilt": "autocompress.deploy._rebuild",
-    "rebuild_from_run": "autocompress.deploy._rebuild",
-    "export_run": "autocompress.deploy._export",
-    "VerificationError": "autocompress.deploy._export",
-    "FORMATS": "autocompress.deploy._export",
-    "save_packed": "autocompress.deploy._packed",
-    "load_packed": "autocompress.deploy._packed",
-    "write_report": "autocompress.deploy._report",
+_EXPORTS = {
+    "_rebuild": ("Rebuilt", "rebuild_from_run"),
+    "_export": ("export_run", "VerificationError", "FORMATS"),
+    "_packed": ("save_packed", "load_packed"),
+    "_report": ("write_report",),
 }
-__all__ = list(_WHERE)
-
-__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

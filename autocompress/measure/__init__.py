@@ -1,30 +1,20 @@
-"""Measuring a model: accuracy, stored size, params, MACs and latency on a target.
+"""Measuring a model: accuracy, stored size, params, MACs and latency on a target; the metric
+registry (:mod:`~autocompress.measure._registry`) and the runtimes
+(:mod:`~autocompress.measure.runtimes`).
 
 Names are imported lazily, so that torch-free parts (``autocompress.measure._timing``, used by
 the remote device agent) import without torch.
 """
 
-from __future__ import annotations
+from autocompress._lazy import lazy_exports
 
-import importlib
-from typing import Any
-
-_WHERE = {
-    "LatencyResult": "latency", "machine_facts": "latency", "measure_latency": "latency",
-    "Metrics": "metrics", "measure": "metrics", "top1_accuracy": "metrics",
-    "TensorSize": "size", "count_params": "size", "size_bytes": "size", "size_report": "size",
-    "tensor_bytes": "size", "Target": "target",
+_EXPORTS = {
+    "latency": ("LatencyResult", "machine_facts", "measure_latency"),
+    "metrics": ("Metrics", "measure", "top1_accuracy"),
+    "size": ("TensorSize", "count_params", "size_bytes", "size_report", "tensor_bytes"),
+    "target": ("Target",),
+    "_timing": ("TimingSettings",),
+    "_registry": ("METRIC_TABLE", "MetricSpec", "register_metric", "relative_metrics"),
 }
 
-__all__ = [
-    "LatencyResult", "Metrics", "Target", "TensorSize", "count_params", "machine_facts", "measure",
-    "measure_latency", "size_bytes", "size_report", "tensor_bytes", "top1_accuracy",
-]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"autocompress.measure.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'autocompress.measure' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

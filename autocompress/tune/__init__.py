@@ -5,14 +5,11 @@
 
 from autocompress._lazy import lazy_exports
 
-_WHERE = {
-    "run_search": "autocompress.tune._driver",
-    "SearchResult": "autocompress.tune._result",
-    "run_trial": "autocompress.tune._trial",
-    "TrialResult": "autocompress.tune._trial",
-    "make_sampler": "autocompress.tune._samplers",
-    "run_remote_search": "autocompress.tune._remote",
+_EXPORTS = {
+    "_driver": ("run_search",),
+    "_result": ("SearchResult",),
+    "_trial": ("run_trial", "TrialResult"),
+    "_samplers": ("make_sampler",),
+    "_remote": ("run_remote_search",),
 }
-__all__ = list(_WHERE)
-
-__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
