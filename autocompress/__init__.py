@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "tasks._task": ("Task",),
     "compress._plan": ("Plan", "LayerPlan", "PlanError"),
-    "config._errors": ("ConfigError",),
+    "_errors": ("ConfigError",),
     "config._experiment": ("Experiment", "load_experiment"),
     "config._space": ("load_search_space",),
     "tune._result": ("SearchResult",),

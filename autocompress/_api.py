@@ -18,7 +18,7 @@ from dataclasses import asdict, fields, is_dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autocompress.config._errors import ConfigError
+from autocompress._errors import ConfigError
 from autocompress.config._experiment import Experiment, SearchSettings, load_experiment, parse_experiment
 from autocompress.config._space import SearchSpace
 
@@ -77,7 +77,7 @@ def search(task: Task | str | os.PathLike | Experiment, *,
     """
     unknown = sorted(set(settings) - set(_SEARCH_KEYS))
     if unknown:
-        from autocompress.config._errors import did_you_mean
+        from autocompress._errors import did_you_mean
 
         allowed = ["space", "objectives", "name", "target", "finetune", "constraints",
                    "tracking_uri", "address", "resume", "echo", *_SEARCH_KEYS]

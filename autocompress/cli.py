@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from autocompress._errors import ConfigError
 from autocompress.compress._plan import PlanError
-from autocompress.config._errors import ConfigError
 
 EXIT_BAD_INPUT = 2
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"

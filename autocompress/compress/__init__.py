@@ -10,6 +10,7 @@ Names are imported on first use, so the plan (torch-free) loads without torch.
 from autocompress._lazy import lazy_exports
 
 _EXPORTS = {
+    "_knobs": ("KNOBS", "KNOB_TABLE", "KnobSpec", "Heat"),
     "_plan": ("Plan", "LayerPlan", "PlanError"),
     "_layers": ("LayerInfo", "find_layers", "count_macs"),
     "_modules": ("ActFakeQuant", "LowRank", "WeightCompression"),

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from autocompress.config._errors import did_you_mean
-from autocompress.config._knobs import KNOB_TABLE, summary_tokens
+from autocompress._errors import did_you_mean
+from autocompress.compress._knobs import KNOB_TABLE, summary_tokens
 
 PLAN_VERSION = 1
 

@@ -6,7 +6,8 @@ Bad input raises :class:`ConfigError` naming the file, the dotted key and what i
 from autocompress._lazy import lazy_exports
 
 _EXPORTS = {
-    "_errors": ("ConfigError", "did_you_mean", "read_yaml"),
+    "autocompress._errors": ("ConfigError", "did_you_mean"),
+    "_yaml": ("read_yaml",),
     "_experiment": (
         "Experiment", "Objective", "SearchSettings", "Constraints", "load_experiment",
         "EXPERIMENT_VERSION", "SAMPLERS", "METRICS", "MAX_OBJECTIVES",
@@ -14,6 +15,6 @@ _EXPORTS = {
     "_space": ("SearchSpace", "Rule", "load_search_space", "LAYER_TYPES"),
     "_domain": ("Knob",),
     "_resolve": ("ResolvedSpace", "LayerSpace", "Slot"),
-    "_knobs": ("KNOBS", "KNOB_TABLE", "KnobSpec"),
+    "autocompress.compress._knobs": ("KNOBS", "KNOB_TABLE", "KnobSpec"),  # what a space may search
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -11,7 +11,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from autocompress.config._errors import ConfigError, did_you_mean
+from autocompress._errors import ConfigError, did_you_mean
 
 
 def build(cls: type, raw: Any, where: str, *, optional: bool = True) -> Any:
@@ -122,3 +122,15 @@ def is_file(path: str) -> bool:
 
 def type_name(value: Any) -> str:
     return "nothing" if value is None else type(value).__name__
+
+
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """``re.compile`` (its own cache serves the many layer names one pattern is matched to)."""
+    return re.compile(pattern)
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Whether module ``name`` is ``pattern``, or full-matches it for a ``re:`` pattern."""
+    if pattern.startswith("re:"):
+        return compile_pattern(pattern[3:]).fullmatch(name) is not None
+    return pattern == name

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
+from autocompress.compress._knobs import same
+
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
 
@@ -78,9 +80,9 @@ class Knob:
     def contains(self, value: Any) -> bool:
         """True if ``value`` could have been sampled from this knob."""
         if self.kind == "choice":
-            return any(_same(value, c) for c in self.choices)
+            return any(same(value, c) for c in self.choices)
         if self.kind == "fixed":
-            return _same(value, self.value)
+            return same(value, self.value)
         kind = numbers.Integral if self.integer else numbers.Real
         if not isinstance(value, kind) or isinstance(value, bool):
             return False
@@ -132,9 +134,3 @@ class Knob:
         if self.kind == "choice":
             return {"kind": "choice", "choices": list(self.choices)}
         return {"kind": "fixed", "value": self.value}
-
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal and of the same kind (0.0 is not False, 8 is not 8.0 for an integer knob)."""
-    return a == b and isinstance(a, bool) == isinstance(b, bool)

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from autocompress._errors import ConfigError, did_you_mean
 from autocompress.config._checks import (
     build,
     check_keys,
@@ -44,8 +45,8 @@ from autocompress.config._checks import (
     is_number,
     type_name,
 )
-from autocompress.config._errors import ConfigError, did_you_mean, read_yaml
 from autocompress.config._space import SearchSpace, load_search_space
+from autocompress.config._yaml import read_yaml
 from autocompress.finetune import FinetuneConfig
 from autocompress.measure._registry import objective_metrics
 from autocompress.measure.target import Target

@@ -2,7 +2,7 @@
 inverse (the plan of a finished trial's parameters).
 
 Which values a layer cannot take, how a sampled value becomes a plan value and which value is
-the mildest come from the knob table (:mod:`autocompress.config._knobs`).
+the mildest come from the knob table (:mod:`autocompress.compress._knobs`).
 """
 
 from __future__ import annotations
@@ -11,21 +11,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from autocompress._errors import ConfigError, did_you_mean
+from autocompress.compress._knobs import KNOB_TABLE, KNOBS, KnobSpec
 from autocompress.compress._plan import LayerPlan, Plan
+from autocompress.config._checks import matches
 from autocompress.config._domain import Knob, TrialLike
-from autocompress.config._errors import ConfigError, did_you_mean
-from autocompress.config._knobs import KNOB_TABLE, KNOBS, KnobSpec
-from autocompress.config._space import _matches
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
 
     from autocompress.compress._layers import LayerInfo
-    from autocompress.config._space import Rule
 
 
-def resolve(rules: Sequence[Rule], layers: Sequence[LayerInfo]) -> ResolvedSpace:
-    """Applies ``rules`` to a model's layers (see :meth:`SearchSpace.resolve`)."""
+def resolve(rules: Sequence[Any], layers: Sequence[LayerInfo]) -> ResolvedSpace:
+    """Applies ``rules`` (a search space's ``Rule`` objects) to a model's layers (see
+    :meth:`SearchSpace.resolve`)."""
     layers = list(layers)
     chosen: dict[str, dict[str, int]] = {}
     for i, rule in enumerate(rules):
@@ -154,10 +154,10 @@ class ResolvedSpace:
 
 
 
-def _selected(index: int, rule: Rule, layers: Sequence[LayerInfo]) -> list[LayerInfo]:
+def _selected(index: int, rule: Any, layers: Sequence[LayerInfo]) -> list[LayerInfo]:
     names = [layer.name for layer in layers]
     for pattern in rule.match:
-        if not any(_matches(pattern, name) for name in names):
+        if not any(matches(pattern, name) for name in names):
             hint = "" if pattern.startswith("re:") else did_you_mean(pattern, names)
             raise ConfigError(f"pattern {pattern!r} matches no layer{hint}; "
                               f"layers: {_listing(layers)}", key=f"layers[{index}].match")
@@ -170,7 +170,7 @@ def _selected(index: int, rule: Rule, layers: Sequence[LayerInfo]) -> list[Layer
 
 
 def _layer_space(layer: LayerInfo, chosen: Mapping[str, int],
-                 rules: Sequence[Rule]) -> LayerSpace:
+                 rules: Sequence[Any]) -> LayerSpace:
     slots = {}
     for name in KNOBS:
         if name not in chosen:

@@ -21,7 +21,7 @@ Rules apply in order; a later rule overrides an earlier one per layer and per kn
 layer does not get stay at their ``LayerPlan`` defaults; layers that no rule selects are left
 out of the plan.
 
-The knob table (:mod:`autocompress.config._knobs`) turns a sampled value into a plan value;
+The knob table (:mod:`autocompress.compress._knobs`) turns a sampled value into a plan value;
 two of its rules matter when writing a space:
 
 * ``rank`` 1.0 means full rank, i.e. no factorization, and becomes ``rank: null`` in the plan:
@@ -50,10 +50,11 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from autocompress.config._checks import check_keys, type_name
-from autocompress.config._domain import Knob, _same
-from autocompress.config._errors import ConfigError, did_you_mean, read_yaml
-from autocompress.config._knobs import KNOB_TABLE, KNOBS
+from autocompress._errors import ConfigError, did_you_mean
+from autocompress.compress._knobs import KNOB_TABLE, KNOBS, same
+from autocompress.config._checks import check_keys, compile_pattern, matches, type_name
+from autocompress.config._domain import Knob
+from autocompress.config._yaml import read_yaml
 
 if TYPE_CHECKING:
 
@@ -97,9 +98,9 @@ class Rule:
 
     def selects(self, layer: LayerInfo) -> bool:
         """True if the rule applies to ``layer``."""
-        return ((not self.match or any(_matches(p, layer.name) for p in self.match))
+        return ((not self.match or any(matches(p, layer.name) for p in self.match))
                 and (not self.types or layer.type in self.types)
-                and not any(_matches(p, layer.name) for p in self.exclude))
+                and not any(matches(p, layer.name) for p in self.exclude))
 
     def group(self, index: int) -> str:
         """Parameter prefix of a shared rule: its name, or ``rule<index>``."""
@@ -269,7 +270,7 @@ def _parse_patterns(raw: Any, where: str, *, allow_empty: bool) -> tuple[str, ..
             raise ConfigError(f"expected a module name or a 're:' pattern, got {item!r}", key=key)
         if item.startswith("re:"):
             try:
-                _compile(item[3:])
+                compile_pattern(item[3:])
             except (re.error, OverflowError, RecursionError) as e:
                 raise ConfigError(f"bad regular expression {item!r}: {e}", key=key) from None
     return tuple(items)
@@ -312,7 +313,7 @@ def _parse_choices(name: str, raw: Sequence[Any], where: str) -> Knob:
         raise ConfigError("empty list of choices; give at least one value", key=where)
     for j, value in enumerate(raw):
         _check_value(name, value, f"{where}[{j}]")
-        if any(_same(value, earlier) for earlier in raw[:j]):
+        if any(same(value, earlier) for earlier in raw[:j]):
             raise ConfigError(f"{value!r} is listed twice", key=f"{where}[{j}]")
     return Knob("choice", choices=tuple(raw))
 
@@ -400,13 +401,3 @@ def _check_rule_names(rules: Sequence[Rule]) -> None:
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def _compile(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
-
-
-def _matches(pattern: str, name: str) -> bool:
-    if pattern.startswith("re:"):
-        return _compile(pattern[3:]).fullmatch(name) is not None
-    return pattern == name

@@ -153,7 +153,7 @@ def export_run(run_id: str, fmt: str, out_dir: str | Path, tracking_uri: str,
         ConfigError: Unknown format, unknown run id, or a run that is not a finished trial.
         VerificationError: The artifact's metric or size differs from the logged one.
     """
-    from autocompress.config._errors import ConfigError
+    from autocompress._errors import ConfigError
 
     if fmt not in FILES:
         raise ConfigError(f"unknown export format {fmt!r}; allowed: {list(FORMATS)}", key="--format")

@@ -31,8 +31,8 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 from torch.nn.utils import parametrize
 
+from autocompress._errors import ConfigError
 from autocompress.compress._plan import Plan
-from autocompress.config._errors import ConfigError
 from autocompress.tracking import ROLE, SUMMARY, open_store
 
 PARENT = "mlflow.parentRunId"
@@ -173,8 +173,8 @@ def load_baked_state(model: nn.Module, state: dict[str, torch.Tensor], plan: Pla
         RuntimeError: The weights do not fit the architecture (the task's model changed since
             the search).
     """
+    from autocompress.compress._knobs import needs_masks
     from autocompress.compress._modules import leaves, weight_compression
-    from autocompress.config._knobs import needs_masks
 
     masked = {id(leaf) for name, lp in plan.active().items()
               if needs_masks(lp) for leaf in leaves(model, name)}

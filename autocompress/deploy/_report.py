@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from autocompress.config._knobs import heat_maps
+from autocompress.compress._knobs import heat_maps
 from autocompress.deploy._rebuild import download_text, quiet_downloads
 from autocompress.measure._registry import front_columns
 from autocompress.tracking import (

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from autocompress.config._errors import did_you_mean
+from autocompress._errors import did_you_mean
 
 __all__ = ["METRIC_TABLE", "MetricSpec", "front_columns", "get_metric", "objective_metrics",
            "plotted_metrics", "register_metric", "relative_metrics", "trial_metrics"]

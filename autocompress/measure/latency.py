@@ -17,11 +17,10 @@ With ``device: remote`` the exported ONNX model is sent to a device agent
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -30,57 +29,13 @@ from torch import nn
 from autocompress.compress._bake import bake, export_onnx
 from autocompress.measure import cache as latency_cache
 from autocompress.measure._machine import machine_facts
-from autocompress.measure.runtimes import get_runtime
+from autocompress.measure._results import LatencyResult, Prepared
 from autocompress.measure.runtimes._remote import target_facts
+from autocompress.measure.runtimes._table import get_runtime
 from autocompress.measure.target import Target
 
 __all__ = ["LatencyResult", "Prepared", "check_target", "machine_facts", "measure_latency",
            "measure_prepared", "prepare", "target_facts"]
-
-
-@dataclass(frozen=True)
-class LatencyResult:
-    """Timings of one model on one target, in milliseconds."""
-
-    latency_ms: float
-    p90_ms: float
-    iqr_ms: float
-    runs: int
-    runtime: str
-    device: str
-    threads: int
-    batch_size: int
-    ci_low_ms: float = math.nan  # 95% confidence interval of the median
-    ci_high_ms: float = math.nan
-    stopped: str = ""  # why timing stopped: "ci", "budget" or "max_runs"
-    runtime_version: str = ""
-    cpu: str = ""
-    cached: bool = False  # taken from the latency cache (autocompress.measure.cache)
-    gpu: str = ""  # the CUDA device's name with device: cuda
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Prepared:
-    """A model made ready to time on a target, without timing it yet.
-
-    Built where the model lives (a trial); timed where the measurement runs (in-process, or
-    the search's measurement service, see :mod:`autocompress.measure.service`). Picklable.
-
-    Attributes:
-        batch: The timed input batch (``target.batch_size`` rows).
-        onnx: The exported ONNX model (``onnxruntime`` runtime, local or remote).
-        module: The baked eager module (``torch`` runtime).
-        key: Latency-cache key (architecture, precision, target, measuring machine), or None
-            when the model has no ONNX form to derive it from.
-    """
-
-    batch: torch.Tensor
-    onnx: bytes | None = None
-    module: nn.Module | None = None
-    key: str | None = None
 
 
 def prepare(model: nn.Module, example_inputs: torch.Tensor, target: Target) -> Prepared:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from autocompress.measure._timing import TimingSettings
-from autocompress.measure.runtimes import devices_of, runtime_names
+from autocompress.measure.runtimes._table import devices_of, runtime_names
 
 DEVICES = ("cpu", "cuda", "remote")
 

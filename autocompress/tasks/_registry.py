@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import autocompress
-from autocompress.config._errors import ConfigError
+from autocompress._errors import ConfigError
 from autocompress.tasks._task import Task
 
 _TASKS: dict[str, Callable[..., Task]] = {}

@@ -23,7 +23,7 @@ def open_store(tracking_uri: str, *, must_exist: bool = False) -> MlflowClient:
     Raises:
         ConfigError: ``must_exist`` and the SQLite file is missing.
     """
-    from autocompress.config._errors import ConfigError
+    from autocompress._errors import ConfigError
 
     if must_exist and tracking_uri.startswith("sqlite:///"):
         path = Path(tracking_uri[len("sqlite:///"):])
@@ -51,7 +51,7 @@ def client_for(tracking_uri: str) -> MlflowClient:
         ConfigError: The store needs a Python package that is not installed (key
             ``--tracking-uri``).
     """
-    from autocompress.config._errors import ConfigError
+    from autocompress._errors import ConfigError
 
     try:
         client = MlflowClient(tracking_uri)
@@ -59,14 +59,37 @@ def client_for(tracking_uri: str) -> MlflowClient:
         if tracking is not None:
             _ = tracking.store  # the MLflow version in use may create the store lazily
     except ImportError as e:
-        module = (e.name or "").split(".")[0]
-        if not module:
-            raise ConfigError(f"{_redacted(tracking_uri)}: cannot load the store's driver: {e}",
-                              key="--tracking-uri") from None
-        package = _DRIVER_PACKAGES.get(module, module)
-        raise ConfigError(f"{_redacted(tracking_uri)} needs the Python module {module!r}, which is "
-                          f"not installed; pip install {package}", key="--tracking-uri") from None
+        raise _missing_driver(e, tracking_uri) from None
     return client
+
+
+def check_store_driver(tracking_uri: str) -> None:
+    """Refuses a database store whose Python driver is missing, without creating anything (a
+    search checks this before it loads its task or starts Ray).
+
+    Raises:
+        ConfigError: As :func:`client_for`.
+    """
+    if tracking_uri.partition("://")[0].split("+")[0] not in ("mysql", "postgresql", "postgres", "mssql"):
+        return
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(tracking_uri).get_dialect().import_dbapi()
+    except ImportError as e:
+        raise _missing_driver(e, tracking_uri) from None
+
+
+def _missing_driver(e: ImportError, tracking_uri: str) -> Exception:
+    from autocompress._errors import ConfigError
+
+    module = (e.name or "").split(".")[0]
+    if not module:
+        return ConfigError(f"{_redacted(tracking_uri)}: cannot load the store's driver: {e}",
+                           key="--tracking-uri")
+    return ConfigError(f"{_redacted(tracking_uri)} needs the Python module {module!r}, which is "
+                       f"not installed; pip install {_DRIVER_PACKAGES.get(module, module)}",
+                       key="--tracking-uri")
 
 
 def _redacted(uri: str) -> str:
@@ -86,7 +109,7 @@ def latest_search(client: MlflowClient, experiment_name: str):
     Raises:
         ConfigError: No such experiment, or it holds no search.
     """
-    from autocompress.config._errors import ConfigError
+    from autocompress._errors import ConfigError
 
     exp = client.get_experiment_by_name(experiment_name)
     if exp is None:

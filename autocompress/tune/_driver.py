@@ -66,13 +66,14 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     import ray
     from ray import tune
 
+    from autocompress._errors import ConfigError
     from autocompress.compress._layers import find_layers
-    from autocompress.config._errors import ConfigError
     from autocompress.measure.service import ServiceMeasurer, pin, stop_service
     from autocompress.tasks import load_task
-    from autocompress.tracking._reader import client_for
+    from autocompress.tracking._reader import check_store_driver
 
     echo = echo or (lambda msg: print(f"autocompress: {msg}", file=sys.stderr, flush=True))
+    check_store_driver(tracking_uri)  # e.g. mysql:// without its driver: before any training
     try:
         task = load_task(exp.task, seed=exp.search.seed or 0)
     except ConfigError as e:
@@ -81,7 +82,6 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     previous = _resumable(exp, tracking_uri) if resume else None
     _check_address(address)
     _check_target(exp)
-    client_for(tracking_uri)  # e.g. the database driver of a mysql:// store is not installed
     echo(f"task {task.name}: {len(space.layers)} layers, {len(space.params())} search parameters")
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # per-epoch reports
@@ -115,7 +115,8 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
         warm = exp.search.warm_start and not tracker.trials
         searcher = _searcher_class()(
             space=_DefineByRun(space), metric=exp.metrics, mode=exp.modes,
-            sampler=make_sampler(exp, baseline["accuracy"]), study_name=study_name,
+            sampler=make_sampler(exp.search, exp.metrics, exp.constraints.max_accuracy_drop,
+                                 baseline["accuracy"]), study_name=study_name,
             points_to_evaluate=[space.warm_start_params()] if warm else None,
             storage=optuna.storages.RDBStorage(storage),
         )

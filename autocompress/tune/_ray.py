@@ -90,7 +90,7 @@ def _check_address(address: str | None) -> None:
     A ``HOST:PORT`` is probed with a plain TCP connection: Ray itself waits minutes for an
     unreachable GCS and then exits the process.
     """
-    from autocompress.config._errors import ConfigError
+    from autocompress._errors import ConfigError
 
     if address in (None, "auto", "local"):
         return
@@ -124,7 +124,7 @@ def host_port(address: str) -> tuple[str, int | None]:
 
 def _check_target(exp: Experiment) -> None:
     """Refuses a target this machine cannot measure on (e.g. ``device: cuda`` without CUDA)."""
-    from autocompress.config._errors import ConfigError
+    from autocompress._errors import ConfigError
     from autocompress.measure.latency import check_target
 
     try:
@@ -162,7 +162,7 @@ def _connect_ray(exp: Experiment, address: str | None, num_cpus: int | None) -> 
     """
     import ray
 
-    from autocompress.config._errors import ConfigError
+    from autocompress._errors import ConfigError
 
     if ray.is_initialized():
         return False

@@ -50,7 +50,7 @@ def _resumable(exp: Experiment, tracking_uri: str) -> Any:
         ConfigError: No store, no earlier search of the experiment, or an experiment that
             changed since that search started.
     """
-    from autocompress.config._errors import ConfigError
+    from autocompress._errors import ConfigError
     from autocompress.tracking._reader import latest_search, open_store
 
     try:

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from autocompress.config._experiment import Experiment
     from autocompress.config._resolve import ResolvedSpace
 
 
@@ -89,8 +88,15 @@ def _random(s: Any, constraint: Any) -> Any:
     return optuna.samplers.RandomSampler(seed=s.seed)  # samples blindly: nothing to constrain
 
 
-def make_sampler(exp: Experiment, baseline_accuracy: float) -> Any:
-    """The Optuna sampler named in ``search.sampler``, seeded, with the accuracy constraint.
+def make_sampler(settings: Any, metrics: list[str], max_accuracy_drop: float | None,
+                 baseline_accuracy: float) -> Any:
+    """The Optuna sampler named in ``settings.sampler``, seeded, with the accuracy constraint.
+
+    Args:
+        settings: The experiment's ``search`` settings (``SearchSettings``).
+        metrics: The objective metrics, in order.
+        max_accuracy_drop: The ``constraints.max_accuracy_drop``, or None.
+        baseline_accuracy: The baseline's accuracy, which the drop is measured from.
 
     Raises:
         KeyError: An unregistered sampler name (the experiment's validation refuses it first).
@@ -99,12 +105,12 @@ def make_sampler(exp: Experiment, baseline_accuracy: float) -> Any:
     # function that Ray's OptunaSearch owns; it still works until Optuna 7.
     warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
     constraint = None
-    if exp.constraints.max_accuracy_drop is not None and "accuracy" in exp.metrics:
-        constraint = _AccuracyDropConstraint(exp.metrics.index("accuracy"), baseline_accuracy,
-                                             exp.constraints.max_accuracy_drop)
-    if exp.search.sampler not in _SAMPLERS:
-        raise KeyError(f"unknown sampler {exp.search.sampler!r}; registered: {list(_SAMPLERS)}")
-    return _SAMPLERS[exp.search.sampler](exp.search, constraint)
+    if max_accuracy_drop is not None and "accuracy" in metrics:
+        constraint = _AccuracyDropConstraint(metrics.index("accuracy"), baseline_accuracy,
+                                             max_accuracy_drop)
+    if settings.sampler not in _SAMPLERS:
+        raise KeyError(f"unknown sampler {settings.sampler!r}; registered: {list(_SAMPLERS)}")
+    return _SAMPLERS[settings.sampler](settings, constraint)
 
 
 def _searcher_class():

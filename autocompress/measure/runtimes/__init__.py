@@ -1,11 +1,12 @@
 """Runtimes that latency is measured on: ONNX Runtime, eager PyTorch, and a remote device agent.
 
-See :mod:`autocompress.measure.runtimes._base` for the interface and the registry.
+See :mod:`autocompress.measure.runtimes._base` for the interface and ``_table.py`` for the
+registry.
 """
 
-from autocompress.measure.runtimes._base import (
+from autocompress.measure.runtimes._base import LocalRuntime, Runtime
+from autocompress.measure.runtimes._table import (
     RUNTIMES,
-    Runtime,
     RuntimeEntry,
     devices_of,
     get_runtime,
@@ -13,5 +14,5 @@ from autocompress.measure.runtimes._base import (
     runtime_names,
 )
 
-__all__ = ["RUNTIMES", "Runtime", "RuntimeEntry", "devices_of", "get_runtime", "register_runtime",
-           "runtime_names"]
+__all__ = ["RUNTIMES", "LocalRuntime", "Runtime", "RuntimeEntry", "devices_of", "get_runtime",
+           "register_runtime", "runtime_names"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from autocompress.measure.runtimes._base import LocalRuntime
 
 if TYPE_CHECKING:
-    from autocompress.measure.latency import Prepared
+    from autocompress.measure._results import Prepared
     from autocompress.measure.target import Target
 
 

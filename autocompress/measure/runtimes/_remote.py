@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from autocompress.measure.runtimes._base import Runtime
 
 if TYPE_CHECKING:
-    from autocompress.measure.latency import LatencyResult, Prepared
+    from autocompress.measure._results import LatencyResult, Prepared
     from autocompress.measure.target import Target
 
 REMOTE_TIMEOUT_S = 300.0  # one HTTP request (upload, queueing on the agent, measuring)
@@ -83,7 +83,7 @@ class RemoteAgent(Runtime):
         return target_facts(target)
 
     def measure(self, prepared: Prepared, target: Target) -> LatencyResult:
-        from autocompress.measure.latency import LatencyResult
+        from autocompress.measure._results import LatencyResult
         from autocompress.measure.runtimes._ort import has_activation_quant
 
         assert prepared.onnx is not None

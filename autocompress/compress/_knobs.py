@@ -8,7 +8,8 @@ must restore masks for it, and its heat map in the report. The plan, the search 
 report and rebuild all read this table; a new knob is one ``LayerPlan`` field plus one entry
 here (``rank`` is the one to copy).
 
-Torch-free: reading a config does not import torch.
+Torch-free: reading a config does not import torch. The search space's domains
+(:class:`~autocompress.config.Knob`) are read by duck typing, so this module imports no config.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from autocompress.config._domain import Knob, _same
+if TYPE_CHECKING:
+    from autocompress.config._domain import Knob
 
-__all__ = ["KNOBS", "KNOB_TABLE", "Heat", "KnobSpec", "heat_maps", "needs_masks", "summary_tokens"]
+__all__ = ["KNOBS", "KNOB_TABLE", "Heat", "KnobSpec", "heat_maps", "needs_masks", "same", "summary_tokens"]
 
 
 def _number(value: Any) -> bool:
@@ -33,7 +35,12 @@ def _numbers(knob: Knob) -> list[Any]:
 
 def _first_of(knob: Knob, preferred: list[Any]) -> Any:
     """The first of ``preferred`` among ``knob``'s choices, else its first choice."""
-    return next((p for p in preferred if any(_same(p, c) for c in knob.choices)), knob.choices[0])
+    return next((p for p in preferred if any(same(p, c) for c in knob.choices)), knob.choices[0])
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal and of the same kind (0.0 is not False, 8 is not 8.0 for an integer knob)."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,58 @@
+"""What a latency measurement produces (:class:`LatencyResult`) and what it times
+(:class:`Prepared`): plain data shared by the runtimes, the measurement service and the cache."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Timings of one model on one target, in milliseconds."""
+
+    latency_ms: float
+    p90_ms: float
+    iqr_ms: float
+    runs: int
+    runtime: str
+    device: str
+    threads: int
+    batch_size: int
+    ci_low_ms: float = math.nan  # 95% confidence interval of the median
+    ci_high_ms: float = math.nan
+    stopped: str = ""  # why timing stopped: "ci", "budget" or "max_runs"
+    runtime_version: str = ""
+    cpu: str = ""
+    cached: bool = False  # taken from the latency cache (autocompress.measure.cache)
+    gpu: str = ""  # the CUDA device's name with device: cuda
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+
+@dataclass
+class Prepared:
+    """A model made ready to time on a target, without timing it yet.
+
+    Built where the model lives (a trial); timed where the measurement runs (in-process, or
+    the search's measurement service, see :mod:`autocompress.measure.service`). Picklable.
+
+    Attributes:
+        batch: The timed input batch (``target.batch_size`` rows).
+        onnx: The exported ONNX model (``onnxruntime`` runtime, local or remote).
+        module: The baked eager module (``torch`` runtime).
+        key: Latency-cache key (architecture, precision, target, measuring machine), or None
+            when the model has no ONNX form to derive it from.
+    """
+
+    batch: torch.Tensor
+    onnx: bytes | None = None
+    module: nn.Module | None = None
+    key: str | None = None
