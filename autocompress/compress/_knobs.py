@@ -8,8 +8,8 @@ must restore masks for it, and its heat map in the report. The plan, the search 
 report and rebuild all read this table; a new knob is one ``LayerPlan`` field plus one entry
 here (``rank`` is the one to copy).
 
-Torch-free: reading a config does not import torch. The search space's domains
-(:class:`~autocompress.config.Knob`) are read by duck typing, so this module imports no config.
+Torch-free: reading a config does not import torch. A search space's domains are read through
+the :class:`Knob` protocol, so this module imports no config.
 """
 
 from __future__ import annotations
@@ -17,10 +17,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from autocompress.config._domain import Knob
+
+class Knob(Protocol):
+    """What the table reads of a search space's domain (:class:`autocompress.config.Knob`)."""
+
+    kind: str  # "range", "choice" or "fixed"
+    choices: tuple[Any, ...]
+    value: Any
+
+    def bounds(self) -> tuple[float, float]: ...
+
+    def snap(self, value: Any) -> Any: ...
+
+    def contains(self, value: Any) -> bool: ...
 
 __all__ = ["KNOBS", "KNOB_TABLE", "Heat", "KnobSpec", "heat_maps", "needs_masks", "same", "summary_tokens"]
 

@@ -50,8 +50,6 @@ Limits:
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import math
 import struct
@@ -64,48 +62,25 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.node import _get_qualified_name
 
 from autocompress.compress._bake import bake, quantized_weights
-from autocompress.compress._modules import ActFakeQuant, act_quant_pre_hook
+from autocompress.deploy._architecture import (
+    LEAF_TYPES,
+    PackedFormatError,
+    Tracer,
+    build_module,
+    decode_graph,
+    encode_graph,
+    module_spec,
+)
 from autocompress.measure.size import size_report
 
 MAGIC = b"ACPK"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<4sBI")  # magic, format version, header length
 
-_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-         "padding_mode", "bias")
-_NORM = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-_POOL = ("kernel_size", "stride", "padding", "ceil_mode")
 
-#: Leaf module types the packed format can rebuild, with the constructor arguments it stores
-#: (read back from the instance's attributes of the same name; ``bias`` means "has a bias").
-LEAF_TYPES: dict[type[nn.Module], tuple[str, ...]] = {
-    nn.Linear: ("in_features", "out_features", "bias"),
-    nn.Conv1d: _CONV, nn.Conv2d: _CONV,
-    nn.BatchNorm1d: _NORM, nn.BatchNorm2d: _NORM,
-    nn.LayerNorm: ("normalized_shape", "eps", "elementwise_affine", "bias"),
-    nn.ReLU: ("inplace",), nn.ReLU6: ("inplace",), nn.SiLU: ("inplace",),
-    nn.Hardswish: ("inplace",), nn.LeakyReLU: ("negative_slope", "inplace"),
-    nn.GELU: ("approximate",), nn.Sigmoid: (), nn.Tanh: (), nn.Identity: (),
-    nn.Softmax: ("dim",), nn.LogSoftmax: ("dim",),
-    nn.Dropout: ("p", "inplace"), nn.Dropout1d: ("p", "inplace"), nn.Dropout2d: ("p", "inplace"),
-    nn.MaxPool1d: (*_POOL, "dilation"), nn.MaxPool2d: (*_POOL, "dilation"),
-    nn.AvgPool1d: (*_POOL, "count_include_pad"), nn.AvgPool2d: (*_POOL, "count_include_pad"),
-    nn.AdaptiveAvgPool1d: ("output_size",), nn.AdaptiveAvgPool2d: ("output_size",),
-    nn.AdaptiveMaxPool1d: ("output_size",), nn.AdaptiveMaxPool2d: ("output_size",),
-    nn.Flatten: ("start_dim", "end_dim"),
-    ActFakeQuant: ("bits", "momentum"),
-}
-_BY_NAME = {cls.__name__: cls for cls in LEAF_TYPES}
-_FUNCTION_ROOTS = ("torch", "operator", "_operator", "math")
-_BUILTINS = {"getattr": getattr}
 _QPARAMS = "qparams"  # size_report's row for an ActFakeQuant: its range (lo, hi)
-
-
-class PackedFormatError(ValueError):
-    """A model the packed format cannot describe, or a file that is not a valid packed model."""
 
 
 @dataclass(frozen=True)
@@ -188,146 +163,6 @@ def _decode_values(buf: memoryview, offset: int, numel: int, bits: int,
 
 # --- the architecture -----------------------------------------------------------------------
 
-class _Tracer(fx.Tracer):
-    """Leaves are exactly the whitelisted types; everything else is traced through."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return type(m) in LEAF_TYPES
-
-    def call_module(self, m: nn.Module, forward, args: tuple, kwargs: dict) -> Any:
-        # fx records a leaf as one call and skips its hooks: make the activation fake-quant
-        # pre-hook an explicit call, and refuse any other hook rather than silently drop it.
-        if self.is_leaf_module(m, ""):
-            pre = list(m._forward_pre_hooks.values())
-            quant = getattr(m, "act_quant", None)
-            if pre == [act_quant_pre_hook] and isinstance(quant, ActFakeQuant):
-                args = (super().call_module(quant, quant.forward, args[:1], {}), *args[1:])
-            elif pre or m._forward_hooks:
-                raise PackedFormatError(f"module {self.path_of_module(m)!r} has forward hooks, "
-                                        "which the packed format cannot store")
-        return super().call_module(m, forward, args, kwargs)
-
-
-def _module_spec(m: nn.Module) -> list:
-    """``[type name, constructor kwargs]``, leaving out the arguments at their defaults."""
-    defaults = _defaults(type(m))
-    kwargs = {}
-    for attr in LEAF_TYPES[type(m)]:
-        value = (m.bias is not None) if attr == "bias" else getattr(m, attr)
-        value = list(value) if isinstance(value, tuple) else value
-        if attr in ("kernel_size", "stride", "padding", "dilation") and isinstance(value, list) \
-                and len(set(value)) == 1:
-            value = value[0]  # (3, 3) -> 3: the constructors expand a single int
-        if attr not in defaults or defaults[attr] != value:
-            kwargs[attr] = value
-    return [type(m).__name__, kwargs] if kwargs else [type(m).__name__]
-
-
-def _defaults(cls: type[nn.Module]) -> dict[str, Any]:
-    params = inspect.signature(cls.__init__).parameters.values()
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-
-
-def _build_module(spec: list) -> nn.Module:
-    name, kwargs = spec[0], (spec[1] if len(spec) > 1 else {})
-    cls = _BY_NAME.get(name)
-    if cls is None:
-        raise PackedFormatError(f"unknown module type {name!r} in packed file")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
-
-
-def _encode_arg(a: Any, index: dict[fx.Node, int]) -> Any:
-    if isinstance(a, fx.Node):
-        return {"n": index[a]}
-    if isinstance(a, tuple):
-        return {"t": [_encode_arg(x, index) for x in a]}
-    if isinstance(a, list):
-        return [_encode_arg(x, index) for x in a]
-    if isinstance(a, dict):
-        return {"d": [[k, _encode_arg(v, index)] for k, v in a.items()]}
-    if isinstance(a, slice):
-        return {"s": [_encode_arg(x, index) for x in (a.start, a.stop, a.step)]}
-    if isinstance(a, torch.dtype):
-        return {"dtype": str(a).removeprefix("torch.")}
-    if a is Ellipsis:
-        return {"e": 0}
-    if a is None or isinstance(a, bool | int | float | str):
-        return a
-    raise PackedFormatError(f"the packed format cannot store a {type(a).__name__} in the graph")
-
-
-def _decode_arg(a: Any, nodes: list[fx.Node]) -> Any:
-    if isinstance(a, list):
-        return [_decode_arg(x, nodes) for x in a]
-    if not isinstance(a, dict):
-        return a
-    (key, value), = a.items()
-    if key == "n":
-        return nodes[value]
-    if key == "t":
-        return tuple(_decode_arg(x, nodes) for x in value)
-    if key == "d":
-        return {k: _decode_arg(v, nodes) for k, v in value}
-    if key == "s":
-        return slice(*(_decode_arg(x, nodes) for x in value))
-    if key == "dtype":
-        return getattr(torch, value)
-    return Ellipsis
-
-
-def _function_name(fn: Any) -> str:
-    name = _get_qualified_name(fn)
-    if _resolve_function(name) is not fn:
-        raise PackedFormatError(f"function {name!r} in the forward cannot be stored by name")
-    return name
-
-
-def _resolve_function(name: str) -> Any:
-    """The function named ``name``, only from torch, operator, math or ``getattr``."""
-    if name in _BUILTINS:
-        return _BUILTINS[name]
-    parts = name.split(".")
-    if parts[0] not in _FUNCTION_ROOTS:
-        raise PackedFormatError(f"function {name!r} is not allowed in a packed file "
-                                f"(only {', '.join(_FUNCTION_ROOTS)} and getattr)")
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            obj: Any = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        try:
-            for attr in parts[i:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            break
-        return obj
-    raise PackedFormatError(f"function {name!r} not found")
-
-
-def _encode_graph(graph: fx.Graph) -> list:
-    index = {node: i for i, node in enumerate(graph.nodes)}
-    out = []
-    for node in graph.nodes:
-        target = _function_name(node.target) if node.op == "call_function" else node.target
-        out.append([node.op, target, _encode_arg(node.args, index)["t"],
-                    _encode_arg(node.kwargs, index)["d"]])
-    return out
-
-
-def _decode_graph(entries: list) -> fx.Graph:
-    graph = fx.Graph()
-    nodes: list[fx.Node] = []
-    for op, target, args, kwargs in entries:
-        if op == "call_function":
-            target = _resolve_function(target)
-        args = tuple(_decode_arg(a, nodes) for a in args)
-        kwargs = {k: _decode_arg(v, nodes) for k, v in kwargs}
-        if op == "output":
-            nodes.append(graph.output(args[0]))
-        else:
-            nodes.append(graph.create_node(op, target, args, kwargs))
-    return graph
-
 
 # --- save / load ----------------------------------------------------------------------------
 
@@ -345,13 +180,13 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
     """
     baked = bake(model)
     try:
-        graph = _Tracer().trace(baked)
+        graph = Tracer().trace(baked)
     except PackedFormatError:
         raise
     except Exception as e:  # noqa: BLE001  (fx raises many types for untraceable code)
         raise PackedFormatError(f"the model's forward cannot be traced by torch.fx: "
                                 f"{type(e).__name__}: {e}") from None
-    modules = {n.target: _module_spec(baked.get_submodule(n.target))
+    modules = {n.target: module_spec(baked.get_submodule(n.target))
                for n in graph.nodes if n.op == "call_module"}
     attrs = {n.target for n in graph.nodes if n.op == "get_attr"}
     qweights = quantized_weights(model)
@@ -383,7 +218,7 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
         entries.append(entry)
 
     header = zlib.compress(json.dumps(
-        {"modules": modules, "graph": _encode_graph(graph), "tensors": entries},
+        {"modules": modules, "graph": encode_graph(graph), "tensors": entries},
         separators=(",", ":"), allow_nan=False).encode(), 9)
     payload = b"".join(chunks)
     path = Path(path)
@@ -405,8 +240,8 @@ def load_packed(path: str | Path) -> nn.Module:
         PackedFormatError: Not a packed file, an unsupported version, or a damaged file.
     """
     header, payload = _read(Path(path))
-    graph = _decode_graph(header["graph"])
-    root: dict[str, Any] = {name: _build_module(spec) for name, spec in header["modules"].items()}
+    graph = decode_graph(header["graph"])
+    root: dict[str, Any] = {name: build_module(spec) for name, spec in header["modules"].items()}
 
     state, offset = {}, 0
     for name, bits, sparse, *extra in header["tensors"]:

@@ -51,7 +51,6 @@ def client_for(tracking_uri: str) -> MlflowClient:
         ConfigError: The store needs a Python package that is not installed (key
             ``--tracking-uri``).
     """
-    from autocompress._errors import ConfigError
 
     try:
         client = MlflowClient(tracking_uri)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import io
 import logging
 import os
 import re
@@ -54,6 +53,7 @@ from autocompress._errors import ConfigError
 from autocompress.config._experiment import Experiment
 from autocompress.tune._ray import host_port
 from autocompress.tune._result import SearchResult
+from autocompress.tune._stream import Forward, Progress
 
 CLIENT_SCHEME = "ray://"
 
@@ -129,7 +129,7 @@ def run_remote_search(exp: Experiment, *, tracking_uri: str, address: str | None
         _connect(address, echo)
         # With Ray Client, "this node" is the node of the Ray Client server: the head node.
         head = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        progress = ray.remote(num_cpus=0)(_Progress).options(scheduling_strategy=head).remote()
+        progress = ray.remote(num_cpus=0)(Progress).options(scheduling_strategy=head).remote()
         task = ray.remote(num_cpus=0, max_retries=0)(_search_on_cluster)
         echo(f"running the search on the head node of the cluster at {address}")
         ref = task.options(scheduling_strategy=head).remote(exp, tracking_uri, resume, progress)
@@ -219,74 +219,6 @@ def study_storage_for(tracking_uri: str, directory: str | os.PathLike | None = N
 # --- on the cluster ----------------------------------------------------------------------------
 
 
-class _Progress:
-    """A Ray actor that holds the search's output until the client takes it."""
-
-    def __init__(self) -> None:
-        self.chunks: list[str] = []
-        self.started = False
-        self.closed = False
-
-    def start(self) -> None:
-        self.started = True
-
-    def put(self, text: str) -> None:
-        self.chunks.append(text)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def take(self) -> tuple[list[str], bool, bool]:
-        """``(chunks, started, closed)``: what was put since the last call, and the task's state."""
-        chunks, self.chunks = self.chunks, []
-        return chunks, self.started, self.closed
-
-
-class _Forward(io.TextIOBase):
-    """A text stream that sends whole lines to the :class:`_Progress` actor.
-
-    Every line waits until the actor has it, so that nothing is still on the way when the task
-    ends. Whatever cannot be sent goes to the original stream (the worker's log on the node).
-    """
-
-    def __init__(self, progress: Any, original: Any) -> None:
-        super().__init__()
-        self.progress, self.original = progress, original
-        self.buffer_ = ""
-        self.lock = threading.Lock()
-
-    def writable(self) -> bool:
-        return True
-
-    def isatty(self) -> bool:
-        return False
-
-    def fileno(self) -> int:
-        return self.original.fileno()
-
-    def write(self, text: str) -> int:
-        with self.lock:
-            self.buffer_ += text
-            head, newline, self.buffer_ = self.buffer_.rpartition("\n")
-            if newline:
-                self._send(head + newline)
-        return len(text)
-
-    def flush(self) -> None:
-        with self.lock:
-            if self.buffer_:
-                self._send(self.buffer_)
-                self.buffer_ = ""
-
-    def _send(self, text: str) -> None:
-        import ray
-
-        try:
-            ray.get(self.progress.put.remote(text))
-        except Exception:  # noqa: BLE001  (the client went away: keep the line in the log)
-            self.original.write(text)
-
-
 def _search_on_cluster(exp: Experiment, tracking_uri: str, resume: bool,
                        progress: Any) -> dict[str, Any]:
     """The Ray task: runs the search here, on the head node, and returns its result as plain data.
@@ -299,8 +231,8 @@ def _search_on_cluster(exp: Experiment, tracking_uri: str, resume: bool,
     from autocompress.tune import _driver as search
 
     ray.get(progress.start.remote())
-    out = _Forward(progress, sys.stdout)
-    err = _Forward(progress, sys.stderr)
+    out = Forward(progress, sys.stdout)
+    err = Forward(progress, sys.stderr)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             _check_reachable(tracking_uri)
@@ -433,7 +365,6 @@ def _write(chunks: list[str]) -> None:
     for text in chunks:
         sys.stderr.write(text)
     sys.stderr.flush()
-
 
 
 def _is_loopback_host(host: str) -> bool:
