@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from autocompress._errors import ConfigError
 from autocompress.compress._plan import PlanError
@@ -155,8 +155,8 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 def _print_front(rows: Sequence[dict]) -> None:
     from autocompress.measure._registry import front_columns
 
-    columns = [("trial", "trial", str), ("run_id", "run id", str), *front_columns(),
-               ("summary", "plan", str)]
+    columns: list[tuple[str, str, Callable[[Any], str]]] = [
+        ("trial", "trial", str), ("run_id", "run id", str), *front_columns(), ("summary", "plan", str)]
     _print_table([h for _, h, _ in columns],
                  [["" if r.get(k) is None else f(r[k]) for k, _, f in columns] for r in rows])
 

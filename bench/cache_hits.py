@@ -5,7 +5,7 @@ Usage::
     AUTOCOMPRESS_CACHE=/tmp/accache .venv/bin/python bench/cache_hits.py \
         [--trials 32] [--epochs 1] [--out bench/cache_hits.json]
 
-Runs real searches (``autocompress.search.run_search``) of the ``digits`` experiment
+Runs real searches (``autocompress.tune.run_search``) of the ``digits`` experiment
 (``experiments/digits.yaml``: NSGA-II, 2 trials at a time, ONNX Runtime, batch 1) with
 ``--trials`` trials and ``--epochs`` fine-tuning epochs, each logged to a temporary MLflow
 store, with a latency cache of its own (``AUTOCOMPRESS_LATENCY_CACHE``):

@@ -63,7 +63,8 @@ from autocompress.measure import (
     measure_latency,
     size_bytes,
 )
-from autocompress.measure.latency import _batch, _onnxruntime_runner, _time
+from autocompress.measure.latency import Prepared, _batch
+from autocompress.measure.runtimes import get_runtime
 from autocompress.tasks import load_task
 
 RUNTIMES = ("onnxruntime", "torch")
@@ -266,9 +267,10 @@ def load_models() -> dict[str, tuple[nn.Module, torch.Tensor, tuple[int, ...]]]:
 def _measure(variant: Variant, config: Config) -> LatencyResult:
     if variant.onnx_path is None:
         return measure_latency(variant.model, config.example_inputs, config.target)
-    # A reference ONNX file: the same session options and timing loop as measure_latency.
+    # A reference ONNX file: the same runtime, session options and timing loop as measure_latency.
     batch = _batch(config.example_inputs, config.target.batch_size)
-    return _time(_onnxruntime_runner(variant.onnx_path, batch, config.target), config.target)
+    prepared = Prepared(batch, onnx=Path(variant.onnx_path).read_bytes())
+    return get_runtime(config.target).measure(prepared, config.target)
 
 
 def run_benchmark(configs: list[Config], repeats: int, seed: int = 0) -> None:

@@ -23,9 +23,14 @@ from typing import Any, Protocol
 class Knob(Protocol):
     """What the table reads of a search space's domain (:class:`autocompress.config.Knob`)."""
 
-    kind: str  # "range", "choice" or "fixed"
-    choices: tuple[Any, ...]
-    value: Any
+    @property
+    def kind(self) -> str: ...  # "range", "choice" or "fixed"
+
+    @property
+    def choices(self) -> tuple[Any, ...]: ...
+
+    @property
+    def value(self) -> Any: ...
 
     def bounds(self) -> tuple[float, float]: ...
 

@@ -130,7 +130,7 @@ LOADERS: dict[str, Callable[[Path], nn.Module]] = {
     "onnx": _OnnxModule, "torchscript": _load_torchscript, "packed": _load_packed}
 
 
-def export_run(run_id: str, fmt: str, out_dir: str | Path, tracking_uri: str,
+def export_run(run_id: str, fmt: str, out_dir: str | os.PathLike, tracking_uri: str,
                register: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
                task: Any = None) -> dict[str, Any]:
     """Exports trial ``run_id`` as ``fmt`` into ``out_dir``, verified (see the module docstring).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -22,12 +23,13 @@ def loaders(x_train, y_train, x_val, y_val, seed: int, batch_size: int):
 
 
 def build(name: str, seed: int, model: nn.Module, data, epochs: int, lr: float,
-          batch_size: int, code: object) -> Task:
+          batch_size: int, code: ModuleType) -> Task:
     """The task of ``model`` on ``data`` (train x, y, validation x, y), its baseline trained
     for ``epochs`` once and cached under a hash of ``code`` (the task's own module), so that
     editing one task does not retrain the others."""
     torch.manual_seed(seed)
-    train, val = loaders(*data, seed=seed, batch_size=batch_size)
+    x_train, y_train, x_val, y_val = data
+    train, val = loaders(x_train, y_train, x_val, y_val, seed=seed, batch_size=batch_size)
     task = Task(model=model, train_loader=train, val_loader=val, example_inputs=data[2][:1],
                 name=name)
 

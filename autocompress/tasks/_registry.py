@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -103,7 +104,7 @@ def cache_dir() -> Path:
 
 
 def cached_baseline(name: str, seed: int, model: nn.Module, train: Callable[[nn.Module], None],
-                    code: object) -> tuple[nn.Module, bool]:
+                    code: ModuleType) -> tuple[nn.Module, bool]:
     """Loads ``model``'s trained weights from the cache, or trains and caches them.
 
     The key is task name + seed + a hash of the autocompress version and the source of

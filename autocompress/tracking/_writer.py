@@ -198,8 +198,8 @@ class SearchTracker:
             rec.run_id,
             metrics=[Metric(k, v, now, steps if k == "accuracy" else 0) for k, v in rec.metrics.items()],
             tags=[RunTag(SUMMARY, summary[:5000]), RunTag(FEASIBLE, str(rec.feasible).lower()),
-                  *[RunTag(f"autocompress.latency.{k}", str(latency[k])[:5000])
-                    for k in LATENCY_FACTS if k in (latency or {})]],
+                  *[RunTag(f"autocompress.latency.{k}", str(facts[k])[:5000])
+                    for facts in [latency or {}] for k in LATENCY_FACTS if k in facts]],
         )
         if artifacts is not None:
             self.client.log_artifacts(rec.run_id, str(artifacts))
