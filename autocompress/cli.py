@@ -41,18 +41,29 @@ def _target(args: argparse.Namespace):
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from autocompress.compress._layers import find_layers
+    from autocompress.compress._registry import describe_layers
     from autocompress.tasks import load_task
 
     task = load_task(args.task, seed=args.seed)
-    layers = find_layers(task.model, task.example_inputs)
+    layers = describe_layers(task.model, task.example_inputs)
     if args.json:
-        print(json.dumps([layer.to_dict() for layer in layers], indent=2))
+        print(json.dumps([layer.to_dict() for layer in layers], indent=2, default=str))
         return 0
-    rows = [(la.name, la.type, "x".join(map(str, la.shape)), f"{la.params:,}", f"{la.macs:,}",
-             "output" if la.is_output else "") for la in layers]
+    rows = [(la.name, la.type + (f" ({la.cls})" if la.cls else ""), "x".join(map(str, la.shape)),
+             f"{la.params:,}", f"{la.macs:,}", _layer_notes(la)) for la in layers]
     _print_table(("name", "type", "shape", "params", "macs", ""), rows)
     return 0
+
+
+def _layer_notes(layer) -> str:
+    """What ``autocompress layers`` says about a layer: output, never run, refused knobs."""
+    notes = ["output"] if layer.is_output else []
+    if not layer.used:
+        notes.append("never runs in the forward: not searched")
+    notes += [f"no {r.knob}{'=' + str(r.value) if r.value is not None else ''} ({r.reason})"
+              for r in layer.refusals
+              if not (layer.is_output and (r.knob, r.value) == ("structure", "channel"))]  # said
+    return "; ".join(notes)
 
 
 def cmd_trial(args: argparse.Namespace) -> int:

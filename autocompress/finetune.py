@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autocompress._inputs import run, to_device
+
 if TYPE_CHECKING:
     from autocompress.tasks import Task
+
+__all__ = ["DEVICES", "DISTILL_LOSSES", "OPTIMIZERS", "SCHEDULES", "DivergedError",
+           "FinetuneConfig", "distill_loss_name", "finetune", "output_tensor", "resolve_device"]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+DISTILL_LOSSES = ("auto", "kl", "mse", "cosine")
+SGD_MOMENTUM = 0.9
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -21,11 +37,24 @@ class FinetuneConfig:
 
     Attributes:
         epochs: Passes over the training data (0 = measure right after compression).
-        lr: Adam learning rate.
+        lr: Peak learning rate.
         distill: Distil from the uncompressed model (Hinton et al., 2015).
-        temperature: Softmax temperature of the soft targets.
+        temperature: Softmax temperature of the soft targets (``distill_loss: kl``).
         alpha: Weight of the distillation loss; the task loss gets ``1 - alpha``.
-        weight_decay: Adam weight decay.
+        weight_decay: Weight decay of the optimizer (decoupled for ``adamw``).
+        optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9).
+        schedule: Learning rate after the warm-up, per step: ``cosine`` (annealed to zero
+            over the remaining steps) or ``constant``.
+        warmup: Fraction of all steps in ``[0, 1)`` with a linear warm-up to ``lr``.
+        grad_clip: Largest gradient norm (the gradients are scaled down to it), or None.
+        device: Where to train: ``auto`` (CUDA when torch sees a CUDA device, else the CPU),
+            ``cpu`` or ``cuda``.
+        amp: Mixed precision on CUDA (bf16 where the GPU has it, else fp16 with a gradient
+            scaler); ignored on the CPU.
+        distill_loss: ``kl`` (softmax KL with ``temperature``, for logits), ``mse``, ``cosine``
+            (1 - cosine similarity along the last dimension, for embeddings) or ``auto``:
+            ``kl`` for a task with the default cross-entropy loss, else ``mse``. A task's own
+            ``Task.distill_loss`` overrides it.
     """
 
     epochs: int = 2
@@ -34,20 +63,39 @@ class FinetuneConfig:
     temperature: float = 4.0
     alpha: float = 0.5
     weight_decay: float = 0.0
+    optimizer: str = "adam"
+    schedule: str = "cosine"
+    warmup: float = 0.0
+    grad_clip: float | None = None
+    device: str = "auto"
+    amp: bool = False
+    distill_loss: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0:
             raise ValueError(f"finetune.epochs={self.epochs!r}; allowed: an integer >= 0")
-        if not isinstance(self.lr, int | float) or not self.lr > 0:
+        if not _number(self.lr) or not 0 < self.lr < math.inf:
             raise ValueError(f"finetune.lr={self.lr!r}; allowed: a number > 0")
         if not isinstance(self.distill, bool):
             raise ValueError(f"finetune.distill={self.distill!r}; allowed: true or false")
-        if not isinstance(self.temperature, int | float) or not self.temperature > 0:
+        if not _number(self.temperature) or not 0 < self.temperature < math.inf:
             raise ValueError(f"finetune.temperature={self.temperature!r}; allowed: a number > 0")
-        if not isinstance(self.alpha, int | float) or not 0 <= self.alpha <= 1:
+        if not _number(self.alpha) or not 0 <= self.alpha <= 1:
             raise ValueError(f"finetune.alpha={self.alpha!r}; allowed: a number in [0, 1]")
-        if not isinstance(self.weight_decay, int | float) or self.weight_decay < 0:
+        if not _number(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"finetune.weight_decay={self.weight_decay!r}; allowed: a number >= 0")
+        for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                             ("device", DEVICES), ("distill_loss", DISTILL_LOSSES)):
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ValueError(f"finetune.{key}={value!r}; allowed: {list(allowed)}")
+        if not _number(self.warmup) or not 0 <= self.warmup < 1:
+            raise ValueError(f"finetune.warmup={self.warmup!r}; allowed: a number in [0, 1)")
+        if self.grad_clip is not None and (not _number(self.grad_clip)
+                                           or not 0 < self.grad_clip < math.inf):
+            raise ValueError(f"finetune.grad_clip={self.grad_clip!r}; allowed: a number > 0 or null")
+        if not isinstance(self.amp, bool):
+            raise ValueError(f"finetune.amp={self.amp!r}; allowed: true or false")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +103,110 @@ class FinetuneConfig:
 
 class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device of a ``finetune.device`` setting on this machine.
+
+    Raises:
+        ValueError: ``cuda`` where torch sees no CUDA device; the message names the key.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"finetune.device='cuda': torch sees no CUDA device here "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                         f"allowed here: ['auto', 'cpu']")
+    return torch.device(device)
+
+
+def distill_loss_name(config: FinetuneConfig, task: Task) -> str:
+    """The distillation loss fine-tuning uses on ``task``: ``kl``, ``mse``, ``cosine`` or
+    ``task`` (the task's own ``distill_loss``), for the record."""
+    if getattr(task, "distill_loss", None) is not None:
+        return "task"
+    if config.distill_loss != "auto":
+        return config.distill_loss
+    # KL of softmaxes only makes sense for class logits: those of the default cross-entropy.
+    return "kl" if getattr(task, "loss_fn", None) is None else "mse"
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """The main tensor of a model's output: the tensor itself, the first element of a tuple
+    or list, or the first value of a dict (a Hugging Face ``ModelOutput``: ``logits`` or
+    ``last_hidden_state``)."""
+    while not isinstance(out, torch.Tensor):
+        if isinstance(out, Mapping) and out:
+            out = next(iter(out.values()))
+        elif isinstance(out, tuple | list) and out:
+            out = out[0]
+        else:
+            raise TypeError(f"cannot distil from a model output of type {type(out).__name__}; "
+                            f"give the task a distill_loss(student_outputs, teacher_outputs)")
+    return out
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per sample (Hinton et al.,
+    2015); the ``T^2`` keeps the soft-target gradients on the scale of the hard-target ones.
+    Sequence logits ``(N, L, C)`` count every position as a sample."""
+    s, te = student.float().flatten(0, -2), teacher.float().flatten(0, -2)
+    soft = F.softmax(te / t, dim=-1)
+    return F.kl_div(F.log_softmax(s / t, dim=-1), soft, reduction="batchmean") * t * t
+
+
+def _distill_fn(config: FinetuneConfig, task: Task) -> Callable[[Any, Any], torch.Tensor]:
+    name = distill_loss_name(config, task)
+    if name == "task":
+        return task.distill_loss  # type: ignore[return-value]
+    losses: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "kl": lambda s, t: _kl(s, t, config.temperature),
+        "mse": lambda s, t: F.mse_loss(s.float(), t.float()),
+        "cosine": lambda s, t: (1 - F.cosine_similarity(s.float(), t.float(), dim=-1)).mean(),
+    }
+    loss = losses[name]
+    return lambda s, t: loss(output_tensor(s), output_tensor(t))
+
+
+def _lr_factor(config: FinetuneConfig, total: int) -> Callable[[int], float]:
+    """The learning rate of step ``s`` (of ``total``) as a fraction of ``config.lr``."""
+    warm = round(config.warmup * total)
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / (warm + 1)
+        if config.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
+
+    return factor
+
+
+def _optimizer(config: FinetuneConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=SGD_MOMENTUM,
+                               weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _steps_per_epoch(loader: Iterable) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:  # an iterable without a length (e.g. a stream)
+        return None
+
+
+def _targets_to(targets: Any, device: torch.device) -> Any:
+    """Targets on ``device`` where they are tensors (a tensor, or a tuple or dict of them)."""
+    if isinstance(targets, torch.Tensor):
+        return targets.to(device, non_blocking=True)
+    values = targets.values() if isinstance(targets, Mapping) else (
+        targets if isinstance(targets, tuple | list) else ())
+    if values and all(isinstance(v, torch.Tensor) for v in values):
+        return to_device(targets, device)
+    return targets
 
 
 def finetune(
@@ -69,14 +221,20 @@ def finetune(
     """Trains ``model`` in place for ``config.epochs`` epochs; returns the metric after each.
 
     With ``teacher`` and ``config.distill``, the loss is
-    ``(1 - alpha) * task_loss + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))``
-    (Hinton et al., 2015, "Distilling the Knowledge in a Neural Network"); the ``T^2`` keeps
-    the soft-target gradients on the scale of the hard-target ones.
+    ``(1 - alpha) * task_loss + alpha * distill_loss(student_outputs, teacher_outputs)``,
+    the distillation loss as :func:`distill_loss_name` picks it; ``kl`` is
+    ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` (Hinton et al., 2015,
+    "Distilling the Knowledge in a Neural Network").
+
+    Training (and the metric after each epoch: ``task.evaluate`` sees the model on that
+    device) runs on ``config.device``. ``model`` and ``teacher`` end on the CPU, even on an
+    error: sizes, latency and export work on CPU models, and the teacher is the task's
+    model, shared with the rest of the search.
 
     Args:
         model: Model to train (compressed or not).
         task: Supplies the data, the loss and the metric.
-        config: Epochs, learning rate and distillation settings.
+        config: Epochs, optimizer, schedule, device and distillation settings.
         teacher: The uncompressed model, for distillation.
         on_epoch: Called with ``(epoch, metric)`` after each epoch (e.g. to report progress).
         seed: Seeds the data order and any randomness of the step.
@@ -86,35 +244,79 @@ def finetune(
 
     Raises:
         DivergedError: The loss became NaN or infinite.
+        ValueError: ``config.device`` is ``cuda`` and torch sees no CUDA device.
     """
+    device = resolve_device(config.device)
     torch.manual_seed(seed)
     # A DataLoader given its own generator (the built-in tasks' are) ignores the global seed
     # and would shuffle differently on every call, depending on what used it before.
     generator = getattr(task.train_loader, "generator", None)
     if isinstance(generator, torch.Generator):
         generator.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
     distill = teacher is not None and config.distill and config.alpha > 0
-    if distill:
-        teacher.eval()
-    t = config.temperature
-    gate = step_gate or contextlib.nullcontext
-
-    def step(x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
-        out = model(x)
-        loss = task.loss(out, y)
+    try:
+        model.to(device)
         if distill:
-            with torch.no_grad():
-                soft = F.softmax(teacher(x) / t, dim=1)
-            kd = F.kl_div(F.log_softmax(out / t, dim=1), soft, reduction="batchmean") * t * t
-            loss = (1 - config.alpha) * loss + config.alpha * kd
+            assert teacher is not None
+            teacher.to(device).eval()
+        return _train(model, task, config, device, teacher if distill else None, on_epoch,
+                      step_gate or contextlib.nullcontext)
+    finally:
+        model.to("cpu")
+        if teacher is not None:
+            teacher.to("cpu")
+        model.eval()
+
+
+def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.device,
+           teacher: nn.Module | None, on_epoch: Callable[[int, float], None] | None,
+           gate: Callable[[], contextlib.AbstractContextManager]) -> list[float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(config, params)
+    per_epoch = _steps_per_epoch(task.train_loader)
+    # Stepped after every batch; a loader without a length is scheduled by epochs instead.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_factor(config, max(1, config.epochs * (per_epoch or 1))))
+    cuda = device.type == "cuda"
+    dtype = None
+    if config.amp and cuda:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # fp16 gradients underflow without loss scaling (Micikevicius et al., 2018); bf16 do not.
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    distill_fn = _distill_fn(config, task) if teacher is not None else None
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=dtype)
+
+    def step(x: Any, y: Any, epoch: int) -> None:
+        x, y = to_device(x, device), _targets_to(y, device)
+        with autocast():
+            out = run(model, x)
+            loss = task.loss(out, y)
+            if distill_fn is not None:
+                assert teacher is not None
+                with torch.no_grad():
+                    target = run(teacher, x)
+                loss = (1 - config.alpha) * loss + config.alpha * distill_fn(out, target)
         if not torch.isfinite(loss):
             raise DivergedError(f"loss became {loss.item()} in epoch {epoch}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # so that grad_clip applies to the true gradients
+        else:
+            loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if per_epoch is not None:
+            scheduler.step()
 
     history = []
     for epoch in range(config.epochs):
@@ -122,11 +324,11 @@ def finetune(
         for x, y in task.train_loader:
             with gate():
                 step(x, y, epoch)
-        scheduler.step()
+        if per_epoch is None:
+            scheduler.step()
         with gate():
             metric = float(task.evaluate(model))
         history.append(metric)
         if on_epoch is not None:
             on_epoch(epoch, metric)
-    model.eval()
     return history

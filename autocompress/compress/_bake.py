@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -13,6 +14,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 from torch.nn.utils import parametrize
 
+from autocompress._inputs import as_args, input_names, run, take, tensors_of
 from autocompress.compress._modules import WeightCompression, quantize_weight
 
 ONNX_OPSET = 17
@@ -61,21 +63,41 @@ def quantized_weights(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarra
     return out
 
 
-def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | Path) -> Path:
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
+                dynamic_sequence: bool = False) -> Path:
     """Writes a self-contained ONNX model; quantized weights are stored as int8 + scales.
 
     Each quantized weight becomes an int8 initializer feeding a per-channel
     ``DequantizeLinear``; the dense ops stay fp32 unless activations are quantized too (then
-    ONNX Runtime may fuse the Q/DQ pairs into integer kernels). The batch dimension is dynamic.
+    ONNX Runtime may fuse the Q/DQ pairs into integer kernels).
+
+    Args:
+        model: The (compressed) model.
+        example_inputs: A tensor, a tuple or a dict of tensors (``autocompress._inputs``);
+            the ONNX inputs are named ``input`` (one tensor), ``input_<i>`` (a tuple) or by the
+            dict's keys, the outputs ``output`` (one tensor) or ``output_<i>``.
+        path: The file to write.
+        dynamic_sequence: Also make axis 1 of integer inputs (token ids) and of the inputs of
+            the same shape (attention masks) dynamic, for a deployable model; latency is timed
+            at the example's shape, with only the batch axis dynamic.
     """
     path = Path(path)
     baked = bake(model)
+    inputs = take(example_inputs, 1)
+    names = input_names(inputs)
+    with torch.no_grad():
+        out = run(baked, inputs)
+    outputs = ["output"] if isinstance(out, torch.Tensor) else [
+        f"output_{i}" for i in range(len(out if isinstance(out, tuple | list) else out.values()))]
+    axes = {name: {0: "batch"} for name in [*names, *outputs]}
+    if dynamic_sequence:
+        for name, axis in _sequence_inputs(inputs, names):
+            axes[name][axis] = "sequence"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            baked, (example_inputs[:1],), str(path), dynamo=False, opset_version=ONNX_OPSET,
-            input_names=["input"], output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            baked, as_args(inputs), str(path), dynamo=False, opset_version=ONNX_OPSET,
+            input_names=names, output_names=outputs, dynamic_axes=axes,
         )
     qweights = quantized_weights(model)
     if qweights:
@@ -83,6 +105,14 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | Path
         _store_int8(proto, qweights)
         onnx.save(proto, str(path))
     return path
+
+
+def _sequence_inputs(inputs: Any, names: list[str]) -> list[tuple[str, int]]:
+    """``(name, 1)`` of integer inputs with a second axis and of inputs of the same shape."""
+    tensors = dict(zip(names, tensors_of(inputs), strict=True))
+    token_shapes = {tuple(t.shape) for t in tensors.values()
+                    if t.dim() >= 2 and not t.is_floating_point()}
+    return [(n, 1) for n, t in tensors.items() if tuple(t.shape) in token_shapes]
 
 
 def _store_int8(proto: onnx.ModelProto, qweights: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:

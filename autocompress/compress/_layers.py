@@ -1,13 +1,50 @@
-"""Finding the compressible layers of a model and counting their parameters and MACs."""
+"""Finding the compressible layers of a model and counting their parameters and MACs.
+
+A layer is compressible by what it is, not by its exact class: subclasses of ``Conv1d``,
+``Conv2d``, ``Linear`` and ``Embedding`` (timm's and EfficientNet's padded convs, quantization
+wrappers, ...) count as their base kind, and so does Hugging Face's GPT-2 style ``Conv1D``
+(a linear layer with a transposed weight) when transformers is installed. Each layer reports
+its *kind* (``LayerInfo.type``: what a search space's ``types:`` selects) and its class.
+
+One forward pass with hooks tells, per layer, its MACs, whether it runs at all (``used``:
+layers the forward never calls, e.g. BERT's pooler when only the hidden states are used, are
+listed but never compressed or searched) and which layer produces the model output.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+from autocompress._inputs import batch_size, run
+
+COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)
+# Kinds by name, in the order a search space lists them; "Conv1D" is Hugging Face's (a name,
+# so that this module does not import transformers).
+KINDS = (*(t.__name__ for t in COMPRESSIBLE_TYPES), "Conv1D")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A knob value a layer cannot take, and why (e.g. ``rank`` on a depthwise conv).
+
+    Attributes:
+        knob: The knob (a ``LayerPlan`` field).
+        value: The refused value; None refuses every value that changes something.
+        reason: Why, in a few words (shown by ``autocompress layers`` and in errors).
+    """
+
+    knob: str
+    value: Any
+    reason: str
+
+    def refuses(self, knob: str, value: Any, default: Any) -> bool:
+        """Whether this refusal covers ``knob=value`` (``default`` is the knob's no-op)."""
+        return knob == self.knob and (value == self.value if self.value is not None
+                                      else value != default)
 
 
 @dataclass(frozen=True)
@@ -16,12 +53,16 @@ class LayerInfo:
 
     Attributes:
         name: Module name as in ``model.named_modules()``.
-        type: Module class name (``Conv2d``, ``Conv1d`` or ``Linear``).
+        type: Its kind: ``Conv1d``, ``Conv2d``, ``Linear``, ``Embedding`` or ``Conv1D``.
         shape: Weight shape.
         params: Parameters of the layer (weight and bias).
         macs: Multiply-accumulates for one sample.
         is_output: True if the layer produces the model output; its output channels cannot be
             removed (the classes would change), so ``channel`` pruning is not allowed on it.
+        used: False if the model's output does not depend on it (the forward never runs it, or
+            drops its result); such a layer is never compressed or searched.
+        cls: Its class name, when it is not the kind itself (a subclass).
+        refusals: Knob values the layer cannot take (from the compression methods' limits).
     """
 
     name: str
@@ -30,73 +71,142 @@ class LayerInfo:
     params: int
     macs: int
     is_output: bool = False
+    used: bool = True
+    cls: str = ""
+    refusals: tuple[Refusal, ...] = field(default=(), compare=False)
 
     def to_dict(self) -> dict:
+        """The ``layers --json`` form: ``used``, ``cls`` and ``refusals`` only when they say
+        something (a layer that does not run, a subclass, refused knob values)."""
         d = asdict(self)
         d["shape"] = list(self.shape)
+        d["refusals"] = [asdict(r) for r in self.refusals]
+        for key, default in (("used", True), ("cls", ""), ("refusals", [])):
+            if d[key] == default:
+                del d[key]
         return d
 
 
-def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
-    """MACs per module name for one sample, counted with forward hooks on conv and linear layers.
+def kind(module: nn.Module) -> str | None:
+    """The compressible kind of ``module`` (see the module docstring), or None."""
+    for t in COMPRESSIBLE_TYPES:
+        if isinstance(module, t):
+            return t.__name__
+    if is_hf_conv1d(module):
+        return "Conv1D"
+    return None
 
-    Conv: output elements x (in_channels / groups) x kernel size. Linear: output elements x
-    in_features. Sparsity is not discounted: these are dense MACs of the stored shapes.
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is (a subclass of) Hugging Face's ``Conv1D`` (``y = x @ W + b`` with
+    ``W`` of shape ``(in, out)``), without importing transformers."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers")
+               for c in type(module).__mro__)
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The layer's weight with output channels first (Hugging Face ``Conv1D`` transposed)."""
+    return module.weight.t() if is_hf_conv1d(module) else module.weight
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """MACs per module name for one sample, counted with forward hooks on compressible layers.
+
+    Conv: output elements x (in_channels / groups) x kernel size. Linear and ``Conv1D``: output
+    elements x in_features. Embedding: 0 (a lookup). Sparsity is not discounted: these are
+    dense MACs of the stored shapes.
     """
-    macs: dict[str, int] = {}
-    batch = example_inputs.shape[0]
-
-    def hook(name: str):
-        def fn(mod: nn.Module, _inp, out: torch.Tensor) -> None:
-            per_out = mod.weight[0].numel() if isinstance(mod, nn.modules.conv._ConvNd) else mod.in_features
-            macs[name] = macs.get(name, 0) + out.numel() // batch * per_out
-
-        return fn
-
-    _forward_with_hooks(model, example_inputs, {
-        n: hook(n) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)
-    })
-    return macs
+    return _trace(model, example_inputs)[0]
 
 
-def find_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[LayerInfo]:
-    """The compressible layers (Conv1d, Conv2d, Linear) of ``model`` in definition order."""
-    macs = count_macs(model, example_inputs)
-    output_layer = _output_layer(model, example_inputs)
+def find_layers(model: nn.Module, example_inputs: Any) -> list[LayerInfo]:
+    """The compressible layers of ``model`` in definition order (see the module docstring).
+
+    Refusals are not filled in here: :func:`autocompress.compress.describe_layers` adds the
+    compression methods' limits.
+    """
+    macs, calls, matter = _trace(model, example_inputs)
+    output_layer = next((n for n in reversed(calls) if n in matter), None)
     out = []
     for name, mod in model.named_modules():
-        if type(mod) in COMPRESSIBLE_TYPES:
-            out.append(LayerInfo(
-                name=name,
-                type=type(mod).__name__,
-                shape=tuple(mod.weight.shape),
-                params=sum(p.numel() for p in mod.parameters(recurse=False)),
-                macs=macs.get(name, 0),
-                is_output=name == output_layer,
-            ))
+        k = kind(mod)
+        if k is None or not name:
+            continue
+        out.append(LayerInfo(
+            name=name, type=k, shape=tuple(weight_of(mod).shape),
+            params=sum(p.numel() for p in mod.parameters(recurse=False)),
+            macs=macs.get(name, 0), is_output=name == output_layer, used=name in matter,
+            cls="" if type(mod).__name__ == k else type(mod).__name__,
+        ))
     return out
 
 
-def _output_layer(model: nn.Module, example_inputs: torch.Tensor) -> str | None:
-    """Name of the last compressible layer to run in a forward pass (the classifier)."""
-    order: list[str] = []
-    _forward_with_hooks(model, example_inputs, {
-        n: (lambda *_a, n=n: order.append(n))
-        for n, m in model.named_modules() if type(m) in COMPRESSIBLE_TYPES
-    })
-    return order[-1] if order else None
+def _trace(model: nn.Module, example_inputs: Any) -> tuple[dict[str, int], list[str], set[str]]:
+    """One forward pass: MACs of each compressible layer that runs, every call in order, and
+    the layers whose output reaches the model output.
 
+    A layer can run and still not matter: BERT computes its pooler even when the model returns
+    pooled hidden states, and the ONNX exporter then drops it. So a backward pass from the
+    outputs decides (a layer matters when its parameters get a gradient); the last layer to run
+    among those produces the output. A forward that runs under ``no_grad`` gives no gradient
+    at all: then every layer that runs counts.
+    """
+    macs: dict[str, int] = {}
+    calls: list[str] = []
+    batch = batch_size(example_inputs)
 
-def _forward_with_hooks(model: nn.Module, example_inputs: torch.Tensor, hooks: dict) -> None:
-    """One eval-mode forward pass with ``hooks[name]`` registered as forward hooks."""
-    modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_hook(fn) for n, fn in hooks.items()]
+    def hook(name: str):
+        def fn(mod: nn.Module, _inp: Any, out: Any) -> None:
+            calls.append(name)
+            macs[name] = macs.get(name, 0) + _macs(mod, out, batch)
+
+        return fn
+
+    layers = {n: m for n, m in model.named_modules() if n and kind(m) is not None}
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
-            model(example_inputs)
+        with torch.enable_grad():
+            out = run(model, example_inputs)
+            matter = _reaching_output(out, {n: layers[n] for n in macs})
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
+    return macs, calls, matter
+
+
+def _reaching_output(out: Any, layers: dict[str, nn.Module]) -> set[str]:
+    """The names of ``layers`` whose parameters the float outputs ``out`` depend on."""
+    tensors = [t for t in _flat(out) if t.is_floating_point() and t.requires_grad]
+    params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in layers.items()}
+    flat = [p for ps in params.values() for p in ps]
+    if not tensors or not flat:
+        return set(layers)
+    total = sum(t.float().sum() for t in tensors)
+    grads = torch.autograd.grad(total, flat, allow_unused=True)
+    got = {id(p) for p, g in zip(flat, grads, strict=True) if g is not None}
+    return {n for n, ps in params.items() if any(id(p) in got for p in ps)} or set(layers)
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flat(v)]
+    if isinstance(out, tuple | list):
+        return [t for v in out for t in _flat(v)]
+    return []
+
+
+def _macs(mod: nn.Module, out: Any, batch: int) -> int:
+    if not isinstance(out, torch.Tensor) or isinstance(mod, nn.Embedding):
+        return 0
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        per_out = mod.weight[0].numel()
+    elif isinstance(mod, nn.Linear):
+        per_out = mod.in_features
+    else:  # Hugging Face Conv1D: weight (in, out)
+        per_out = mod.weight.shape[0]
+    return out.numel() // batch * per_out

@@ -1,8 +1,9 @@
 """The registry of compression methods and the function that applies a plan.
 
 A method is one file with one registered in-place transform. ``apply`` copies the model once
-and runs every registered method in its fixed ``order``:
-low-rank (10) -> pruning (20) -> quantization (30).
+and runs every registered method in its fixed ``order``: low-rank (10) -> pruning (20) ->
+quantization (30). Hugging Face ``Conv1D`` layers the plan changes become ``Linear`` first
+(``conv1d.py``), so the methods only see conv, linear and embedding layers.
 
 Why this order: factorizing first lets pruning and quantization act on the factors (both
 factors are pruned and quantized); pruning before quantization means the quantization scales
@@ -15,15 +16,21 @@ import copy
 import functools
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
 
-from autocompress.compress._layers import find_layers
+from autocompress.compress._knobs import KNOB_TABLE, summary_tokens
+from autocompress.compress._layers import LayerInfo, Refusal, find_layers
 from autocompress.compress._plan import Plan, PlanError
+from autocompress.compress.conv1d import linearize
 
-Transform = Callable[[nn.Module, Plan, torch.Tensor], None]
+Transform = Callable[[nn.Module, Plan, Any], None]
+# limits(model, example_inputs, layers) -> {layer name: [Refusal, ...]}: the knob values a
+# method cannot apply to a layer, known before any trial runs.
+Limits = Callable[[nn.Module, Any, list[LayerInfo]], dict[str, list[Refusal]]]
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,7 @@ class Method:
     name: str
     order: int
     transform: Transform
+    limits: Limits | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -45,16 +53,60 @@ def _load_builtin_methods() -> None:
         importlib.import_module(f"autocompress.compress.{module}")
 
 
-def register_method(name: str, order: int) -> Callable[[Transform], Transform]:
-    """Registers ``fn(model, plan, example_inputs)``, which compresses ``model`` in place."""
+def register_method(name: str, order: int,
+                    limits: Limits | None = None) -> Callable[[Transform], Transform]:
+    """Registers ``fn(model, plan, example_inputs)``, which compresses ``model`` in place.
+
+    Args:
+        name: The method's name.
+        order: Its place in :func:`apply` (low-rank 10, pruning 20, quantization 30).
+        limits: ``limits(model, example_inputs, layers) -> {layer: [Refusal]}``: the knob
+            values this method cannot apply to a layer (a search never samples them).
+    """
 
     def deco(fn: Transform) -> Transform:
         if name in _METHODS:
             raise RuntimeError(f"compression method {name!r} is already registered")
-        _METHODS[name] = Method(name, order, fn)
+        _METHODS[name] = Method(name, order, fn, limits)
         return fn
 
     return deco
+
+
+def describe_layers(model: nn.Module, example_inputs: Any) -> list[LayerInfo]:
+    """The compressible layers (:func:`find_layers`) with the refusals of every method's limits
+    (what ``autocompress layers`` shows and what a search space leaves out)."""
+    _load_builtin_methods()
+    layers = find_layers(model, example_inputs)
+    found: dict[str, list[Refusal]] = {}
+    for method in sorted(_METHODS.values(), key=lambda m: m.order):
+        if method.limits is not None:
+            for name, refusals in method.limits(model, example_inputs, layers).items():
+                found.setdefault(name, []).extend(refusals)
+    return [replace(la, refusals=tuple(found.get(la.name, ()))) for la in layers]
+
+
+def check_plan(plan: Plan, layers: list[LayerInfo]) -> None:
+    """Refuses a plan that names an unknown or unused layer or a value a layer refuses.
+
+    Raises:
+        PlanError: Naming the layer, the knob and why.
+    """
+    plan.validate([layer.name for layer in layers])
+    by_name = {layer.name: layer for layer in layers}
+    for name, lp in plan.active().items():
+        layer = by_name[name]
+        if not layer.used:
+            raise PlanError(f"layer {name!r} never runs in the model's forward, so it cannot be "
+                            f"compressed; leave it out of the plan")
+        for spec in KNOB_TABLE.values():
+            value = getattr(lp, spec.name)
+            if summary_tokens(replace(lp, **{spec.name: spec.default})) == summary_tokens(lp):
+                continue  # the knob changes nothing here (e.g. structure without sparsity)
+            for r in layer.refusals:
+                if r.refuses(spec.name, value, spec.default):
+                    raise PlanError(f"layer {name!r}: cannot take {spec.name}={value!r} "
+                                    f"({layer.type}): {r.reason}")
 
 
 def list_methods() -> list[str]:
@@ -63,7 +115,7 @@ def list_methods() -> list[str]:
     return [m.name for m in sorted(_METHODS.values(), key=lambda m: m.order)]
 
 
-def apply(model: nn.Module, plan: Plan, example_inputs: torch.Tensor,
+def apply(model: nn.Module, plan: Plan, example_inputs: Any,
           methods: list[str] | None = None) -> nn.Module:
     """Returns a compressed copy of ``model``; ``model`` itself is left untouched.
 
@@ -74,16 +126,16 @@ def apply(model: nn.Module, plan: Plan, example_inputs: torch.Tensor,
         methods: Only run these methods (default: all registered ones).
 
     Raises:
-        PlanError: The plan names an unknown layer or asks for something a layer cannot do.
+        PlanError: The plan names an unknown or unused layer or asks for something a layer
+            cannot do (a method's limits, or a failure while applying it).
     """
-    _load_builtin_methods()
-    layers = find_layers(model, example_inputs)
-    plan.validate([layer.name for layer in layers])
+    check_plan(plan, describe_layers(model, example_inputs))
     unknown = set(methods or ()) - set(_METHODS)
     if unknown:
         raise PlanError(f"unknown compression method {sorted(unknown)[0]!r}; "
                         f"registered: {list_methods()}")
     new = copy.deepcopy(model)
+    linearize(new, plan)
     for name in list_methods():
         if methods is None or name in methods:
             _METHODS[name].transform(new, plan, example_inputs)
@@ -93,7 +145,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: torch.Tensor,
 def pure(name: str) -> Callable[[nn.Module, Plan, torch.Tensor], nn.Module]:
     """The registered method ``name`` as a pure ``apply(model, plan, example_inputs)``."""
 
-    def fn(model: nn.Module, plan: Plan, example_inputs: torch.Tensor) -> nn.Module:
+    def fn(model: nn.Module, plan: Plan, example_inputs: Any) -> nn.Module:
         return apply(model, plan, example_inputs, methods=[name])
 
     fn.__doc__ = f"Applies only the {name!r} part of ``plan``; returns a new model."

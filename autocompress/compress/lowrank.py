@@ -2,15 +2,21 @@
 
 A Linear ``W (out x in)`` becomes ``Linear(in, r) -> Linear(r, out)``; a Conv with kernel k
 becomes a k x k conv with r output channels followed by a 1x1 conv (Jaderberg et al., 2014,
-scheme 2 via SVD of the ``out x (in*k)`` unfolded weight). The singular values are split
-evenly (sqrt) between the two factors. ``rank`` is the kept fraction of ``min(out, in*k)``.
+scheme 2 via SVD of the ``out x (in*k)`` unfolded weight); an Embedding ``E (num x dim)``
+becomes ``Embedding(num, r) -> Linear(r, dim)`` (ALBERT's factorized embedding, Lan et al.,
+2020, here initialized by SVD). The singular values are split evenly (sqrt) between the two
+factors. ``rank`` is the kept fraction of ``min(out, in*k)``. Grouped and depthwise convs are
+refused (``limits``): their weight is not one matrix.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from autocompress.compress._layers import LayerInfo, Refusal
 from autocompress.compress._modules import LowRank
 from autocompress.compress._plan import Plan, PlanError
 from autocompress.compress._registry import pure, register_method
@@ -29,6 +35,8 @@ def factorize(layer: nn.Module, fraction: float) -> LowRank:
     u, s, vh = torch.linalg.svd(w.flatten(1), full_matrices=False)
     root = s[:r].sqrt()
     first_w, second_w = root[:, None] * vh[:r], u[:, :r] * root
+    if isinstance(layer, nn.Embedding):
+        return _factorize_embedding(layer, u[:, :r] * root, root[:, None] * vh[:r])
     has_bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
         first = nn.Linear(layer.in_features, r, bias=False)
@@ -48,8 +56,31 @@ def factorize(layer: nn.Module, fraction: float) -> LowRank:
     return LowRank(first, second).to(w.device).train(layer.training)
 
 
-@register_method("lowrank", order=10)
-def _lowrank(model: nn.Module, plan: Plan, example_inputs: torch.Tensor) -> None:
+def _factorize_embedding(layer: nn.Embedding, rows: torch.Tensor, proj: torch.Tensor) -> LowRank:
+    """``Embedding(num, r)`` holding ``U_r S_r^1/2`` then ``Linear(r, dim)`` holding ``S_r^1/2 V_r^T``."""
+    first = nn.Embedding(layer.num_embeddings, rows.shape[1], padding_idx=layer.padding_idx,
+                         max_norm=layer.max_norm, norm_type=layer.norm_type,
+                         scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse)
+    second = nn.Linear(rows.shape[1], layer.embedding_dim, bias=False)
+    with torch.no_grad():
+        first.weight.copy_(rows)
+        second.weight.copy_(proj.t())
+    return LowRank(first, second).to(rows.device).train(layer.training)
+
+
+def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> dict[str, list[Refusal]]:
+    out: dict[str, list[Refusal]] = {}
+    for layer in layers:
+        mod = model.get_submodule(layer.name)
+        if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups != 1:
+            what = "depthwise" if mod.groups == mod.in_channels else "grouped"
+            out[layer.name] = [Refusal("rank", None, f"a {what} conv (groups={mod.groups}) has no "
+                                                     f"single weight matrix to factorize")]
+    return out
+
+
+@register_method("lowrank", order=10, limits=_limits)
+def _lowrank(model: nn.Module, plan: Plan, example_inputs: Any) -> None:
     for name, lp in plan.active().items():
         if lp.rank is None:
             continue

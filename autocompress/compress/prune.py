@@ -7,6 +7,26 @@ of the next conv/linear. Layers coupled by a residual add must lose the same cha
 group is cut once, at the ratio of its first layer in the model's definition order (not the
 plan's order: plans that compare equal must compress alike).
 
+In a transformer:
+
+- **Attention heads.** The query, key and value projections of one attention block are one
+  group (coupled through the attention product), together with the inputs of the attention
+  output projection. ``channel`` on any of them removes ``round(sparsity * heads)`` whole heads
+  (at most ``heads - 1``), those with the smallest mean group L2 norm: their rows of q, k and
+  v and their input columns of the output projection. The block's head count attributes are
+  updated (``num_attention_heads`` and ``all_head_size`` on Hugging Face's
+  ``BertSelfAttention``; ``num_heads``, ``n_heads`` or ``n_head`` elsewhere). If q, k and v of
+  one block are in a plan with different ratios, the first of them in the model sets it.
+- **FFN neurons.** ``channel`` on the FFN's first linear (BERT's ``intermediate.dense``,
+  ``nn.TransformerEncoderLayer.linear1``) removes intermediate neurons and the matching inputs
+  of the second linear: an ordinary group.
+- **Refused** (``limits``, before any trial): embeddings (their rows are the vocabulary), and
+  every layer whose group reaches the model output, an ``nn.Embedding`` or an ``nn.LayerNorm``
+  (the hidden size of a transformer's residual stream: BERT's ``attention.output.dense`` and
+  ``output.dense``, ``TransformerEncoderLayer.linear2``), or that Torch-Pruning cannot group.
+  ``nn.MultiheadAttention`` keeps q/k/v in one parameter and never calls its ``out_proj`` as
+  a module, so its heads are not offered.
+
 ``unstructured``: zeroes the smallest-magnitude fraction of each weight with a fixed mask,
 kept enforced during fine-tuning through a parametrization (the masked weights stay zero and
 get no gradient). On a low-rank layer both factors are masked.
@@ -14,18 +34,74 @@ get no gradient). On a low-rank layer both factors are masked.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from autocompress.compress._layers import find_layers
+from autocompress._inputs import run, take
+from autocompress.compress._layers import LayerInfo, Refusal
 from autocompress.compress._modules import leaves, weight_compression
 from autocompress.compress._plan import Plan, PlanError
 from autocompress.compress._registry import pure, register_method
 
+# Attributes that hold the head count / head size of an attention block, by library:
+# Hugging Face BERT family, nn.MultiheadAttention/timm/Llama, DistilBERT, GPT-2/nanoGPT.
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "dim_per_head", "head_size")
+# Autograd ops (lowercase substrings of their names) that make a group an attention group:
+# PyTorch's fused attention kernels, and the batched matmuls and softmax of eager attention.
+_ATTENTION_OPS = ("scaleddotproduct", "attention", "bmm", "softmax")
+_PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
 
-@register_method("prune", order=20)
-def _prune(model: nn.Module, plan: Plan, example_inputs: torch.Tensor) -> None:
+
+def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> dict[str, list[Refusal]]:
+    """``structure: channel`` refusals, from one dependency graph of the whole model."""
+    out: dict[str, list[Refusal]] = {}
+
+    def refuse(name: str, reason: str) -> None:
+        out[name] = [Refusal("structure", "channel", reason)]
+
+    todo = []
+    for layer in layers:
+        if layer.type == "Embedding":
+            refuse(layer.name, "its rows are the vocabulary; its columns are the hidden size "
+                               "that every later layer reads")
+        elif layer.is_output:
+            refuse(layer.name, "it produces the model output (its channels are the outputs)")
+        elif layer.used:
+            todo.append(layer.name)
+    if not todo:
+        return out
+    try:
+        graph = _Graph(model, example_inputs)
+    except Exception as e:  # any tracing failure: no layer can be channel-pruned safely
+        for name in todo:
+            refuse(name, f"Torch-Pruning cannot trace the model ({type(e).__name__}: {e})")
+        return out
+    verdicts: dict[nn.Module, str | None] = {}  # one group build per group, not per layer
+    for name in todo:
+        layer = leaves(model, name)[-1]
+        if layer not in verdicts:
+            try:
+                group = graph.group(layer)
+                problem = graph.problem(group) or _Heads.problem(model, name, graph, group)
+            except Exception as e:  # Torch-Pruning raises plain errors for what it cannot group
+                verdicts[layer] = f"Torch-Pruning cannot build its pruning group ({e})"
+                continue
+            for module in graph.out_cut(group) or {layer}:
+                verdicts.setdefault(module, problem)
+        if verdicts[layer] is not None:
+            refuse(name, verdicts[layer])
+    return out
+
+
+@register_method("prune", order=20, limits=_limits)
+def _prune(model: nn.Module, plan: Plan, example_inputs: Any) -> None:
     todo = {n: lp for n, lp in plan.active().items() if lp.sparsity > 0}
     channel = {n: lp.sparsity for n, lp in todo.items() if lp.structure == "channel"}
     if channel:
@@ -52,55 +128,271 @@ def mask_smallest(layer: nn.Module, sparsity: float) -> None:
     wc.mask.copy_(mask.view_as(w) & wc.mask)
 
 
-def prune_channels(model: nn.Module, ratios: dict[str, float], example_inputs: torch.Tensor) -> None:
-    """Physically removes output channels of the named layers and of all layers coupled to them.
+def prune_channels(model: nn.Module, ratios: dict[str, float], example_inputs: Any) -> None:
+    """Physically removes output channels (or attention heads) of the named layers and the
+    matching channels of every layer coupled to them (see the module docstring).
 
     Args:
         model: Model to prune in place.
-        ratios: Fraction of output channels to remove, per plan layer name.
-        example_inputs: One input batch for tracing the dependency graph.
+        ratios: Fraction of output channels (of heads, for a query/key/value projection) to
+            remove, per plan layer name.
+        example_inputs: One input batch (a tensor, a tuple or a dict of tensors) for tracing
+            the dependency graph.
+
+    Raises:
+        PlanError: A layer's channels cannot be removed (coupled to the model output or the
+            residual stream, not groupable), or the pruned model no longer runs.
     """
-    output = next((layer.name for layer in find_layers(model, example_inputs) if layer.is_output), None)
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-    importance = tp.importance.GroupMagnitudeImportance(p=2)
-    output_module = model.get_submodule(output) if output else None
+    graph = _Graph(model, example_inputs)
     done: set[nn.Module] = set()
     position = {n: i for i, (n, _) in enumerate(model.named_modules())}
     for name, ratio in sorted(ratios.items(), key=lambda item: position[item[0]]):
-        if name == output:
-            raise PlanError(f"layer {name!r} produces the model output; its channels cannot be "
-                            "removed (use structure 'unstructured')")
         layer = leaves(model, name)[-1]
         if layer in done:
             continue  # its outputs were already cut as part of an earlier layer's group
-        fn = tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
-        n_out = layer.weight.shape[0]
-        n_cut = min(round(ratio * n_out), n_out - 1)
-        if n_cut == 0:
-            continue
-        group = graph.get_pruning_group(layer, fn, idxs=list(range(n_out)))
+        try:
+            group = graph.group(layer)
+            problem = graph.problem(group)
+            if problem is not None:
+                raise PlanError(problem)
+            heads = _Heads.find(model, name, graph, group)
+        except (PlanError, ValueError) as e:
+            raise PlanError(f"layer {name!r}: its channels cannot be removed: {e}") from None
         # Only layers whose outputs this group cuts are done; a layer that merely loses
-        # inputs (the next conv) still has its own entry to apply.
-        touched = _out_cut_modules(group)
-        if output_module is not None and _cuts_outputs_of(group, output_module):
-            raise PlanError(f"pruning channels of {name!r} would remove model outputs")
-        scores = importance(group)
-        idxs = torch.argsort(scores)[:n_cut].tolist()
-        group = graph.get_pruning_group(layer, fn, idxs=idxs)
-        if not graph.check_pruning_group(group):
-            raise PlanError(f"layer {name!r}: cannot remove {n_cut} of {n_out} channels")
+        # inputs (the next conv) still has its own entry to apply. Done even when nothing is
+        # cut: the first entry of a group in model order decides for the whole group.
+        done |= graph.out_cut(group)
+        idxs = heads.cut(ratio, graph.importance(group)) if heads else _channels(
+            ratio, graph.importance(group))
+        if not idxs:
+            continue
+        group = graph.group(layer, idxs)
+        if not graph.dg.check_pruning_group(group):
+            raise PlanError(f"layer {name!r}: cannot remove {len(idxs)} of "
+                            f"{graph.dg.get_out_channels(layer)} channels")
         group.prune()
-        done |= touched
+        if heads:
+            heads.update(len(idxs) // heads.size)
+    graph.check(", ".join(sorted(ratios, key=position.__getitem__)))
 
 
-def _out_cut_modules(group) -> set[nn.Module]:
-    """The conv/linear layers whose output channels ``group`` removes."""
-    out_fns = (tp.prune_linear_out_channels, tp.prune_conv_out_channels)
-    return {dep.target.module for dep, _ in group if dep.handler in out_fns}
+def _channels(ratio: float, scores: torch.Tensor) -> list[int]:
+    """The ``round(ratio * n)`` (at most ``n - 1``) channels with the smallest scores."""
+    n_cut = min(round(ratio * len(scores)), len(scores) - 1)
+    return sorted(torch.argsort(scores)[:n_cut].tolist())
 
 
-def _cuts_outputs_of(group, module: nn.Module) -> bool:
-    return module in _out_cut_modules(group)
+class _Graph:
+    """Torch-Pruning's dependency graph of a model, traced once, with what this method asks of
+    it; the model's train/eval mode and ``requires_grad`` flags are left as they were."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any) -> None:
+        self.model = model
+        # One sample is enough to trace, and cheaper.
+        self.example_inputs = example_inputs = take(example_inputs, 1)
+        self.names = {m: n for n, m in model.named_modules()}
+        self.shapes: list[tuple[int, ...]] = []
+
+        def forward(m: nn.Module, inputs: Any) -> list[torch.Tensor]:
+            # Our own forward_fn: Torch-Pruning's default tries ``model(*x)`` before
+            # ``model(x)``, which unpacks a single tensor along its batch dimension.
+            outputs = _tensors(run(m, inputs))
+            self.shapes = [tuple(t.shape) for t in outputs]
+            return outputs
+
+        with _traceable(model):
+            self.dg = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, forward_fn=forward, verbose=False)
+        self._importance = tp.importance.GroupMagnitudeImportance(p=2)
+
+    def group(self, layer: nn.Module, idxs: list[int] | None = None) -> tp.Group:
+        """The group removing output channels ``idxs`` (default: all) of ``layer``."""
+        pruner = self.dg.get_pruner_of_module(layer)
+        if layer not in self.dg.module2node or pruner is None:
+            raise ValueError(f"no node for this {type(layer).__name__} in the traced graph")
+        n_out = self.dg.get_out_channels(layer)
+        return self.dg.get_pruning_group(layer, pruner.prune_out_channels,
+                                         idxs=list(range(n_out)) if idxs is None else idxs)
+
+    def importance(self, group: tp.Group) -> torch.Tensor:
+        """Group L2 norm of every channel of ``group``'s root layer."""
+        return self._importance(group)
+
+    def out_cut(self, group: tp.Group) -> set[nn.Module]:
+        """The conv/linear layers whose output channels ``group`` removes."""
+        return {dep.target.module for dep, _ in group
+                if isinstance(dep.target.module, _PRUNABLE) and self.dg.is_out_channel_pruning_fn(dep.handler)}
+
+    def problem(self, group: tp.Group) -> str | None:
+        """Why ``group`` must not be cut (it reaches the output, an embedding or a LayerNorm)."""
+        targets = list(dict.fromkeys(dep.target.module for dep, _ in group))
+        coupled = []
+        for what, cls in (("LayerNorm", nn.LayerNorm), ("embedding", nn.Embedding)):
+            found = sorted(self.names.get(m, "?") for m in targets if isinstance(m, cls))
+            if found:
+                more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+                coupled.append(f"the {what} {found[0]!r}{more}")
+        residual = bool(coupled)
+        if any(isinstance(m, tp.ops._OutputOp) for m in targets):
+            coupled.append("the model output")
+        if not coupled:
+            return None
+        reason = f"its channels are coupled to {_join(coupled)}"
+        if residual:
+            reason += " (the hidden size of a transformer's residual stream; cut heads or FFN neurons instead)"
+        return reason
+
+    def is_attention(self, group: tp.Group) -> bool:
+        """Whether ``group`` couples several projections through an attention product."""
+        ops = (str(getattr(dep.target.module, "_grad_fn", "")).lower() for dep, _ in group)
+        return len(self.out_cut(group)) > 1 and any(a in op for op in ops for a in _ATTENTION_OPS)
+
+    def check(self, what: str) -> None:
+        """Raises PlanError unless the pruned model runs and gives outputs of the traced shapes."""
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                shapes = [tuple(t.shape) for t in _tensors(run(self.model, self.example_inputs))]
+        except Exception as e:
+            raise PlanError(f"pruning channels of {what} broke the model's forward "
+                            f"({type(e).__name__}: {e})") from None
+        finally:
+            self.model.train(was_training)
+        if shapes != self.shapes:
+            raise PlanError(f"pruning channels of {what} changed the output shapes from "
+                            f"{self.shapes} to {shapes}")
+
+
+@dataclass
+class _Heads:
+    """The attention block whose heads a q/k/v group cuts.
+
+    Attributes:
+        module: The block (e.g. a ``BertSelfAttention``).
+        name: Its module name.
+        count: Its head count.
+        size: Channels per head.
+    """
+
+    module: nn.Module
+    name: str
+    count: int
+    size: int
+
+    @staticmethod
+    def block(model: nn.Module, name: str) -> tuple[str, nn.Module, int] | None:
+        """The nearest ancestor of layer ``name`` with a head count attribute, and the count."""
+        parts = name.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            prefix = ".".join(parts[:i])
+            mod = model.get_submodule(prefix)
+            count = _head_count(mod)
+            if count is not None:
+                return prefix, mod, count
+        return None
+
+    @classmethod
+    def problem(cls, model: nn.Module, name: str, graph: _Graph, group: tp.Group) -> str | None:
+        """Why the heads of ``name``'s attention group cannot be cut (None if they can, or if
+        it is not an attention group)."""
+        try:
+            cls.find(model, name, graph, group)
+        except PlanError as e:
+            return str(e)
+        return None
+
+    @classmethod
+    def find(cls, model: nn.Module, name: str, graph: _Graph, group: tp.Group) -> _Heads | None:
+        """The heads cut by ``group``, the group of layer ``name``; None if it is no attention
+        group.
+
+        Raises:
+            PlanError: It is an attention group whose heads cannot be told apart.
+        """
+        if not graph.is_attention(group):
+            return None
+        projections = graph.out_cut(group)
+        coupled = sorted(graph.names.get(m, "?") for m in projections)
+        found = cls.block(model, name)
+        if found is None:
+            raise PlanError(f"it is coupled to {coupled} through attention, and no module "
+                            f"around it has a head count ({', '.join(HEAD_COUNT_ATTRS)})")
+        prefix, block, count = found
+        if not all(graph.names.get(m, "").startswith(prefix + "." if prefix else "") for m in projections):
+            raise PlanError(f"it is coupled through attention to {coupled}, which are not all "
+                            f"inside {prefix or 'the model'!r}")
+        widths = {graph.dg.get_out_channels(m) for m in projections}
+        size = _head_size(block) or (min(widths) // count)
+        if widths != {count * size}:
+            raise PlanError(f"its attention projections {coupled} have widths {sorted(widths)}, "
+                            f"not {count} heads x {size} (grouped-query or fused attention is "
+                            "not supported)")
+        return cls(block, prefix, count, size)
+
+    def cut(self, ratio: float, scores: torch.Tensor) -> list[int]:
+        """The channels of the ``round(ratio * count)`` (at most ``count - 1``) heads with the
+        smallest mean channel score."""
+        n_cut = min(round(ratio * self.count), self.count - 1)
+        heads = torch.argsort(scores.view(self.count, self.size).mean(dim=1))[:n_cut]
+        return [h * self.size + i for h in sorted(heads.tolist()) for i in range(self.size)]
+
+    def update(self, n_cut: int) -> None:
+        """Records that ``n_cut`` heads were removed in the block's attributes."""
+        self.count -= n_cut
+        for attr in HEAD_COUNT_ATTRS:
+            if isinstance(getattr(self.module, attr, None), int):
+                setattr(self.module, attr, self.count)
+        if isinstance(getattr(self.module, "all_head_size", None), int):
+            self.module.all_head_size = self.count * self.size
+
+
+def _head_count(module: nn.Module) -> int | None:
+    for attr in HEAD_COUNT_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _head_size(module: nn.Module) -> int | None:
+    for attr in HEAD_SIZE_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model output (a tensor, a tuple/list, a dict or a ``ModelOutput``)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, tuple | list):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+@contextlib.contextmanager
+def _traceable(model: nn.Module) -> Iterator[None]:
+    """Autograd on and every parameter requiring grad (Torch-Pruning traces through autograd),
+    restored afterwards with the model's train/eval mode."""
+    was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+        model.train(was_training)
 
 
 apply = pure("prune")

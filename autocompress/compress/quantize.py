@@ -8,9 +8,13 @@ uint8 with an EMA-observed range, exported as QuantizeLinear/DequantizeLinear.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from autocompress._inputs import run
+from autocompress.compress._layers import LayerInfo, Refusal
 from autocompress.compress._modules import (
     ActFakeQuant,
     act_quant_pre_hook,
@@ -21,8 +25,13 @@ from autocompress.compress._plan import Plan
 from autocompress.compress._registry import pure, register_method
 
 
-@register_method("quantize", order=30)
-def _quantize(model: nn.Module, plan: Plan, example_inputs: torch.Tensor) -> None:
+def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> dict[str, list[Refusal]]:
+    return {la.name: [Refusal("act_bits", None, "its inputs are indices, not activations")]
+            for la in layers if la.type == "Embedding"}
+
+
+@register_method("quantize", order=30, limits=_limits)
+def _quantize(model: nn.Module, plan: Plan, example_inputs: Any) -> None:
     for name, lp in plan.active().items():
         if lp.bits is not None:
             for leaf in leaves(model, name):
@@ -35,7 +44,7 @@ def _quantize(model: nn.Module, plan: Plan, example_inputs: torch.Tensor) -> Non
         _calibrate(model, example_inputs)
 
 
-def _calibrate(model: nn.Module, example_inputs: torch.Tensor) -> None:
+def _calibrate(model: nn.Module, example_inputs: Any) -> None:
     """Initializes activation ranges from one batch so the model is usable before fine-tuning.
 
     Only the observers run in training mode, so BatchNorm statistics are left alone.
@@ -46,7 +55,7 @@ def _calibrate(model: nn.Module, example_inputs: torch.Tensor) -> None:
         if isinstance(mod, ActFakeQuant):
             mod.train()
     with torch.no_grad():
-        model(example_inputs)
+        run(model, example_inputs)
     model.train(was_training)
 
 

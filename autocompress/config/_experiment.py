@@ -118,6 +118,9 @@ class SearchSettings:
         concurrency: Trials running at the same time.
         seed: Sampler seed, or None for a random one.
         cpus_per_trial: CPUs Ray reserves per trial (fractions allowed).
+        gpus_per_trial: GPUs Ray reserves per trial (fractions allowed: 0.5 runs two trials
+            on one GPU); 0 (default) trains on the CPU, since Ray hides the GPUs from a trial
+            that reserves none.
         warm_start: Make the first trial the search space's mildest plan with 8-bit weights
             (no pruning, no factorization), so the front starts from a known-safe model.
     """
@@ -128,6 +131,7 @@ class SearchSettings:
     seed: int | None = 0
     cpus_per_trial: float = 1.0
     warm_start: bool = True
+    gpus_per_trial: float = 0.0
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -141,6 +145,8 @@ class SearchSettings:
             raise ValueError(f"seed={self.seed!r}; allowed: an integer or null")
         if not is_number(self.cpus_per_trial) or not 0 < self.cpus_per_trial < math.inf:
             raise ValueError(f"cpus_per_trial={self.cpus_per_trial!r}; allowed: a number > 0")
+        if not is_number(self.gpus_per_trial) or not 0 <= self.gpus_per_trial < math.inf:
+            raise ValueError(f"gpus_per_trial={self.gpus_per_trial!r}; allowed: a number >= 0")
         if not isinstance(self.warm_start, bool):
             raise ValueError(f"warm_start={self.warm_start!r}; allowed: true or false")
 

@@ -8,7 +8,7 @@ the mildest come from the knob table (:mod:`autocompress.compress._knobs`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from autocompress._errors import ConfigError, did_you_mean
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 def resolve(rules: Sequence[Any], layers: Sequence[LayerInfo]) -> ResolvedSpace:
     """Applies ``rules`` (a search space's ``Rule`` objects) to a model's layers (see
     :meth:`SearchSpace.resolve`)."""
-    layers = list(layers)
+    layers = [layer for layer in layers if getattr(layer, "used", True)]  # never-run layers
     chosen: dict[str, dict[str, int]] = {}
     for i, rule in enumerate(rules):
         for layer in _selected(i, rule, layers):
@@ -60,12 +60,14 @@ class LayerSpace:
         type: Module type name.
         is_output: The layer produces the model output.
         knobs: Knob name to slot, in ``LayerPlan`` field order.
+        refusals: The knob values the layer cannot take (``LayerInfo.refusals``).
     """
 
     name: str
     type: str
     is_output: bool
     knobs: dict[str, Slot]
+    refusals: tuple[Any, ...] = field(default=(), compare=False)
 
 
 
@@ -184,18 +186,27 @@ def _layer_space(layer: LayerInfo, chosen: Mapping[str, int],
             slots[name] = Slot(None, knob)
         else:
             slots[name] = Slot(f"{rule.group(index) if shared else layer.name}/{name}", knob)
-    return LayerSpace(layer.name, layer.type, bool(layer.is_output), slots)
+    return LayerSpace(layer.name, layer.type, bool(layer.is_output), slots,
+                      tuple(getattr(layer, "refusals", ())))
 
 
+
+
+def refused(spec: KnobSpec, value: Any, layer: Any) -> bool:
+    """Whether ``layer`` cannot take ``value`` of knob ``spec``: the knob table's rule
+    (``KnobSpec.refuses``) or a compression method's limits (``LayerInfo.refusals``)."""
+    return spec.refuses(value, layer) or any(
+        r.refuses(spec.name, value, spec.default) for r in getattr(layer, "refusals", ()))
 
 
 def _restrict(spec: KnobSpec, knob: Knob, layer: Any) -> Knob:
-    """``knob``'s domain without the values ``layer`` refuses (``KnobSpec.refuses``); a domain
-    left empty becomes the knob's default."""
+    """``knob``'s domain without the values ``layer`` refuses; a domain left empty (or a range
+    of which every value is refused) becomes the knob's default."""
     if knob.kind == "range":
-        return knob
+        everything = any(r.knob == spec.name and r.value is None for r in getattr(layer, "refusals", ()))
+        return Knob("fixed", value=spec.default) if everything else knob
     values = knob.choices if knob.kind == "choice" else (knob.value,)
-    kept = tuple(v for v in values if not spec.refuses(v, layer)) or (spec.default,)
+    kept = tuple(v for v in values if not refused(spec, v, layer)) or (spec.default,)
     if kept == values:
         return knob
     return Knob("fixed", value=kept[0]) if len(kept) == 1 else Knob("choice", choices=kept)
@@ -205,7 +216,7 @@ def _plan_value(spec: KnobSpec, value: Any, knob: Knob, layer: LayerSpace) -> An
     """A sampled value as a plan value: on the domain's grid, mapped by the knob table, and the
     knob's default where this layer refuses a value shared with other layers."""
     value = spec.to_plan(knob.snap(value))
-    return spec.default if spec.refuses(value, layer) else value
+    return spec.default if refused(spec, value, layer) else value
 
 
 def _check_param_names(spaces: Sequence[LayerSpace]) -> None:

@@ -64,9 +64,9 @@ if TYPE_CHECKING:
 __all__ = ["LAYER_TYPES", "Rule", "SearchSpace", "load_search_space"]
 
 SPACE_VERSION = 1
-# The names of autocompress.layers.COMPRESSIBLE_TYPES, repeated so that reading a config does
+# The layer kinds (autocompress.compress._layers.KINDS), repeated so that reading a config does
 # not import torch (a test checks that the two agree).
-LAYER_TYPES = ("Conv1d", "Conv2d", "Linear")
+LAYER_TYPES = ("Conv1d", "Conv2d", "Linear", "Embedding", "Conv1D")
 
 _RULE_KEYS = ("name", "match", "types", "exclude", "share", "knobs")
 _RANGE_KEYS = ("low", "high", "step", "log")

@@ -36,6 +36,8 @@ LEAF_TYPES: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Conv1d: _CONV, nn.Conv2d: _CONV,
     nn.BatchNorm1d: _NORM, nn.BatchNorm2d: _NORM,
     nn.LayerNorm: ("normalized_shape", "eps", "elementwise_affine", "bias"),
+    nn.Embedding: ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                   "scale_grad_by_freq", "sparse"),
     nn.ReLU: ("inplace",), nn.ReLU6: ("inplace",), nn.SiLU: ("inplace",),
     nn.Hardswish: ("inplace",), nn.LeakyReLU: ("negative_slope", "inplace"),
     nn.GELU: ("approximate",), nn.Sigmoid: (), nn.Tanh: (), nn.Identity: (),

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 
@@ -52,7 +51,7 @@ class Prepared:
             when the model has no ONNX form to derive it from.
     """
 
-    batch: torch.Tensor
+    batch: Any  # a tensor, a tuple or a dict of tensors (autocompress._inputs)
     onnx: bytes | None = None
     module: nn.Module | None = None
     key: str | None = None

@@ -22,10 +22,11 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
-import torch
 from torch import nn
 
+from autocompress._inputs import repeat_to
 from autocompress.compress._bake import bake, export_onnx
 from autocompress.measure import cache as latency_cache
 from autocompress.measure._machine import machine_facts
@@ -38,7 +39,7 @@ __all__ = ["LatencyResult", "Prepared", "check_target", "machine_facts", "measur
            "measure_prepared", "prepare", "target_facts"]
 
 
-def prepare(model: nn.Module, example_inputs: torch.Tensor, target: Target) -> Prepared:
+def prepare(model: nn.Module, example_inputs: Any, target: Target) -> Prepared:
     """Builds the deployable form of ``model`` for ``target`` and its latency-cache key.
 
     The key is derived from the exported ONNX graph with weight values left out (see
@@ -92,7 +93,7 @@ def cached_result(prepared: Prepared) -> LatencyResult | None:
     return LatencyResult(**{**{k: v for k, v in hit.items() if k in known}, "cached": True})
 
 
-def measure_latency(model: nn.Module, example_inputs: torch.Tensor, target: Target,
+def measure_latency(model: nn.Module, example_inputs: Any, target: Target,
                     use_cache: bool = True) -> LatencyResult:
     """Times the deployable form of ``model`` on ``target`` in this process (see the module
     docstring): :func:`prepare`, then :func:`measure_prepared`.
@@ -116,6 +117,5 @@ def check_target(target: Target) -> None:
     get_runtime(target).check(target)
 
 
-def _batch(example_inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    reps = -(-batch_size // example_inputs.shape[0])
-    return example_inputs.repeat(reps, *([1] * (example_inputs.dim() - 1)))[:batch_size].contiguous()
+def _batch(example_inputs: Any, batch_size: int) -> Any:
+    return repeat_to(example_inputs, batch_size)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
+from autocompress._inputs import take
 from autocompress.compress._layers import count_macs
 from autocompress.measure._registry import relative_metrics
 from autocompress.measure.latency import LatencyResult, measure_latency
@@ -57,12 +58,27 @@ class Metrics:
 
 @torch.no_grad()
 def top1_accuracy(model: nn.Module, loader) -> float:
-    """Fraction of validation samples whose arg-max prediction is the target."""
+    """Fraction of validation samples whose arg-max prediction is the target.
+
+    Batches run on the model's device; their inputs may be a tensor, a tuple or a dict of
+    tensors. Of an output that is a tuple or a dict (a Hugging Face ``ModelOutput``), the
+    first element or value holds the logits.
+    """
+    from collections.abc import Mapping
+
+    from autocompress._inputs import run, to_device
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
     correct = total = 0
     for x, y in loader:
-        correct += int((model(x).argmax(dim=1) == y).sum())
+        out = run(model, to_device(x, device))
+        while isinstance(out, Mapping | tuple | list):
+            out = next(iter(out.values())) if isinstance(out, Mapping) else out[0]
+        y = y.to(device)
+        correct += int((out.argmax(dim=-1) == y).sum())
         total += int(y.numel())
     model.train(was_training)
     return correct / max(total, 1)
@@ -89,7 +105,7 @@ def measure(model: nn.Module, task, target: Target, measurer: Measurer | None = 
         size_bytes=size_bytes(model),
         params=params,
         nonzero_params=nonzero,
-        macs=sum(count_macs(model, task.example_inputs[:1]).values()),
+        macs=sum(count_macs(model, take(task.example_inputs, 1)).values()),
         latency_cache_hit=int(latency.cached),
         latency=latency,
     )

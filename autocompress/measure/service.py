@@ -265,7 +265,7 @@ class ServiceMeasurer:
     def __init__(self, actor: Any) -> None:
         self.actor = actor
 
-    def __call__(self, model: nn.Module, example_inputs: torch.Tensor, target: Target) -> LatencyResult:
+    def __call__(self, model: nn.Module, example_inputs: Any, target: Target) -> LatencyResult:
         import ray
 
         return ray.get(self.actor.measure.remote(prepare(model, example_inputs, target)))

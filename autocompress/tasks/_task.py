@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autocompress._inputs import check_inputs
 from autocompress.measure.metrics import top1_accuracy
 
 
@@ -20,9 +22,14 @@ class Task:
         model: The trained fp32 baseline.
         train_loader: Iterable of ``(inputs, targets)`` batches for fine-tuning.
         val_loader: Iterable of ``(inputs, targets)`` batches for the metric.
-        example_inputs: One input batch (batch dimension first), for tracing, export, latency.
+        example_inputs: One input batch (batch dimension first), for tracing, export, latency:
+            a tensor, a tuple of tensors (positional arguments of ``forward``) or a dict of
+            tensors (keyword arguments). Batches of the loaders are ``(inputs, targets)`` with
+            ``inputs`` of the same form.
         metric: ``metric(model, val_loader) -> float``, higher is better (default: top-1).
         loss_fn: ``loss_fn(outputs, targets)`` (default: cross-entropy).
+        distill_loss: ``distill_loss(student_outputs, teacher_outputs) -> loss`` for
+            distillation, or None for the experiment's ``finetune.distill_loss``.
         name: A short name, shown in output and MLflow.
         info: Free-form facts about the task (data sizes, how the baseline was trained).
     """
@@ -30,17 +37,17 @@ class Task:
     model: nn.Module
     train_loader: Iterable
     val_loader: Iterable
-    example_inputs: torch.Tensor
+    example_inputs: Any  # a tensor, a tuple or a dict of tensors (autocompress._inputs)
     metric: Callable[[nn.Module, Iterable], float] | None = None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     name: str = "task"
     info: dict = field(default_factory=dict)
+    distill_loss: Callable[[Any, Any], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise TypeError(f"Task.model must be an nn.Module, got {type(self.model).__name__}")
-        if not isinstance(self.example_inputs, torch.Tensor) or self.example_inputs.dim() < 2:
-            raise TypeError("Task.example_inputs must be a tensor with a batch dimension first")
+        check_inputs(self.example_inputs, "Task.example_inputs")
         self.model.eval()
 
     def evaluate(self, model: nn.Module) -> float:

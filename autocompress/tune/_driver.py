@@ -67,7 +67,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     from ray import tune
 
     from autocompress._errors import ConfigError
-    from autocompress.compress._layers import find_layers
+    from autocompress.compress._registry import describe_layers
     from autocompress.measure.service import ServiceMeasurer, pin, stop_service
     from autocompress.tasks import load_task
     from autocompress.tracking._reader import check_store_driver
@@ -78,11 +78,15 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
         task = load_task(exp.task, seed=exp.search.seed or 0)
     except ConfigError as e:
         raise e.located(exp.path) from None
-    space = exp.search_space.resolve(find_layers(task.model, task.example_inputs))
+    layers = describe_layers(task.model, task.example_inputs)
+    space = exp.search_space.resolve(layers)
     previous = _resumable(exp, tracking_uri) if resume else None
     _check_address(address)
     _check_target(exp)
+    _check_finetune_device(exp, address, echo)
     echo(f"task {task.name}: {len(space.layers)} layers, {len(space.params())} search parameters")
+    for line in _limits_summary(layers):
+        echo(line)
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # per-epoch reports
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -93,6 +97,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     service = None
     try:
+        _check_gpus(exp)
         service, reserved = _measurement_service(exp, echo)
         measurer = ServiceMeasurer(service)
         tracker, storage, study_name = (_reopen(exp, tracking_uri, previous, echo) if previous
@@ -124,7 +129,8 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
         trainable = tune.with_resources(
             tune.with_parameters(_trainable, task=task, space=space, exp=exp, baseline=baseline,
                                  inbox=inbox, service=service, reserved=reserved),
-            {"cpu": exp.search.cpus_per_trial},
+            {"cpu": exp.search.cpus_per_trial,
+             **({"gpu": exp.search.gpus_per_trial} if exp.search.gpus_per_trial > 0 else {})},
         )
         tuner = tune.Tuner(
             trainable,
@@ -165,3 +171,73 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
                         storage, study_name)
 
 
+def _limits_summary(layers: list) -> list[str]:
+    """One line each about layers the search leaves out or knob values it never samples."""
+    lines = []
+    unused = [la.name for la in layers if not la.used]
+    if unused:
+        shown = ", ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
+        lines.append(f"not searched: {len(unused)} layer(s) the forward never runs: {shown}")
+    reasons: dict[str, list[str]] = {}
+    for la in layers:
+        for r in la.refusals if la.used else ():
+            what = f"{r.knob}={r.value}" if r.value is not None else r.knob
+            reasons.setdefault(f"{what} ({r.reason})", []).append(la.name)
+    for what, names in reasons.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        lines.append(f"never sampled: {what} on {len(names)} layer(s): {shown}")
+    return lines
+
+
+
+def _check_finetune_device(exp: Experiment, address: str | None,
+                           echo: Callable[[str], None]) -> None:
+    """Refuses fine-tuning on a GPU the trials cannot have, before anything starts.
+
+    ``finetune.device: cuda`` needs ``search.gpus_per_trial > 0`` (Ray gives GPUs only to the
+    trials that reserve them) and, in a local search, a CUDA device here; a cluster's GPUs
+    are counted once Ray runs (:func:`_check_gpus`).
+    """
+    import torch
+
+    from autocompress._errors import ConfigError
+    from autocompress.finetune import resolve_device
+
+    ft, gpus = exp.finetune.device, exp.search.gpus_per_trial
+    local = address in (None, "local") and not os.environ.get("RAY_ADDRESS")
+    if ft == "cuda" and local:
+        try:
+            resolve_device(ft)
+        except ValueError as e:
+            raise ConfigError(str(e).removeprefix("finetune."), file=exp.path,
+                              key="finetune.device") from None
+    if ft == "cuda" and not gpus > 0:
+        raise ConfigError("finetune.device is 'cuda' but no GPU is reserved for the trials; "
+                          "allowed: a number > 0 (e.g. 1, or 0.25 to share a GPU among four "
+                          "trials)", file=exp.path, key="search.gpus_per_trial")
+    if ft == "auto" and not gpus > 0 and local and torch.cuda.is_available():
+        echo("fine-tuning on the CPU: set search.gpus_per_trial (e.g. 1) to train on the GPU")
+
+
+
+def _check_gpus(exp: Experiment) -> None:
+    """Refuses ``search.gpus_per_trial`` that Ray's GPUs cannot serve (after Ray started).
+
+    A trial waits for its GPU forever where Ray has none, so this is an error, not a wait;
+    with ``target.device: cuda`` the measurement service holds one GPU of its own.
+    """
+    import ray
+
+    from autocompress._errors import ConfigError
+
+    gpus = exp.search.gpus_per_trial
+    if not gpus > 0:
+        return
+    have = ray.cluster_resources().get("GPU", 0)
+    service = 1 if exp.target.device == "cuda" else 0
+    if have < gpus + service:
+        held = " (one of them for the latency measurements of target.device 'cuda')" if service else ""
+        raise ConfigError(f"gpus_per_trial={gpus:g} needs {gpus + service:g} GPUs{held} but Ray "
+                          f"sees {have:g} (check CUDA_VISIBLE_DEVICES and torch.cuda, or start "
+                          f"Ray with --num-gpus); allowed: 0 (fine-tune on the CPU)",
+                          file=exp.path, key="search.gpus_per_trial")

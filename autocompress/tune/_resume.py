@@ -17,6 +17,7 @@ def _start(exp: Experiment, task: Any, tracking_uri: str, echo: Callable[[str], 
            measurer: Any, study_storage: str | None = None) -> tuple[SearchTracker, str, str]:
     """Measures the baseline (with ``measurer``, the search's measurement service) and opens a
     new parent run and a new Optuna study (in ``study_storage``, default beside the store)."""
+    from autocompress.finetune import distill_loss_name
     from autocompress.measure import machine_facts, measure
     from autocompress.measure.latency import target_facts
 
@@ -29,7 +30,9 @@ def _start(exp: Experiment, task: Any, tracking_uri: str, echo: Callable[[str], 
         tracking_uri, exp.name, exp.to_dict(), baseline,
         [(o.metric, str(o.mode)) for o in exp.objectives],
         max_accuracy_drop=exp.constraints.max_accuracy_drop,
-        facts={**machine_facts(), **target_facts(exp.target)}, echo=echo, total=exp.search.trials,
+        facts={**machine_facts(), **target_facts(exp.target),
+               "finetune.distill_loss": distill_loss_name(exp.finetune, task)},
+        echo=echo, total=exp.search.trials,
     )
     storage = study_storage or study_storage_url(tracking_uri)
     study_name = f"{exp.name}-{tracker.parent_run_id}"

@@ -9,7 +9,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -101,7 +101,11 @@ def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment
     def on_epoch(epoch: int, metric: float) -> None:
         tune.report({"epoch": epoch + 1, "epoch_accuracy": metric, "node": node})
 
-    result = run_trial(task, plan, exp.finetune, exp.target, on_epoch=on_epoch,
+    finetune_config = exp.finetune
+    if finetune_config.device == "auto" and not exp.search.gpus_per_trial > 0:
+        # A trial that reserved no GPU trains on the CPU, whether or not Ray hides the GPUs.
+        finetune_config = replace(finetune_config, device="cpu")
+    result = run_trial(task, plan, finetune_config, exp.target, on_epoch=on_epoch,
                        seed=exp.search.seed or 0, measurer=ServiceMeasurer(service),
                        step_gate=training_gate(reserved))
     metrics = result.metrics.to_dict()

@@ -63,6 +63,8 @@ class OnnxRuntime(LocalRuntime):
     def runner(self, prepared: Prepared, target: Target) -> Callable[[], object]:
         import onnxruntime as ort
 
+        from autocompress._inputs import to_numpy_feed
+
         assert prepared.onnx is not None
         # Weight-only int8: without quantized activations there is no integer kernel to fuse
         # into, so ORT folds the weight DequantizeLinear nodes into fp32 constants at load time
@@ -70,5 +72,5 @@ class OnnxRuntime(LocalRuntime):
         opts = session_options(target.threads, not has_activation_quant(prepared.onnx))
         providers = ["CUDAExecutionProvider"] if target.device == "cuda" else ["CPUExecutionProvider"]
         session = ort.InferenceSession(prepared.onnx, opts, providers=providers)
-        feed = {"input": prepared.batch.numpy()}
+        feed = to_numpy_feed(prepared.batch)
         return lambda: session.run(None, feed)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from autocompress._inputs import run as call
+from autocompress._inputs import to_device
 from autocompress.measure.runtimes._base import LocalRuntime
 
 if TYPE_CHECKING:
@@ -32,7 +34,7 @@ class TorchRuntime(LocalRuntime):
         assert prepared.module is not None
         device = torch.device(target.device)
         deployable = prepared.module.to(device).eval()
-        x = prepared.batch.to(device)
+        x = to_device(prepared.batch, device)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         threads = target.threads
 
@@ -41,7 +43,7 @@ class TorchRuntime(LocalRuntime):
             torch.set_num_threads(threads)
             try:
                 with torch.inference_mode():
-                    out = deployable(x)
+                    out = call(deployable, x)
                 sync()
                 return out
             finally:

@@ -1,0 +1,146 @@
+"""Models shaped like users' (tests/real_models.py): layers found by what they are, layers that
+do not reach the output left out, knob values a layer cannot take never sampled, several
+inputs through compression, export (verified with onnxruntime) and latency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from autocompress import LayerPlan, Plan, PlanError
+from autocompress._inputs import run, to_numpy_feed
+from autocompress.compress import apply, export_onnx
+from autocompress.compress._registry import describe_layers
+from autocompress.config import load_search_space
+from autocompress.measure import Target, measure_latency
+from tests import real_models
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"warmup": 1, "min_runs": 3, "max_runs": 10, "budget_s": 0.05, "min_time_s": 0.0}
+BUILDERS = {"mobilenetish": real_models.mobilenetish, "two_inputs": real_models.two_inputs,
+            "tokens": real_models.tokens_model, "bert": real_models.tiny_bert,
+            "gpt2": real_models.tiny_gpt2}
+HF = {"bert", "gpt2"}
+
+
+def build(name: str):
+    if name in HF:
+        pytest.importorskip("transformers")
+    return BUILDERS[name]()
+
+
+def layers_of(name: str):
+    model, x = build(name)
+    return {la.name: la for la in describe_layers(model, x)}
+
+
+def test_conv_subclasses_are_found_as_their_kind() -> None:
+    layers = layers_of("mobilenetish")
+    assert set(layers) == {"stem", "depthwise", "se.reduce", "se.expand", "pointwise", "head"}
+    assert (layers["stem"].type, layers["stem"].cls) == ("Conv2d", "PaddedConv2d")
+    assert layers["head"].is_output and all(la.used and la.macs > 0 for la in layers.values())
+
+
+def test_a_depthwise_conv_refuses_rank_and_the_space_never_samples_it() -> None:
+    layers = layers_of("mobilenetish")
+    assert [r.knob for r in layers["depthwise"].refusals] == ["rank"]
+    assert "depthwise" in layers["depthwise"].refusals[0].reason
+    space = load_search_space(ROOT / "search_spaces" / "default.yaml").resolve(list(layers.values()))
+    domains = {ls.name: ls.knobs for ls in space.layers}
+    assert domains["depthwise"]["rank"].param is None and domains["depthwise"]["rank"].knob.value is None
+    assert domains["pointwise"]["rank"].param == "pointwise/rank"
+    model, x = build("mobilenetish")
+    with pytest.raises(PlanError, match="layer 'depthwise': cannot take rank=0.5 .*depthwise"):
+        apply(model, Plan({"depthwise": LayerPlan(rank=0.5)}), x)
+
+
+def test_layers_whose_result_is_dropped_are_not_used() -> None:
+    layers = layers_of("tokens")
+    assert not layers["unused"].used and not layers["never"].used
+    assert layers["proj"].is_output and layers["embed"].type == "Embedding"
+    assert {r.knob for r in layers["embed"].refusals} >= {"act_bits"}
+    space = load_search_space(ROOT / "search_spaces" / "default.yaml").resolve(list(layers.values()))
+    assert [ls.name for ls in space.layers] == ["embed", "proj"]
+    model, x = build("tokens")
+    with pytest.raises(PlanError, match="'unused' never runs"):
+        apply(model, Plan({"unused": LayerPlan(bits=8)}), x)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_hugging_face_layers(name: str) -> None:
+    layers = layers_of(name)
+    kinds = {la.type for la in layers.values()}
+    assert "Embedding" in kinds and ("Conv1D" in kinds) == (name == "gpt2")
+    if name == "bert":
+        assert not layers["encoder.pooler.dense"].used  # computed, but the pooled output drops it
+        assert layers["encoder.encoder.layer.1.output.dense"].is_output
+
+
+def everything(layers: dict, **knobs) -> Plan:
+    """Every used layer compressed, except the knobs it refuses."""
+    plan = {}
+    for la in layers.values():
+        if not la.used:
+            continue
+        refused = {r.knob for r in la.refusals}
+        plan[la.name] = LayerPlan(**{k: v for k, v in knobs.items() if k not in refused})
+    return Plan(plan)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("knobs", [{"bits": 8}, {"bits": 4, "sparsity": 0.5},
+                                   {"rank": 0.5, "bits": 8}], ids=["int8", "int4-sparse", "lowrank-int8"])
+def test_every_layer_compressed_exports_and_onnxruntime_agrees(name: str, knobs: dict,
+                                                               tmp_path: Path) -> None:
+    model, x = build(name)
+    new = apply(model, everything(layers_of(name), **knobs), x)
+    path = export_onnx(new, x, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(path))
+    expected = [n for n in (x if isinstance(x, dict) else [])] or (
+        ["input_0", "input_1"] if isinstance(x, tuple) else ["input"])
+    assert [i.name for i in session.get_inputs()] == expected
+    with torch.no_grad():
+        ref = run(new, x).numpy()
+    got = session.run(None, to_numpy_feed(x))[0]
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2 * max(1.0, float(np.abs(ref).max())))
+
+
+@pytest.mark.parametrize("name", ["two_inputs", "tokens", "bert"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_several_inputs_are_timed(name: str, runtime: str) -> None:
+    model, x = build(name)
+    result = measure_latency(model, x, Target(runtime=runtime, batch_size=3, **FAST), use_cache=False)
+    assert result.latency_ms > 0 and result.batch_size == 3
+
+
+def test_dynamic_sequence_export_runs_other_lengths(tmp_path: Path) -> None:
+    model, x = build("tokens")
+    path = export_onnx(model, x, tmp_path / "m.onnx", dynamic_sequence=True)
+    longer = real_models.tokens(batch=3, length=20)
+    feed = {"tokens": longer["input_ids"].numpy(), "mask": longer["attention_mask"].numpy()}
+    got = ort.InferenceSession(str(path)).run(None, feed)[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(feed["tokens"]), torch.from_numpy(feed["mask"])).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_an_embedding_factorizes_into_a_table_and_a_projection() -> None:
+    model, x = build("tokens")
+    new = apply(model, Plan({"embed": LayerPlan(rank=1.0)}), x)
+    factor = new.get_submodule("embed")
+    assert isinstance(factor[0], nn.Embedding) and isinstance(factor[1], nn.Linear)
+    torch.testing.assert_close(run(new, x), run(model, x), atol=1e-5, rtol=1e-4)
+
+
+def test_the_search_names_what_it_leaves_out() -> None:
+    from autocompress.tune._driver import _limits_summary
+
+    lines = _limits_summary(list(layers_of("mobilenetish").values()) + list(layers_of("tokens").values()))
+    assert any(line.startswith("not searched: 2 layer(s)") and "unused" in line for line in lines)
+    assert any("never sampled: rank" in line and "depthwise" in line for line in lines)
