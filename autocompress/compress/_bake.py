@@ -93,12 +93,18 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
     if dynamic_sequence:
         for name, axis in _sequence_inputs(inputs, names):
             axes[name][axis] = "sequence"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            baked, as_args(inputs), str(path), dynamo=False, opset_version=ONNX_OPSET,
-            input_names=names, output_names=outputs, dynamic_axes=axes,
-        )
+    # nn.TransformerEncoderLayer's eval "fast path" is one fused op that ONNX has no export for.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                baked, as_args(inputs), str(path), dynamo=False, opset_version=ONNX_OPSET,
+                input_names=names, output_names=outputs, dynamic_axes=axes,
+            )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     qweights = quantized_weights(model)
     if qweights:
         proto = onnx.load(str(path))

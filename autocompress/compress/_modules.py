@@ -80,7 +80,7 @@ class ActFakeQuant(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
 
     def observe(self, x: torch.Tensor) -> None:
-        lo, hi = x.detach().min(), x.detach().max()
+        lo, hi = x.detach().float().min(), x.detach().float().max()  # fp32 under autocast too
         if not bool(self.initialized):
             self.lo.copy_(lo)
             self.hi.copy_(hi)

@@ -23,9 +23,15 @@ In a transformer:
 - **Refused** (``limits``, before any trial): embeddings (their rows are the vocabulary), and
   every layer whose group reaches the model output, an ``nn.Embedding`` or an ``nn.LayerNorm``
   (the hidden size of a transformer's residual stream: BERT's ``attention.output.dense`` and
-  ``output.dense``, ``TransformerEncoderLayer.linear2``), or that Torch-Pruning cannot group.
+  ``output.dense``, ``TransformerEncoderLayer.linear2``), or that Torch-Pruning cannot group
+  (e.g. GPT-2's ``Conv1D``); attention groups whose heads cannot be told apart (no head
+  count attribute, a fused qkv projection, grouped-query attention) are refused too.
   ``nn.MultiheadAttention`` keeps q/k/v in one parameter and never calls its ``out_proj`` as
   a module, so its heads are not offered.
+
+Inputs may be a tensor, a tuple or a dict of tensors (``autocompress._inputs``); one sample
+is traced. After cutting, the model is run once: if it fails or its output shapes changed
+(a coupling Torch-Pruning did not see), the plan is refused with a ``PlanError``.
 
 ``unstructured``: zeroes the smallest-magnitude fraction of each weight with a fixed mask,
 kept enforced during fine-tuning through a parametrization (the masked weights stay zero and
@@ -37,7 +43,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch_pruning as tp
@@ -83,20 +89,27 @@ def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> d
         for name in todo:
             refuse(name, f"Torch-Pruning cannot trace the model ({type(e).__name__}: {e})")
         return out
-    verdicts: dict[nn.Module, str | None] = {}  # one group build per group, not per layer
+    # A group that reaches the output or the residual stream does so from each of its layers:
+    # one group build refuses them all (BERT's residual group spans every block). Groups that
+    # may be cut are small and built per layer (Torch-Pruning's index mapping is not always
+    # symmetric through reshapes and slices).
+    refused: dict[nn.Module, str] = {}
     for name in todo:
-        layer = leaves(model, name)[-1]
-        if layer not in verdicts:
+        leaf = leaves(model, name)[-1]
+        if leaf not in refused:
             try:
-                group = graph.group(layer)
+                group = graph.group(leaf)
                 problem = graph.problem(group) or _Heads.problem(model, name, graph, group)
             except Exception as e:  # Torch-Pruning raises plain errors for what it cannot group
-                verdicts[layer] = f"Torch-Pruning cannot build its pruning group ({e})"
+                problem = f"Torch-Pruning cannot build its pruning group ({e})"
+                group = None
+            if problem is None:
                 continue
-            for module in graph.out_cut(group) or {layer}:
-                verdicts.setdefault(module, problem)
-        if verdicts[layer] is not None:
-            refuse(name, verdicts[layer])
+            refused[leaf] = problem
+            if group is not None and graph.problem(group) is not None:
+                for module in graph.out_cut(group):
+                    refused.setdefault(module, problem)
+        refuse(name, refused[leaf])
     return out
 
 
@@ -115,7 +128,7 @@ def _prune(model: nn.Module, plan: Plan, example_inputs: Any) -> None:
 def mask_smallest(layer: nn.Module, sparsity: float) -> None:
     """Masks the ``round(sparsity * numel)`` smallest-magnitude weights of ``layer``."""
     wc = weight_compression(layer)
-    w = layer.weight.detach()
+    w = cast(torch.Tensor, layer.weight).detach()
     k = round(sparsity * w.numel())
     if k == 0:
         return
@@ -125,7 +138,8 @@ def mask_smallest(layer: nn.Module, sparsity: float) -> None:
     mask = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
     mask[order] = False
     assert (w.abs().flatten()[~mask] <= cut).all()
-    wc.mask.copy_(mask.view_as(w) & wc.mask)
+    old = cast(torch.Tensor, wc.mask)
+    old.copy_(mask.view_as(w) & old)
 
 
 def prune_channels(model: nn.Module, ratios: dict[str, float], example_inputs: Any) -> None:
@@ -151,29 +165,40 @@ def prune_channels(model: nn.Module, ratios: dict[str, float], example_inputs: A
         if layer in done:
             continue  # its outputs were already cut as part of an earlier layer's group
         try:
-            group = graph.group(layer)
-            problem = graph.problem(group)
-            if problem is not None:
-                raise PlanError(problem)
-            heads = _Heads.find(model, name, graph, group)
-        except (PlanError, ValueError) as e:
+            done |= _cut(model, graph, name, layer, ratio)
+        except PlanError as e:
             raise PlanError(f"layer {name!r}: its channels cannot be removed: {e}") from None
-        # Only layers whose outputs this group cuts are done; a layer that merely loses
-        # inputs (the next conv) still has its own entry to apply. Done even when nothing is
-        # cut: the first entry of a group in model order decides for the whole group.
-        done |= graph.out_cut(group)
-        idxs = heads.cut(ratio, graph.importance(group)) if heads else _channels(
-            ratio, graph.importance(group))
-        if not idxs:
-            continue
-        group = graph.group(layer, idxs)
-        if not graph.dg.check_pruning_group(group):
-            raise PlanError(f"layer {name!r}: cannot remove {len(idxs)} of "
-                            f"{graph.dg.get_out_channels(layer)} channels")
-        group.prune()
+        except Exception as e:  # Torch-Pruning failing on a graph it mis-traced
+            raise PlanError(f"layer {name!r}: Torch-Pruning could not remove its channels "
+                            f"({type(e).__name__}: {e})") from None
+    graph.check(", ".join(sorted(ratios, key=position.__getitem__)))
+
+
+def _cut(model: nn.Module, graph: _Graph, name: str, layer: nn.Module, ratio: float) -> set[nn.Module]:
+    """Cuts the channels (or heads) of plan entry ``name`` (its last leaf ``layer``) and of
+    its group.
+
+    Returns:
+        The layers whose output channels the group cuts: they are done, even when nothing was
+        cut (the first entry of a group in model order decides for the whole group). A layer
+        that merely loses inputs (the next conv) still has its own entry to apply.
+    """
+    group = graph.group(layer)
+    problem = graph.problem(group)
+    if problem is not None:
+        raise PlanError(problem)
+    heads = _Heads.find(model, name, graph, group)
+    scores = graph.importance(group)
+    idxs = heads.cut(ratio, scores) if heads else _channels(ratio, scores)
+    if idxs:
+        cut = graph.group(layer, idxs)
+        if not graph.dg.check_pruning_group(cut):
+            raise PlanError(f"removing {len(idxs)} of {len(scores)} channels would leave a "
+                            "coupled layer with none")
+        cut.prune()
         if heads:
             heads.update(len(idxs) // heads.size)
-    graph.check(", ".join(sorted(ratios, key=position.__getitem__)))
+    return graph.out_cut(group)
 
 
 def _channels(ratio: float, scores: torch.Tensor) -> list[int]:
@@ -220,11 +245,17 @@ class _Graph:
 
     def out_cut(self, group: tp.Group) -> set[nn.Module]:
         """The conv/linear layers whose output channels ``group`` removes."""
-        return {dep.target.module for dep, _ in group
-                if isinstance(dep.target.module, _PRUNABLE) and self.dg.is_out_channel_pruning_fn(dep.handler)}
+        return {dep.target.module for dep, _ in group if isinstance(dep.target.module, _PRUNABLE)
+                and self.dg.is_out_channel_pruning_fn(dep.handler)}
 
     def problem(self, group: tp.Group) -> str | None:
         """Why ``group`` must not be cut (it reaches the output, an embedding or a LayerNorm)."""
+        for dep, idxs in group:
+            n = self.channels(dep)
+            if n is not None and idxs and max(idxs) >= n:
+                return (f"Torch-Pruning maps its channels past the {n} channels of "
+                        f"{self.names.get(dep.target.module, '?')!r} (a reshape or slice it "
+                        "cannot follow)")
         targets = list(dict.fromkeys(dep.target.module for dep, _ in group))
         coupled = []
         for what, cls in (("LayerNorm", nn.LayerNorm), ("embedding", nn.Embedding)):
@@ -239,13 +270,23 @@ class _Graph:
             return None
         reason = f"its channels are coupled to {_join(coupled)}"
         if residual:
-            reason += " (the hidden size of a transformer's residual stream; cut heads or FFN neurons instead)"
+            reason += (" (the hidden size of a transformer's residual stream; cut heads or FFN "
+                       "neurons instead)")
         return reason
 
+    def channels(self, dep: tp.Dependency) -> int | None:
+        """How many channels the layer ``dep`` cuts has on the side it cuts (None: no layer)."""
+        module = dep.target.module
+        if module not in self.names or self.dg.get_pruner_of_module(module) is None:
+            return None
+        if self.dg.is_out_channel_pruning_fn(dep.handler):
+            return self.dg.get_out_channels(module)
+        return self.dg.get_in_channels(module) if self.dg.is_in_channel_pruning_fn(dep.handler) else None
+
     def is_attention(self, group: tp.Group) -> bool:
-        """Whether ``group`` couples several projections through an attention product."""
+        """Whether ``group`` runs through an attention product (its channels are heads)."""
         ops = (str(getattr(dep.target.module, "_grad_fn", "")).lower() for dep, _ in group)
-        return len(self.out_cut(group)) > 1 and any(a in op for op in ops for a in _ATTENTION_OPS)
+        return any(a in op for op in ops for a in _ATTENTION_OPS)
 
     def check(self, what: str) -> None:
         """Raises PlanError unless the pruned model runs and gives outputs of the traced shapes."""
@@ -323,7 +364,11 @@ class _Heads:
             raise PlanError(f"it is coupled through attention to {coupled}, which are not all "
                             f"inside {prefix or 'the model'!r}")
         widths = {graph.dg.get_out_channels(m) for m in projections}
-        size = _head_size(block) or (min(widths) // count)
+        # The output projection reads heads x size channels, whatever q, k and v hold.
+        read = [graph.dg.get_in_channels(dep.target.module) for dep, _ in group
+                if isinstance(dep.target.module, _PRUNABLE)
+                and graph.dg.is_in_channel_pruning_fn(dep.handler)]
+        size = _head_size(block) or (min(read or widths) // count)
         if widths != {count * size}:
             raise PlanError(f"its attention projections {coupled} have widths {sorted(widths)}, "
                             f"not {count} heads x {size} (grouped-query or fused attention is "
@@ -344,7 +389,7 @@ class _Heads:
             if isinstance(getattr(self.module, attr, None), int):
                 setattr(self.module, attr, self.count)
         if isinstance(getattr(self.module, "all_head_size", None), int):
-            self.module.all_head_size = self.count * self.size
+            setattr(self.module, "all_head_size", self.count * self.size)  # not an nn.Module attribute
 
 
 def _head_count(module: nn.Module) -> int | None:

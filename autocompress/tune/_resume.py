@@ -45,6 +45,19 @@ def _start(exp: Experiment, task: Any, tracking_uri: str, echo: Callable[[str], 
 _RESUME_KEYS = ("task", "search_space", "objectives", "target", "finetune", "constraints")
 
 
+def _with_defaults(key: str, logged: Any) -> Any:
+    """A logged settings section with the defaults of settings added since it was logged (a
+    search started by an older version resumes unless a setting really changed)."""
+    from autocompress.config._experiment import Constraints
+    from autocompress.finetune import FinetuneConfig
+    from autocompress.measure.target import Target
+
+    settings = {"target": Target, "finetune": FinetuneConfig, "constraints": Constraints}
+    if key not in settings or not isinstance(logged, dict):
+        return logged
+    return {**settings[key]().to_dict(), **logged}
+
+
 
 def _resumable(exp: Experiment, tracking_uri: str) -> Any:
     """The parent run of the latest search of ``exp.name``, checked for resuming; reads only.
@@ -67,7 +80,7 @@ def _resumable(exp: Experiment, tracking_uri: str) -> Any:
                                                            tmp)).read_text())
     current = json.loads(json.dumps(exp.to_dict(), default=str))
     for key in _RESUME_KEYS:
-        if logged.get(key) != current.get(key):
+        if _with_defaults(key, logged.get(key)) != current.get(key):
             raise ConfigError(f"{key} changed since search {parent.info.run_id} started; resume "
                               f"needs the same {key} (or start a new search with --name)",
                               file=exp.path, key=key)
