@@ -1,7 +1,7 @@
 """Small models shaped like the ones users bring (built locally, random init, no downloads):
 a CNN with ``Conv2d`` subclasses, depthwise convs and squeeze-excite; a two-input model; a
 dict-input model with an unused head; tiny Hugging Face BERT and GPT-2 (when transformers is
-installed), wrapped to return mean-pooled embeddings.
+installed), wrapped like the ``minilm`` task's encoder (mean-pooled, normalized embeddings).
 
 Each builder returns ``(model, example_inputs)``; :func:`task_of` makes an
 ``autocompress.Task`` of one (targets: the model's own outputs, so a trial's metric is its
@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from autocompress import Task
 from autocompress._inputs import run, take
+from autocompress.tasks.minilm import SentenceEncoder
 
 
 class PaddedConv2d(nn.Conv2d):
@@ -89,19 +90,6 @@ class TokensWithUnusedHead(nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-class MeanPooled(nn.Module):
-    """A Hugging Face encoder returning mean-pooled ``last_hidden_state`` (sentence embeddings)."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
-
-
 def tokens(batch: int = 2, length: int = 12, vocab: int = 50, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, length, dtype=torch.long)
@@ -131,7 +119,7 @@ def tiny_bert() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=32)
-    return MeanPooled(BertModel(config)).eval(), tokens()
+    return SentenceEncoder(BertModel(config)).eval(), tokens()
 
 
 def tiny_gpt2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -140,7 +128,7 @@ def tiny_gpt2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=32,
                         bos_token_id=0, eos_token_id=0)
-    return MeanPooled(GPT2Model(config)).eval(), tokens()
+    return SentenceEncoder(GPT2Model(config)).eval(), tokens()
 
 
 class _Pairs(Dataset):

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from autocompress.config._experiment import Experiment
 from autocompress.tune._ray import (
@@ -85,7 +86,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     _check_target(exp)
     _check_finetune_device(exp, address, echo)
     echo(f"task {task.name}: {len(space.layers)} layers, {len(space.params())} search parameters")
-    for line in _limits_summary(layers):
+    for line in _limits_summary(layers, space):
         echo(line)
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # per-epoch reports
@@ -171,16 +172,21 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
                         storage, study_name)
 
 
-def _limits_summary(layers: list) -> list[str]:
-    """One line each about layers the search leaves out or knob values it never samples."""
+def _limits_summary(layers: list, space: Any = None) -> list[str]:
+    """One line each about layers the search leaves out or knob values it never samples (of
+    the knobs the resolved ``space`` searches on that layer; all of them without a space)."""
     lines = []
     unused = [la.name for la in layers if not la.used]
     if unused:
         shown = ", ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
         lines.append(f"not searched: {len(unused)} layer(s) the forward never runs: {shown}")
     reasons: dict[str, list[str]] = {}
+    searched = None if space is None else {ls.name: set(ls.knobs) for ls in space.layers}
     for la in layers:
+        knobs = None if searched is None else searched.get(la.name, set())
         for r in la.refusals if la.used else ():
+            if knobs is not None and r.knob not in knobs:
+                continue
             what = f"{r.knob}={r.value}" if r.value is not None else r.knob
             reasons.setdefault(f"{what} ({r.reason})", []).append(la.name)
     for what, names in reasons.items():
