@@ -188,3 +188,34 @@ def test_minilm_task_compresses_heads_ffn_and_embeddings(tmp_path: Path) -> None
     with torch.no_grad():
         ref = run(new, task.example_inputs).numpy()
     np.testing.assert_allclose(got, ref, atol=2e-3)
+
+
+def test_a_forward_that_rejects_the_example_inputs_is_bad_input(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    from autocompress import cli
+
+    (tmp_path / "badtask.py").write_text(
+        "import torch\nfrom torch import nn\nfrom autocompress import Task\n"
+        "def make():\n"
+        "    x = torch.randn(4, 3)\n"
+        "    return Task(model=nn.Linear(5, 2), train_loader=[], val_loader=[], example_inputs=x)\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert cli.main(["layers", "--task", "badtask:make"]) == 2
+    finally:
+        sys.path.remove(str(tmp_path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "example_inputs: the model's forward fails" in err[0]
+    assert "(4, 3)" in err[0] and "Traceback" not in err[0]
+
+
+def test_the_agent_times_a_two_input_model(tmp_path: Path) -> None:
+    from autocompress import agent
+
+    model, x = build("tokens")
+    path = export_onnx(model, x, tmp_path / "m.onnx")
+    result = agent.measure(path.read_bytes(), agent.parse_settings("warmup=1&min_runs=3&budget_s=0.05"
+                                                                   "&min_time_s=0"), 30)
+    assert result["latency_ms"] > 0 and result["runs"] >= 3

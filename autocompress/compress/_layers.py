@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autocompress._errors import ConfigError
 from autocompress._inputs import batch_size, run
 
 COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)
@@ -168,13 +169,26 @@ def _trace(model: nn.Module, example_inputs: Any) -> tuple[dict[str, int], list[
     try:
         model.eval()
         with torch.enable_grad():
-            out = run(model, example_inputs)
+            try:
+                out = run(model, example_inputs)
+            except Exception as e:  # noqa: BLE001  (whatever the user's forward raises)
+                raise ConfigError(f"the model's forward fails on the example inputs "
+                                  f"({_shapes(example_inputs)}): {type(e).__name__}: {e}",
+                                  key="example_inputs") from None
             matter = _reaching_output(out, {n: layers[n] for n in macs})
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
     return macs, calls, matter
+
+
+def _shapes(inputs: Any) -> str:
+    if isinstance(inputs, torch.Tensor):
+        return f"a tensor of shape {tuple(inputs.shape)}"
+    if isinstance(inputs, dict):
+        return ", ".join(f"{k}: {tuple(v.shape)}" for k, v in inputs.items())
+    return ", ".join(str(tuple(v.shape)) for v in inputs)
 
 
 def _reaching_output(out: Any, layers: dict[str, nn.Module]) -> set[str]:
