@@ -48,8 +48,8 @@ def test_conv_subclasses_are_found_as_their_kind() -> None:
 
 def test_a_depthwise_conv_refuses_rank_and_the_space_never_samples_it() -> None:
     layers = layers_of("mobilenetish")
-    assert [r.knob for r in layers["depthwise"].refusals] == ["rank"]
-    assert "depthwise" in layers["depthwise"].refusals[0].reason
+    rank = [r for r in layers["depthwise"].refusals if r.knob == "rank"]
+    assert len(rank) == 1 and "depthwise" in rank[0].reason
     space = load_search_space(ROOT / "search_spaces" / "default.yaml").resolve(list(layers.values()))
     domains = {ls.name: ls.knobs for ls in space.layers}
     assert domains["depthwise"]["rank"].param is None and domains["depthwise"]["rank"].knob.value is None

@@ -38,7 +38,8 @@ class Knob(Protocol):
 
     def contains(self, value: Any) -> bool: ...
 
-__all__ = ["KNOBS", "KNOB_TABLE", "Heat", "KnobSpec", "heat_maps", "needs_masks", "same", "summary_tokens"]
+__all__ = ["KNOBS", "KNOB_TABLE", "Heat", "KnobSpec", "heat_maps", "needs_masks", "reconcile", "same",
+           "summary_tokens"]
 
 
 def _number(value: Any) -> bool:
@@ -140,6 +141,11 @@ def _mildest_rank(knob: Knob) -> Any:
     return _first_of(knob, [None, *sorted(_numbers(knob), reverse=True)])
 
 
+def _act_token(act_bits: Any) -> str:
+    """``a8`` (observed range) or ``adyn`` (ONNX Runtime's dynamic quantization)."""
+    return "adyn" if act_bits == "dynamic" else f"a{act_bits}"
+
+
 _FP32_BITS = 10  # where fp32 sits on the report's bit-width colour scale (after 8)
 
 KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
@@ -168,7 +174,7 @@ KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
         heat=Heat("weight bits",
                   lambda k: (_FP32_BITS if k.get("bits") is None else k["bits"],
                              ("fp32" if k.get("bits") is None else str(k["bits"]))
-                             + (f" a{k['act_bits']}" if k.get("act_bits") else "")),
+                             + (f" {_act_token(k['act_bits'])}" if k.get("act_bits") else "")),
                   "Blues_r", {"zmin": 2, "zmax": _FP32_BITS,
                               "colorbar": {"tickvals": [2, 4, 6, 8, _FP32_BITS],
                                            "ticktext": ["2", "4", "6", "8", "fp32"]}})),
@@ -185,9 +191,14 @@ KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
                              "full" if k.get("rank") is None else f"{k['rank']:.2f}"),
                   "Greens_r", {"zmin": 0, "zmax": 1})),
     KnobSpec(
-        "act_bits", None, "8 or null", lambda v: v is None or v == 8,
-        integer=True, mildest=lambda knob: _first_of(knob, [None]),
-        token=lambda lp: "" if lp.act_bits is None else f"a{lp.act_bits}"),
+        # 8: a fixed range observed during fine-tuning, exported as Q/DQ. "dynamic": each
+        # input's own range at run time, deployed as ONNX Runtime's dynamic quantization
+        # (DynamicQuantizeLinear + MatMulInteger); needs bits=8 (LayerPlan checks it) and a
+        # Linear (quantize.py refuses the rest). Not ``integer``: a string is a valid value.
+        "act_bits", None, "'dynamic', 8 or null",
+        lambda v: v is None or v == "dynamic" or (type(v) is int and v == 8),
+        mildest=lambda knob: _first_of(knob, [None]),
+        token=lambda lp: "" if lp.act_bits is None else _act_token(lp.act_bits)),
 )}
 KNOBS: tuple[str, ...] = tuple(KNOB_TABLE)
 
@@ -205,3 +216,13 @@ def needs_masks(lp: Any) -> bool:
 def heat_maps() -> list[Heat]:
     """The report's heat maps, in knob order."""
     return [spec.heat for spec in KNOB_TABLE.values() if spec.heat is not None]
+
+
+def reconcile(values: dict[str, Any]) -> dict[str, Any]:
+    """One layer's sampled plan values made consistent across knobs (the combinations
+    :meth:`LayerPlan.check_combination` refuses): ``act_bits: dynamic`` runs the layer on
+    ONNX Runtime's integer MatMul, which takes 8-bit weights, so with other ``bits`` it falls
+    back to null."""
+    if values.get("act_bits") == "dynamic" and values.get("bits") != 8:
+        return {**values, "act_bits": None}
+    return values

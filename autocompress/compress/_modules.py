@@ -65,19 +65,35 @@ def weight_compression(module: nn.Module) -> WeightCompression:
 
 
 class ActFakeQuant(nn.Module):
-    """8-bit asymmetric fake quantization of activations, with an EMA min/max observer.
+    """8-bit asymmetric (uint8) fake quantization of activations, per tensor.
 
-    In training mode the observer tracks the input range; in eval mode the range is frozen.
-    Exported to ONNX as QuantizeLinear/DequantizeLinear.
+    Two modes, both with a straight-through estimator:
+
+    - static (``dynamic=False``, the ``act_bits: 8`` plan value): an EMA min/max observer.
+      In training mode it tracks the input range; in eval mode the range is frozen. Exported
+      to ONNX as QuantizeLinear/DequantizeLinear with that fixed range.
+    - dynamic (``dynamic=True``, ``act_bits: "dynamic"``): no state; every call quantizes
+      with the range of the tensor it gets, exactly as ONNX Runtime's ``DynamicQuantizeLinear``
+      does at run time (:func:`dynamic_fake_quant`). Exported by ``export_onnx`` as ONNX
+      Runtime's dynamic quantization of the layer (DynamicQuantizeLinear + MatMulInteger).
+
+    Args:
+        bits: Bit-width (8; the dynamic mode is uint8 only, as ONNX Runtime's op).
+        momentum: EMA factor of the static observer.
+        dynamic: Quantize with each tensor's own range (no observer).
     """
 
-    def __init__(self, bits: int = 8, momentum: float = 0.1) -> None:
+    def __init__(self, bits: int = 8, momentum: float = 0.1, dynamic: bool = False) -> None:
         super().__init__()
+        if dynamic and bits != 8:
+            raise ValueError(f"dynamic activation quantization is 8-bit only, got bits={bits}")
         self.bits = bits
         self.momentum = momentum
-        self.register_buffer("lo", torch.tensor(0.0))
-        self.register_buffer("hi", torch.tensor(0.0))
-        self.register_buffer("initialized", torch.tensor(False))
+        self.dynamic = dynamic
+        if not dynamic:
+            self.register_buffer("lo", torch.tensor(0.0))
+            self.register_buffer("hi", torch.tensor(0.0))
+            self.register_buffer("initialized", torch.tensor(False))
 
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = x.detach().float().min(), x.detach().float().max()  # fp32 under autocast too
@@ -97,10 +113,40 @@ class ActFakeQuant(nn.Module):
         return scale, int(min(qmax, max(0, round(-lo / scale))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic:
+            return dynamic_fake_quant(x)
         if self.training or not bool(self.initialized):
             self.observe(x)
         scale, zp = self.qparams()
         return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 2**self.bits - 1)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, dynamic=True" if self.dynamic else f"bits={self.bits}"
+
+
+def dynamic_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """Fake-quantizes ``x`` as ONNX Runtime's ``DynamicQuantizeLinear`` quantizes it, with a
+    straight-through estimator (the gradient passes as if the op were the identity).
+
+    The ONNX operator (opset 11; ONNX Runtime's ``GetQuantizationParameter`` in
+    ``onnxruntime/core/util/qmath.h`` computes the same): uint8, one scale and zero point for
+    the whole tensor (every sample of the batch together), range widened to include 0::
+
+        scale = (max(0, max(x)) - min(0, min(x))) / 255     (1 if that range is empty)
+        zero_point = round(clamp(-min(0, min(x)) / scale, 0, 255))
+        q = clamp(round(x / scale) + zero_point, 0, 255)
+
+    with rounding half to even (``torch.round``). Returns ``(q - zero_point) * scale``. Tensor
+    ops only (no host sync, traceable). Computed in fp32, returned in ``x``'s dtype.
+    """
+    xf = x.float()
+    xd = xf.detach()
+    lo, hi = xd.min().clamp(max=0.0), xd.max().clamp(min=0.0)
+    scale = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
+    zero_point = torch.round(torch.clamp(-lo / scale, 0.0, 255.0))
+    q = torch.clamp(torch.round(xd / scale) + zero_point, 0.0, 255.0)
+    # dq + (x - x): the value is exactly dq (x + (dq - x) can be an ulp off), the gradient 1.
+    return ((q - zero_point) * scale + (xf - xd)).to(x.dtype)
 
 
 def act_quant_pre_hook(module: nn.Module, args: tuple) -> tuple:

@@ -35,19 +35,38 @@ class LayerPlan:
             physically removed, with the matching inputs of every dependent layer).
         bits: Weight bit-width in 2..8 (per-output-channel symmetric), or None to keep fp32.
         rank: Kept fraction of full rank in (0, 1] for a truncated-SVD factorization, or None.
-        act_bits: 8 to fake-quantize the layer's input activations to 8 bits, or None.
+        act_bits: 8 to fake-quantize the layer's input activations to 8 bits with a range
+            observed during fine-tuning (exported as QuantizeLinear/DequantizeLinear),
+            ``"dynamic"`` to quantize them with each input's own range at run time as ONNX
+            Runtime's dynamic quantization does (integer MatMul kernels; needs ``bits=8`` and
+            a Linear layer), or None.
     """
 
     sparsity: float = 0.0
     structure: str = "unstructured"
     bits: int | None = None
     rank: float | None = None
-    act_bits: int | None = None
+    act_bits: int | str | None = None
 
     def __post_init__(self) -> None:
         for spec in KNOB_TABLE.values():
             value = getattr(self, spec.name)
             _check(spec.valid(value), spec.name, value, spec.allowed)
+
+    def check_combination(self) -> None:
+        """Refuses knob values that are each valid but not together.
+
+        Not in ``__post_init__``: ``compress.check_plan`` builds entries with one knob reset
+        to its default (to see whether that knob changes anything), which may be such a
+        combination. :class:`Plan` and :meth:`from_dict` call it.
+
+        Raises:
+            PlanError: ``act_bits='dynamic'`` without ``bits=8``.
+        """
+        if self.act_bits == "dynamic" and self.bits != 8:
+            # ONNX Runtime's integer MatMul takes int8 weights (8-bit, one scale per channel).
+            raise PlanError(f"act_bits='dynamic' needs bits=8 (ONNX Runtime's integer MatMul "
+                            f"takes int8 weights), got bits={self.bits!r}")
 
     @property
     def is_identity(self) -> bool:
@@ -73,7 +92,9 @@ class LayerPlan:
             raise PlanError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)}; "
                             f"allowed: {sorted(known)}")
         try:
-            return cls(**data)
+            lp = cls(**data)
+            lp.check_combination()
+            return lp
         except PlanError as e:
             raise PlanError(f"{where}: {e}") from None
 
@@ -91,6 +112,11 @@ class Plan:
     def __post_init__(self) -> None:
         if self.version != PLAN_VERSION:
             raise PlanError(f"plan version {self.version!r} is not supported; expected {PLAN_VERSION}")
+        for name, lp in self.layers.items():
+            try:
+                lp.check_combination()
+            except PlanError as e:
+                raise PlanError(f"layer {name!r}: {e}") from None
 
     def __hash__(self) -> int:
         # Sorted: equal plans (dicts compare without order) must hash alike.

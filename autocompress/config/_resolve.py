@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from autocompress._errors import ConfigError, did_you_mean
-from autocompress.compress._knobs import KNOB_TABLE, KNOBS, KnobSpec
+from autocompress.compress._knobs import KNOB_TABLE, KNOBS, KnobSpec, reconcile
 from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.config._checks import matches
 from autocompress.config._domain import Knob, TrialLike
@@ -151,7 +151,7 @@ class ResolvedSpace:
             knobs = {k: _plan_value(KNOB_TABLE[k], s.knob.value if s.param is None else values[s.param],
                                     s.knob, layer)
                      for k, s in layer.knobs.items()}
-            plan[layer.name] = LayerPlan(**knobs)
+            plan[layer.name] = LayerPlan(**reconcile(knobs))
         return Plan(plan)
 
 

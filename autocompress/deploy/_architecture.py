@@ -48,7 +48,7 @@ LEAF_TYPES: dict[type[nn.Module], tuple[str, ...]] = {
     nn.AdaptiveAvgPool1d: ("output_size",), nn.AdaptiveAvgPool2d: ("output_size",),
     nn.AdaptiveMaxPool1d: ("output_size",), nn.AdaptiveMaxPool2d: ("output_size",),
     nn.Flatten: ("start_dim", "end_dim"),
-    ActFakeQuant: ("bits", "momentum"),
+    ActFakeQuant: ("bits", "momentum", "dynamic"),
 }
 
 

@@ -31,7 +31,8 @@ byte count): ``bits``-wide values bit-packed (``numpy.packbits``, little-endian 
 quantized values stored offset by ``qmax`` so they are unsigned), or, when ``sparse``, a
 1-bit-per-element presence bitmap followed by the non-zero values only; then one fp32 scale
 per output channel for a quantized weight. fp32 tensors are raw float32. An 8-bit activation
-quantizer is its observed range ``(lo, hi)`` as two fp32 (8 bytes). So
+quantizer is its observed range ``(lo, hi)`` as two fp32 (8 bytes); a dynamic one
+(``act_bits: "dynamic"``) has no state and is only its module entry (``dynamic: true``). So
 ``file size = size_bytes + 9 + header``; the compressed header is a few hundred bytes to a
 couple of KiB (it grows with the number of layers, not with their size).
 

@@ -10,8 +10,12 @@ Every stored tensor costs ``min(dense, sparse)`` bytes plus its quantization sca
 
 Zeros are counted on the weight as it will be stored (after masking and quantization).
 Biases, BatchNorm affine parameters and running statistics are fp32; an 8-bit activation
-quantizer costs 8 bytes (fp32 scale + int32 zero point). Not counted: the architecture
-description (layer names and shapes, a few hundred bytes) and ``num_batches_tracked``.
+quantizer costs 8 bytes (fp32 scale + int32 zero point), a dynamic one (``act_bits:
+"dynamic"``) nothing: it computes its range from each input at run time. Its layer's 8-bit
+weight is counted like any other (8 bits per value, one fp32 scale per output channel: what
+ONNX Runtime's ``quantize_dynamic`` stores, plus a zero point per channel that is always 0).
+Not counted: the architecture description (layer names and shapes, a few hundred bytes) and
+``num_batches_tracked``.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ def size_report(model: nn.Module) -> list[TensorSize]:
             continue
         prefix = f"{mod_name}." if mod_name else ""
         if isinstance(mod, ActFakeQuant):
-            rows.append(TensorSize(f"{prefix}qparams", 2, 2, 32, 0, ACT_QUANT_BYTES, False, False))
+            if not mod.dynamic:  # a dynamic one stores nothing
+                rows.append(TensorSize(f"{prefix}qparams", 2, 2, 32, 0, ACT_QUANT_BYTES, False, False))
             continue
         tensors: dict[str, tuple[torch.Tensor, int | None, bool]] = {
             n: (p, None, True) for n, p in mod.named_parameters(recurse=False)}

@@ -4,7 +4,9 @@ Int8 weights are stored as int8 + DequantizeLinear; when the model has no quanti
 activations the session folds those into fp32 constants at load time
 (``session.disable_quant_qdq``), which is what a weight-only int8 model costs at run time on a
 CPU; with quantized activations the Q/DQ pairs stay so that ONNX Runtime can fuse them into
-integer kernels, and whatever that costs is measured. The session settings are shared with the
+integer kernels, and whatever that costs is measured. Layers with dynamic activation
+quantization (DynamicQuantizeLinear + MatMulInteger) run their integer kernels either way
+(:func:`has_activation_quant`). The session settings are shared with the
 remote device agent (:func:`session_options`), so both time the same thing. Torch-free.
 """
 
@@ -37,7 +39,17 @@ def session_options(threads: int, fold_weight_qdq: bool) -> Any:
 
 
 def has_activation_quant(model: bytes) -> bool:
-    """Whether the ONNX model quantizes activations (has a QuantizeLinear node)."""
+    """Whether the ONNX model quantizes activations with a fixed range (has a QuantizeLinear
+    node), so that its Q/DQ pairs must stay for ONNX Runtime to fuse them.
+
+    Dynamic quantization (``act_bits: "dynamic"``: DynamicQuantizeLinear, MatMulInteger) does
+    not count: it has no DequantizeLinear, and ``session.disable_quant_qdq`` leaves it alone.
+    Checked with onnxruntime 1.32 (``tests/test_dynamic_int8.py``): with the setting, the
+    optimized graph still fuses DynamicQuantizeLinear + MatMulInteger + Cast + Mul into
+    ``DynamicQuantizeMatMul``, and the weight-only int8 layers of the same graph are folded to
+    fp32 constants as in a graph without integer ops (without it their DequantizeLinear would
+    re-run on every inference).
+    """
     import onnx
 
     return any(n.op_type == "QuantizeLinear" for n in onnx.load_from_string(model).graph.node)
