@@ -55,6 +55,10 @@ class FinetuneConfig:
             (1 - cosine similarity along the last dimension, for embeddings) or ``auto``:
             ``kl`` for a task with the default cross-entropy loss, else ``mse``. A task's own
             ``Task.distill_loss`` overrides it.
+        keep_best: Evaluate before training too and end with the weights of the best
+            evaluation (before training or after an epoch), so fine-tuning never leaves a
+            model worse than compression alone (a mildly compressed pretrained model can lose
+            fidelity to a step size that a heavily pruned one needs).
     """
 
     epochs: int = 2
@@ -70,6 +74,7 @@ class FinetuneConfig:
     device: str = "auto"
     amp: bool = False
     distill_loss: str = "auto"
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0:
@@ -94,8 +99,9 @@ class FinetuneConfig:
         if self.grad_clip is not None and (not _number(self.grad_clip)
                                            or not 0 < self.grad_clip < math.inf):
             raise ValueError(f"finetune.grad_clip={self.grad_clip!r}; allowed: a number > 0 or null")
-        if not isinstance(self.amp, bool):
-            raise ValueError(f"finetune.amp={self.amp!r}; allowed: true or false")
+        for key in ("amp", "keep_best"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"finetune.{key}={getattr(self, key)!r}; allowed: true or false")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -319,6 +325,10 @@ def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.d
             scheduler.step()
 
     history = []
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    if config.keep_best and config.epochs:
+        with gate():
+            best = (float(task.evaluate(model)), _snapshot(model))
     for epoch in range(config.epochs):
         model.train()
         for x, y in task.train_loader:
@@ -329,6 +339,14 @@ def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.d
         with gate():
             metric = float(task.evaluate(model))
         history.append(metric)
+        if best is not None and metric > best[0]:
+            best = (metric, _snapshot(model))
         if on_epoch is not None:
             on_epoch(epoch, metric)
+    if best is not None and best[0] > history[-1]:
+        model.load_state_dict(best[1])
     return history
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

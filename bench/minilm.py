@@ -22,7 +22,7 @@ Variants:
   in every block on top, fine-tuned ``--epochs``.
 - ``heads 3/12 + FFN 1/4 + W8A8 dynamic``: 3 heads and a quarter of the FFN, fine-tuned.
 
-Fine-tuning: AdamW, lr 3e-4, 10% warm-up, distilled from the original (the experiment's
+Fine-tuning: AdamW, lr 3e-4, 10% warm-up, distilled from the original, ``keep_best`` (the experiment's
 settings). ``--quick``: 2 rounds and no fine-tuning (a smoke run).
 """
 
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     files["quantize_dynamic"] = quantize_dynamic(files["fp32"], tmp / "dynamic.onnx")
     files["int8 weights"] = export_onnx(apply(task.model, plan_of(task, dynamic=False),
                                               task.example_inputs), task.example_inputs, tmp / "int8.onnx")
-    config = FinetuneConfig(epochs=epochs, lr=3e-4, optimizer="adamw", warmup=0.1, grad_clip=1.0)
+    config = FinetuneConfig(epochs=epochs, lr=3e-4, optimizer="adamw", warmup=0.1, grad_clip=1.0,
+                            keep_best=True)
     tuned_s = 0.0
     variants = [("W8A8 dynamic, not fine-tuned", {}, False), ("W8A8 dynamic, fine-tuned", {}, True),
                 ("heads 2/12 + FFN 1/8 + W8A8 dynamic", {"heads": 0.125, "ffn": 0.125}, True),

@@ -658,3 +658,19 @@ def test_run_trial_on_cuda(tiny: Task) -> None:
     assert _on_cpu(result.model, tiny.model)
     assert result.metrics.accuracy == pytest.approx(result.history[-1], abs=0.02)
     assert result.metrics.latency_ms > 0
+
+
+def test_keep_best_never_ends_worse_than_before_training(tiny: Task) -> None:
+    import copy
+
+    from autocompress.finetune import FinetuneConfig, finetune
+
+    model = copy.deepcopy(tiny.model)
+    before = tiny.evaluate(model)
+    # A step size this large wrecks the model; keep_best gives back the weights it started with.
+    history = finetune(model, tiny, FinetuneConfig(epochs=2, lr=0.5, optimizer="sgd", distill=False,
+                                                   keep_best=True, device="cpu"))
+    assert max(history) < before
+    assert tiny.evaluate(model) == before
+    with pytest.raises(ValueError, match="finetune.keep_best='yes'"):
+        FinetuneConfig(keep_best="yes")
