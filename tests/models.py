@@ -229,7 +229,12 @@ class GroupedNet(nn.Module):
 
 
 def grouped_task() -> Task:
-    """The tiny problem with :class:`GroupedNet`: plans with ``conv/rank`` set fail in the trial."""
+    """The tiny problem with :class:`GroupedNet`. Its metric fails for plans that factorize the
+    head (a stand-in for a plan that breaks a user's model in the trial); the grouped ``conv``
+    refuses ``rank``, so a search never samples that."""
+    from autocompress.compress import LowRank
+    from autocompress.measure import top1_accuracy
+
     x_train, y_train = synthetic_classification(512, seed=0)
     x_val, y_val = synthetic_classification(256, seed=1)
     train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True,
@@ -237,9 +242,15 @@ def grouped_task() -> Task:
     torch.manual_seed(0)
     model = GroupedNet()
     _fit(model, train_loader, epochs=10)
+
+    def metric(model: nn.Module, loader) -> float:
+        if isinstance(getattr(model, "head", None), LowRank):
+            raise RuntimeError("this task's metric refuses a factorized head")
+        return top1_accuracy(model, loader)
+
     return Task(model=model, train_loader=train_loader,
                 val_loader=DataLoader(TensorDataset(x_val, y_val), batch_size=256),
-                example_inputs=x_val[:4], name="grouped")
+                example_inputs=x_val[:4], metric=metric, name="grouped")
 
 
 def crashing_task() -> Task:
