@@ -279,3 +279,18 @@ def test_a_space_never_samples_dynamic_activations_without_8_bit_weights() -> No
         seen.add((lp.bits, lp.act_bits))
         assert lp.act_bits != "dynamic" or lp.bits == 8
     assert (8, "dynamic") in seen and (4, None) in seen
+
+
+def test_the_warm_start_adds_int8_activations_where_the_space_offers_them() -> None:
+    from autocompress.compress import LayerInfo
+    from autocompress.config import load_search_space
+
+    layers = [LayerInfo("emb", "Embedding", (10, 4), 40, 0), LayerInfo("fc", "Linear", (4, 4), 20, 16)]
+    space = load_search_space({"layers": [{"types": ["Linear"], "knobs": {"bits": [4, 8, None],
+                                                                          "act_bits": [None, "dynamic"]}},
+                                          {"types": ["Embedding"], "knobs": {"bits": [4, 8]}}]})
+    first, second = space.resolve(layers).warm_start_points()
+    assert first == {"fc/bits": 8, "fc/act_bits": None, "emb/bits": 8}
+    assert second == {**first, "fc/act_bits": "dynamic"}
+    plain = load_search_space({"layers": [{"knobs": {"bits": [4, 8]}}]}).resolve(layers)
+    assert len(plain.warm_start_points()) == 1

@@ -133,6 +133,16 @@ class ResolvedSpace:
         return {name: KNOB_TABLE[name.rpartition("/")[2]].mildest_value(knob)
                 for name, knob in self.params().items()}
 
+    def warm_start_points(self) -> list[dict[str, Any]]:
+        """The search's first trials: :meth:`warm_start_params`, then, where the space offers
+        8-bit activations, the same plan with them on every layer that can take them
+        (``dynamic`` first: integer kernels without calibration). The second point is where
+        int8 pays in speed; it is left out when it would be the first again."""
+        first = self.warm_start_params()
+        second = {name: _with_int8_activations(name, value, self.params()[name])
+                  for name, value in first.items()}
+        return [first] if second == first else [first, second]
+
     def distributions(self) -> dict[str, BaseDistribution]:
         """Optuna parameter name to distribution (fixed knobs are not parameters)."""
         return {name: dist for name, knob in self.params().items()
@@ -217,6 +227,13 @@ def _plan_value(spec: KnobSpec, value: Any, knob: Knob, layer: LayerSpace) -> An
     knob's default where this layer refuses a value shared with other layers."""
     value = spec.to_plan(knob.snap(value))
     return spec.default if refused(spec, value, layer) else value
+
+
+def _with_int8_activations(name: str, value: Any, knob: Knob) -> Any:
+    """``value``, or for an ``act_bits`` parameter the first of ``dynamic``, 8 its domain has."""
+    if name.rpartition("/")[2] != "act_bits":
+        return value
+    return next((v for v in ("dynamic", 8) if knob.contains(v)), value)
 
 
 def _check_param_names(spaces: Sequence[LayerSpace]) -> None:

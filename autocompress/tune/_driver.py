@@ -123,7 +123,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
             space=_DefineByRun(space), metric=exp.metrics, mode=exp.modes,
             sampler=make_sampler(exp.search, exp.metrics, exp.constraints.max_accuracy_drop,
                                  baseline["accuracy"]), study_name=study_name,
-            points_to_evaluate=[space.warm_start_params()] if warm else None,
+            points_to_evaluate=space.warm_start_points() if warm else None,
             storage=optuna.storages.RDBStorage(storage),
         )
         inbox = _artifact_inbox()
