@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from autocompress._inputs import repeat_to
 from autocompress.compress import apply
 from autocompress.compress._bake import export_onnx
 from autocompress.compress._layers import count_macs, find_layers
@@ -63,7 +64,7 @@ from autocompress.measure import (
     measure_latency,
     size_bytes,
 )
-from autocompress.measure.latency import Prepared, _batch
+from autocompress.measure.latency import Prepared
 from autocompress.measure.runtimes import get_runtime
 from autocompress.tasks import load_task
 
@@ -268,7 +269,7 @@ def _measure(variant: Variant, config: Config) -> LatencyResult:
     if variant.onnx_path is None:
         return measure_latency(variant.model, config.example_inputs, config.target)
     # A reference ONNX file: the same runtime, session options and timing loop as measure_latency.
-    batch = _batch(config.example_inputs, config.target.batch_size)
+    batch = repeat_to(config.example_inputs, config.target.batch_size)
     prepared = Prepared(batch, onnx=Path(variant.onnx_path).read_bytes())
     return get_runtime(config.target).measure(prepared, config.target)
 

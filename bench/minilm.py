@@ -42,11 +42,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autocompress import LayerPlan, Plan  # noqa: E402
-from autocompress._inputs import to_numpy_feed  # noqa: E402
+from autocompress._inputs import (
+    repeat_to,
+    to_numpy_feed,  # noqa: E402
+)
 from autocompress.compress import apply, export_onnx  # noqa: E402
 from autocompress.finetune import FinetuneConfig, finetune  # noqa: E402
 from autocompress.measure import Target  # noqa: E402
-from autocompress.measure.latency import Prepared, _batch  # noqa: E402
+from autocompress.measure.latency import Prepared  # noqa: E402
 from autocompress.measure.runtimes import get_runtime  # noqa: E402
 from autocompress.tasks import load_task  # noqa: E402
 
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             finetune(model, task, config, teacher=task.model)
             tuned_s += time.perf_counter() - started
         files[name] = export_onnx(model, task.example_inputs, tmp / f"ours{i}.onnx")
-    batch = _batch(task.example_inputs, target.batch_size)
+    batch = repeat_to(task.example_inputs, target.batch_size)
     runtime = get_runtime(target)
     prepared = {name: Prepared(batch, onnx=path.read_bytes()) for name, path in files.items()}
     rounds: dict[str, list[float]] = {name: [] for name in files}

@@ -39,7 +39,7 @@ class Knob(Protocol):
     def contains(self, value: Any) -> bool: ...
 
 __all__ = ["KNOBS", "KNOB_TABLE", "Heat", "KnobSpec", "heat_maps", "needs_masks", "reconcile", "same",
-           "summary_tokens"]
+           "summary_tokens", "why_refused"]
 
 
 def _number(value: Any) -> bool:
@@ -91,9 +91,11 @@ class KnobSpec:
         rangeable: A search space may give a ``{low, high}`` range (else choices or a value).
         mildest: The mildest value a domain allows (the warm-start trial's).
         to_plan: A sampled value as a plan value (``rank`` 1.0 is no factorization).
-        refuses: ``refuses(value, layer)``: the layer cannot take the value; such values are
-            dropped from the layer's domain (a shared value falls back to ``default``).
-            ``layer`` has at least ``name``, ``type`` and ``is_output``.
+        refuses: ``refuses(value, layer) -> reason or None``: why the layer cannot take the
+            value, by the knob's own rule (the compression methods add theirs through
+            ``LayerInfo.refusals``; :func:`why_refused` asks both). Refused values are dropped
+            from the layer's domain (a shared value falls back to ``default``). ``layer`` has
+            at least ``name``, ``type`` and ``is_output``.
         token: The knob's part of the one-line plan summary (``LayerPlan`` in), "" when the
             knob changes nothing (a plan entry whose knobs all give "" is the identity).
         masks: Whether a layer with this plan entry keeps a sparsity mask that rebuilding the
@@ -109,7 +111,7 @@ class KnobSpec:
     rangeable: bool = False
     mildest: Callable[[Knob], Any] = lambda knob: knob.value
     to_plan: Callable[[Any], Any] = lambda value: value
-    refuses: Callable[[Any, Any], bool] = lambda value, layer: False
+    refuses: Callable[[Any, Any], str | None] = lambda value, layer: None
     token: Callable[[Any], str] = lambda lp: ""
     masks: Callable[[Any], bool] = lambda lp: False
     heat: Heat | None = None
@@ -165,7 +167,8 @@ KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
         "structure", "unstructured", "one of ['unstructured', 'channel']",
         lambda v: v in ("unstructured", "channel"),
         mildest=lambda knob: _first_of(knob, ["unstructured"]),
-        refuses=lambda value, layer: value == "channel" and bool(layer.is_output)),
+        refuses=lambda value, layer: "it produces the model output (its channels are the outputs)"
+        if value == "channel" and layer.is_output else None),
     KnobSpec(
         "bits", None, "an integer in 2..8 or null",
         lambda v: v is None or v in range(2, 9),
@@ -226,3 +229,14 @@ def reconcile(values: dict[str, Any]) -> dict[str, Any]:
     if values.get("act_bits") == "dynamic" and values.get("bits") != 8:
         return {**values, "act_bits": None}
     return values
+
+
+def why_refused(spec: KnobSpec, value: Any, layer: Any) -> str | None:
+    """Why ``layer`` cannot take ``value`` of knob ``spec``: the knob table's own rule
+    (``KnobSpec.refuses``) or a compression method's limits (``LayerInfo.refusals``); None if
+    it can. The search space and ``apply`` both ask this one function."""
+    reason = spec.refuses(value, layer)
+    if reason:
+        return reason
+    return next((r.reason for r in getattr(layer, "refusals", ())
+                 if r.refuses(spec.name, value, spec.default)), None)

@@ -117,7 +117,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     elements x in_features. Embedding: 0 (a lookup). Sparsity is not discounted: these are
     dense MACs of the stored shapes.
     """
-    return _trace(model, example_inputs)[0]
+    return _trace(model, example_inputs, reach=False)[0]
 
 
 def find_layers(model: nn.Module, example_inputs: Any) -> list[LayerInfo]:
@@ -142,7 +142,8 @@ def find_layers(model: nn.Module, example_inputs: Any) -> list[LayerInfo]:
     return out
 
 
-def _trace(model: nn.Module, example_inputs: Any) -> tuple[dict[str, int], list[str], set[str]]:
+def _trace(model: nn.Module, example_inputs: Any,
+           reach: bool = True) -> tuple[dict[str, int], list[str], set[str]]:
     """One forward pass: MACs of each compressible layer that runs, every call in order, and
     the layers whose output reaches the model output.
 
@@ -150,7 +151,8 @@ def _trace(model: nn.Module, example_inputs: Any) -> tuple[dict[str, int], list[
     pooled hidden states, and the ONNX exporter then drops it. So a backward pass from the
     outputs decides (a layer matters when its parameters get a gradient); the last layer to run
     among those produces the output. A forward that runs under ``no_grad`` gives no gradient
-    at all: then every layer that runs counts.
+    at all: then every layer that runs counts. ``reach=False`` skips the backward pass (for
+    the MACs alone; every layer that runs is returned as reaching the output).
     """
     macs: dict[str, int] = {}
     calls: list[str] = []
@@ -168,14 +170,14 @@ def _trace(model: nn.Module, example_inputs: Any) -> tuple[dict[str, int], list[
     was_training = model.training
     try:
         model.eval()
-        with torch.enable_grad():
+        with torch.enable_grad() if reach else torch.no_grad():
             try:
                 out = run(model, example_inputs)
             except Exception as e:  # noqa: BLE001  (whatever the user's forward raises)
                 raise ConfigError(f"the model's forward fails on the example inputs "
                                   f"({_shapes(example_inputs)}): {type(e).__name__}: {e}",
                                   key="example_inputs") from None
-            matter = _reaching_output(out, {n: layers[n] for n in macs})
+            matter = _reaching_output(out, {n: layers[n] for n in macs}) if reach else set(macs)
     finally:
         model.train(was_training)
         for h in handles:

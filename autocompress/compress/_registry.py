@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress.compress._knobs import KNOB_TABLE, summary_tokens
+from autocompress.compress._knobs import KNOB_TABLE, summary_tokens, why_refused
 from autocompress.compress._layers import LayerInfo, Refusal, find_layers
 from autocompress.compress._plan import Plan, PlanError
 from autocompress.compress.conv1d import linearize
@@ -103,10 +103,10 @@ def check_plan(plan: Plan, layers: list[LayerInfo]) -> None:
             value = getattr(lp, spec.name)
             if summary_tokens(replace(lp, **{spec.name: spec.default})) == summary_tokens(lp):
                 continue  # the knob changes nothing here (e.g. structure without sparsity)
-            for r in layer.refusals:
-                if r.refuses(spec.name, value, spec.default):
-                    raise PlanError(f"layer {name!r}: cannot take {spec.name}={value!r} "
-                                    f"({layer.type}): {r.reason}")
+            reason = why_refused(spec, value, layer)
+            if reason is not None:
+                raise PlanError(f"layer {name!r}: cannot take {spec.name}={value!r} "
+                                f"({layer.type}): {reason}")
 
 
 def list_methods() -> list[str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from autocompress._errors import ConfigError, did_you_mean
-from autocompress.compress._knobs import KNOB_TABLE, KNOBS, KnobSpec, reconcile
+from autocompress.compress._knobs import KNOB_TABLE, KNOBS, KnobSpec, reconcile, why_refused
 from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.config._checks import matches
 from autocompress.config._domain import Knob, TrialLike
@@ -202,13 +202,6 @@ def _layer_space(layer: LayerInfo, chosen: Mapping[str, int],
 
 
 
-def refused(spec: KnobSpec, value: Any, layer: Any) -> bool:
-    """Whether ``layer`` cannot take ``value`` of knob ``spec``: the knob table's rule
-    (``KnobSpec.refuses``) or a compression method's limits (``LayerInfo.refusals``)."""
-    return spec.refuses(value, layer) or any(
-        r.refuses(spec.name, value, spec.default) for r in getattr(layer, "refusals", ()))
-
-
 def _restrict(spec: KnobSpec, knob: Knob, layer: Any) -> Knob:
     """``knob``'s domain without the values ``layer`` refuses; a domain left empty (or a range
     of which every value is refused) becomes the knob's default."""
@@ -216,7 +209,7 @@ def _restrict(spec: KnobSpec, knob: Knob, layer: Any) -> Knob:
         everything = any(r.knob == spec.name and r.value is None for r in getattr(layer, "refusals", ()))
         return Knob("fixed", value=spec.default) if everything else knob
     values = knob.choices if knob.kind == "choice" else (knob.value,)
-    kept = tuple(v for v in values if not refused(spec, v, layer)) or (spec.default,)
+    kept = tuple(v for v in values if why_refused(spec, v, layer) is None) or (spec.default,)
     if kept == values:
         return knob
     return Knob("fixed", value=kept[0]) if len(kept) == 1 else Knob("choice", choices=kept)
@@ -226,7 +219,7 @@ def _plan_value(spec: KnobSpec, value: Any, knob: Knob, layer: LayerSpace) -> An
     """A sampled value as a plan value: on the domain's grid, mapped by the knob table, and the
     knob's default where this layer refuses a value shared with other layers."""
     value = spec.to_plan(knob.snap(value))
-    return spec.default if refused(spec, value, layer) else value
+    return spec.default if why_refused(spec, value, layer) is not None else value
 
 
 def _with_int8_activations(name: str, value: Any, knob: Knob) -> Any:

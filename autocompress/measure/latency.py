@@ -47,7 +47,7 @@ def prepare(model: nn.Module, example_inputs: Any, target: Target) -> Prepared:
     exported to ONNX is measured on ``torch`` without caching.
     """
     runtime = get_runtime(target)
-    batch = _batch(example_inputs, target.batch_size)
+    batch = repeat_to(example_inputs, target.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = export_onnx(model, example_inputs, Path(tmp) / "model.onnx")
@@ -116,6 +116,3 @@ def check_target(target: Target) -> None:
     """
     get_runtime(target).check(target)
 
-
-def _batch(example_inputs: Any, batch_size: int) -> Any:
-    return repeat_to(example_inputs, batch_size)
