@@ -1,7 +1,8 @@
 """Small models shaped like the ones users bring (built locally, random init, no downloads):
 a CNN with ``Conv2d`` subclasses, depthwise convs and squeeze-excite; a two-input model; a
-dict-input model with an unused head; tiny Hugging Face BERT and GPT-2 (when transformers is
-installed), wrapped like the ``minilm`` task's encoder (mean-pooled, normalized embeddings).
+dict-input model with an unused head; a ViT-like ``nn.TransformerEncoder``; tiny Hugging Face
+BERT and GPT-2 (when transformers is installed), wrapped like the ``minilm`` task's encoder
+(mean-pooled, normalized embeddings).
 
 Each builder returns ``(model, example_inputs)``; :func:`task_of` makes an
 ``autocompress.Task`` of one (targets: the model's own outputs, so a trial's metric is its
@@ -90,6 +91,22 @@ class TokensWithUnusedHead(nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+class TinyViT(nn.Module):
+    """Patches (a strided conv) through ``nn.TransformerEncoder`` (whose layers read their
+    linears' weights directly, for PyTorch's fused fast path), mean-pooled, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 32, 4, stride=4)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)  # deep copies: equal initial layers
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.encoder(tokens).mean(1))
+
+
 def tokens(batch: int = 2, length: int = 12, vocab: int = 50, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, length, dtype=torch.long)
@@ -100,6 +117,11 @@ def tokens(batch: int = 2, length: int = 12, vocab: int = 50, seed: int = 0) -> 
 def mobilenetish() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     return MobileNetish().eval(), torch.randn(2, 3, 8, 8)
+
+
+def tiny_vit() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return TinyViT().eval(), torch.randn(2, 3, 16, 16)
 
 
 def two_inputs() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:

@@ -23,8 +23,8 @@ from tests import real_models
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"warmup": 1, "min_runs": 3, "max_runs": 10, "budget_s": 0.05, "min_time_s": 0.0}
 BUILDERS = {"mobilenetish": real_models.mobilenetish, "two_inputs": real_models.two_inputs,
-            "tokens": real_models.tokens_model, "bert": real_models.tiny_bert,
-            "gpt2": real_models.tiny_gpt2}
+            "tokens": real_models.tokens_model, "vit": real_models.tiny_vit,
+            "bert": real_models.tiny_bert, "gpt2": real_models.tiny_gpt2}
 HF = {"bert", "gpt2"}
 
 
@@ -57,6 +57,17 @@ def test_a_depthwise_conv_refuses_rank_and_the_space_never_samples_it() -> None:
     model, x = build("mobilenetish")
     with pytest.raises(PlanError, match="layer 'depthwise': cannot take rank=0.5 .*depthwise"):
         apply(model, Plan({"depthwise": LayerPlan(rank=0.5)}), x)
+
+
+def test_linears_whose_parent_reads_their_weight_refuse_rank() -> None:
+    layers = layers_of("vit")
+    for i in range(2):
+        rank = [r for r in layers[f"encoder.layers.{i}.linear1"].refusals if r.knob == "rank"]
+        assert len(rank) == 1 and "TransformerEncoderLayer reads its weight" in rank[0].reason
+    assert not any(r.knob == "rank" for r in layers["head"].refusals)
+    model, x = build("vit")
+    with pytest.raises(PlanError, match="'encoder.layers.0.linear1': cannot take rank=0.5"):
+        apply(model, Plan({"encoder.layers.0.linear1": LayerPlan(rank=0.5)}), x)
 
 
 def test_layers_whose_result_is_dropped_are_not_used() -> None:
@@ -150,7 +161,7 @@ def test_the_search_names_what_it_leaves_out() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mobilenetish", "two_inputs", "bert", "gpt2"])
+@pytest.mark.parametrize("name", ["mobilenetish", "two_inputs", "vit", "bert", "gpt2"])
 def test_a_short_search_has_no_failed_trial(name: str, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import autocompress as ac

@@ -220,15 +220,21 @@ def _store_int8(proto: onnx.ModelProto, qweights: dict[str, tuple[np.ndarray, np
     (multiplying each output channel by a constant) or transpose a Linear weight, so
     initializers are matched by value: ``X == W * k`` per output channel (BN folded; the int8
     values stay, the scale becomes ``scale * |k|`` and the sign moves into the values) or
-    ``X == W.T`` (transposed; dequantized along axis 1).
+    ``X == W.T`` (transposed; dequantized along axis 1). Layers with equal quantized weights
+    (tied weights, or copies such as ``nn.TransformerEncoder``'s identical initial layers) share
+    the one initializer the exporter keeps for them.
     """
     graph = proto.graph
     free = {init.name: init for init in graph.initializer}
     nodes = []
+    stored: list[tuple[np.ndarray, np.ndarray]] = []
     for name, (q, scale) in qweights.items():
         found = _find_initializer(free, q, scale)
+        if found is None and any(np.array_equal(q, q0) and np.array_equal(scale, s0) for q0, s0 in stored):
+            continue  # the exporter keeps one initializer for equal weights: already stored
         if found is None:
             raise RuntimeError(f"quantized weight {name!r} not found in the exported ONNX graph")
+        stored.append((q, scale))
         init, q_new, scale_new, axis = found
         del free[init.name]
         graph.initializer.remove(init)

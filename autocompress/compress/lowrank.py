@@ -5,12 +5,14 @@ becomes a k x k conv with r output channels followed by a 1x1 conv (Jaderberg et
 scheme 2 via SVD of the ``out x (in*k)`` unfolded weight); an Embedding ``E (num x dim)``
 becomes ``Embedding(num, r) -> Linear(r, dim)`` (ALBERT's factorized embedding, Lan et al.,
 2020, here initialized by SVD). The singular values are split evenly (sqrt) between the two
-factors. ``rank`` is the kept fraction of ``min(out, in*k)``. Grouped and depthwise convs are
-refused (``limits``): their weight is not one matrix.
+factors. ``rank`` is the kept fraction of ``min(out, in*k)``. Refused (``limits``): grouped and
+depthwise convs (their weight is not one matrix) and layers whose parent reads their weight
+directly (``nn.TransformerEncoderLayer``'s linears).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -76,7 +78,24 @@ def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> d
             what = "depthwise" if mod.groups == mod.in_channels else "grouped"
             out[layer.name] = [Refusal("rank", None, f"a {what} conv (groups={mod.groups}) has no "
                                                      f"single weight matrix to factorize")]
+        elif _parent_reads_weight(model, layer.name):
+            parent = type(model.get_submodule(layer.name.rpartition(".")[0])).__name__
+            out[layer.name] = [Refusal("rank", None, f"its parent {parent} reads its weight "
+                                                     f"directly, so it cannot become two layers")]
     return out
+
+
+def _parent_reads_weight(model: nn.Module, name: str) -> bool:
+    """Whether the forward of the module holding layer ``name`` reads the layer's ``weight``
+    or ``bias`` itself (``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` do, for
+    their fused fast paths), which a factorized replacement does not have."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    try:
+        source = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):  # built in, or defined where its source is not kept
+        return False
+    return f"self.{attr}.weight" in source or f"self.{attr}.bias" in source
 
 
 @register_method("lowrank", order=10, limits=_limits)
