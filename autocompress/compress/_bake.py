@@ -1,34 +1,14 @@
 """The deployable form of a compressed model: weights baked, ONNX with real int8 weights.
 
-Layers with ``act_bits: "dynamic"`` are exported through ONNX Runtime's own dynamic
-quantization (``onnxruntime.quantization.quantize_dynamic``), restricted to their MatMul/Gemm
-nodes, with the settings that make it store exactly what fine-tuning saw (read in
-``onnxruntime/quantization/`` of onnxruntime 1.32):
-
-- ``weight_type=QInt8`` is symmetric (``BaseQuantizer.is_weight_symmetric``: signed types are)
-  over ``[-127, 127]`` (``quant_utils.ONNX_INT_TYPE_SYMMETRIC_RANGE``), zero point 0
-  (``compute_scale_zp``: ``round((qmin + qmax) / 2)``), scale ``max|w| / 127``, rounding half
-  to even (``quantize_nparray``: ``numpy.round``); ``per_channel=True`` with the default
-  ``axis=-1`` of a MatMul's ``(in, out)`` weight is one scale per output channel
-  (``operators/matmul.py``). That is :func:`~autocompress.compress._modules.quantize_weight`
-  at 8 bits, so re-quantizing our already-quantized fp32 weight gives back the same int8
-  values.
-- ``reduce_range=False`` (the default; True would quantize weights to 7 bits,
-  ``ONNX_INT_TYPE_REDUCED_RANGE``). ONNX Runtime suggests it only for CPUs without VNNI, whose
-  u8 x s8 kernels can saturate int16 sums.
-- Activations are uint8, per tensor, computed at run time by ``DynamicQuantizeLinear`` (what
-  ``ActFakeQuant(dynamic=True)`` reproduces); ``MatMulConstBOnly`` (default) leaves MatMuls
-  of two activations (attention scores) alone.
-- In dynamic mode the quantizer first rewrites *every* Gemm as MatMul (+ Add)
-  (``ONNXModel.replace_gemm_with_matmul``), naming the MatMul ``<gemm name>_MatMul``.
+Weight-only quantized layers are stored as int8 + per-channel scales feeding a
+DequantizeLinear (:func:`export_onnx`). Layers whose activations are quantized too run on
+ONNX Runtime's integer kernels: their graph is built by ONNX Runtime's quantization tools from
+the fp32 export, with our numbers (:mod:`autocompress.compress._ort_quant`).
 """
 
 from __future__ import annotations
 
 import copy
-import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,8 +20,14 @@ from onnx import helper, numpy_helper
 from torch import nn
 from torch.nn.utils import parametrize
 
-from autocompress._inputs import as_args, input_names, run, take, tensors_of
+from autocompress._inputs import as_args, input_names, run, take, tensors_of, to_numpy_feed
 from autocompress.compress._modules import ActFakeQuant, WeightCompression, quantize_weight
+from autocompress.compress._ort_quant import (
+    StaticLayer,
+    match_weight,
+    quantize_dynamic_layers,
+    quantize_static_layers,
+)
 
 ONNX_OPSET = 17
 
@@ -81,6 +67,13 @@ def dynamic_layers(model: nn.Module) -> list[str]:
             if isinstance(getattr(mod, "act_quant", None), ActFakeQuant) and mod.act_quant.dynamic]
 
 
+def static_layers(model: nn.Module) -> list[str]:
+    """Names of the weight-bearing modules whose input has a static (observed-range) activation
+    quantizer (``act_bits: 8``): export gives them ONNX Runtime's QLinear kernels."""
+    return [name for name, mod in model.named_modules()
+            if isinstance(getattr(mod, "act_quant", None), ActFakeQuant) and not mod.act_quant.dynamic]
+
+
 def quantized_weights(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{parameter name: (int8 values, fp32 per-channel scales)}`` for every quantized weight."""
     out = {}
@@ -97,15 +90,16 @@ def quantized_weights(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarra
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
-                dynamic_sequence: bool = False) -> Path:
+                dynamic_sequence: bool = False, calibration: list[Any] | None = None) -> Path:
     """Writes a self-contained ONNX model; quantized weights are stored as int8 + scales.
 
-    Each quantized weight becomes an int8 initializer feeding a per-channel
-    ``DequantizeLinear``; the dense ops stay fp32 unless activations are quantized too (then
-    ONNX Runtime may fuse the Q/DQ pairs into integer kernels). Layers with dynamic activation
-    quantization (:func:`dynamic_layers`) are exported in fp32 without their fake-quant and then
-    handed to ONNX Runtime's ``quantize_dynamic`` (see the module docstring): their MatMuls
-    become DynamicQuantizeLinear + MatMulInteger with int8 weights.
+    Weight-only quantized layers get an int8 initializer feeding a per-channel
+    ``DequantizeLinear`` (ONNX Runtime folds it into fp32 at load time: size, not speed).
+    Layers with quantized activations are exported in fp32 without their fake-quant and then
+    handed to ONNX Runtime's own tools with our numbers (:mod:`~autocompress.compress._ort_quant`):
+    ``act_bits: 8`` (:func:`static_layers`) becomes a QDQ graph that runs QLinearConv /
+    QLinearMatMul with the trained input ranges, ``act_bits: "dynamic"``
+    (:func:`dynamic_layers`) DynamicQuantizeLinear + MatMulInteger.
 
     Args:
         model: The (compressed) model.
@@ -116,11 +110,16 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
         dynamic_sequence: Also make axis 1 of integer inputs (token ids) and of the inputs of
             the same shape (attention masks) dynamic, for a deployable model; latency is timed
             at the example's shape, with only the batch axis dynamic.
+        calibration: Input batches (of ``example_inputs``' form) that calibrate the ranges of
+            the tensors between ``act_bits: 8`` layers (their own inputs keep the trained
+            ranges); default: ``example_inputs``. Only the ranges depend on them, not the
+            graph, so latency is the same whatever they are.
     """
     path = Path(path)
     baked = bake(model)
-    dynamic = dynamic_layers(model)
-    for name in dynamic:  # quantize_dynamic adds the run-time quantization of their inputs
+    dynamic, static = dynamic_layers(model), static_layers(model)
+    acts = {name: baked.get_submodule(name).act_quant.qparams() for name in static}
+    for name in dynamic + static:  # ONNX Runtime's tools add the quantization of their inputs
         baked.get_submodule(name).act_quant = nn.Identity()
     inputs = take(example_inputs, 1)
     names = input_names(inputs)
@@ -144,65 +143,21 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
             )
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    if dynamic:
-        _quantize_dynamic(path, {name: baked.get_parameter(f"{name}.weight").numpy() for name in dynamic})
-    qweights = {k: v for k, v in quantized_weights(model).items()
-                if k.removesuffix(".weight") not in dynamic}
+    qweights = quantized_weights(model)
+    if dynamic:  # first: quantize_dynamic rewrites every Gemm as MatMul + Add
+        quantize_dynamic_layers(path, {name: baked.get_parameter(f"{name}.weight").numpy()
+                                       for name in dynamic})
+    if static:
+        feeds = [to_numpy_feed(b) for b in (calibration or [example_inputs])]
+        quantize_static_layers(path, {name: StaticLayer(
+            baked.get_parameter(f"{name}.weight").numpy(), qweights[f"{name}.weight"][1],
+            *acts[name]) for name in static}, feeds)
+    qweights = {k: v for k, v in qweights.items() if k.removesuffix(".weight") not in dynamic + static}
     if qweights:
         proto = onnx.load(str(path))
         _store_int8(proto, qweights)
         onnx.save(proto, str(path))
     return path
-
-
-def _quantize_dynamic(path: Path, weights: dict[str, np.ndarray]) -> None:
-    """Rewrites the ONNX file at ``path``: the MatMul/Gemm of each layer in ``weights``
-    (``{module name: its fp32 weight, (out, in)}``) becomes ONNX Runtime's dynamic int8
-    quantization; nothing else is quantized.
-
-    Nodes are found by their weight: the exporter stores a Linear's weight as is (a Gemm with
-    ``transB=1``, 2-D inputs) or transposed (a MatMul), under names that do not say which
-    layer it is; the node consuming it is that layer's.
-
-    Raises:
-        RuntimeError: A layer's MatMul was not found, or ONNX Runtime did not quantize it.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    proto = onnx.load(str(path))
-    graph = proto.graph
-    inits = {init.name: init for init in graph.initializer}
-    targets: dict[str, str] = {}  # name quantize_dynamic gives the MatMul -> layer
-    for layer, w in weights.items():
-        found = False
-        for i, node in enumerate(graph.node):
-            if node.op_type not in ("MatMul", "Gemm") or node.input[1] not in inits:
-                continue
-            b = numpy_helper.to_array(inits[node.input[1]])
-            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-            expected = w if trans_b else w.T  # a MatMul's B is (in, out)
-            if b.shape == expected.shape and np.array_equal(b, expected):
-                node.name = node.name or f"{layer}/{node.op_type}_{i}"
-                # quantize_dynamic rewrites a Gemm as "<name>_MatMul" before selecting nodes.
-                targets[node.name + ("_MatMul" if node.op_type == "Gemm" else "")] = layer
-                found = True
-        if not found:
-            raise RuntimeError(f"layer {layer!r}: its MatMul was not found in the exported ONNX graph")
-    with tempfile.TemporaryDirectory() as tmp:
-        source = os.path.join(tmp, "fp32.onnx")
-        onnx.save(proto, source)
-        quiet = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing" and node notes
-        try:
-            quantize_dynamic(source, str(path), op_types_to_quantize=["MatMul", "Gemm"],
-                             nodes_to_quantize=list(targets), per_channel=True,
-                             reduce_range=False, weight_type=QuantType.QInt8)
-        finally:
-            logging.getLogger().setLevel(quiet)
-    done = {n.name for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulInteger"}
-    missed = sorted({layer for name, layer in targets.items() if f"{name}_quant" not in done})
-    if missed:
-        raise RuntimeError(f"ONNX Runtime's quantize_dynamic did not quantize layer(s) {missed}")
 
 
 def _sequence_inputs(inputs: Any, names: list[str]) -> list[tuple[str, int]]:
@@ -253,19 +208,13 @@ def _store_int8(proto: onnx.ModelProto, qweights: dict[str, tuple[np.ndarray, np
 
 
 def _find_initializer(free: dict, q: np.ndarray, scale: np.ndarray):
-    """The initializer holding weight ``q * scale`` (possibly BN-folded or transposed)."""
+    """The initializer holding weight ``q * scale`` (possibly BN-folded or transposed) as
+    ``(init, int8 values, scales, DequantizeLinear axis)``, or None."""
     w = q.astype(np.float32) * scale.reshape(-1, *([1] * (q.ndim - 1)))
-    for init in free.values():
-        if init.data_type != onnx.TensorProto.FLOAT or tuple(init.dims) not in (q.shape, q.T.shape):
-            continue
-        x = numpy_helper.to_array(init)
-        if x.shape == q.shape:
-            flat_w, flat_x = w.reshape(len(w), -1), x.reshape(len(x), -1)
-            norm = (flat_w * flat_w).sum(1)
-            k = np.where(norm > 0, (flat_x * flat_w).sum(1) / np.maximum(norm, 1e-30), 1.0)
-            if np.allclose(flat_x, flat_w * k[:, None], rtol=1e-4, atol=1e-6 * np.abs(x).max()):
-                sign = np.where(k < 0, -1, 1).astype(np.int8).reshape(-1, *([1] * (q.ndim - 1)))
-                return init, q * sign, scale * np.abs(k), 0
-        if q.ndim == 2 and x.shape == q.T.shape and np.allclose(x, w.T, rtol=1e-5, atol=1e-7):
-            return init, np.ascontiguousarray(q.T), scale, 1
-    return None
+    found = match_weight(free.values(), w)
+    if found is None:
+        return None
+    if found.transposed:
+        return found.init, np.ascontiguousarray(q.T), scale, 1
+    sign = np.where(found.k < 0, -1, 1).astype(np.int8).reshape(-1, *([1] * (q.ndim - 1)))
+    return found.init, q * sign, scale * np.abs(found.k), 0

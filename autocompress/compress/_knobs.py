@@ -194,7 +194,8 @@ KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
                              "full" if k.get("rank") is None else f"{k['rank']:.2f}"),
                   "Greens_r", {"zmin": 0, "zmax": 1})),
     KnobSpec(
-        # 8: a fixed range observed during fine-tuning, exported as Q/DQ. "dynamic": each
+        # 8: a fixed range observed during calibration and fine-tuning, deployed on ONNX
+        # Runtime's QLinear kernels; needs integer weights (bits). "dynamic": each
         # input's own range at run time, deployed as ONNX Runtime's dynamic quantization
         # (DynamicQuantizeLinear + MatMulInteger); needs bits=8 (LayerPlan checks it) and a
         # Linear (quantize.py refuses the rest). Not ``integer``: a string is a valid value.
@@ -225,8 +226,10 @@ def reconcile(values: dict[str, Any]) -> dict[str, Any]:
     """One layer's sampled plan values made consistent across knobs (the combinations
     :meth:`LayerPlan.check_combination` refuses): ``act_bits: dynamic`` runs the layer on
     ONNX Runtime's integer MatMul, which takes 8-bit weights, so with other ``bits`` it falls
-    back to null."""
-    if values.get("act_bits") == "dynamic" and values.get("bits") != 8:
+    back to null; ``act_bits: 8`` runs it on QLinearConv/QLinearMatMul, which take integer
+    weights, so with fp32 weights (``bits`` null) it falls back to null too."""
+    act, bits = values.get("act_bits"), values.get("bits")
+    if (act == "dynamic" and bits != 8) or (act == 8 and bits is None):
         return {**values, "act_bits": None}
     return values
 

@@ -69,9 +69,10 @@ class ActFakeQuant(nn.Module):
 
     Two modes, both with a straight-through estimator:
 
-    - static (``dynamic=False``, the ``act_bits: 8`` plan value): an EMA min/max observer.
-      In training mode it tracks the input range; in eval mode the range is frozen. Exported
-      to ONNX as QuantizeLinear/DequantizeLinear with that fixed range.
+    - static (``dynamic=False``, the ``act_bits: 8`` plan value): a min/max observer. While
+      ``calibrating`` it takes the range of all inputs; in training mode it tracks the range
+      with an EMA; in eval mode the range is frozen. Deployed with that fixed range
+      (``compress._ort_quant``).
     - dynamic (``dynamic=True``, ``act_bits: "dynamic"``): no state; every call quantizes
       with the range of the tensor it gets, exactly as ONNX Runtime's ``DynamicQuantizeLinear``
       does at run time (:func:`dynamic_fake_quant`). Exported by ``export_onnx`` as ONNX
@@ -90,6 +91,7 @@ class ActFakeQuant(nn.Module):
         self.bits = bits
         self.momentum = momentum
         self.dynamic = dynamic
+        self.calibrating = False  # observe the min/max of all inputs, not an EMA (calibrate())
         if not dynamic:
             self.register_buffer("lo", torch.tensor(0.0))
             self.register_buffer("hi", torch.tensor(0.0))
@@ -101,6 +103,9 @@ class ActFakeQuant(nn.Module):
             self.lo.copy_(lo)
             self.hi.copy_(hi)
             self.initialized.fill_(True)
+        elif self.calibrating:  # the range of everything seen (calibration)
+            self.lo.copy_(torch.minimum(self.lo, lo))
+            self.hi.copy_(torch.maximum(self.hi, hi))
         else:
             self.lo.lerp_(lo, self.momentum)
             self.hi.lerp_(hi, self.momentum)

@@ -36,7 +36,8 @@ class LayerPlan:
         bits: Weight bit-width in 2..8 (per-output-channel symmetric), or None to keep fp32.
         rank: Kept fraction of full rank in (0, 1] for a truncated-SVD factorization, or None.
         act_bits: 8 to fake-quantize the layer's input activations to 8 bits with a range
-            observed during fine-tuning (exported as QuantizeLinear/DequantizeLinear),
+            observed during calibration and fine-tuning (deployed on ONNX Runtime's QLinearConv
+            / QLinearMatMul integer kernels; needs ``bits``),
             ``"dynamic"`` to quantize them with each input's own range at run time as ONNX
             Runtime's dynamic quantization does (integer MatMul kernels; needs ``bits=8`` and
             a Linear layer), or None.
@@ -61,12 +62,17 @@ class LayerPlan:
         combination. :class:`Plan` and :meth:`from_dict` call it.
 
         Raises:
-            PlanError: ``act_bits='dynamic'`` without ``bits=8``.
+            PlanError: ``act_bits='dynamic'`` without ``bits=8``, ``act_bits=8`` without
+                ``bits``.
         """
         if self.act_bits == "dynamic" and self.bits != 8:
             # ONNX Runtime's integer MatMul takes int8 weights (8-bit, one scale per channel).
             raise PlanError(f"act_bits='dynamic' needs bits=8 (ONNX Runtime's integer MatMul "
                             f"takes int8 weights), got bits={self.bits!r}")
+        if self.act_bits == 8 and self.bits is None:
+            # QLinearConv/QLinearMatMul take integer weights (2-8 bits are stored as int8).
+            raise PlanError("act_bits=8 needs integer weights (bits 2..8): ONNX Runtime's "
+                            "QLinear kernels take int8 weights, got bits=None")
 
     @property
     def is_identity(self) -> bool:

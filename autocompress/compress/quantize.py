@@ -1,21 +1,22 @@
 """Quantization: per-output-channel symmetric weights at 2-8 bits, 8-bit activations.
 
 During fine-tuning weights are fake-quantized with a straight-through estimator; the
-deployable form (:func:`autocompress.compress.deploy.export_onnx`) stores them as int8 with
-one fp32 scale per output channel. With ``act_bits: 8`` the layer's input is fake-quantized to
-uint8 with an EMA-observed range, exported as QuantizeLinear/DequantizeLinear.
+deployable form (:func:`autocompress.compress.export_onnx`) stores them as int8 with one fp32
+scale per output channel. Activations, where the plan quantizes them, are uint8 per tensor on
+the input of every weight-bearing module of the layer (both factors of a low-rank one), and the
+layer runs on ONNX Runtime's integer kernels (:mod:`autocompress.compress._ort_quant`):
 
-With ``act_bits: "dynamic"`` (and ``bits: 8``, on a Linear) the layer is deployed as ONNX
-Runtime's dynamic quantization: int8 weights, activations quantized per tensor at run time
-(DynamicQuantizeLinear + MatMulInteger, fused into DynamicQuantizeMatMul), so the CPU runs an
-integer kernel. Fine-tuning sees the same numbers: the input of every weight-bearing module of
-the layer (both factors of a low-rank one, as ONNX Runtime quantizes both MatMuls) goes
-through ``ActFakeQuant(dynamic=True)``, and ``bits: 8`` weights are already what ONNX Runtime's
-``quantize_dynamic(per_channel=True, weight_type=QInt8)`` stores (see ``_bake.py``).
+- ``act_bits: 8`` (static): a fixed range, first the min/max over calibration batches
+  (:func:`calibrate`), then an EMA while fine-tuning; deployed as a QDQ graph that ONNX Runtime
+  runs on QLinearConv / QLinearMatMul with exactly that range and our weight scales.
+- ``act_bits: "dynamic"`` (``bits: 8``, a Linear): each input's own range at run time,
+  ``ActFakeQuant(dynamic=True)``, deployed as ONNX Runtime's dynamic quantization
+  (DynamicQuantizeLinear + MatMulInteger, fused into DynamicQuantizeMatMul).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -53,13 +54,11 @@ def _quantize(model: nn.Module, plan: Plan, example_inputs: Any) -> None:
         if lp.bits is not None:
             for leaf in leaves(model, name):
                 weight_compression(leaf).bits = lp.bits
-        if lp.act_bits == "dynamic":
+        if lp.act_bits is not None:
             for leaf in leaves(model, name):
-                _add_act_quant(leaf, ActFakeQuant(8, dynamic=True))
-        elif lp.act_bits == 8:
-            _add_act_quant(leaves(model, name)[0], ActFakeQuant(8))
+                _add_act_quant(leaf, ActFakeQuant(8, dynamic=lp.act_bits == "dynamic"))
     if any(lp.act_bits == 8 for lp in plan.active().values()):
-        _calibrate(model, example_inputs)  # only the static ones observe a range
+        calibrate(model, [example_inputs])  # usable before calibrate() sees more batches
 
 
 def _add_act_quant(leaf: nn.Module, quant: ActFakeQuant) -> None:
@@ -67,19 +66,34 @@ def _add_act_quant(leaf: nn.Module, quant: ActFakeQuant) -> None:
     leaf.register_forward_pre_hook(act_quant_pre_hook)
 
 
-def _calibrate(model: nn.Module, example_inputs: Any) -> None:
-    """Initializes activation ranges from one batch so the model is usable before fine-tuning.
+def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
+    """Sets the range of every static activation quantizer (``act_bits: 8``) to the min/max of
+    its inputs over ``batches`` (input batches of the task's form), as post-training
+    quantization calibrates; fine-tuning then tracks the range with an EMA.
 
     Only the observers run in training mode, so BatchNorm statistics are left alone.
+
+    Returns:
+        The number of quantizers calibrated (0: the model has none, nothing was run).
     """
+    quants = [m for m in model.modules() if isinstance(m, ActFakeQuant) and not m.dynamic]
+    if not quants:
+        return 0
     was_training = model.training
     model.eval()
-    for mod in model.modules():
-        if isinstance(mod, ActFakeQuant):
-            mod.train()
-    with torch.no_grad():
-        run(model, example_inputs)
-    model.train(was_training)
+    for q in quants:
+        q.initialized.fill_(False)
+        q.calibrating = True
+        q.train()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                run(model, batch)
+    finally:
+        for q in quants:
+            q.calibrating = False
+        model.train(was_training)
+    return len(quants)
 
 
 apply = pure("quantize")

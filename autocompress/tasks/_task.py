@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,8 @@ from torch import nn
 
 from autocompress._inputs import check_inputs
 from autocompress.measure.metrics import top1_accuracy
+
+CALIBRATION_BATCHES = 8  # batches whose activation ranges calibrate act_bits: 8
 
 
 @dataclass
@@ -53,6 +56,11 @@ class Task:
     def evaluate(self, model: nn.Module) -> float:
         """The task metric of ``model`` on the validation data."""
         return float((self.metric or top1_accuracy)(model, self.val_loader))
+
+    def calibration_batches(self, count: int = CALIBRATION_BATCHES) -> list[Any]:
+        """The inputs of the first ``count`` training batches: what static activation ranges
+        (``act_bits: 8``) are calibrated on, before fine-tuning and for the deployed graph."""
+        return [inputs for inputs, *_ in itertools.islice(self.train_loader, count)]
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return (self.loss_fn or F.cross_entropy)(outputs, targets)

@@ -16,6 +16,7 @@ from torch import nn
 
 from autocompress.compress import apply
 from autocompress.compress._plan import Plan
+from autocompress.compress.quantize import calibrate
 from autocompress.config._experiment import Experiment
 from autocompress.config._resolve import ResolvedSpace
 from autocompress.finetune import FinetuneConfig, finetune
@@ -65,6 +66,7 @@ def run_trial(
     is left untouched."""
     start = time.perf_counter()
     model = apply(task.model, plan, task.example_inputs)
+    calibrate(model, task.calibration_batches())
     tuning = time.perf_counter()
     history = finetune(model, task, finetune_config, teacher=task.model, on_epoch=on_epoch,
                        seed=seed, step_gate=step_gate)
