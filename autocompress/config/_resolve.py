@@ -8,7 +8,7 @@ the mildest come from the knob table (:mod:`autocompress.compress._knobs`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from autocompress._errors import ConfigError, did_you_mean
@@ -142,6 +142,19 @@ class ResolvedSpace:
         second = {name: _with_int8_activations(name, value, self.params()[name])
                   for name, value in first.items()}
         return [first] if second == first else [first, second]
+
+    def without(self, knob: str) -> ResolvedSpace:
+        """This space with ``knob`` left at its default on every layer (not searched, not
+        fixed); layers left with no knob are dropped."""
+        layers = (replace(layer, knobs={k: s for k, s in layer.knobs.items() if k != knob})
+                  for layer in self.layers)
+        return ResolvedSpace(tuple(layer for layer in layers if layer.knobs))
+
+    def sets(self, knob: str) -> bool:
+        """Whether some layer's ``knob`` may take a value other than its default."""
+        default = KNOB_TABLE[knob].default
+        return any(not (s.knob.kind == "fixed" and s.knob.value == default)
+                   for layer in self.layers for k, s in layer.knobs.items() if k == knob)
 
     def distributions(self) -> dict[str, BaseDistribution]:
         """Optuna parameter name to distribution (fixed knobs are not parameters)."""

@@ -27,10 +27,11 @@ with the search's protocol (comparable with the logged value and the baseline), 
 ``artifact_latency_ms`` with the artifact's own runtime on the target's device, threads and
 batch size (for ``onnx`` on an ``onnxruntime`` target both are one timing: ``measure_latency``
 exports the same graph; with ``act_bits: 8`` layers only the calibrated ranges of the tensors
-between them differ, as the artifact is calibrated on the task's calibration batches). The latency cache is bypassed, so these are new
-timings, not the search's looked up again. Every number printed and written to
-``export.json`` is measured here; the search's appear only as ``logged_*``. ``export.json``
-describes the latest export into its directory: export each format into its own directory.
+between them differ, as the artifact is calibrated on the task's calibration batches). The
+latency cache is bypassed, so these are new timings, not the search's looked up again. Every
+number printed and written to ``export.json`` is measured here; the search's appear only as
+``logged_*``. ``export.json`` describes the latest export into its directory: export each
+format into its own directory.
 
 The artifact and ``export.json`` are written to a temporary directory inside ``out_dir`` and
 moved into place only after verification (and registration) succeeded, so a failed export

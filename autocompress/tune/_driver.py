@@ -80,7 +80,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     except ConfigError as e:
         raise e.located(exp.path) from None
     layers = describe_layers(task.model, task.example_inputs)
-    space = exp.search_space.resolve(layers)
+    space = _without_unrunnable_knobs(exp.search_space.resolve(layers), exp, echo)
     previous = _resumable(exp, tracking_uri) if resume else None
     _check_address(address)
     _check_target(exp)
@@ -194,6 +194,20 @@ def _limits_summary(layers: list, space: Any = None) -> list[str]:
         lines.append(f"never sampled: {what} on {len(names)} layer(s): {shown}")
     return lines
 
+
+
+def _without_unrunnable_knobs(space: Any, exp: Experiment, echo: Callable[[str], None]) -> Any:
+    """``space`` without ``act_bits`` when the target's runtime has no integer kernels for
+    quantized activations (:meth:`Runtime.integer_kernels`): there they would only cost
+    accuracy and time, never buy speed. Said once, with the reason."""
+    from autocompress.measure.runtimes._table import get_runtime
+
+    reason = get_runtime(exp.target).integer_kernels(exp.target)
+    if reason is None or not space.sets("act_bits"):
+        return space
+    echo(f"act_bits left out of the search: {reason} (target {exp.target.runtime}/"
+         f"{exp.target.device}); ONNX Runtime on a CPU runs them on integer kernels")
+    return space.without("act_bits")
 
 
 def _check_finetune_device(exp: Experiment, address: str | None,

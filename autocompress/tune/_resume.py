@@ -20,6 +20,7 @@ def _start(exp: Experiment, task: Any, tracking_uri: str, echo: Callable[[str], 
     from autocompress.finetune import distill_loss_name
     from autocompress.measure import machine_facts, measure
     from autocompress.measure.latency import target_facts
+    from autocompress.measure.runtimes._table import get_runtime
 
     echo(f"measuring the baseline on {exp.target.runtime}/{exp.target.device}")
     baseline = measure(task.model, task, exp.target, measurer).to_dict()
@@ -31,6 +32,7 @@ def _start(exp: Experiment, task: Any, tracking_uri: str, echo: Callable[[str], 
         [(o.metric, str(o.mode)) for o in exp.objectives],
         max_accuracy_drop=exp.constraints.max_accuracy_drop,
         facts={**machine_facts(), **target_facts(exp.target),
+               "target.integer_kernels": get_runtime(exp.target).integer_kernels(exp.target) or "yes",
                "finetune.distill_loss": distill_loss_name(exp.finetune, task)},
         echo=echo, total=exp.search.trials,
     )

@@ -5,6 +5,8 @@ defaults) and one line in ``RUNTIMES`` (``_table.py``). It serves a ``target.run
 on some ``target.device`` values:
 
 - :meth:`Runtime.check` refuses a target this machine cannot run (before anything starts);
+- :meth:`Runtime.integer_kernels` says whether quantized activations run on integer kernels
+  there (the search leaves ``act_bits`` out where they do not);
 - :attr:`Runtime.artifact` says what :func:`~autocompress.measure.latency.prepare` builds for
   it: the exported ONNX file (``onnx``) or the baked eager module (``module``);
 - :meth:`Runtime.runner` turns the prepared model into a function that runs one inference, which
@@ -38,6 +40,12 @@ class Runtime:
 
     def check(self, target: Target) -> None:
         """Raises ValueError (naming the target key) if this machine cannot run ``target``."""
+
+    def integer_kernels(self, target: Target) -> str | None:
+        """Why quantized activations (``act_bits``) would not run on integer kernels on
+        ``target``, or None when they do. The default: they do not (override to say they do).
+        A search on a runtime without them leaves ``act_bits`` out of the space, with a note."""
+        return f"the {self.name} runtime runs quantized models as fp32"
 
     def runner(self, prepared: Prepared, target: Target) -> Callable[[], object]:
         """A function that runs one inference of ``prepared.batch``."""

@@ -72,6 +72,12 @@ class OnnxRuntime(LocalRuntime):
                              f"CUDAExecutionProvider (it has {providers}; install onnxruntime-gpu); "
                              f"allowed here: ['cpu', 'remote']")
 
+    def integer_kernels(self, target: Target) -> str | None:
+        if target.device == "cuda":
+            return ("ONNX Runtime's CUDA execution provider runs these QDQ graphs dequantized "
+                    "(integer kernels there come with TensorRT)")
+        return None  # QLinearConv/QLinearMatMul/MatMulInteger on the CPU (VNNI where present)
+
     def runner(self, prepared: Prepared, target: Target) -> Callable[[], object]:
         import onnxruntime as ort
 

@@ -75,6 +75,9 @@ class RemoteAgent(Runtime):
     name = "onnxruntime"
     artifact = "onnx"
 
+    def integer_kernels(self, target: Target) -> str | None:
+        return None  # the agent runs the ONNX file on ONNX Runtime's CPU provider
+
     def facts(self, target: Target) -> dict[str, str]:
         facts = dict(_agent_facts(str(target.url), str(target.token_env)))
         return {"cpu": facts.get("cpu", ""), "runtime_version": facts.get("onnxruntime", "")}

@@ -28,6 +28,10 @@ class TorchRuntime(LocalRuntime):
             raise ValueError("target.device='cuda' with runtime torch: torch sees no CUDA device here "
                              f"(torch {torch.__version__}); allowed here: ['cpu', 'remote']")
 
+    def integer_kernels(self, target: Target) -> str | None:
+        return ("the torch runtime runs the baked fp32 module (fake quantization folded into "
+                "fp32 weights and float Q/DQ ops), no integer kernels")
+
     def runner(self, prepared: Prepared, target: Target) -> Callable[[], object]:
         import torch
 
