@@ -180,3 +180,21 @@ def test_a_w8a8_search_result_exports_verified(tmp_path: Path, monkeypatch: pyte
     assert abs(out["accuracy"] - row["accuracy"]) <= out["tolerance"]
     ops = Counter(n.op_type for n in onnx.load(out["path"]).graph.node)
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+
+
+def test_static_convs_and_dynamic_linears_in_one_graph(tmp_path: Path) -> None:
+    """The search's second warm-start point on a CNN: act_bits 8 on the convs, dynamic on the
+    Linear layers reading the same flattened tensor; both tools name their nodes after it."""
+    torch.manual_seed(0)
+    fp32 = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 6 * 6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    x = torch.randn(4, 1, 8, 8)
+    layers = [la for la in describe_layers(fp32, x) if la.used]
+    plan = Plan({la.name: LayerPlan(bits=8, act_bits="dynamic" if la.type == "Linear" else 8)
+                 for la in layers})
+    model = apply(fp32, plan, x).eval()
+    path = export_onnx(model, x, tmp_path / "m.onnx")
+    names = [n.name for n in onnx.load(str(path)).graph.node]
+    assert len(names) == len(set(names))
+    ops = Counter(_optimized(path, tmp_path))
+    assert sum(ops[o] for o in INTEGER_OPS) == len(layers), ops

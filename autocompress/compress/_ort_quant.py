@@ -148,10 +148,14 @@ def quantize_dynamic_layers(path: Path, weights: dict[str, np.ndarray]) -> None:
 
 def _rename_dynamic_params(graph: Any) -> None:
     """DynamicQuantizeLinear's scale and zero point outputs, ``<x>_scale``/``<x>_zero_point``,
-    renamed ``<x>_dynamic_scale``/...: ``quantize_static`` names its initializers for a tensor
-    ``x`` the same way, and a graph with both would have one name twice."""
+    renamed ``<x>_dynamic_scale``/... (and the node ``<x>_QuantizeLinear`` itself):
+    ``quantize_static`` names its initializers and nodes for a tensor ``x`` the same way, and a
+    graph with both would have one name twice."""
     renames = {out: out.replace("_scale", "_dynamic_scale").replace("_zero_point", "_dynamic_zero_point")
                for n in graph.node if n.op_type == "DynamicQuantizeLinear" for out in n.output[1:]}
+    for node in graph.node:  # and its node names (<x>_QuantizeLinear, as quantize_static's)
+        if node.op_type == "DynamicQuantizeLinear":
+            node.name = f"{node.name}_dynamic"
     for node in graph.node:
         for seq in (node.input, node.output):
             for i, name in enumerate(seq):

@@ -118,12 +118,14 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
             echo(f"Ray cluster at {address}: {len(nodes)} nodes, "
                  f"{ray.cluster_resources().get('CPU', 0):g} CPUs")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        warm = exp.search.warm_start and not tracker.trials
+        first = (first_trials(exp, task, space, layers, tracker, echo)
+                 if exp.search.warm_start else [])
+        first = _not_run_yet(first, storage, study_name) if tracker.trials else first
         searcher = _searcher_class()(
             space=_DefineByRun(space), metric=exp.metrics, mode=exp.modes,
             sampler=make_sampler(exp.search, exp.metrics, exp.constraints.max_accuracy_drop,
                                  baseline["accuracy"]), study_name=study_name,
-            points_to_evaluate=space.warm_start_points() if warm else None,
+            points_to_evaluate=first or None,
             storage=optuna.storages.RDBStorage(storage),
         )
         inbox = _artifact_inbox()
@@ -194,6 +196,38 @@ def _limits_summary(layers: list, space: Any = None) -> list[str]:
         lines.append(f"never sampled: {what} on {len(names)} layer(s): {shown}")
     return lines
 
+
+
+def first_trials(exp: Experiment, task: Any, space: Any, layers: list, tracker: Any,
+                 echo: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The search's first trials, in order: the warm-start points, then uniform recipes and
+    sensitivity-optimal allocations (:mod:`autocompress.tune._seeds`), together at most a third
+    of the trials. The sensitivity profile is logged to the parent run (``sensitivity.csv``)."""
+    from autocompress.tune._seeds import seed_points
+    from autocompress.tune._sensitivity import profile
+
+    points = space.warm_start_points()
+    budget = max(0, exp.search.trials // 3 - len(points))
+    if budget:
+        sens = profile(task, space, echo=echo)
+        if sens.cached:
+            echo(f"sensitivity: {len(sens.probes)} probes from the cache")
+        tracker.client.log_text(tracker.parent_run_id, sens.to_csv(), "sensitivity.csv")
+        shapes = {la.name: la.shape for la in layers}
+        points += [p for p in seed_points(space, sens, shapes, budget) if p not in points]
+        echo(f"first trials: {len(points)} (warm start, uniform recipes, sensitivity-optimal "
+             f"allocations), then sampler {exp.search.sampler}")
+    return points
+
+
+def _not_run_yet(points: list[dict[str, Any]], storage: str, study_name: str) -> list[dict[str, Any]]:
+    """``points`` without those the resumed study already has a trial of (in any state), so
+    that no first trial runs twice."""
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    done = [t.params for t in study.get_trials(deepcopy=False)]
+    return [p for p in points if p not in done]
 
 
 def _without_unrunnable_knobs(space: Any, exp: Experiment, echo: Callable[[str], None]) -> Any:

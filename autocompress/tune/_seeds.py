@@ -1,0 +1,233 @@
+"""The search's first trials: uniform recipes and sensitivity-optimal allocations.
+
+Before the sampler takes over, the search runs (after the warm-start points):
+
+1. **uniform recipes**: the same ``bits`` and the same unstructured ``sparsity`` on every
+   layer (what a user would try by hand), chosen from the grid of the space's values as the
+   ones the sensitivity profile predicts best for their size, spread across sizes;
+2. **allocations**: for a ladder of size budgets (each uniform recipe's size, and smaller),
+   the per-layer plan that loses the least predicted metric within the budget: a
+   multiple-choice knapsack over each layer's options (every combination of its probed
+   ``sparsity``/``structure``, ``bits`` and ``rank`` values), solved exactly by dynamic
+   programming over the budget in 1/2000ths of the baseline's weight bytes (costs rounded up,
+   so a plan never exceeds its budget), as HAWQ-V3 does for bits with an integer program.
+
+Predictions are additive: a layer's loss for a combination is the sum of its probes' losses
+(:mod:`autocompress.tune._sensitivity`), its cost the bytes of its weight as stored
+(:func:`autocompress.measure.size.tensor_bytes`). Points are Optuna parameter dicts of the
+resolved space, enqueued in order; duplicates are dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from autocompress.compress._knobs import KNOB_TABLE, reconcile, same
+from autocompress.compress._plan import LayerPlan
+from autocompress.measure.size import tensor_bytes
+from autocompress.tune._sensitivity import Sensitivity, _candidates
+
+_UNITS = 2000  # budget resolution of the knapsack
+_ALLOCATED = ("sparsity", "structure", "bits", "rank")  # act_bits buys speed, not size
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of one layer with its predicted loss and stored weight bytes."""
+
+    knobs: dict[str, Any]
+    drop: float
+    cost: int
+
+
+def weight_bytes(shape: Sequence[int], lp: LayerPlan) -> int:
+    """Bytes of a layer's weight of ``shape`` stored under ``lp`` (see ``measure/size.py``):
+    the two factors of a rank, the output channels left by channel pruning, the non-zeros of
+    unstructured sparsity, at ``bits`` with one fp32 scale per output channel."""
+    out, fan_in = shape[0], math.prod(shape[1:])
+    if lp.rank is not None:
+        r = max(1, round(lp.rank * min(out, fan_in)))
+        tensors = [(r, fan_in), (out, r)]
+    else:
+        tensors = [(out, fan_in)]
+    rows, cols = tensors[-1]
+    if lp.sparsity and lp.structure == "channel":
+        tensors[-1] = (rows - round(lp.sparsity * rows), cols)
+    total = 0
+    for rows, cols in tensors:
+        numel = rows * cols
+        nnz = numel - round(lp.sparsity * numel) if lp.structure == "unstructured" else numel
+        total += tensor_bytes(numel, nnz, lp.bits or 32, rows if lp.bits else 0)[0]
+    return total
+
+
+def layer_options(layer: Any, shape: Sequence[int], sens: Sensitivity) -> list[Option]:
+    """The Pareto-optimal (loss, bytes) settings of one layer (``layer``: a ``LayerSpace``)."""
+    values = {k: _domain_values(k, slot.knob) for k, slot in layer.knobs.items() if k in _ALLOCATED}
+    values.setdefault("structure", ["unstructured"])
+    options = []
+    for combo in itertools.product(*values.values()):
+        knobs = reconcile(dict(zip(values, combo, strict=True)))
+        lp = LayerPlan(**knobs)
+        if lp.sparsity == 0 and lp.structure != "unstructured":
+            continue
+        drop = _predicted_drop(sens, layer.name, lp)
+        if drop is not None:
+            options.append(Option({k: v for k, v in knobs.items() if k in layer.knobs}, drop,
+                                  weight_bytes(shape, lp)))
+    options.sort(key=lambda o: (o.cost, o.drop))
+    front: list[Option] = []
+    for o in options:  # cheapest first: keep each that loses less than every cheaper one
+        if not front or o.drop < front[-1].drop - 1e-12:
+            front.append(o)
+    return front
+
+
+def _predicted_drop(sens: Sensitivity, layer: str, lp: LayerPlan) -> float | None:
+    parts = []
+    if lp.sparsity:
+        parts.append(sens.drop(layer, "sparsity", lp.sparsity, structure=lp.structure))
+    if lp.bits is not None:
+        parts.append(sens.drop(layer, "bits", lp.bits))
+    if lp.rank is not None:
+        parts.append(sens.drop(layer, "rank", lp.rank))
+    return None if any(p is None for p in parts) else float(sum(parts))
+
+
+def allocate(options: Mapping[str, list[Option]], budget: int) -> dict[str, Option] | None:
+    """The per-layer options of least total loss whose total bytes are at most ``budget``
+    (exact over costs rounded up to 1/``_UNITS`` of the largest total), or None if even the
+    cheapest options exceed it."""
+    names = list(options)
+    top = sum(max(o.cost for o in options[n]) for n in names)
+    unit = max(1, math.ceil(top / _UNITS))
+    cap = budget // unit
+    if cap < 0:
+        return None
+    best = np.zeros(cap + 1)
+    choice: list[np.ndarray] = []
+    for name in names:
+        new = np.full(cap + 1, np.inf)
+        pick = np.full(cap + 1, -1)
+        for i, o in enumerate(options[name]):
+            c = math.ceil(o.cost / unit)
+            if c > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[c:] = best[: cap + 1 - c] + o.drop
+            better = cand < new
+            new[better], pick[better] = cand[better], i
+        best = new
+        choice.append(pick)
+    if not np.isfinite(best[cap]):
+        return None
+    out, j = {}, cap
+    for name, pick in zip(reversed(names), reversed(choice), strict=True):
+        o = options[name][int(pick[j])]
+        out[name] = o
+        j -= math.ceil(o.cost / unit)
+    return dict(reversed(out.items()))
+
+
+def seed_points(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequence[int]],
+                count: int) -> list[dict[str, Any]]:
+    """About ``count`` first trials (Optuna parameter dicts): half uniform recipes, half
+    allocations at their sizes and below (see the module docstring)."""
+    options = {ls.name: layer_options(ls, shapes[ls.name], sens) for ls in space.layers
+               if ls.name in shapes}
+    options = {k: v for k, v in options.items() if v}
+    if not options:
+        return []
+    recipes = _uniform_recipes(space, sens, shapes, list(options), max(1, count // 2))
+    budgets = [sum(o.cost for o in r.values()) for r in recipes]
+    smallest = sum(min(o.cost for o in v) for v in options.values())
+    while len(budgets) < count and budgets and min(budgets) // 2 >= smallest:
+        budgets.append(min(budgets) // 2)
+    plans = [*recipes, *(a for b in budgets if (a := allocate(options, b)) is not None)]
+    points: list[dict[str, Any]] = []
+    for plan in plans:
+        point = to_params(space, {name: o.knobs for name, o in plan.items()})
+        if point not in points:
+            points.append(point)
+    return points[:count]
+
+
+def _uniform_recipes(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequence[int]],
+                     names: Sequence[str], count: int) -> list[dict[str, Option]]:
+    """``count`` uniform recipes (the same bits and the same unstructured sparsity on every
+    layer whose domain has them), the best predicted for their size, spread evenly over the
+    sizes they span."""
+    grid: list[dict[str, Option]] = []
+    for bits, sparsity in itertools.product(*_uniform_values(space)):
+        recipe = {}
+        for ls in space.layers:
+            if ls.name not in names:
+                continue
+            knobs = {k: v for k, v in (("bits", bits), ("sparsity", sparsity))
+                     if k in ls.knobs and any(same(v, w) for w in _domain_values(k, ls.knobs[k].knob))}
+            lp = LayerPlan(**knobs)
+            drop = _predicted_drop(sens, ls.name, lp)
+            if drop is None:
+                break
+            recipe[ls.name] = Option(knobs, drop, weight_bytes(shapes[ls.name], lp))
+        else:
+            grid.append(recipe)
+    grid.sort(key=lambda r: sum(o.cost for o in r.values()))
+    front: list[dict[str, Option]] = []
+    for r in grid:
+        if not front or sum(o.drop for o in r.values()) < sum(o.drop for o in front[-1].values()) - 1e-12:
+            front.append(r)
+    if len(front) <= count:
+        return front
+    idx = np.linspace(0, len(front) - 1, count).round().astype(int)
+    return [front[i] for i in dict.fromkeys(idx.tolist())]
+
+
+def _domain_values(name: str, knob: Any) -> list[Any]:
+    return [KNOB_TABLE[name].default, *_candidates(name, knob)]
+
+
+def _uniform_values(space: Any) -> tuple[list[Any], list[Any]]:
+    """The ``bits`` and ``sparsity`` values some layer's domain offers (defaults included)."""
+    bits: list[Any] = [None]
+    sparsity: list[Any] = [0.0]
+    for ls in space.layers:
+        for name, target in (("bits", bits), ("sparsity", sparsity)):
+            if name in ls.knobs:
+                target += [v for v in _candidates(name, ls.knobs[name].knob)
+                           if not any(same(v, w) for w in target)]
+    return bits, sparsity
+
+
+def to_params(space: Any, plan: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The Optuna parameters of ``space`` that give ``plan`` (``{layer: {knob: value}}``):
+    each searched knob at the plan's value (its default where the plan does not set it);
+    a shared parameter takes its first layer's value."""
+    params: dict[str, Any] = {}
+    for ls in space.layers:
+        for knob, slot in ls.knobs.items():
+            if slot.param is None or slot.param in params:
+                continue
+            value = plan.get(ls.name, {}).get(knob, KNOB_TABLE[knob].default)
+            params[slot.param] = _domain_value(knob, slot.knob, value)
+    return params
+
+
+def _domain_value(name: str, knob: Any, value: Any) -> Any:
+    """The value of ``knob``'s domain that means plan value ``value`` (``rank`` null is 1.0
+    in a range); the mildest value if the domain has none."""
+    spec = KNOB_TABLE[name]
+    if knob.contains(value):
+        return value
+    for v in (knob.choices if knob.kind == "choice" else ()):
+        if same(spec.to_plan(v), value):
+            return v
+    if knob.kind == "range" and value is None and knob.contains(1.0):
+        return knob.snap(1.0)
+    return spec.mildest_value(knob)
