@@ -107,6 +107,20 @@ class FinetuneConfig:
         return asdict(self)
 
 
+class TrainingStopped(Exception):
+    """Fine-tuning was stopped early (``finetune(stop=...)``).
+
+    Attributes:
+        reason: Why, in words.
+        epochs: Epochs done when it stopped (0: before training).
+        metric: The task metric then.
+    """
+
+    def __init__(self, reason: str, epochs: int, metric: float) -> None:
+        super().__init__(reason)
+        self.reason, self.epochs, self.metric = reason, epochs, metric
+
+
 class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -223,6 +237,7 @@ def finetune(
     on_epoch: Callable[[int, float], None] | None = None,
     seed: int = 0,
     step_gate: Callable[[], contextlib.AbstractContextManager] | None = None,
+    stop: Callable[[int, float], str | None] | None = None,
 ) -> list[float]:
     """Trains ``model`` in place for ``config.epochs`` epochs; returns the metric after each.
 
@@ -247,9 +262,13 @@ def finetune(
         step_gate: Makes the context every training step and every evaluation runs in (a
             search passes its measurement service's gate, which holds them back while a
             latency is being measured on this machine; see ``autocompress.measure.service``).
+        stop: Early stopping (a search's pruning of hopeless trials): called with
+            ``(epochs done, metric)`` before training (0) and after every epoch but the last;
+            a returned reason ends training with :class:`TrainingStopped`.
 
     Raises:
         DivergedError: The loss became NaN or infinite.
+        TrainingStopped: ``stop`` returned a reason.
         ValueError: ``config.device`` is ``cuda`` and torch sees no CUDA device.
     """
     device = resolve_device(config.device)
@@ -266,7 +285,7 @@ def finetune(
             assert teacher is not None
             teacher.to(device).eval()
         return _train(model, task, config, device, teacher if distill else None, on_epoch,
-                      step_gate or contextlib.nullcontext)
+                      step_gate or contextlib.nullcontext, stop)
     finally:
         model.to("cpu")
         if teacher is not None:
@@ -276,7 +295,8 @@ def finetune(
 
 def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.device,
            teacher: nn.Module | None, on_epoch: Callable[[int, float], None] | None,
-           gate: Callable[[], contextlib.AbstractContextManager]) -> list[float]:
+           gate: Callable[[], contextlib.AbstractContextManager],
+           stop: Callable[[int, float], str | None] | None = None) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(config, params)
     per_epoch = _steps_per_epoch(task.train_loader)
@@ -324,11 +344,19 @@ def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.d
         if per_epoch is not None:
             scheduler.step()
 
+    def check(done: int, metric: float) -> None:
+        reason = stop(done, metric) if stop is not None and done < config.epochs else None
+        if reason:
+            raise TrainingStopped(reason, done, metric)
+
     history = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
-    if config.keep_best and config.epochs:
+    if config.epochs and (config.keep_best or stop is not None):
         with gate():
-            best = (float(task.evaluate(model)), _snapshot(model))
+            before = float(task.evaluate(model))
+        check(0, before)
+        if config.keep_best:
+            best = (before, _snapshot(model))
     for epoch in range(config.epochs):
         model.train()
         for x, y in task.train_loader:
@@ -343,6 +371,7 @@ def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.d
             best = (metric, _snapshot(model))
         if on_epoch is not None:
             on_epoch(epoch, metric)
+        check(epoch + 1, metric)
     if best is not None and best[0] > history[-1]:
         model.load_state_dict(best[1])
     return history

@@ -267,7 +267,7 @@ def load_models() -> dict[str, tuple[nn.Module, torch.Tensor, tuple[int, ...]]]:
 
 def _measure(variant: Variant, config: Config) -> LatencyResult:
     if variant.onnx_path is None:
-        return measure_latency(variant.model, config.example_inputs, config.target)
+        return measure_latency(variant.model, config.example_inputs, config.target, use_cache=False)
     # A reference ONNX file: the same runtime, session options and timing loop as measure_latency.
     batch = repeat_to(config.example_inputs, config.target.batch_size)
     prepared = Prepared(batch, onnx=Path(variant.onnx_path).read_bytes())

@@ -10,6 +10,7 @@ FEASIBLE = "autocompress.feasible"
 SUMMARY = "autocompress.summary"  # the plan in one line
 ERROR = "autocompress.error"  # why a trial failed
 NODE = "autocompress.node"  # the Ray node a trial ran on
+PRUNED = "autocompress.pruned"  # why a trial was stopped early (it cannot meet the constraint)
 TRIAL_KEY = "autocompress.trial_key"
 STUDY = "autocompress.study"  # "<optuna storage>#<study name>" on a parent run
 LATENCY_PREFIX = "autocompress.latency."

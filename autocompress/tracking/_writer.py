@@ -30,6 +30,7 @@ from autocompress.tracking._names import (
     LATENCY_FACTS,
     NODE,
     PARETO,
+    PRUNED,
     ROLE,
     SUMMARY,
     TRIAL_METRICS,
@@ -127,7 +128,7 @@ class SearchTracker:
                       max_accuracy_drop, echo, total)
         for run in read_trials(client, parent_run_id):
             tags = run.data.tags
-            status = run.info.status
+            status = "PRUNED" if tags.get(PRUNED) else run.info.status
             if status == "RUNNING":
                 client.set_terminated(run.info.run_id, "KILLED")
                 status = "KILLED"
@@ -143,6 +144,10 @@ class SearchTracker:
     def finished_count(self) -> int:
         """Trials that finished (FAILED and KILLED ones do not count)."""
         return sum(r.status == "FINISHED" for r in self.trials.values())
+
+    def pruned_count(self) -> int:
+        """Trials stopped early (they do not count toward the search's trials)."""
+        return sum(r.status == "PRUNED" for r in self.trials.values())
 
     def ended_count(self) -> int:
         """Trials that ran to an end, finished or failed."""
@@ -208,6 +213,21 @@ class SearchTracker:
         self.client.set_terminated(rec.run_id, "FINISHED")
         self._report(rec)
         self._log_parent_artifacts()
+
+    def trial_pruned(self, key: str, reason: str, epochs: int, accuracy: float | None,
+                     summary: str = "") -> None:
+        """Ends a trial stopped early as PRUNED (tag ``autocompress.pruned`` = the reason, run
+        status FINISHED): it does not count toward the search's trials, nor the front."""
+        rec = self.trials.get(key) or self.trial_started(key, {})
+        rec.status, rec.summary, rec.feasible = "PRUNED", summary, False
+        if accuracy is not None:
+            self.client.log_metric(rec.run_id, "accuracy", float(accuracy), step=epochs,
+                                   timestamp=int(time.time() * 1000))
+        self.client.log_batch(rec.run_id, tags=[
+            RunTag(PRUNED, reason[:5000] or "pruned"), RunTag(PARETO, "false"),
+            RunTag(FEASIBLE, "false"), RunTag(SUMMARY, summary[:5000])])
+        self.client.set_terminated(rec.run_id, "FINISHED")
+        self.echo(f"{self._progress()} {rec.name} PRUNED: {reason}")
 
     def trial_failed(self, key: str, error: str) -> None:
         """Ends a trial's run as FAILED with the error recorded."""
@@ -280,7 +300,7 @@ class SearchTracker:
             self.client.log_artifacts(self.parent_run_id, tmp)
         self.client.set_tag(self.parent_run_id, "autocompress.front_size", str(len(front)))
         counts = table["status"].value_counts()
-        for status in ("FINISHED", "FAILED"):
+        for status in ("FINISHED", "FAILED", "PRUNED"):
             self.client.log_metric(self.parent_run_id, f"trials_{status.lower()}",
                                    int(counts.get(status, 0)))
         hits = table.loc[table["status"] == "FINISHED", "latency_cache_hit"].dropna()
@@ -291,8 +311,10 @@ class SearchTracker:
     def _progress(self) -> str:
         counts = pd.Series([r.status for r in self.trials.values()]).value_counts()
         total = f"/{self.total}" if self.total else ""
+        pruned = int(counts.get("PRUNED", 0))
         return (f"[{int(counts.get('FINISHED', 0))}{total} done, {int(counts.get('RUNNING', 0))} "
-                f"running, {int(counts.get('FAILED', 0))} failed]")
+                f"running, {int(counts.get('FAILED', 0))} failed"
+                f"{f', {pruned} pruned' if pruned else ''}]")
 
     def _report(self, rec: TrialRecord) -> None:
         m = rec.metrics

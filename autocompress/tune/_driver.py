@@ -106,7 +106,8 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
                                                     study_storage))
         baseline = tracker.baseline
         remaining = exp.search.trials - tracker.finished_count()
-        ended_before = tracker.ended_count()
+        ended_before, started_before = tracker.ended_count(), len(tracker.trials)
+        cap = 4 * remaining + 8  # trials in all, pruned ones replaced
         echo(f"MLflow: {tracking_uri}, experiment {exp.name!r}, parent run {tracker.parent_run_id}")
         if remaining <= 0:
             echo(f"the search already has {tracker.finished_count()} finished trials; nothing to do")
@@ -126,7 +127,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
             sampler=make_sampler(exp.search, exp.metrics, exp.constraints.max_accuracy_drop,
                                  baseline["accuracy"]), study_name=study_name,
             points_to_evaluate=first or None,
-            storage=optuna.storages.RDBStorage(storage),
+            storage=optuna.storages.RDBStorage(storage), trials=remaining,
         )
         inbox = _artifact_inbox()
         trainable = tune.with_resources(
@@ -139,7 +140,9 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
             trainable,
             # Reused trial processes skip seconds of start-up (Python, torch) per trial; each
             # trial still seeds its own randomness (finetune), so results do not depend on it.
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining,
+            # The searcher ends the search once `remaining` trials ended; pruned ones are
+            # replaced, up to `cap` trials in all.
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=cap,
                                         max_concurrent_trials=exp.search.concurrency,
                                         reuse_actors=True),
             run_config=tune.RunConfig(
@@ -153,7 +156,11 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
              f"sampler {exp.search.sampler}")
         tuner.fit()
         if tracker.ended_count() - ended_before < remaining:
-            raise KeyboardInterrupt  # Ray Tune caught Ctrl-C and stopped early
+            if len(tracker.trials) - started_before < cap:
+                raise KeyboardInterrupt  # Ray Tune caught Ctrl-C and stopped early
+            echo(f"stopped after {cap} trials, {tracker.pruned_count()} of them pruned: the "
+                 f"constraint max_accuracy_drop={exp.constraints.max_accuracy_drop} is rarely "
+                 f"met in this space (narrow it, or allow a larger drop)")
         status = "FINISHED"
     except KeyboardInterrupt:
         where = f" {exp.path}" if exp.path else ""

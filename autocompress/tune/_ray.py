@@ -61,6 +61,11 @@ def _callback(tracker: SearchTracker, inbox: Any):
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
             files = ray.get(inbox.pop.remote(trial.trial_id))
+            if result.get("pruned"):
+                tracker.trial_pruned(trial.trial_id, str(result.get("prune_reason", "")),
+                                     int(result.get("epoch", 0)), result.get("epoch_accuracy"),
+                                     result.get("summary", ""))
+                return
             if not result.get("final"):
                 tracker.trial_failed(trial.trial_id, "trial ended without a final result")
                 return

@@ -114,17 +114,37 @@ def make_sampler(settings: Any, metrics: list[str], max_accuracy_drop: float | N
 
 
 def _searcher_class():
+    from ray.tune.search import Searcher as RaySearcher
     from ray.tune.search.optuna import OptunaSearch
 
     class Searcher(OptunaSearch):
-        """OptunaSearch that tells Optuna a failed trial FAILED.
+        """OptunaSearch that tells Optuna a failed trial FAILED and a pruned one PRUNED, and
+        stops suggesting once ``trials`` trials have finished (pruned ones do not count: the
+        search runs new trials in their place).
 
         Ray's OptunaSearch passes the last (per-epoch) result of an errored multi-objective
         trial as a list of Nones, which Optuna rejects, leaving the trial RUNNING in the study.
         """
 
+        def __init__(self, *args: Any, trials: int | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.wanted, self.ended, self.live = trials, 0, set()
+
+        def suggest(self, trial_id: str) -> Any:
+            if self.wanted is not None and self.ended + len(self.live) >= self.wanted:
+                return RaySearcher.FINISHED if not self.live else None  # wait for the running
+            config = super().suggest(trial_id)
+            if isinstance(config, dict):
+                self.live.add(trial_id)
+            return config
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None,
                               error: bool = False) -> None:
+            self.live.discard(trial_id)
+            if result and result.get("pruned"):
+                super().on_trial_complete(trial_id, None, False)  # no values, no error: PRUNED
+                return
+            self.ended += 1
             metrics = self.metric if isinstance(self.metric, list) else [self.metric]
             if error or not result or any(result.get(m) is None for m in metrics):
                 result, error = None, True
