@@ -1,0 +1,169 @@
+"""Sensitivity-guided first trials and multi-fidelity pruning (the search's sample efficiency)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from autocompress.compress import LayerPlan
+from autocompress.compress._registry import describe_layers
+from autocompress.config._space import load_search_space
+from autocompress.tune._seeds import Option, allocate, seed_points, to_params, weight_bytes
+from autocompress.tune._sensitivity import Sensitivity, probe_settings, profile
+from autocompress.tune._trial import prune_reason
+
+
+def _space(task, knobs: dict):
+    layers = describe_layers(task.model, task.example_inputs)
+    return load_search_space({"layers": [{"knobs": knobs}]}, source="inline.yaml").resolve(layers), layers
+
+
+@pytest.fixture()
+def identity_task(tiny, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The tiny task's trained MLP with an identity Linear inserted after its first ReLU
+    (layer "2"; the function is unchanged): magnitude pruning to 75% removes only zeros there
+    and 3-bit weights store it exactly, so it is insensitive, while the trained first layer
+    ("0") is not."""
+    import copy
+
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
+    net = copy.deepcopy(tiny.model.net)
+    identity = torch.nn.Linear(32, 32)
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(32))
+        identity.bias.zero_()
+    task = copy.copy(tiny)
+    task.model = torch.nn.Sequential(net[0], net[1], identity, *net[2:]).eval()
+    return task
+
+
+def test_the_profile_finds_the_insensitive_layer(identity_task) -> None:
+    space, _ = _space(identity_task, {"sparsity": [0.0, 0.75], "bits": [3, None]})
+    sens = profile(identity_task, space, batches=2)
+    assert sens.metric > 0.8
+    assert sens.drop("2", "sparsity", 0.75) == 0.0
+    assert sens.drop("2", "bits", 3) == 0.0
+    assert sens.drop("0", "sparsity", 0.75) > 0.05
+    assert {p.layer for p in sens.probes} == {"0", "2", "3", "5", "7"}
+    again = profile(identity_task, space, batches=2)  # from the cache, same numbers
+    assert again.cached and again.probes == sens.probes
+    assert "2,sparsity=0.75 structure=unstructured" in sens.to_csv()
+
+
+def test_probe_settings_cover_each_value_once() -> None:
+    from autocompress.config._domain import Knob
+    from autocompress.config._resolve import Slot
+
+    slots = {"sparsity": Slot("a/s", Knob("range", low=0.0, high=0.8, step=0.2)),
+             "structure": Slot("a/st", Knob("choice", choices=("unstructured", "channel"))),
+             "bits": Slot("a/b", Knob("choice", choices=(4, 8, None))),
+             "act_bits": Slot("a/a", Knob("choice", choices=(None, 8)))}
+    settings = probe_settings(slots)
+    assert {"sparsity": 0.8, "structure": "channel"} in settings
+    assert {"sparsity": 0.2, "structure": "unstructured"} in settings
+    assert {"bits": 4} in settings and {"bits": 8, "act_bits": 8} in settings
+    assert len(settings) == 4 * 2 + 2 + 1
+
+
+def test_the_allocation_meets_its_budget_and_is_optimal() -> None:
+    options = {
+        "a": [Option({}, 0.0, 100), Option({"bits": 4}, 0.01, 30), Option({"bits": 2}, 0.2, 15)],
+        "b": [Option({}, 0.0, 200), Option({"bits": 4}, 0.05, 60), Option({"bits": 2}, 0.06, 30)],
+        "c": [Option({}, 0.0, 50), Option({"bits": 4}, 0.001, 15)],
+    }
+    for budget in (45, 60, 75, 105, 140, 200, 350):
+        got = allocate(options, budget)
+        combos = [dict(zip(options, c, strict=True)) for c in itertools.product(*options.values())]
+        feasible = [c for c in combos if sum(o.cost for o in c.values()) <= budget]
+        if not feasible:
+            assert got is None
+            continue
+        assert got is not None and sum(o.cost for o in got.values()) <= budget
+        best = min(sum(o.drop for o in c.values()) for c in feasible)
+        assert sum(o.drop for o in got.values()) == pytest.approx(best)
+    assert allocate(options, 44) is None  # below the cheapest plan
+
+
+def test_weight_bytes_matches_the_stored_size(tiny) -> None:
+    from autocompress.compress import Plan, apply
+    from autocompress.measure import size_bytes
+
+    x = tiny.example_inputs
+    for lp in (LayerPlan(bits=4), LayerPlan(sparsity=0.5, bits=3), LayerPlan(rank=0.5, bits=8),
+               LayerPlan(sparsity=0.5)):
+        change = size_bytes(apply(tiny.model, Plan({"net.6": lp}), x)) - size_bytes(tiny.model)
+        assert change == weight_bytes((4, 16), lp) - 4 * 4 * 16, lp
+
+
+def test_seed_points_are_params_of_the_space(identity_task) -> None:
+    space, layers = _space(identity_task, {"sparsity": {"low": 0.0, "high": 0.9, "step": 0.1},
+                                           "bits": [3, 4, 8, None]})
+    sens = profile(identity_task, space, batches=2)
+    points = seed_points(space, sens, {la.name: la.shape for la in layers}, 6)
+    assert 2 <= len(points) <= 6
+    for p in points:
+        assert set(p) == set(space.params())
+        plan = space.plan_from_params(p)  # raises on a value outside a domain
+        assert plan.layers
+    uniform = [p for p in points if len({v for k, v in p.items() if k.endswith("/bits")}) == 1
+               and len({v for k, v in p.items() if k.endswith("/sparsity")}) == 1]
+    assert uniform, "no uniform recipe among the first trials"
+    assert to_params(space, {}) == {k: (None if k.endswith("/bits") else 0.0) for k in space.params()}
+
+
+def test_prune_reason() -> None:
+    assert prune_reason(0.99, 0.5, 0.02, 0, 2) is None  # never before training
+    assert prune_reason(0.99, 0.5, 0.02, 2, 2) is None  # nor at the end
+    assert prune_reason(0.99, 0.5, None, 1, 2) is None  # nor without a constraint
+    assert prune_reason(0.99, 0.95, 0.02, 1, 2) is None  # 4 pt < 2.5 x 2 pt
+    reason = prune_reason(0.99, 0.93, 0.02, 1, 2)
+    assert reason and "after 1 of 2 epochs" in reason
+
+
+def test_a_resumed_search_runs_no_first_trial_twice(tmp_path: Path) -> None:
+    import optuna
+
+    from autocompress.tune._driver import _not_run_yet
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.enqueue_trial({"a/bits": 4})
+    trial = study.ask({"a/bits": optuna.distributions.CategoricalDistribution([4, 8])})
+    study.tell(trial, 1.0)
+    assert _not_run_yet([{"a/bits": 4}, {"a/bits": 8}], storage, "s") == [{"a/bits": 8}]
+
+
+def test_sensitivity_drop_is_none_for_an_unprobed_value() -> None:
+    sens = Sensitivity(0.9, (), 1)
+    assert sens.drop("x", "bits", 4) is None
+
+
+@pytest.mark.slow
+def test_hopeless_trials_are_pruned_not_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every plan destroys the tiny task (2-bit, 90% sparse): each is stopped after its first
+    of two epochs, PRUNED in MLflow and in Optuna, and the search gives up after its cap."""
+    import optuna
+    from mlflow import MlflowClient
+
+    import autocompress as ac
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    notes: list[str] = []
+    result = ac.search("tests.models:tiny_task", space={"layers": [
+        {"knobs": {"bits": [2], "sparsity": [0.9]}}]}, objectives=["accuracy", "size_bytes"],
+        trials=1, concurrency=1, warm_start=False, finetune={"epochs": 2},
+        constraints={"max_accuracy_drop": 0.001}, tracking_uri=uri, echo=notes.append,
+        target={"threads": 1, "warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01})
+    assert len(result.front) == 0 or all(result.front["trial"].isna())
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(result.experiment.name).experiment_id],
+                              "tags.`autocompress.role` = 'trial'")
+    assert len(runs) == 12  # the cap: 4 * 1 + 8
+    assert all(r.data.tags.get("autocompress.pruned", "").startswith("accuracy") for r in runs)
+    study = optuna.load_study(study_name=result.study_name, storage=result.study_storage)
+    assert {t.state for t in study.trials} == {optuna.trial.TrialState.PRUNED}
+    assert any("stopped after 12 trials, 12 of them pruned" in n for n in notes)
