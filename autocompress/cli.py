@@ -55,6 +55,26 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from autocompress.compress._registry import describe_layers
+    from autocompress.config._space import load_search_space
+    from autocompress.tasks import load_task
+    from autocompress.tune._sensitivity import profile
+
+    task = load_task(args.task, seed=args.seed)
+    space = load_search_space(args.space).resolve(describe_layers(task.model, task.example_inputs))
+    sens = profile(task, space, batches=args.batches, use_cache=not args.no_cache,
+                   echo=lambda m: print(f"autocompress: {m}", file=sys.stderr))
+    if args.csv:
+        print(sens.to_csv(), end="")
+        return 0
+    print(f"baseline metric on {args.batches} validation batches: {sens.metric:.4f}"
+          f"{' (cached profile)' if sens.cached else ''}; loss when one layer alone is compressed:")
+    rows = [(p.layer, p.label(), f"{p.metric:.4f}", f"{sens.metric - p.metric:+.4f}") for p in sens.probes]
+    _print_table(("layer", "setting", "metric", "loss"), rows)
+    return 0
+
+
 def _layer_notes(layer) -> str:
     """What ``autocompress layers`` says about a layer: output, never run, refused knobs."""
     notes = ["output"] if layer.is_output else []
@@ -297,6 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(fn=cmd_layers)
+
+    p = sub.add_parser("sensitivity", help="per layer and knob value, the metric lost when that "
+                                           "layer alone is compressed (no fine-tuning)")
+    p.add_argument("--task", required=True, help="built-in task (digits, mnist1d) or pkg.module:fn")
+    p.add_argument("--space", default=str(Path(__file__).resolve().parents[1] / "search_spaces"
+                                          / "default.yaml"),
+                   help="search space YAML file (default: search_spaces/default.yaml)")
+    p.add_argument("--batches", type=int, default=8, help="validation batches per probe (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", action="store_true", help="print CSV (as logged to a search's parent run)")
+    p.add_argument("--no-cache", action="store_true", help="measure again (and do not store)")
+    p.set_defaults(fn=cmd_sensitivity)
 
     p = sub.add_parser("trial", help="one compress / fine-tune / measure cycle with a given plan")
     p.add_argument("--task", required=True, help="built-in task (digits, mnist1d) or pkg.module:fn")

@@ -167,3 +167,14 @@ def test_hopeless_trials_are_pruned_not_counted(tmp_path: Path, monkeypatch: pyt
     study = optuna.load_study(study_name=result.study_name, storage=result.study_storage)
     assert {t.state for t in study.trials} == {optuna.trial.TrialState.PRUNED}
     assert any("stopped after 12 trials, 12 of them pruned" in n for n in notes)
+
+
+def test_the_sensitivity_command_prints_the_profile(capsys, monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    from autocompress.cli import main
+
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
+    assert main(["sensitivity", "--task", "tests.models:tiny_task", "--batches", "1", "--csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "layer,setting,knobs,metric,drop"
+    assert any(line.startswith("net.6,bits=3,") for line in lines)
