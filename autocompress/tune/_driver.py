@@ -80,10 +80,11 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     except ConfigError as e:
         raise e.located(exp.path) from None
     layers = describe_layers(task.model, task.example_inputs)
-    space = _without_unrunnable_knobs(exp.search_space.resolve(layers), exp, echo)
+    space = exp.search_space.resolve(layers)
     previous = _resumable(exp, tracking_uri) if resume else None
     _check_address(address)
     _check_target(exp)
+    space = _without_unrunnable_knobs(space, exp, echo)  # after the target is known to run
     _check_finetune_device(exp, address, echo)
     echo(f"task {task.name}: {len(space.layers)} layers, {len(space.params())} search parameters")
     for line in _limits_summary(layers, space):
