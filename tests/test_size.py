@@ -99,9 +99,11 @@ def test_quantized_linear_hand_computed(bits: int, first_weight_bytes: int) -> N
 
 def test_activation_quantizer_costs_eight_bytes() -> None:
     model = _two_layer(ROW.repeat(3, 1))
-    compressed = apply(model, Plan({"1": LayerPlan(act_bits=8)}), torch.randn(2, 4))
-    assert size_bytes(compressed) == size_bytes(model) + 8
-    assert count_params(compressed) == count_params(model)
+    x = torch.randn(2, 4)
+    weights_only = apply(model, Plan({"1": LayerPlan(bits=8)}), x)
+    compressed = apply(model, Plan({"1": LayerPlan(bits=8, act_bits=8)}), x)
+    assert size_bytes(compressed) == size_bytes(weights_only) + 8
+    assert count_params(compressed) == count_params(weights_only)
 
 
 def test_masked_and_quantized_weight_counts_zeros_as_stored() -> None:

@@ -84,8 +84,8 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     previous = _resumable(exp, tracking_uri) if resume else None
     _check_address(address)
     _check_target(exp)
-    space = _without_unrunnable_knobs(space, exp, echo)  # after the target is known to run
     _check_finetune_device(exp, address, echo)
+    space = _without_unrunnable_knobs(space, exp, echo)  # notes after every check
     echo(f"task {task.name}: {len(space.layers)} layers, {len(space.params())} search parameters")
     for line in _limits_summary(layers, space):
         echo(line)

@@ -18,6 +18,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -71,11 +72,12 @@ class Sensitivity:
 
     def drop(self, layer: str, knob: str, value: Any, **with_: Any) -> float | None:
         """The metric lost by setting ``knob`` to ``value`` on ``layer`` alone (never below 0),
-        or None if that was not probed. ``with_``: other knobs of the probe (``structure``)."""
+        or None if that was not probed or the probe failed. ``with_``: other knobs of the
+        probe (``structure``)."""
         for p in self.probes:
             if p.layer == layer and knob in p.knobs and same(p.knobs[knob], value) and all(
                     same(p.knobs.get(k, KNOB_TABLE[k].default), v) for k, v in with_.items()):
-                return max(0.0, self.metric - p.metric)
+                return None if math.isnan(p.metric) else max(0.0, self.metric - p.metric)
         return None
 
     def to_csv(self) -> str:
@@ -150,17 +152,25 @@ def profile(task: Any, space: Any, *, batches: int = SENSITIVITY_BATCHES, use_ca
     if use_cache:
         _cache_write(key, result)
     if echo:
-        echo(f"sensitivity: done in {result.seconds:.1f} s")
+        failed = [p for p in probes if math.isnan(p.metric)]
+        echo(f"sensitivity: done in {result.seconds:.1f} s"
+             + (f"; {len(failed)} probe(s) failed and are never chosen (e.g. {failed[0].layer}: "
+                f"{failed[0].label()})" if failed else ""))
     return result
 
 
 def _probe(task: Any, layer: str, setting: dict[str, Any], subset: list) -> float:
+    """The probe's metric, or NaN if compressing or evaluating it fails (a trial with that
+    setting would fail the same way; it is then never allocated)."""
     from autocompress.compress import apply
     from autocompress.compress.quantize import calibrate
 
-    model = apply(task.model, Plan({layer: LayerPlan(**setting)}), task.example_inputs)
-    calibrate(model, [x for x, *_ in subset])
-    return _metric(task, model.eval(), subset)
+    try:
+        model = apply(task.model, Plan({layer: LayerPlan(**setting)}), task.example_inputs)
+        calibrate(model, [x for x, *_ in subset])
+        return _metric(task, model.eval(), subset)
+    except Exception:  # noqa: BLE001 - a user's model or metric may refuse anything
+        return math.nan
 
 
 def _metric(task: Any, model: Any, subset: list) -> float:
