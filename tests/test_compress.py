@@ -2,8 +2,9 @@
 
 Expectations are computed independently of the implementation: channel pruning must give the
 same tensors as the same model family built narrower (``ModelSpec.width_of``), low-rank layers
-hold ``r * (in * k + out)`` weights, and stored bytes follow the formula in
-``autocompress.measure.size`` (re-implemented here as ``ref_bytes``).
+hold ``r * (in * k + out)`` weights (SVD; Tucker-2 and CP: ``factor_leaves``), and stored
+bytes follow the formula in ``autocompress.measure.size`` (re-implemented here as
+``ref_bytes``).
 """
 
 from __future__ import annotations
@@ -93,7 +94,19 @@ EXTRA: dict[str, dict[str, dict[str, dict]]] = {
         "prune-channel-inside-block": {"conv_a": {"sparsity": 0.75, "structure": "channel"}},
     },
 }
+# Tucker-2 and CP decompose a conv's kernel (a Linear refuses them): the conv families only.
+DECOMPOSITIONS: dict[str, dict[str, dict]] = {
+    "tucker": {"second": {"rank": 0.5, "decomposition": "tucker"}},
+    "cp": {"second": {"rank": 0.25, "decomposition": "cp"}},
+    "tucker+channel+bits-same-layer": {"first": {"rank": 0.5, "decomposition": "tucker",
+                                                 "sparsity": 0.5, "structure": "channel",
+                                                 "bits": 4}},
+    "cp+unstructured+bits+act-same-layer": {"second": {"rank": 0.5, "decomposition": "cp",
+                                                       "sparsity": 0.3, "bits": 4, "act_bits": 8}},
+}
 CASES = [Case(m, method, layers) for m in MODELS for method, layers in METHODS.items()]
+CASES += [Case(m, method, layers) for m in ("conv1d", "conv2d", "residual")
+          for method, layers in DECOMPOSITIONS.items()]
 CASES += [Case(m, method, layers) for m, extra in EXTRA.items() for method, layers in extra.items()]
 PARAMS = [pytest.param(c, id=f"{c.model}-{c.method}") for c in CASES]
 
@@ -110,6 +123,28 @@ def ref_bytes(numel: int, nnz: int, bits: int, rows: int) -> int:
 
 def kept_channels(out: int, sparsity: float) -> int:
     return out - min(round(sparsity * out), out - 1)
+
+
+def factor_leaves(name: str, lp: LayerPlan, original: tuple[int, ...], out: int,
+                  fan_in: int) -> list[tuple[str, int, int]]:
+    """``(name, weights, rows)`` of each factor of a factorized layer, from the original
+    weight's shape (ranks) and the layer's ``out`` channels and ``fan_in`` after pruning."""
+    o, i, kernel = original[0], original[1], original[2:]
+    k = math.prod(kernel)
+
+    def kept(full: int) -> int:
+        return max(1, round(lp.rank * full))
+
+    if lp.decomposition == "tucker":  # 1x1, core, 1x1
+        r_in, r_out = kept(min(i, o * k)), kept(min(o, i * k))
+        shapes = [(r_in, fan_in // k), (r_out, r_in * k), (out, r_out)]
+    elif lp.decomposition == "cp":  # 1x1, a depthwise conv per kernel side, 1x1
+        r = kept(math.ceil(o * i * k / (o + i + sum(kernel) - len(original) + 1)))
+        shapes = [(r, fan_in // k), *((r, side) for side in kernel), (out, r)]
+    else:
+        r = kept(min(o, i * k))
+        shapes = [(r, fan_in), (out, r)]
+    return [(f"{name}.{j}", rows * cols, rows) for j, (rows, cols) in enumerate(shapes)]
 
 
 def narrow_model(spec: ModelSpec, plan: dict[str, LayerPlan]) -> nn.Module:
@@ -145,9 +180,8 @@ def expected_params_and_bytes(spec: ModelSpec, plan: dict[str, LayerPlan],
         out, fan_in = w.shape[0], w[0].numel()
         leaves = [(name, out * fan_in, out)]
         if lp.rank is not None:
-            original = base.get_submodule(name).weight
-            r = max(1, round(lp.rank * min(original.shape[0], original[0].numel())))
-            leaves = [(f"{name}.0", r * fan_in, r), (f"{name}.1", out * r, out)]
+            original = tuple(base.get_submodule(name).weight.shape)
+            leaves = factor_leaves(name, lp, original, out, fan_in)
         params += sum(numel for _, numel, _ in leaves) - out * fan_in
         nbytes -= 4 * out * fan_in
         for leaf, numel, rows in leaves:
@@ -175,7 +209,7 @@ def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None
 
 
 def weight_leaves(model: nn.Module, name: str) -> list[nn.Module]:
-    """The layer, or both factors of a low-rank layer."""
+    """The layer, or every factor of a low-rank layer."""
     mod = model.get_submodule(name)
     return list(mod) if isinstance(mod, nn.Sequential) else [mod]
 

@@ -194,6 +194,13 @@ KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
                              "full" if k.get("rank") is None else f"{k['rank']:.2f}"),
                   "Greens_r", {"zmin": 0, "zmax": 1})),
     KnobSpec(
+        # How a layer with a rank is factorized (lowrank.py); no token (and no change) without
+        # a rank. Linear, Embedding, 1x1 and grouped convs refuse tucker and cp (lowrank's limits).
+        "decomposition", "svd", "one of ['svd', 'tucker', 'cp']",
+        lambda v: isinstance(v, str) and v in ("svd", "tucker", "cp"),
+        mildest=lambda knob: _first_of(knob, ["svd"]),
+        token=lambda lp: "" if lp.rank is None or lp.decomposition == "svd" else lp.decomposition),
+    KnobSpec(
         # 8: a fixed range observed during calibration and fine-tuning, deployed on ONNX
         # Runtime's QLinear kernels; needs integer weights (bits). "dynamic": each
         # input's own range at run time, deployed as ONNX Runtime's dynamic quantization

@@ -34,7 +34,11 @@ class LayerPlan:
         structure: ``"unstructured"`` (magnitude masks) or ``"channel"`` (output channels
             physically removed, with the matching inputs of every dependent layer).
         bits: Weight bit-width in 2..8 (per-output-channel symmetric), or None to keep fp32.
-        rank: Kept fraction of full rank in (0, 1] for a truncated-SVD factorization, or None.
+        rank: Kept fraction of full rank in (0, 1] for a low-rank factorization, or None.
+        decomposition: How a layer with a ``rank`` is factorized: ``"svd"`` (truncated SVD,
+            two layers; any layer), ``"tucker"`` (Tucker-2, three convs) or ``"cp"`` (CP,
+            four convs; three for a Conv1d); tucker and cp only on a conv with a spatial
+            kernel and ``groups=1`` (``lowrank.py`` says what ``rank`` means for each).
         act_bits: 8 to fake-quantize the layer's input activations to 8 bits with a range
             observed during calibration and fine-tuning (deployed on ONNX Runtime's QLinearConv
             / QLinearMatMul integer kernels; needs ``bits``),
@@ -47,6 +51,7 @@ class LayerPlan:
     structure: str = "unstructured"
     bits: int | None = None
     rank: float | None = None
+    decomposition: str = "svd"
     act_bits: int | str | None = None
 
     def __post_init__(self) -> None:

@@ -1,23 +1,58 @@
-"""Low-rank factorization by truncated SVD.
+"""Low-rank factorization: truncated SVD of any layer, Tucker-2 or CP of a conv's kernel.
 
-A Linear ``W (out x in)`` becomes ``Linear(in, r) -> Linear(r, out)``; a Conv with kernel k
-becomes a k x k conv with r output channels followed by a 1x1 conv (Jaderberg et al., 2014,
-scheme 2 via SVD of the ``out x (in*k)`` unfolded weight); an Embedding ``E (num x dim)``
-becomes ``Embedding(num, r) -> Linear(r, dim)`` (ALBERT's factorized embedding, Lan et al.,
-2020, here initialized by SVD). The singular values are split evenly (sqrt) between the two
-factors. ``rank`` is the kept fraction of ``min(out, in*k)``. Refused (``limits``): grouped and
-depthwise convs (their weight is not one matrix) and layers whose parent reads their weight
-directly (``nn.TransformerEncoderLayer``'s linears).
+``decomposition: svd`` (the default): a Linear ``W (out x in)`` becomes
+``Linear(in, r) -> Linear(r, out)``; a Conv with kernel k becomes a k x k conv with r output
+channels followed by a 1x1 conv (Jaderberg et al., 2014, scheme 2 via SVD of the
+``out x (in*k)`` unfolded weight); an Embedding ``E (num x dim)`` becomes
+``Embedding(num, r) -> Linear(r, dim)`` (ALBERT's factorized embedding, Lan et al., 2020, here
+initialized by SVD). The singular values are split evenly (sqrt) between the two factors.
+
+``decomposition: tucker`` and ``cp`` (``_decompose.py``), for a Conv1d/Conv2d with a spatial
+kernel: Tucker-2 gives three convs (1x1, core, 1x1), CP four (1x1, depthwise per spatial axis,
+1x1; three for a Conv1d).
+
+``rank`` is the kept fraction of the decomposition's full rank, the rank that can hold the
+layer exactly, at least 1 (``O`` outputs, ``I`` inputs, ``k`` the kernel's size):
+
+- svd: ``r = rank * min(O, I*k)``; stores ``r * (I*k + O)`` weights;
+- tucker: ``r_out = rank * min(O, I*k)`` (svd's r) and ``r_in = rank * min(I, O*k)``, the same
+  fraction of each channel mode; stores ``I*r_in + r_in*r_out*k + r_out*O``, so about
+  ``rank**2`` of the layer for a large kernel (a square 3x3 conv: rank 0.5 keeps 36%);
+- cp: ``R = rank * ceil(O*I*k / (O + I + sum of kernel sides - N + 1))`` (``N`` the weight's
+  dimensions), the generic CP rank (``_decompose.cp_rank``); stores
+  ``R * (I + O + sum of kernel sides)``, about ``rank`` of the layer, as svd does.
+
+Full rank reproduces the layer for svd and tucker; for cp only when the kernel's CP rank is
+no higher (ALS finds the best fit it can). Refused (``limits``): grouped and depthwise convs
+(their weight is not one matrix), layers whose parent reads their weight directly
+(``nn.TransformerEncoderLayer``'s linears), and tucker/cp on anything but a conv with a
+spatial kernel and ``groups=1`` (Linear, Embedding, 1x1 convs: svd covers them).
+
+Every factorized layer is a :class:`LowRank` (a Sequential: factors ``<name>.0``,
+``<name>.1``, ...) of plain layers, so pruning and quantization act on each factor.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+import math
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from autocompress.compress._decompose import (
+    Conv,
+    cp_layers,
+    cp_rank,
+    cp_weights,
+    kept,
+    spatial_problem,
+    tucker_layers,
+    tucker_ranks,
+    tucker_weights,
+)
 from autocompress.compress._layers import LayerInfo, Refusal
 from autocompress.compress._modules import LowRank
 from autocompress.compress._plan import Plan, PlanError
@@ -26,62 +61,115 @@ from autocompress.compress._registry import pure, register_method
 
 def kept_rank(weight_shape: torch.Size | tuple[int, ...], fraction: float) -> int:
     """Number of singular values kept for a weight of this shape."""
-    full = min(weight_shape[0], int(torch.tensor(weight_shape[1:]).prod()))
-    return max(1, round(fraction * full))
+    return kept(fraction, min(weight_shape[0], math.prod(weight_shape[1:])))
 
 
-def factorize(layer: nn.Module, fraction: float) -> LowRank:
-    """Two-layer truncated-SVD approximation of a Linear or Conv1d/Conv2d layer."""
-    w = layer.weight.detach()
+def factorize(layer: nn.Module, fraction: float, decomposition: str = "svd",
+              fit: bool = True) -> LowRank:
+    """The low-rank replacement of a Linear, Conv1d/Conv2d or Embedding layer.
+
+    Args:
+        layer: The layer (left as it is).
+        fraction: The kept fraction of full rank (see the module docstring).
+        decomposition: ``svd``, ``tucker`` or ``cp``.
+        fit: False gives the factors' architecture only, with freshly initialized weights
+            (e.g. to count MACs without paying for the decomposition).
+
+    Raises:
+        PlanError: The layer cannot take this decomposition.
+    """
+    if decomposition == "svd":
+        return _svd(layer, fraction, fit)
+    if decomposition not in ("tucker", "cp"):
+        raise PlanError(f"unknown decomposition {decomposition!r}; allowed: svd, tucker, cp")
+    problem = spatial_problem(layer)
+    if problem is not None:
+        raise PlanError(f"{decomposition}: {problem}")
+    conv = cast(Conv, layer)
+    w = _weight(conv)
+    if decomposition == "tucker":
+        r_in, r_out = tucker_ranks(w.shape, fraction)
+        return _chain(conv, tucker_layers(conv, r_in, r_out),
+                      tucker_weights(w, r_in, r_out) if fit else None)
+    rank = cp_rank(w.shape, fraction)
+    return _chain(conv, cp_layers(conv, rank), cp_weights(w, rank) if fit else None)
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    return cast(torch.Tensor, layer.weight).detach()
+
+
+def _chain(layer: nn.Module, factors: Sequence[nn.Module],
+           weights: list[torch.Tensor] | None) -> LowRank:
+    """``factors`` as a LowRank on ``layer``'s device, dtype and mode, holding ``weights`` and
+    ``layer``'s bias on the last factor (None: left as initialized)."""
+    w = _weight(layer)
+    chain = LowRank(*factors).to(device=w.device, dtype=w.dtype).train(layer.training)
+    if weights is not None:
+        with torch.no_grad():
+            for factor, weight in zip(chain, weights, strict=True):
+                target = cast(torch.Tensor, factor.weight)
+                target.copy_(weight.reshape(target.shape))
+            bias = getattr(layer, "bias", None)
+            if bias is not None:
+                cast(torch.Tensor, chain[-1].bias).copy_(bias)
+    return chain
+
+
+def _svd(layer: nn.Module, fraction: float, fit: bool) -> LowRank:
+    """Two-layer truncated-SVD approximation of a Linear, Conv1d/Conv2d or Embedding layer."""
+    w = _weight(layer)
     r = kept_rank(w.shape, fraction)
-    u, s, vh = torch.linalg.svd(w.flatten(1), full_matrices=False)
-    root = s[:r].sqrt()
-    first_w, second_w = root[:, None] * vh[:r], u[:, :r] * root
-    if isinstance(layer, nn.Embedding):
-        return _factorize_embedding(layer, u[:, :r] * root, root[:, None] * vh[:r])
+    embedding = isinstance(layer, nn.Embedding)
+    return _chain(layer, _svd_layers(layer, r), _svd_weights(w, r, embedding) if fit else None)
+
+
+def _svd_layers(layer: nn.Module, r: int) -> list[nn.Module]:
+    """The two factors of rank ``r`` (weights not set)."""
+    if isinstance(layer, nn.Embedding):  # ALBERT's factorized embedding: a table, a projection
+        return [nn.Embedding(layer.num_embeddings, r, padding_idx=layer.padding_idx,
+                             max_norm=layer.max_norm, norm_type=layer.norm_type,
+                             scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse),
+                nn.Linear(r, layer.embedding_dim, bias=False)]
     has_bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
-        first = nn.Linear(layer.in_features, r, bias=False)
-        second = nn.Linear(r, layer.out_features, bias=has_bias)
-    else:
-        if layer.groups != 1:
-            raise PlanError("low-rank factorization of grouped convolutions is not supported")
-        conv = type(layer)
-        first = conv(layer.in_channels, r, layer.kernel_size, layer.stride, layer.padding,
-                     layer.dilation, bias=False, padding_mode=layer.padding_mode)
-        second = conv(r, layer.out_channels, 1, bias=has_bias)
-    with torch.no_grad():
-        first.weight.copy_(first_w.reshape(first.weight.shape))
-        second.weight.copy_(second_w.reshape(second.weight.shape))
-        if has_bias:
-            second.bias.copy_(layer.bias)
-    return LowRank(first, second).to(w.device).train(layer.training)
+        return [nn.Linear(layer.in_features, r, bias=False),
+                nn.Linear(r, layer.out_features, bias=has_bias)]
+    if layer.groups != 1:
+        raise PlanError("low-rank factorization of grouped convolutions is not supported")
+    conv = type(layer)
+    return [conv(layer.in_channels, r, layer.kernel_size, layer.stride, layer.padding,
+                 layer.dilation, bias=False, padding_mode=layer.padding_mode),
+            conv(r, layer.out_channels, 1, bias=has_bias)]
 
 
-def _factorize_embedding(layer: nn.Embedding, rows: torch.Tensor, proj: torch.Tensor) -> LowRank:
-    """``Embedding(num, r)`` holding ``U_r S_r^1/2`` then ``Linear(r, dim)`` holding ``S_r^1/2 V_r^T``."""
-    first = nn.Embedding(layer.num_embeddings, rows.shape[1], padding_idx=layer.padding_idx,
-                         max_norm=layer.max_norm, norm_type=layer.norm_type,
-                         scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse)
-    second = nn.Linear(rows.shape[1], layer.embedding_dim, bias=False)
-    with torch.no_grad():
-        first.weight.copy_(rows)
-        second.weight.copy_(proj.t())
-    return LowRank(first, second).to(rows.device).train(layer.training)
+def _svd_weights(w: torch.Tensor, r: int, embedding: bool) -> list[torch.Tensor]:
+    """The factors' weights: ``w ~= outer @ inner`` with ``outer = U_r S_r^1/2`` and
+    ``inner = S_r^1/2 V_r^T``; an embedding's table is ``outer``, its projection ``inner^T``."""
+    u, s, vh = torch.linalg.svd(w.flatten(1), full_matrices=False)
+    root = s[:r].sqrt()
+    inner, outer = root[:, None] * vh[:r], u[:, :r] * root
+    return [outer, inner.t()] if embedding else [inner, outer]
 
 
 def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> dict[str, list[Refusal]]:
     out: dict[str, list[Refusal]] = {}
     for layer in layers:
         mod = model.get_submodule(layer.name)
+        refusals = []
         if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups != 1:
             what = "depthwise" if mod.groups == mod.in_channels else "grouped"
-            out[layer.name] = [Refusal("rank", None, f"a {what} conv (groups={mod.groups}) has no "
-                                                     f"single weight matrix to factorize")]
+            refusals.append(Refusal("rank", None, f"a {what} conv (groups={mod.groups}) has no "
+                                                  f"single weight matrix to factorize"))
         elif _parent_reads_weight(model, layer.name):
             parent = type(model.get_submodule(layer.name.rpartition(".")[0])).__name__
-            out[layer.name] = [Refusal("rank", None, f"its parent {parent} reads its weight "
-                                                     f"directly, so it cannot become two layers")]
+            refusals.append(Refusal("rank", None, f"its parent {parent} reads its weight "
+                                                  f"directly, so it cannot become two layers"))
+        problem = spatial_problem(mod)
+        if problem is not None:  # tucker and cp (every value but the default, svd)
+            refusals.append(Refusal("decomposition", None, problem))
+        if refusals:
+            out[layer.name] = refusals
     return out
 
 
@@ -105,7 +193,7 @@ def _lowrank(model: nn.Module, plan: Plan, example_inputs: Any) -> None:
             continue
         layer = model.get_submodule(name)
         try:
-            new = factorize(layer, lp.rank)
+            new = factorize(layer, lp.rank, lp.decomposition)
         except PlanError as e:
             raise PlanError(f"layer {name!r}: {e}") from None
         parent, _, attr = name.rpartition(".")
