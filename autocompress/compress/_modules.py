@@ -8,9 +8,10 @@ from torch.nn.utils import parametrize
 
 
 class LowRank(nn.Sequential):
-    """A layer factorized into two: ``first`` (to rank r) then ``second`` (back to the outputs).
+    """A layer factorized into two to four ordinary layers, applied in order: SVD (two: to
+    rank r, back to the outputs), Tucker-2 (three convs) or CP (three or four convs).
 
-    A Sequential, so its factors are addressed as ``<name>.0`` and ``<name>.1``.
+    A Sequential, so its factors are addressed as ``<name>.0``, ``<name>.1``, ...
     """
 
 
@@ -160,6 +161,6 @@ def act_quant_pre_hook(module: nn.Module, args: tuple) -> tuple:
 
 
 def leaves(model: nn.Module, name: str) -> list[nn.Module]:
-    """The weight-bearing modules a plan entry refers to: the layer, or both low-rank factors."""
+    """The weight-bearing modules a plan entry refers to: the layer, or every low-rank factor."""
     mod = model.get_submodule(name)
     return list(mod) if isinstance(mod, LowRank) else [mod]
