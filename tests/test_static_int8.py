@@ -198,3 +198,17 @@ def test_static_convs_and_dynamic_linears_in_one_graph(tmp_path: Path) -> None:
     assert len(names) == len(set(names))
     ops = Counter(_optimized(path, tmp_path))
     assert sum(ops[o] for o in INTEGER_OPS) == len(layers), ops
+
+
+def test_calibration_reads_no_data_for_a_model_without_static_quantizers(tiny) -> None:
+    """Every trial calibrates; a plan without act_bits 8 must not pay for reading batches."""
+    import copy
+
+    class Unreadable:
+        def __iter__(self):
+            raise AssertionError("the training data was read")
+
+    task = copy.copy(tiny)
+    task.train_loader = Unreadable()
+    model = apply(tiny.model, Plan({"net.0": LayerPlan(bits=8, act_bits="dynamic")}), tiny.example_inputs)
+    assert calibrate(model, task.calibration_batches()) == 0

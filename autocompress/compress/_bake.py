@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +64,18 @@ def _unparametrize(mod: nn.Module) -> None:
 def dynamic_layers(model: nn.Module) -> list[str]:
     """Names of the weight-bearing modules whose input has a dynamic activation quantizer
     (``act_bits: "dynamic"``): export gives them ONNX Runtime's integer MatMul."""
-    return [name for name, mod in model.named_modules()
-            if isinstance(getattr(mod, "act_quant", None), ActFakeQuant) and mod.act_quant.dynamic]
+    return _act_quantized(model, dynamic=True)
 
 
 def static_layers(model: nn.Module) -> list[str]:
     """Names of the weight-bearing modules whose input has a static (observed-range) activation
     quantizer (``act_bits: 8``): export gives them ONNX Runtime's QLinear kernels."""
+    return _act_quantized(model, dynamic=False)
+
+
+def _act_quantized(model: nn.Module, dynamic: bool) -> list[str]:
     return [name for name, mod in model.named_modules()
-            if isinstance(getattr(mod, "act_quant", None), ActFakeQuant) and not mod.act_quant.dynamic]
+            if isinstance(q := getattr(mod, "act_quant", None), ActFakeQuant) and q.dynamic == dynamic]
 
 
 def quantized_weights(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -90,7 +94,7 @@ def quantized_weights(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarra
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
-                dynamic_sequence: bool = False, calibration: list[Any] | None = None) -> Path:
+                dynamic_sequence: bool = False, calibration: Iterable[Any] | None = None) -> Path:
     """Writes a self-contained ONNX model; quantized weights are stored as int8 + scales.
 
     Weight-only quantized layers get an int8 initializer feeding a per-channel
@@ -112,8 +116,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
             at the example's shape, with only the batch axis dynamic.
         calibration: Input batches (of ``example_inputs``' form) that calibrate the ranges of
             the tensors between ``act_bits: 8`` layers (their own inputs keep the trained
-            ranges); default: ``example_inputs``. Only the ranges depend on them, not the
-            graph, so latency is the same whatever they are.
+            ranges); default (or when it yields nothing): ``example_inputs``. Only the ranges
+            depend on them, not the graph, so latency is the same whatever they are.
     """
     path = Path(path)
     baked = bake(model)
@@ -148,7 +152,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
         quantize_dynamic_layers(path, {name: baked.get_parameter(f"{name}.weight").numpy()
                                        for name in dynamic})
     if static:
-        feeds = [to_numpy_feed(b) for b in (calibration or [example_inputs])]
+        feeds = [to_numpy_feed(b) for b in calibration or ()] or [to_numpy_feed(example_inputs)]
         quantize_static_layers(path, {name: StaticLayer(
             baked.get_parameter(f"{name}.weight").numpy(), qweights[f"{name}.weight"][1],
             *acts[name]) for name in static}, feeds)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,10 +57,13 @@ class Task:
         """The task metric of ``model`` on the validation data."""
         return float((self.metric or top1_accuracy)(model, self.val_loader))
 
-    def calibration_batches(self, count: int = CALIBRATION_BATCHES) -> list[Any]:
+    def calibration_batches(self, count: int = CALIBRATION_BATCHES) -> Iterator[Any]:
         """The inputs of the first ``count`` training batches: what static activation ranges
-        (``act_bits: 8``) are calibrated on, before fine-tuning and for the deployed graph."""
-        return [inputs for inputs, *_ in itertools.islice(self.train_loader, count)]
+        (``act_bits: 8``) are calibrated on, before fine-tuning and for the deployed graph.
+        Lazy: nothing is read until it is iterated, so a model without static quantizers
+        costs nothing (:func:`autocompress.compress.quantize.calibrate` looks first)."""
+        for inputs, *_ in itertools.islice(self.train_loader, count):
+            yield inputs
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return (self.loss_fn or F.cross_entropy)(outputs, targets)

@@ -137,10 +137,10 @@ def profile(task: Any, space: Any, *, batches: int = SENSITIVITY_BATCHES, use_ca
         use_cache: Read and write the cache.
         echo: Progress lines (one at the start, one at the end).
     """
-    subset = list(itertools.islice(task.val_loader, batches))
     key = _cache_key(task, space, batches)
     if use_cache and (hit := _cache_read(key)) is not None:
         return hit
+    subset = list(itertools.islice(task.val_loader, batches))
     jobs = [(layer.name, s) for layer in space.layers for s in probe_settings(layer.knobs)]
     if echo:
         echo(f"sensitivity: {len(jobs)} probes ({len(space.layers)} layers, no fine-tuning) on "
