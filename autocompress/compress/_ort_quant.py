@@ -252,9 +252,8 @@ def _static_region(graph: Any, targets: set[str]) -> set[str]:
     """The nodes ``quantize_static`` may quantize: the target layers' nodes and every node
     connected to them through ops that are neither another layer (a Conv/MatMul/Gemm with a
     weight: fp32 or weight-only), nor read an fp32 constant, nor belong to a dynamic layer
-    (:func:`dynamic_nodes`), so that the
-    tensors between quantized layers (activations, residual adds, pools) are quantized and
-    nothing beyond them is."""
+    (:func:`dynamic_nodes`), so that the tensors between quantized layers (activations,
+    residual adds, pools) are quantized and nothing beyond them is."""
     inits = {i.name for i in graph.initializer}
     floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     # Not quantized: other layers, and ops with a constant fp32 operand (a bias Add, a scaling
@@ -321,3 +320,6 @@ def _unquantize_exits(graph: Any, region: set[str], activations: set[str]) -> No
                 n.input[list(n.input).index(dq.output[0])] = q.input[0]
         graph.node.remove(q)
         graph.node.remove(dq)
+    read = {t for n in graph.node for t in n.input}
+    for init in [i for i in graph.initializer if i.name not in read]:  # the pairs' scales
+        graph.initializer.remove(init)
