@@ -16,6 +16,7 @@ from autocompress.measure.service import (
     Reservation,
     ServiceMeasurer,
     TrainingGate,
+    isolation_for,
     keep_off,
     start_service,
     stop_service,
@@ -68,7 +69,7 @@ def test_service_pins_itself_to_a_reserved_core(service) -> None:
     assert info["isolated"] and info["core"] == max(os.sched_getaffinity(0))
     assert info["affinity"] == [info["core"]]
     assert reserved == Reservation(ray.get_runtime_context().get_node_id(), info["core"],
-                                   info["gate_dir"])
+                                   info["gate_dir"], None)
     # The reserved core's Ray CPU is taken, so no trial is scheduled onto its share.
     assert ray.available_resources().get("CPU", 0) == pytest.approx(2)
 
@@ -181,3 +182,88 @@ def test_training_gate_only_on_the_service_node(service) -> None:
 def test_a_cuda_service_without_a_gpu_is_refused_not_left_pending(ray_local) -> None:
     with pytest.raises(RuntimeError, match="Ray sees no GPU on this node"):
         start_service(Target(device="cuda"))
+
+
+@pytest.mark.skipif(not TWO_CORES, reason="needs two cores to share")
+def test_a_sharing_service_takes_no_core_and_no_ray_cpu(service) -> None:
+    """``isolation="pause"``: unpinned, no Ray CPU, and a counting gate with a slot per core."""
+    import ray
+
+    actor, reserved = start_service(TARGET, "pause")
+    try:
+        info = ray.get(actor.info.remote())
+        cores = len(os.sched_getaffinity(0))
+        assert info["core"] is None and info["isolation"] == "pause" and info["isolated"]
+        assert len(info["affinity"]) == cores and reserved.gate_slots == cores
+        assert ray.available_resources().get("CPU", 0) == pytest.approx(2)  # only `service`'s
+        spec = MODELS["mlp"]
+        assert ServiceMeasurer(actor)(spec.build(), spec.example_inputs(), TARGET).latency_ms > 0
+    finally:
+        stop_service(actor)
+
+
+@pytest.mark.parametrize(("cores", "trial_cpus", "pause", "device", "expected"), [
+    (8, 2, True, "cpu", "core"),     # a core to spare
+    (2, 2, True, "cpu", "pause"),    # the trials take every core: share them, pause training
+    (2, 1, True, "cpu", "core"),
+    (2, 2, False, "cpu", "core"),    # training may not pause: only a core isolates
+    (4, 6, True, "cuda", "pause"),
+    (2, 1, True, "remote", "none"),
+])
+def test_isolation_follows_the_cores_the_trials_leave(monkeypatch, cores, trial_cpus, pause,
+                                                      device, expected) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    target = Target(device=device, pause_training=pause,
+                    **({"url": "http://agent:8765", "token_env": "AGENT_TOKEN"}
+                       if device == "remote" else {}))
+    assert isolation_for(target, trial_cpus) == expected
+
+
+def test_a_counting_gate_lets_steps_run_beside_a_measurement(tmp_path: Path) -> None:
+    """``slots=2`` (2 cores shared): a measurement takes the free slot without waiting for the
+    running step; a second step then waits for a slot (2 in use), and runs as soon as the
+    first step ends, while the measurement still runs."""
+    service_side = TrainingGate(str(tmp_path), slots=2)
+    trial_a, trial_b = TrainingGate(str(tmp_path), slots=2), TrainingGate(str(tmp_path), slots=2)
+    events: list[str] = []
+
+    def measure() -> None:
+        with service_side.measuring():
+            events.append("measure start")
+            time.sleep(0.6)
+            events.append("measure end")
+
+    def second_step() -> None:
+        with trial_b.step():
+            events.append("b runs")
+
+    with trial_a.step():
+        thread = threading.Thread(target=measure)
+        thread.start()
+        time.sleep(0.2)
+        events.append("measuring beside a" if "measure start" in events else "waited for a")
+        other = threading.Thread(target=second_step)
+        other.start()
+        time.sleep(0.2)
+        events.append("a ends")
+    other.join()
+    thread.join()
+    assert events == ["measure start", "measuring beside a", "a ends", "b runs", "measure end"]
+
+
+def test_a_gate_without_slots_still_holds_every_step(tmp_path: Path) -> None:
+    """The reserved-core policy is unchanged: while measuring, no step runs at all."""
+    service_side, trial_side = TrainingGate(str(tmp_path)), TrainingGate(str(tmp_path))
+    events: list[str] = []
+
+    def step() -> None:
+        with trial_side.step():
+            events.append("step")
+
+    with service_side.measuring():
+        thread = threading.Thread(target=step)
+        thread.start()
+        time.sleep(0.3)
+        events.append("measure end")
+    thread.join()
+    assert events == ["measure end", "step"]

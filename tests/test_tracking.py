@@ -94,3 +94,33 @@ def test_a_trial_without_an_objective_value_fails_instead_of_logging_nan(tmp_pat
     assert run.info.status == "FAILED"
     assert "size_bytes" in run.data.tags["autocompress.error"]
     assert "size_bytes" not in run.data.metrics
+
+
+def test_plots_are_redrawn_at_most_every_plots_every_s_and_at_the_end(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """Drawing the parent run's plots takes about a second on the driver, between trials: a
+    search redraws them at most every PLOTS_EVERY_S, and always when it ends; the CSV tables
+    are current after every trial."""
+    import autocompress.tracking._plots as plots
+
+    drawn: list[int] = []
+    real = plots.write_plots
+    monkeypatch.setattr(plots, "write_plots", lambda trials, *a: drawn.append(len(trials))
+                        or real(trials, *a))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = SearchTracker.start(uri, "plots", {"task": "t"}, BASELINE, OBJECTIVES,
+                                  echo=lambda _: None)
+    for i in range(3):
+        tracker.trial_started(f"t{i}", {})
+        tracker.trial_finished(f"t{i}", _metrics(0.9 - i / 100, 500.0 - i), f"plan {i}")
+    assert drawn == [1]  # the first trial's, then not again within PLOTS_EVERY_S
+    client = MlflowClient(uri)
+    table = client.download_artifacts(tracker.parent_run_id, "trials.csv", str(tmp_path))
+    assert len(Path(table).read_text().splitlines()) == 1 + 3
+    monkeypatch.setattr("autocompress.tracking._writer.PLOTS_EVERY_S", 0.0)
+    tracker.trial_started("t3", {})
+    tracker.trial_finished("t3", _metrics(0.8, 100.0), "plan 3")
+    tracker.finish()
+    assert drawn == [1, 4, 4]
+    names = {a.path for a in client.list_artifacts(tracker.parent_run_id)}
+    assert {"pareto.html", "trials.csv", "pareto.csv"} <= names

@@ -24,6 +24,16 @@ Trials prepare their model where they run (export, cache key: :func:`~autocompre
 latency.prepare`) and send the result to the actor through Ray; only the timing happens on the
 reserved core.
 
+A whole reserved core costs a trial's worth of CPU, which a small machine cannot spare: on 2
+cores it leaves one core to two trials, and running them two at a time is then slower than
+one at a time. So the search reserves a core only where one is spare (more cores than its
+trials use, :func:`isolation_for`); otherwise, with ``pause_training``, the service shares
+the cores (``isolation="pause"``) and the gate counts: on ``n`` cores at most ``n`` training
+steps run at once, and a measurement takes one of those ``n`` slots, so it has a core of its
+own while it times and at most ``n - 1`` steps run beside it. The trial whose model is timed
+waits for the result and trains nothing meanwhile, so with as many trials as cores no
+training pauses at all.
+
 With ``device: remote`` the service forwards to the device agent (which serialises
 measurements itself) and reserves no core. On a single-core node nothing can be reserved:
 the service then measures unpinned and says so (``isolated`` is False in :meth:`info`).
@@ -90,11 +100,13 @@ class Reservation:
         node_id: Its Ray node.
         core: The core reserved on that node, or None.
         gate_dir: Directory of its :class:`TrainingGate` locks (``pause_training``), or None.
+        gate_slots: The gate's ``slots`` (None: a measurement pauses every step).
     """
 
     node_id: str
     core: int | None
     gate_dir: str | None = None
+    gate_slots: int | None = None
 
 
 class TrainingGate:
@@ -103,47 +115,85 @@ class TrainingGate:
     Picklable (holds paths; each process opens the lock files on first use). Trials use
     :meth:`step` around each training step; the service uses :meth:`measuring`.
 
+    Two policies:
+
+    - ``slots=None`` (the service has a core of its own): a measurement holds back *every*
+      step on the machine (a busy sibling hyperthread, shared caches and memory bandwidth
+      would slow the measuring core down).
+    - ``slots=n`` (the service shares the machine's ``n`` cores with the trials): at most ``n``
+      steps run at once, each holding one slot, and a measurement takes one slot for itself,
+      so it always has a core while at most ``n - 1`` steps run beside it. A trial waiting
+      for its own model's timing holds no slot, so with as many trials as cores nothing
+      pauses at all.
+
     Args:
-        directory: Where the two lock files live (created by the service).
+        directory: Where the lock files live (created by the service).
+        slots: See above.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, slots: int | None = None) -> None:
         self.directory = directory
+        self.slots = slots
         self._fds: dict[str, int] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"directory": self.directory, "_fds": {}}
+        return {"directory": self.directory, "slots": self.slots, "_fds": {}}
 
     def _fd(self, name: str) -> int:
         if name not in self._fds:
             self._fds[name] = os.open(Path(self.directory) / name, os.O_RDWR | os.O_CREAT, 0o600)
         return self._fds[name]
 
+    def _take_slot(self) -> int:
+        """Locks a free slot (the first free one, else waits for one) and returns its fd."""
+        assert self.slots is not None
+        fds = [self._fd(f"slot-{i}") for i in range(self.slots)]
+        for fd in fds:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                continue
+        fd = fds[os.getpid() % len(fds)]
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
     @contextlib.contextmanager
-    def step(self) -> Iterator[None]:
-        """Waits while a measurement runs, then holds it back until the step is done."""
-        gate, work = self._fd("gate"), self._fd("work")
-        fcntl.flock(gate, fcntl.LOCK_SH)
-        fcntl.flock(work, fcntl.LOCK_SH)
-        fcntl.flock(gate, fcntl.LOCK_UN)
+    def _held(self, mode: int) -> Iterator[None]:
+        """Holds ``work`` in ``mode`` (``slots=None``) or one slot, entered through the gate:
+        taken shared by steps (they pass unless a measurement is getting ready), exclusively
+        by a measurement (no new step starts until it holds what it needs; without slots, none
+        until it is done)."""
+        gate = self._fd("gate")
+        keep_gate = mode == fcntl.LOCK_EX and self.slots is None
+        fcntl.flock(gate, fcntl.LOCK_SH if mode == fcntl.LOCK_SH else fcntl.LOCK_EX)
+        try:
+            if self.slots is None:
+                fd = self._fd("work")
+                fcntl.flock(fd, mode)
+            else:
+                fd = self._take_slot()
+        except BaseException:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+            raise
+        if not keep_gate:
+            fcntl.flock(gate, fcntl.LOCK_UN)
         try:
             yield
         finally:
-            fcntl.flock(work, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            if keep_gate:
+                fcntl.flock(gate, fcntl.LOCK_UN)
 
-    @contextlib.contextmanager
-    def measuring(self) -> Iterator[None]:
-        """Stops new steps, waits for running ones, and holds them back until done."""
-        gate, work = self._fd("gate"), self._fd("work")
-        fcntl.flock(gate, fcntl.LOCK_EX)
-        try:
-            fcntl.flock(work, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(work, fcntl.LOCK_UN)
-        finally:
-            fcntl.flock(gate, fcntl.LOCK_UN)
+    def step(self) -> contextlib.AbstractContextManager[None]:
+        """Waits while a measurement runs (or, with slots, for a free slot), then holds it
+        back until the step is done."""
+        return self._held(fcntl.LOCK_SH)
+
+    def measuring(self) -> contextlib.AbstractContextManager[None]:
+        """Stops new steps, waits for running ones (or, with slots, for one of them), and
+        holds them back until done."""
+        return self._held(fcntl.LOCK_EX)
 
 
 def training_gate(reserved: Reservation | None) -> Any:
@@ -151,32 +201,58 @@ def training_gate(reserved: Reservation | None) -> Any:
     service's node and training pauses for measurements, else a no-op."""
     if reserved is None or reserved.gate_dir is None or not _on_service_node(reserved):
         return contextlib.nullcontext
-    return TrainingGate(reserved.gate_dir).step
+    return TrainingGate(reserved.gate_dir, reserved.gate_slots).step
+
+
+ISOLATION = ("core", "pause", "none")
+
+
+def isolation_for(target: Target, trial_cpus: float) -> str:
+    """How the measurement service keeps training away from its timings on this node.
+
+    ``"core"``: it reserves a core (and pauses training while it times, with
+    ``pause_training``) when the cores this process may use outnumber the CPUs the trials
+    take (``concurrency * cpus_per_trial``), or when training may not be paused;
+    ``"pause"``: otherwise it shares the cores with the trials and pauses their training while
+    it times; ``"none"``: a remote target (the device agent serialises its measurements).
+    """
+    if target.device == "remote":
+        return "none"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return "core" if cores > trial_cpus or not target.pause_training else "pause"
 
 
 class MeasurementService:
-    """Times prepared models on ``target``, one at a time, pinned to a reserved core.
+    """Times prepared models on ``target``, one at a time, isolated from training.
 
     Meant to run as a Ray actor (see :func:`start_service`); the class itself is plain so that
     it can be tested in-process.
 
     Args:
         target: The target every measurement is for.
-        reserve: Pin to one core of those this process may use (the highest-numbered).
+        isolation: ``"core"``: pin to one core of those this process may use (the
+            highest-numbered) that trials keep off; ``"pause"``: no core of its own; ``"none"``:
+            neither a core nor the training gate (a remote target). With ``"core"`` or
+            ``"pause"`` and ``target.pause_training``, training on this node pauses while it
+            times (:class:`TrainingGate`).
     """
 
-    def __init__(self, target: Target, reserve: bool = True) -> None:
+    def __init__(self, target: Target, isolation: str = "core") -> None:
+        if isolation not in ISOLATION:
+            raise ValueError(f"isolation={isolation!r}; allowed: {list(ISOLATION)}")
         self.target = target
+        self.isolation = isolation
         self.core: int | None = None
         self.measured = 0
         self.cache_hits = 0
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        if reserve and len(cores) > 1:
+        if isolation == "core" and len(cores) > 1:
             self.core = cores[-1]
             pin({self.core})
         self.gate: TrainingGate | None = None
-        if reserve and target.pause_training:
-            self.gate = TrainingGate(tempfile.mkdtemp(prefix="autocompress-gate-"))
+        if isolation != "none" and target.pause_training:
+            self.gate = TrainingGate(tempfile.mkdtemp(prefix="autocompress-gate-"),
+                                     None if isolation == "core" else max(1, len(cores)))
         torch.set_num_threads(target.threads)
 
     def close(self) -> None:
@@ -190,8 +266,10 @@ class MeasurementService:
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        return {"node_id": node, "core": self.core, "isolated": self.core is not None,
-                "gate_dir": self.gate.directory if self.gate else None, "pid": os.getpid(),
+        return {"node_id": node, "core": self.core, "isolation": self.isolation,
+                "isolated": self.core is not None or self.gate is not None,
+                "gate_dir": self.gate.directory if self.gate else None,
+                "gate_slots": self.gate.slots if self.gate else None, "pid": os.getpid(),
                 "affinity": affinity, "measured": self.measured, "cache_hits": self.cache_hits}
 
     def measure(self, prepared: Prepared, use_cache: bool = True) -> LatencyResult:
@@ -207,13 +285,15 @@ class MeasurementService:
 START_TIMEOUT_S = 120.0  # to get the service's CPU (and GPU) on the driver's node
 
 
-def start_service(target: Target) -> tuple[Any, Reservation]:
+def start_service(target: Target, isolation: str | None = None) -> tuple[Any, Reservation]:
     """Starts the measurement service actor on this (the driver's) node.
 
-    The actor asks Ray for one CPU where the node has two or more (so no trial is scheduled
-    onto its share; a local search starts Ray with one CPU more than its trials need) and none
-    otherwise (so that a trial can still run there; the core is reserved by pinning alone);
-    with ``device: cuda`` it also takes the GPU, with ``device: remote`` no core at all.
+    With a reserved core (``isolation="core"``, the default for a local target) the actor asks
+    Ray for one CPU where the node has two or more (so no trial is scheduled onto its share; a
+    local search starts Ray with one CPU more than its trials need) and none otherwise (so
+    that a trial can still run there; the core is reserved by pinning alone); sharing the
+    cores (``"pause"``) or measuring remotely (``"none"``, forced for ``device: remote``) it
+    asks for none. With ``device: cuda`` it also takes the GPU.
 
     Returns:
         The actor handle and where it runs.
@@ -223,9 +303,9 @@ def start_service(target: Target) -> tuple[Any, Reservation]:
 
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
-    local = target.device != "remote"
+    isolation = "none" if target.device == "remote" else isolation or "core"
     resources = node.get("Resources", {})
-    cpus = 1 if local and resources.get("CPU", 0) >= 2 else 0
+    cpus = 1 if isolation == "core" and resources.get("CPU", 0) >= 2 else 0
     gpus = 1 if target.device == "cuda" else 0
     if gpus and resources.get("GPU", 0) < 1:
         raise RuntimeError("target.device is 'cuda' but Ray sees no GPU on this node (check "
@@ -233,7 +313,7 @@ def start_service(target: Target) -> tuple[Any, Reservation]:
     here = NodeAffinitySchedulingStrategy(node_id, soft=False)
     actor = (ray.remote(MeasurementService)
              .options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=here, max_concurrency=1)
-             .remote(target, reserve=local))
+             .remote(target, isolation))
     try:
         info = ray.get(actor.info.remote(), timeout=START_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
@@ -241,7 +321,7 @@ def start_service(target: Target) -> tuple[Any, Reservation]:
         raise RuntimeError(f"the measurement service did not start within {START_TIMEOUT_S:.0f} s: "
                            f"this node has no free CPU{' or GPU' if gpus else ''} for it "
                            f"(free: {ray.available_resources()})") from None
-    return actor, Reservation(info["node_id"], info["core"], info["gate_dir"])
+    return actor, Reservation(info["node_id"], info["core"], info["gate_dir"], info["gate_slots"])
 
 
 def stop_service(actor: Any) -> None:

@@ -38,6 +38,11 @@ from autocompress.tracking._names import (
 from autocompress.tracking._pareto import hypervolume, non_dominated_mask, reference_point
 from autocompress.tracking._reader import client_for, read_trials
 
+# The parent run's Pareto plots take about a second to draw, on the driver, between trials;
+# during a search they are redrawn at most this often (and always when the search ends). The
+# CSV tables and counts are logged after every trial.
+PLOTS_EVERY_S = 30.0
+
 
 @dataclass
 class TrialRecord:
@@ -80,6 +85,7 @@ class SearchTracker:
         self.echo = echo
         self.total = total
         self.trials: dict[str, TrialRecord] = {}
+        self._plotted_at: float | None = None  # time.monotonic() of the last plots
 
     @classmethod
     def start(cls, tracking_uri: str, experiment_name: str, config: dict[str, Any],
@@ -246,7 +252,7 @@ class SearchTracker:
                 rec.status = "KILLED"
                 self.client.set_terminated(rec.run_id, "KILLED")
         if self.trials:
-            self._log_parent_artifacts()
+            self._log_parent_artifacts(plots=True)
         self.client.set_terminated(self.parent_run_id, status)
 
     # --- the front ------------------------------------------------------------------------
@@ -285,18 +291,23 @@ class SearchTracker:
                 rec.pareto = bool(on_front)
                 self.client.set_tag(rec.run_id, PARETO, str(rec.pareto).lower())
 
-    def _log_parent_artifacts(self) -> None:
+    def _log_parent_artifacts(self, plots: bool = False) -> None:
+        """The trial table, the front and the counts on the parent run; the plots too when
+        ``plots`` or when the last ones are :data:`PLOTS_EVERY_S` old."""
         from autocompress.tracking._plots import write_plots
 
         table = self.table()
+        now = time.monotonic()
+        plots = plots or self._plotted_at is None or now - self._plotted_at >= PLOTS_EVERY_S
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             table.to_csv(out / "trials.csv", index=False)
             front = self.front()
             front.to_csv(out / "pareto.csv", index=False)
             finished = table[table["status"] == "FINISHED"]
-            if len(finished):
+            if len(finished) and plots:
                 write_plots(finished, self.baseline, out)
+                self._plotted_at = now
             self.client.log_artifacts(self.parent_run_id, tmp)
         self.client.set_tag(self.parent_run_id, "autocompress.front_size", str(len(front)))
         counts = table["status"].value_counts()

@@ -142,12 +142,16 @@ def _check_target(exp: Experiment) -> None:
 def _measurement_service(exp: Experiment, echo: Callable[[str], None]) -> tuple[Any, Any]:
     """Starts the search's measurement service and keeps this (the driver's) process off its
     core; see :mod:`autocompress.measure.service`."""
-    from autocompress.measure.service import keep_off, start_service
+    from autocompress.measure.service import isolation_for, keep_off, start_service
 
-    service, reserved = start_service(exp.target)
+    isolation = isolation_for(exp.target, exp.search.concurrency * exp.search.cpus_per_trial)
+    service, reserved = start_service(exp.target, isolation)
     keep_off(reserved)
     if exp.target.device == "remote":
         echo(f"latency: measured by the device agent at {exp.target.url}, one at a time")
+    elif reserved.core is None and reserved.gate_dir is not None:
+        echo("latency: measured one at a time, with training paused while a model is timed "
+             "(no core to spare for measuring alone: the trials use them all)")
     elif reserved.core is None:
         echo("latency: this node has a single core, so measurements share it with training "
              "(expect noisy timings)")
