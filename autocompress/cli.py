@@ -70,8 +70,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         return 0
     print(f"baseline metric on {args.batches} validation batches: {sens.metric:.4f}"
           f"{' (cached profile)' if sens.cached else ''}; loss when one layer alone is compressed:")
-    rows = [(p.layer, p.label(), f"{p.metric:.4f}", f"{sens.metric - p.metric:+.4f}") for p in sens.probes]
-    _print_table(("layer", "setting", "metric", "loss"), rows)
+    rows = [(p.layer, p.label(), f"{p.metric:.4f}", f"{sens.metric - p.metric:+.4f}",
+             f"{p.distortion:.3g}") for p in sens.probes]
+    _print_table(("layer", "setting", "metric", "loss", "distortion"), rows)
     return 0
 
 

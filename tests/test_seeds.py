@@ -47,6 +47,11 @@ def test_the_profile_finds_the_insensitive_layer(identity_task) -> None:
     assert sens.drop("2", "sparsity", 0.75) == 0.0
     assert sens.drop("2", "bits", 3) == 0.0
     assert sens.drop("0", "sparsity", 0.75) > 0.05
+    # The distortion sees the same, continuously: none where the function is unchanged.
+    assert sens.distortion("2", "sparsity", 0.75) == pytest.approx(0.0, abs=1e-10)
+    assert sens.distortion("2", "bits", 3) == pytest.approx(0.0, abs=1e-10)
+    assert sens.distortion("0", "sparsity", 0.75) > 0.01
+    assert 0 < sens.distortion("0", "bits", 3) < sens.distortion("0", "sparsity", 0.75)
     assert {p.layer for p in sens.probes} == {"0", "2", "3", "5", "7"}
     again = profile(identity_task, space, batches=2)  # from the cache, same numbers
     assert again.cached and again.probes == sens.probes
@@ -82,8 +87,8 @@ def test_the_allocation_meets_its_budget_and_is_optimal() -> None:
             assert got is None
             continue
         assert got is not None and sum(o.cost for o in got.values()) <= budget
-        best = min(sum(o.drop for o in c.values()) for c in feasible)
-        assert sum(o.drop for o in got.values()) == pytest.approx(best)
+        best = min(sum(o.damage for o in c.values()) for c in feasible)
+        assert sum(o.damage for o in got.values()) == pytest.approx(best)
     assert allocate(options, 44) is None  # below the cheapest plan
 
 
@@ -176,5 +181,5 @@ def test_the_sensitivity_command_prints_the_profile(capsys, monkeypatch: pytest.
     monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
     assert main(["sensitivity", "--task", "tests.models:tiny_task", "--batches", "1", "--csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "layer,setting,knobs,metric,drop"
+    assert lines[0] == "layer,setting,knobs,metric,drop,distortion"
     assert any(line.startswith("net.6,bits=3,") for line in lines)

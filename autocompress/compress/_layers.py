@@ -195,7 +195,7 @@ def _shapes(inputs: Any) -> str:
 
 def _reaching_output(out: Any, layers: dict[str, nn.Module]) -> set[str]:
     """The names of ``layers`` whose parameters the float outputs ``out`` depend on."""
-    tensors = [t for t in _flat(out) if t.is_floating_point() and t.requires_grad]
+    tensors = [t for t in output_tensors(out) if t.is_floating_point() and t.requires_grad]
     params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in layers.items()}
     flat = [p for ps in params.values() for p in ps]
     if not tensors or not flat:
@@ -206,13 +206,15 @@ def _reaching_output(out: Any, layers: dict[str, nn.Module]) -> set[str]:
     return {n for n, ps in params.items() if any(id(p) in got for p in ps)} or set(layers)
 
 
-def _flat(out: Any) -> list[torch.Tensor]:
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output (a tensor, or nested tuples, lists and mappings such
+    as Hugging Face's ``ModelOutput``), in order; anything else is skipped."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
-        return [t for v in out.values() for t in _flat(v)]
+        return [t for v in out.values() for t in output_tensors(v)]
     if isinstance(out, tuple | list):
-        return [t for v in out for t in _flat(v)]
+        return [t for v in out for t in output_tensors(v)]
     return []
 
 

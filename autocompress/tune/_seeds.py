@@ -6,15 +6,16 @@ Before the sampler takes over, the search runs (after the warm-start points):
    layer (what a user would try by hand), chosen from the grid of the space's values as the
    ones the sensitivity profile predicts best for their size, spread across sizes;
 2. **allocations**: for a ladder of size budgets (each uniform recipe's size, and smaller),
-   the per-layer plan that loses the least predicted metric within the budget: a
+   the per-layer plan of least predicted damage within the budget: a
    multiple-choice knapsack over each layer's options (every combination of its probed
    ``sparsity``/``structure``, ``bits`` and ``rank`` values), solved exactly by dynamic
    programming over the budget in 1/2000ths of the baseline's weight bytes (costs rounded up,
    so a plan never exceeds its budget), as HAWQ-V3 does for bits with an integer program.
 
-Predictions are additive: a layer's loss for a combination is the sum of its probes' losses
-(:mod:`autocompress.tune._sensitivity`), its cost the bytes of its weight as stored
-(:func:`autocompress.measure.size.tensor_bytes`). Points are Optuna parameter dicts of the
+Predictions are additive: a layer's damage for a combination is the sum of its probes'
+output distortions (:mod:`autocompress.tune._sensitivity`; continuous, unlike a metric on a
+small subset), a plan's the sum over its layers; a layer's cost is the bytes of its weight as
+stored (:func:`autocompress.measure.size.tensor_bytes`). Points are Optuna parameter dicts of the
 resolved space, enqueued in order; duplicates are dropped.
 """
 
@@ -39,10 +40,11 @@ _ALLOCATED = ("sparsity", "structure", "bits", "rank")  # act_bits buys speed, n
 
 @dataclass(frozen=True)
 class Option:
-    """One setting of one layer with its predicted loss and stored weight bytes."""
+    """One setting of one layer with its predicted damage (output distortion) and stored
+    weight bytes."""
 
     knobs: dict[str, Any]
-    drop: float
+    damage: float
     cost: int
 
 
@@ -68,7 +70,7 @@ def weight_bytes(shape: Sequence[int], lp: LayerPlan) -> int:
 
 
 def layer_options(layer: Any, shape: Sequence[int], sens: Sensitivity) -> list[Option]:
-    """The Pareto-optimal (loss, bytes) settings of one layer (``layer``: a ``LayerSpace``)."""
+    """The Pareto-optimal (damage, bytes) settings of one layer (``layer``: a ``LayerSpace``)."""
     values = {k: _domain_values(k, slot.knob) for k, slot in layer.knobs.items() if k in _ALLOCATED}
     values.setdefault("structure", ["unstructured"])
     options = []
@@ -77,31 +79,31 @@ def layer_options(layer: Any, shape: Sequence[int], sens: Sensitivity) -> list[O
         lp = LayerPlan(**knobs)
         if lp.sparsity == 0 and lp.structure != "unstructured":
             continue
-        drop = _predicted_drop(sens, layer.name, lp)
-        if drop is not None:
-            options.append(Option({k: v for k, v in knobs.items() if k in layer.knobs}, drop,
+        damage = _predicted_damage(sens, layer.name, lp)
+        if damage is not None:
+            options.append(Option({k: v for k, v in knobs.items() if k in layer.knobs}, damage,
                                   weight_bytes(shape, lp)))
-    options.sort(key=lambda o: (o.cost, o.drop))
+    options.sort(key=lambda o: (o.cost, o.damage))
     front: list[Option] = []
     for o in options:  # cheapest first: keep each that loses less than every cheaper one
-        if not front or o.drop < front[-1].drop - 1e-12:
+        if not front or o.damage < front[-1].damage - 1e-12:
             front.append(o)
     return front
 
 
-def _predicted_drop(sens: Sensitivity, layer: str, lp: LayerPlan) -> float | None:
+def _predicted_damage(sens: Sensitivity, layer: str, lp: LayerPlan) -> float | None:
     parts = []
     if lp.sparsity:
-        parts.append(sens.drop(layer, "sparsity", lp.sparsity, structure=lp.structure))
+        parts.append(sens.distortion(layer, "sparsity", lp.sparsity, structure=lp.structure))
     if lp.bits is not None:
-        parts.append(sens.drop(layer, "bits", lp.bits))
+        parts.append(sens.distortion(layer, "bits", lp.bits))
     if lp.rank is not None:
-        parts.append(sens.drop(layer, "rank", lp.rank))
+        parts.append(sens.distortion(layer, "rank", lp.rank))
     return None if any(p is None for p in parts) else float(sum(parts))
 
 
 def allocate(options: Mapping[str, list[Option]], budget: int) -> dict[str, Option] | None:
-    """The per-layer options of least total loss whose total bytes are at most ``budget``
+    """The per-layer options of least total damage whose total bytes are at most ``budget``
     (exact over costs rounded up to 1/``_UNITS`` of the largest total), or None if even the
     cheapest options exceed it."""
     names = list(options)
@@ -120,7 +122,7 @@ def allocate(options: Mapping[str, list[Option]], budget: int) -> dict[str, Opti
             if c > cap:
                 continue
             cand = np.full(cap + 1, np.inf)
-            cand[c:] = best[: cap + 1 - c] + o.drop
+            cand[c:] = best[: cap + 1 - c] + o.damage
             better = cand < new
             new[better], pick[better] = cand[better], i
         best = new
@@ -172,16 +174,16 @@ def _uniform_recipes(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequenc
             knobs = {k: v for k, v in (("bits", bits), ("sparsity", sparsity))
                      if k in ls.knobs and any(same(v, w) for w in _domain_values(k, ls.knobs[k].knob))}
             lp = LayerPlan(**knobs)
-            drop = _predicted_drop(sens, ls.name, lp)
-            if drop is None:
+            damage = _predicted_damage(sens, ls.name, lp)
+            if damage is None:
                 break
-            recipe[ls.name] = Option(knobs, drop, weight_bytes(shapes[ls.name], lp))
+            recipe[ls.name] = Option(knobs, damage, weight_bytes(shapes[ls.name], lp))
         else:
             grid.append(recipe)
     grid.sort(key=lambda r: sum(o.cost for o in r.values()))
     front: list[dict[str, Option]] = []
     for r in grid:
-        if not front or sum(o.drop for o in r.values()) < sum(o.drop for o in front[-1].values()) - 1e-12:
+        if not front or sum(o.damage for o in r.values()) < sum(o.damage for o in front[-1].values()) - 1e-12:
             front.append(r)
     if len(front) <= count:
         return front

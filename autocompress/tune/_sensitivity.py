@@ -4,8 +4,13 @@ NNCF's mixed precision steer per-layer choices the same way, with measured sensi
 
 A *probe* compresses one layer by one knob value (``sparsity`` at a few strengths for each
 ``structure`` the layer's domain has, each ``bits``, each ``rank``; ``act_bits`` with 8-bit
-weights), calibrates activation ranges, and evaluates the task metric on a subset of the
-validation data (the first ``batches`` batches). The profile is cached in
+weights), calibrates activation ranges, and measures on a subset of the validation data (the
+first ``batches`` batches) the task metric and the *distortion*: the squared error of the
+model's outputs against the uncompressed model's, relative to their squared norm. The metric
+is what a user reads; the distortion is what the seeding allocates with: it is continuous
+(a metric such as accuracy on a few hundred samples does not move for most single-layer
+changes, so many settings would look free) and adds up over layers for small changes, as
+HAWQ's and ModelOpt's per-layer loss terms do. The profile is cached in
 ``$AUTOCOMPRESS_CACHE/sensitivity`` per task model (its weights' digest), search space and
 subset, so a second search of the same task pays nothing. :mod:`autocompress.tune._seeds`
 turns it into the search's first trials.
@@ -31,6 +36,7 @@ from autocompress.compress._plan import LayerPlan, Plan
 
 SENSITIVITY_BATCHES = 8
 RANGE_POINTS = 4  # probes of a range domain: this many evenly spaced values above its low end
+_FORMAT = 2  # of the cached profiles (2: with the distortion)
 
 
 @dataclass(frozen=True)
@@ -41,11 +47,14 @@ class Probe:
         layer: Module name.
         knobs: The ``LayerPlan`` values set (the others at their defaults).
         metric: The task metric on the subset.
+        distortion: ``sum ||y - y0||^2 / sum ||y0||^2`` over the subset's outputs ``y`` against
+            the uncompressed model's ``y0`` (NaN if the probe failed).
     """
 
     layer: str
     knobs: dict[str, Any]
     metric: float
+    distortion: float = math.nan
 
     def label(self) -> str:
         """``bits=4`` or ``sparsity=0.5 structure=channel``."""
@@ -70,24 +79,33 @@ class Sensitivity:
     seconds: float = 0.0
     cached: bool = False
 
+    def _find(self, layer: str, knob: str, value: Any, with_: dict[str, Any]) -> Probe | None:
+        for p in self.probes:
+            if p.layer == layer and knob in p.knobs and same(p.knobs[knob], value) and all(
+                    same(p.knobs.get(k, KNOB_TABLE[k].default), v) for k, v in with_.items()):
+                return p
+        return None
+
     def drop(self, layer: str, knob: str, value: Any, **with_: Any) -> float | None:
         """The metric lost by setting ``knob`` to ``value`` on ``layer`` alone (never below 0),
         or None if that was not probed or the probe failed. ``with_``: other knobs of the
         probe (``structure``)."""
-        for p in self.probes:
-            if p.layer == layer and knob in p.knobs and same(p.knobs[knob], value) and all(
-                    same(p.knobs.get(k, KNOB_TABLE[k].default), v) for k, v in with_.items()):
-                return None if math.isnan(p.metric) else max(0.0, self.metric - p.metric)
-        return None
+        p = self._find(layer, knob, value, with_)
+        return None if p is None or math.isnan(p.metric) else max(0.0, self.metric - p.metric)
+
+    def distortion(self, layer: str, knob: str, value: Any, **with_: Any) -> float | None:
+        """The probe's output distortion (see :class:`Probe`), or None as for :meth:`drop`."""
+        p = self._find(layer, knob, value, with_)
+        return None if p is None or math.isnan(p.distortion) or math.isnan(p.metric) else p.distortion
 
     def to_csv(self) -> str:
-        """``layer, setting, knobs (JSON), metric, drop`` per probe."""
+        """``layer, setting, knobs (JSON), metric, drop, distortion`` per probe."""
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(["layer", "setting", "knobs", "metric", "drop"])
+        writer.writerow(["layer", "setting", "knobs", "metric", "drop", "distortion"])
         for p in self.probes:
             writer.writerow([p.layer, p.label(), json.dumps(p.knobs), f"{p.metric:.6f}",
-                             f"{self.metric - p.metric:.6f}"])
+                             f"{self.metric - p.metric:.6f}", f"{p.distortion:.6g}"])
         return out.getvalue()
 
     def table(self) -> list[str]:
@@ -147,7 +165,8 @@ def profile(task: Any, space: Any, *, batches: int = SENSITIVITY_BATCHES, use_ca
              f"{sum(_count(b) for b in subset)} validation samples")
     start = time.perf_counter()
     base = _metric(task, task.model, subset)
-    probes = tuple(Probe(layer, s, _probe(task, layer, s, subset)) for layer, s in jobs)
+    reference = _outputs(task.model, subset)
+    probes = tuple(Probe(layer, s, *_probe(task, layer, s, subset, reference)) for layer, s in jobs)
     result = Sensitivity(base, probes, batches, time.perf_counter() - start)
     if use_cache:
         _cache_write(key, result)
@@ -159,18 +178,38 @@ def profile(task: Any, space: Any, *, batches: int = SENSITIVITY_BATCHES, use_ca
     return result
 
 
-def _probe(task: Any, layer: str, setting: dict[str, Any], subset: list) -> float:
-    """The probe's metric, or NaN if compressing or evaluating it fails (a trial with that
-    setting would fail the same way; it is then never allocated)."""
+def _probe(task: Any, layer: str, setting: dict[str, Any], subset: list,
+           reference: list[Any]) -> tuple[float, float]:
+    """The probe's metric and distortion, or NaNs if compressing or evaluating it fails (a
+    trial with that setting would fail the same way; it is then never allocated)."""
     from autocompress.compress import apply
     from autocompress.compress.quantize import calibrate
 
     try:
         model = apply(task.model, Plan({layer: LayerPlan(**setting)}), task.example_inputs)
         calibrate(model, [x for x, *_ in subset])
-        return _metric(task, model.eval(), subset)
+        model.eval()
+        return _metric(task, model, subset), _distortion(_outputs(model, subset), reference)
     except Exception:  # noqa: BLE001 - a user's model or metric may refuse anything
-        return math.nan
+        return math.nan, math.nan
+
+
+def _outputs(model: Any, subset: list) -> list[Any]:
+    """The model's float outputs on the subset's inputs, one flat fp32 tensor per batch."""
+    import torch
+
+    from autocompress._inputs import run
+    from autocompress.compress._layers import output_tensors
+
+    with torch.no_grad():
+        return [torch.cat([t.detach().float().flatten() for t in output_tensors(run(model, x))
+                           if t.is_floating_point()]) for x, *_ in subset]
+
+
+def _distortion(outputs: list[Any], reference: list[Any]) -> float:
+    err = sum(float((y - y0).pow(2).sum()) for y, y0 in zip(outputs, reference, strict=True))
+    norm = sum(float(y0.pow(2).sum()) for y0 in reference)
+    return err / max(norm, 1e-30)
 
 
 def _metric(task: Any, model: Any, subset: list) -> float:
@@ -200,7 +239,7 @@ def _cache_key(task: Any, space: Any, batches: int) -> str:
     for name, tensor in task.model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(json.dumps([task.name, space.describe(), batches], sort_keys=True,
+    digest.update(json.dumps([_FORMAT, task.name, space.describe(), batches], sort_keys=True,
                              default=str).encode())
     return digest.hexdigest()[:32]
 
