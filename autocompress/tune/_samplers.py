@@ -25,16 +25,28 @@ class _DefineByRun:
 
 
 
-class _AccuracyDropConstraint:
-    """Optuna ``constraints_func``: feasible iff ``baseline - accuracy <= max_drop``."""
+VALUES_ATTR = "autocompress:values"  # the objective values, as a user attribute (see below)
+
+
+class AccuracyDropConstraint:
+    """Optuna ``constraints_func``: feasible iff ``baseline - accuracy <= max_drop``.
+
+    Optuna calls a sampler's ``after_trial`` (where NSGA-II, TPE and the mutation sampler
+    evaluate the constraint) *before* it stores the trial's values, so ``trial.values`` is
+    still empty there; the search's :class:`Searcher` therefore sets the values as the user
+    attribute :data:`VALUES_ATTR` before telling Optuna, and this reads them from there.
+    (Reading ``trial.values`` alone made every trial infeasible: the samplers then ranked
+    all trials alike, by an equal constraint violation.)
+    """
 
     def __init__(self, index: int, baseline: float, max_drop: float) -> None:
         self.index, self.baseline, self.max_drop = index, baseline, max_drop
 
     def __call__(self, trial: Any) -> list[float]:
-        if not trial.values:
+        values = trial.values or trial.user_attrs.get(VALUES_ATTR)
+        if not values or values[self.index] is None:
             return [1.0]
-        return [self.baseline - trial.values[self.index] - self.max_drop]
+        return [self.baseline - values[self.index] - self.max_drop]
 
 
 
@@ -81,6 +93,13 @@ def _tpe(s: Any, constraint: Any) -> Any:
                                       constraints_func=constraint)
 
 
+@register_sampler("mutation")
+def _mutation(s: Any, constraint: Any) -> Any:
+    from autocompress.tune._mutation import FrontMutationSampler
+
+    return FrontMutationSampler(seed=s.seed, constraints_func=constraint)
+
+
 @register_sampler("random")
 def _random(s: Any, constraint: Any) -> Any:
     import optuna
@@ -106,7 +125,7 @@ def make_sampler(settings: Any, metrics: list[str], max_accuracy_drop: float | N
     warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
     constraint = None
     if max_accuracy_drop is not None and "accuracy" in metrics:
-        constraint = _AccuracyDropConstraint(metrics.index("accuracy"), baseline_accuracy,
+        constraint = AccuracyDropConstraint(metrics.index("accuracy"), baseline_accuracy,
                                              max_accuracy_drop)
     if settings.sampler not in _SAMPLERS:
         raise KeyError(f"unknown sampler {settings.sampler!r}; registered: {list(_SAMPLERS)}")
@@ -148,6 +167,9 @@ def _searcher_class():
             metrics = self.metric if isinstance(self.metric, list) else [self.metric]
             if error or not result or any(result.get(m) is None for m in metrics):
                 result, error = None, True
+            elif trial_id in self._ot_trials:  # for the constraint (AccuracyDropConstraint)
+                self._ot_trials[trial_id].set_user_attr(VALUES_ATTR,
+                                                        [float(result[m]) for m in metrics])
             super().on_trial_complete(trial_id, result, error)
 
     return Searcher

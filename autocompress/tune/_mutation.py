@@ -1,0 +1,130 @@
+"""A sampler that mutates the Pareto front: the next plan is a feasible front member with one
+to three of its parameters moved to a neighbouring value.
+
+Why: a compression plan has a few knobs per layer (25 parameters for a 5-layer CNN), and a
+good plan's neighbours are mostly good too, while a random plan is mostly bad. NSGA-II breeds
+from its whole population with uniform crossover (half of each parent's knobs) and, with a
+handful of generations in a 32-trial search, stays close to random sampling; a local search
+around the front spends the trials where the front can move. The first trials (warm start,
+uniform recipes, sensitivity-optimal allocations: :mod:`autocompress.tune._seeds`) give it
+its first front.
+
+Each trial:
+
+- with probability ``explore`` (and while fewer than two trials have finished) it is sampled at
+  random (Optuna's ``RandomSampler``);
+- otherwise the parent is a uniformly chosen member of the non-dominated set of the finished
+  trials that meet the constraint (all finished trials when none does), and ``k`` of its
+  parameters (1, 2 or 3 with probabilities 0.5, 0.3, 0.2) move: a stepped range by one or two
+  steps up or down, a list of choices to the next or previous value in the order the search
+  space lists them (``bits: [3, 4, 5, 6, 8, null]``, ``rank: [null, 0.5, 0.25]``) or, with
+  probability 0.3, to any other value. A plan a finished or running trial already has is
+  mutated further (up to 20 tries), so trials are not spent twice on one plan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.samplers._base import _CONSTRAINTS_KEY, _process_constraints_after_trial
+from optuna.study import Study, StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from autocompress.tracking._pareto import non_dominated_mask
+
+_MUTATIONS = (1, 2, 3)
+_MUTATION_P = (0.5, 0.3, 0.2)
+_JUMP_P = 0.3  # a choice moves to any other value (else to a neighbour in the listed order)
+_TRIES = 20
+
+
+class FrontMutationSampler(BaseSampler):
+    """See the module docstring.
+
+    Args:
+        seed: Random seed.
+        explore: Probability that a trial is sampled at random instead.
+        constraints_func: Optuna ``constraints_func`` (feasible iff every value is <= 0), or None.
+    """
+
+    def __init__(self, seed: int | None = None, explore: float = 0.15,
+                 constraints_func: Callable[[FrozenTrial], Sequence[float]] | None = None) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._random = RandomSampler(seed=seed)
+        self._explore = explore
+        self._constraints_func = constraints_func
+
+    def reseed_rng(self) -> None:
+        self._rng = np.random.default_rng()
+        self._random.reseed_rng()
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return optuna.search_space.intersection_search_space(
+            study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    def sample_relative(self, study: Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.values is not None]
+        if not search_space or len(done) < 2 or self._rng.random() < self._explore:
+            return {}
+        parent = self._parent(study, done)
+        seen = {_key(t.params) for t in study.get_trials(deepcopy=False)
+                if t.number != trial.number and t.params}
+        params = {k: v for k, v in parent.params.items() if k in search_space}
+        names = sorted(params)
+        for _ in range(_TRIES):
+            k = min(len(names), int(self._rng.choice(_MUTATIONS, p=_MUTATION_P)))
+            for name in self._rng.choice(names, size=k, replace=False):
+                params[name] = self._neighbour(search_space[name], params[name])
+            if _key(params) not in seen:
+                break
+        return params
+
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._random.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        if self._constraints_func is not None:  # stored as Optuna's own samplers store them
+            _process_constraints_after_trial(self._constraints_func, study, trial, state)
+
+    def _parent(self, study: Study, done: list[FrozenTrial]) -> FrozenTrial:
+        feasible = [t for t in done if all(c <= 0 for c in t.system_attrs.get(_CONSTRAINTS_KEY) or ())]
+        pool = feasible or done
+        directions = ["max" if d == StudyDirection.MAXIMIZE else "min" for d in study.directions]
+        values = np.array([[v if v is not None else math.nan for v in t.values] for t in pool],
+                          dtype=float)
+        front = [t for t, on in zip(pool, non_dominated_mask(values, directions), strict=True) if on]
+        return (front or pool)[int(self._rng.integers(len(front or pool)))]
+
+    def _neighbour(self, dist: BaseDistribution, value: Any) -> Any:
+        if isinstance(dist, CategoricalDistribution):
+            choices = list(dist.choices)
+            if len(choices) < 2:
+                return value
+            i = choices.index(value)
+            if self._rng.random() < _JUMP_P:
+                return choices[int(self._rng.choice([j for j in range(len(choices)) if j != i]))]
+            moves = [j for j in (i - 1, i + 1) if 0 <= j < len(choices)]
+            return choices[int(self._rng.choice(moves))]
+        if isinstance(dist, FloatDistribution | IntDistribution):
+            step = dist.step or (dist.high - dist.low) / 10
+            for _ in range(_TRIES):
+                moved = value + int(self._rng.choice([-2, -1, 1, 2])) * step
+                if dist.low <= moved <= dist.high:
+                    moved = round(round((moved - dist.low) / step) * step + dist.low, 12)
+                    return type(value)(min(dist.high, max(dist.low, moved)))
+            return value
+        return value
+
+
+def _key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in params.items()))

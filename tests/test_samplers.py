@@ -1,0 +1,75 @@
+"""The samplers' use of the accuracy constraint, and the front-mutation sampler (plain Optuna,
+no Ray)."""
+
+from __future__ import annotations
+
+import warnings
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+from autocompress.tune._mutation import FrontMutationSampler
+from autocompress.tune._samplers import VALUES_ATTR, AccuracyDropConstraint
+
+SPACE = {"a/bits": CategoricalDistribution([3, 4, 5, 6, 8, None]),
+         "a/sparsity": FloatDistribution(0.0, 0.8, step=0.05),
+         "b/bits": CategoricalDistribution([3, 4, 5, 6, 8, None]),
+         "b/rank": CategoricalDistribution([None, 0.5, 0.25])}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, values: list[float]) -> None:
+    """As the search's Searcher tells Optuna: the values as a user attribute first."""
+    trial.set_user_attr(VALUES_ATTR, values)
+    study.tell(trial, values)
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "mutation"])
+def test_the_constraint_sees_the_values_the_trial_is_told(sampler: str) -> None:
+    """Optuna evaluates a sampler's constraint before it stores the values: a trial within the
+    allowed drop must be recorded feasible (<= 0), one beyond it infeasible."""
+    constraint = AccuracyDropConstraint(0, 0.99, 0.05)
+    make = {"nsga2": lambda: optuna.samplers.NSGAIISampler(constraints_func=constraint),
+            "tpe": lambda: optuna.samplers.TPESampler(constraints_func=constraint),
+            "mutation": lambda: FrontMutationSampler(constraints_func=constraint)}[sampler]
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make())
+    for accuracy in (0.98, 0.90):
+        _tell(study, study.ask(SPACE), [accuracy, 1.0])
+    assert [t.system_attrs["constraints"] for t in study.trials] == [
+        pytest.approx((-0.04,)), pytest.approx((0.04,))]
+
+
+def test_mutation_samples_neighbours_of_the_feasible_front() -> None:
+    """After the first trials, each plan is a front member with 1-3 parameters moved, inside
+    the space, never a plan already tried; infeasible and dominated trials are not parents."""
+    constraint = AccuracyDropConstraint(0, 0.99, 0.05)
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=FrontMutationSampler(seed=0, explore=0.0,
+                                                             constraints_func=constraint))
+    seeds = [({"a/bits": 8, "a/sparsity": 0.0, "b/bits": 8, "b/rank": None}, [0.99, 100.0]),
+             ({"a/bits": 4, "a/sparsity": 0.5, "b/bits": 4, "b/rank": 0.5}, [0.97, 20.0]),
+             ({"a/bits": 3, "a/sparsity": 0.8, "b/bits": 3, "b/rank": 0.25}, [0.50, 5.0]),
+             ({"a/bits": 6, "a/sparsity": 0.2, "b/bits": 8, "b/rank": None}, [0.95, 120.0])]
+    for params, values in seeds:
+        study.enqueue_trial(params)
+        _tell(study, study.ask(SPACE), values)
+    parents = [seeds[0][0], seeds[1][0]]  # the feasible front
+    tried = [dict(p) for p, _ in seeds]
+    for _ in range(30):
+        trial = study.ask(SPACE)
+        params = trial.params
+        assert params not in tried
+        tried.append(params)
+        moved = min(sum(params[k] != p[k] for k in SPACE) for p in parents)
+        assert 1 <= moved <= 3
+        for k, dist in SPACE.items():
+            assert dist._contains(dist.to_internal_repr(params[k]))
+        _tell(study, trial, [0.0, 1000.0])  # dominated: the front stays the two parents
