@@ -2,9 +2,10 @@
 
 Expectations are computed independently of the implementation: channel pruning must give the
 same tensors as the same model family built narrower (``ModelSpec.width_of``), low-rank layers
-hold ``r * (in * k + out)`` weights (SVD; Tucker-2 and CP: ``factor_leaves``), and stored
+hold ``r * (in * k + out)`` weights (SVD; Tucker-2 and CP: ``factor_leaves``), stored
 bytes follow the formula in ``autocompress.measure.size`` (re-implemented here as
-``ref_bytes``).
+``ref_bytes``), and weights hold the values of their format (``assert_in_format``: at most
+``2**bits - 1`` levels per row, pow2 levels signed powers of two, fp16/bf16 representable).
 """
 
 from __future__ import annotations
@@ -73,6 +74,17 @@ METHODS: dict[str, dict[str, dict]] = {
         "second": {"rank": 0.5, "bits": 8, "act_bits": 8},
         "output": {"sparsity": 0.5, "bits": 4},
     },
+    # 16-bit float weights (no scales) and power-of-two levels (scheme pow2)
+    "fp16": {"second": {"bits": "fp16"}},
+    "bf16-output": {"output": {"bits": "bf16"}},
+    "unstructured+bf16": {"second": {"sparsity": 0.6, "bits": "bf16"}},  # stored sparse
+    "pow2-w4": {"second": {"bits": 4, "scheme": "pow2"}},
+    "pow2-w6-output": {"output": {"bits": 6, "scheme": "pow2"}},  # exported as fp32 values
+    "pow2-w3+act8": {"second": {"bits": 3, "scheme": "pow2", "act_bits": 8}},
+    "rank+channel+fp16-same-layer": {
+        "first": {"rank": 0.5, "sparsity": 0.5, "structure": "channel", "bits": "fp16"}},
+    "rank+unstructured+pow2-same-layer": {
+        "second": {"rank": 0.5, "sparsity": 0.3, "bits": 5, "scheme": "pow2"}},
 }
 # Couplings that only some families have.
 EXTRA: dict[str, dict[str, dict[str, dict]]] = {
@@ -103,6 +115,10 @@ DECOMPOSITIONS: dict[str, dict[str, dict]] = {
                                                  "bits": 4}},
     "cp+unstructured+bits+act-same-layer": {"second": {"rank": 0.5, "decomposition": "cp",
                                                        "sparsity": 0.3, "bits": 4, "act_bits": 8}},
+    "tucker+pow2": {"second": {"rank": 0.5, "decomposition": "tucker", "bits": 4,
+                               "scheme": "pow2"}},
+    "cp+channel+bf16": {"first": {"rank": 0.5, "decomposition": "cp", "sparsity": 0.5,
+                                  "structure": "channel", "bits": "bf16"}},
 }
 CASES = [Case(m, method, layers) for m in MODELS for method, layers in METHODS.items()]
 CASES += [Case(m, method, layers) for m in ("conv1d", "conv2d", "residual")
@@ -114,11 +130,20 @@ PARAMS = [pytest.param(c, id=f"{c.model}-{c.method}") for c in CASES]
 # --- references -------------------------------------------------------------------------------
 
 
+FLOATS = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def ref_bytes(numel: int, nnz: int, bits: int, rows: int) -> int:
-    """min(dense, bitmap-sparse) bytes at ``bits`` per value, plus one fp32 scale per row."""
+    """min(dense, bitmap-sparse) bytes at ``bits`` per value, plus ``rows`` fp32 scales."""
     dense = math.ceil(numel * bits / 8)
     sparse = math.ceil(nnz * bits / 8) + math.ceil(numel / 8)
-    return min(dense, sparse) + (4 * rows if bits < 32 else 0)
+    return min(dense, sparse) + 4 * rows
+
+
+def ref_weight_bytes(numel: int, nnz: int, bits: int | str, rows: int) -> int:
+    """A weight at plan value ``bits``: integer levels with one scale per row, or 16-bit
+    floats (fp16/bf16) without scales."""
+    return ref_bytes(numel, nnz, 16, 0) if bits in FLOATS else ref_bytes(numel, nnz, bits, rows)
 
 
 def kept_channels(out: int, sparsity: float) -> int:
@@ -187,7 +212,7 @@ def expected_params_and_bytes(spec: ModelSpec, plan: dict[str, LayerPlan],
         for leaf, numel, rows in leaves:
             if lp.bits is not None:
                 nnz = int(torch.count_nonzero(compressed.get_submodule(leaf).weight))
-                nbytes += ref_bytes(numel, nnz, lp.bits, rows)
+                nbytes += ref_weight_bytes(numel, nnz, lp.bits, rows)
             elif lp.sparsity > 0 and lp.structure == "unstructured":
                 nbytes += ref_bytes(numel, numel - round(lp.sparsity * numel), 32, 0)
             else:
@@ -212,6 +237,23 @@ def weight_leaves(model: nn.Module, name: str) -> list[nn.Module]:
     """The layer, or every factor of a low-rank layer."""
     mod = model.get_submodule(name)
     return list(mod) if isinstance(mod, nn.Sequential) else [mod]
+
+
+def assert_in_format(w: torch.Tensor, lp: LayerPlan, where: str) -> None:
+    """``w`` holds values of ``lp``'s format: fp16/bf16 representable; integer bits: at most
+    ``2**bits - 1`` values per row; pow2: each row's magnitudes are 0 or its largest times
+    ``2**-k``, ``k < 2**(bits-1) - 1``."""
+    if lp.bits in FLOATS:
+        assert torch.equal(w.to(FLOATS[lp.bits]).float(), w), f"{where}: not {lp.bits} values"
+        return
+    distinct = max(len(torch.unique(row)) for row in w.flatten(1))
+    assert distinct <= 2**lp.bits - 1, f"{where}: {distinct} values at {lp.bits} bits"
+    if lp.scheme == "pow2":
+        mag = w.flatten(1).abs()
+        ratio = mag / mag.amax(dim=1, keepdim=True).clamp_min(1e-30)
+        mantissa, exponent = torch.frexp(ratio[ratio > 0])
+        assert (mantissa == 0.5).all(), f"{where}: a level is not a power of two"
+        assert (exponent - 1 > -(2 ** (lp.bits - 1) - 1)).all(), f"{where}: too small a level"
 
 
 def train_steps(model: nn.Module, x: torch.Tensor, steps: int = 3, lr: float = 0.05) -> None:
@@ -320,8 +362,7 @@ def test_unstructured_masks_and_quantization_survive_training(compressed) -> Non
                 assert (w.flatten()[masked[leaf]] == 0).all(), f"{name}: a masked weight moved"
                 assert not torch.equal(w, before[leaf]), "training did not move the weights"
             if lp.bits is not None:
-                distinct = max(len(torch.unique(row)) for row in w.flatten(1))
-                assert distinct <= 2**lp.bits - 1, f"{name}: {distinct} values at {lp.bits} bits"
+                assert_in_format(w, lp, name)
 
 
 def test_onnx_export_matches_torch(compressed, tmp_path: Path) -> None:
@@ -335,11 +376,20 @@ def test_onnx_export_matches_torch(compressed, tmp_path: Path) -> None:
     atol = 0.01 * float(np.abs(expected).max()) if static else 1e-4
     np.testing.assert_allclose(run_onnx(path, x), expected, atol=atol, rtol=0)
     graph = onnx.load(str(path)).graph
-    int8 = [i.name for i in graph.initializer
-            if i.data_type == onnx.TensorProto.INT8 and i.name.endswith("_quantized")]
     plan = case.plan()
-    quantized = sum(len(weight_leaves(new, n)) for n, lp in plan.items() if lp.bits is not None)
-    assert len(int8) == quantized
+
+    def stored(dtype: int, suffix: str) -> int:
+        return sum(i.data_type == dtype and i.name.endswith(suffix) for i in graph.initializer)
+
+    def leaves_where(pred) -> int:
+        return sum(len(weight_leaves(new, n)) for n, lp in plan.items() if pred(lp))
+
+    # Integer levels that fit int8 (uniform; pow2 up to 4 bits) are int8 + DequantizeLinear;
+    # pow2 over 4 bits stays fp32; fp16/bf16 are 16-bit initializers + Cast.
+    assert stored(onnx.TensorProto.INT8, "_quantized") == leaves_where(
+        lambda lp: isinstance(lp.bits, int) and (lp.scheme == "uniform" or lp.bits <= 4))
+    assert stored(onnx.TensorProto.FLOAT16, "_fp16") == leaves_where(lambda lp: lp.bits == "fp16")
+    assert stored(onnx.TensorProto.BFLOAT16, "_bf16") == leaves_where(lambda lp: lp.bits == "bf16")
     has_qdq = any(n.op_type == "QuantizeLinear" for n in graph.node)
     assert has_qdq == any(lp.act_bits is not None for lp in plan.values())
 
@@ -351,6 +401,7 @@ def test_onnx_export_matches_torch(compressed, tmp_path: Path) -> None:
 @pytest.mark.parametrize("plan", [
     pytest.param({}, id="empty"),
     pytest.param({"first": LayerPlan()}, id="defaults"),
+    pytest.param({"first": LayerPlan(scheme="uniform", decomposition="cp")}, id="no-bits-no-rank"),
     pytest.param({"first": LayerPlan(structure="channel"), "output": LayerPlan()},
                  id="channel-at-zero-sparsity"),
 ])
@@ -364,6 +415,22 @@ def test_identity_plan_changes_nothing(model: str, plan: dict[str, LayerPlan]) -
     assert size_bytes(new) == size_bytes(m)
     assert count_params(new) == count_params(m)
     assert_same_state(new, snapshot(m))
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("knobs", [{"bits": "fp16"}, {"bits": "bf16"}, {"bits": 4},
+                                   {"bits": 3, "scheme": "pow2"}, {"bits": 6, "scheme": "pow2"}],
+                         ids=["fp16", "bf16", "w4", "pow2-w3", "pow2-w6"])
+def test_weights_already_in_the_format_are_kept_exactly(model: str, knobs: dict) -> None:
+    """A model whose weights are already in the format comes back unchanged: rebuilding a
+    trial re-applies its plan to the logged (already compressed) weights."""
+    spec = MODELS[model]
+    x = spec.example_inputs()
+    plan = Plan({spec.first: LayerPlan(**knobs), spec.output: LayerPlan(**knobs)})
+    once = bake(apply(spec.build(), plan, x))
+    twice = apply(once, plan, x)
+    assert torch.equal(twice(x), once(x))
+    assert_same_state(bake(twice), snapshot(once))
 
 
 # --- pruning details --------------------------------------------------------------------------

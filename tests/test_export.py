@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from autocompress import cli
 from autocompress.compress import apply
-from autocompress.compress._bake import bake, export_onnx, quantized_weights
+from autocompress.compress._bake import bake, export_onnx, float_weights, quantized_weights
 from autocompress.compress._modules import ActFakeQuant, WeightCompression, quantize_weight
 from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.deploy._export import VerificationError, export_run
@@ -61,12 +61,24 @@ def _simulate_finetuning(model: torch.nn.Module) -> None:
                 mod.hi.fill_(2.5)
 
 
+REBUILD_PLANS = {
+    "int": {"first": {"sparsity": 0.5, "structure": "channel", "bits": 4, "act_bits": 8},
+            "second": {"sparsity": 0.6, "bits": 3, "rank": 0.5},
+            "output": {"sparsity": 0.3}},
+    # fp16 / bf16 weights and power-of-two levels (tests/test_formats.py goes through MLflow)
+    "fp16-bf16-pow2": {"first": {"sparsity": 0.5, "structure": "channel", "bits": 4,
+                                 "scheme": "pow2", "act_bits": 8},
+                       "second": {"sparsity": 0.6, "bits": "bf16", "rank": 0.5},
+                       "output": {"sparsity": 0.3, "bits": "fp16"}},
+}
+
+
+@pytest.mark.parametrize("layers", REBUILD_PLANS.values(), ids=list(REBUILD_PLANS))
 @pytest.mark.parametrize("spec", MODELS.values(), ids=list(MODELS))
-def test_baked_weights_load_back_into_the_plan_structure(spec: ModelSpec) -> None:
+def test_baked_weights_load_back_into_the_plan_structure(spec: ModelSpec, layers: dict) -> None:
     baseline, x = spec.build(), spec.example_inputs(4)
-    plan = Plan({spec.first: LayerPlan(sparsity=0.5, structure="channel", bits=4, act_bits=8),
-                 spec.second: LayerPlan(sparsity=0.6, bits=3, rank=0.5),
-                 spec.output: LayerPlan(sparsity=0.3)})
+    roles = {"first": spec.first, "second": spec.second, "output": spec.output}
+    plan = Plan({roles[k]: LayerPlan(**v) for k, v in layers.items()})
     trial = apply(baseline, plan, x)
     _simulate_finetuning(trial)
     state = bake(trial).state_dict()
@@ -79,6 +91,10 @@ def test_baked_weights_load_back_into_the_plan_structure(spec: ModelSpec) -> Non
         q2, scale2 = quantized_weights(rebuilt)[name]
         np.testing.assert_array_equal(q2, q)
         np.testing.assert_allclose(scale2, scale, rtol=1e-6)
+    for name, (w, fmt) in float_weights(trial).items():
+        w2, fmt2 = float_weights(rebuilt)[name]
+        assert fmt2 == fmt
+        np.testing.assert_array_equal(w2, w)
     # Masks: "weight != 0" only on layers the plan masked (unstructured); all-ones elsewhere.
     masked = {f"{spec.second}.0", f"{spec.second}.1", spec.output}
     for name, mod in rebuilt.named_modules():

@@ -71,6 +71,10 @@ DIGITS_PLANS = {
         "classifier.3": {"sparsity": 0.2, "bits": 5}},
     "sparse": {"features.3": {"sparsity": 0.8}, "features.7": {"sparsity": 0.9, "bits": 4},
                "classifier.1": {"sparsity": 0.7, "bits": 6}},
+    "fp16-bf16-pow2": {"features.0": {"bits": "fp16"}, "features.3": {"bits": 3, "scheme": "pow2"},
+                       "features.7": {"sparsity": 0.5, "bits": 4, "scheme": "pow2"},
+                       "classifier.1": {"sparsity": 0.8, "bits": "bf16"},
+                       "classifier.3": {"bits": 6, "scheme": "pow2"}},
 }
 
 

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from autocompress.compress._knobs import reconcile
 from autocompress.compress._plan import PLAN_VERSION, LayerPlan, Plan, PlanError
 
 layer_plans = st.builds(
     LayerPlan,
     sparsity=st.floats(min_value=0.0, max_value=1.0, exclude_max=True),
     structure=st.sampled_from(["unstructured", "channel"]),
-    bits=st.sampled_from([None, 2, 3, 4, 5, 6, 7, 8]),
+    bits=st.sampled_from([None, 2, 3, 4, 5, 6, 7, 8, "fp16", "bf16"]),
+    scheme=st.sampled_from(["uniform", "pow2"]),
     rank=st.none() | st.floats(min_value=0.0, max_value=1.0, exclude_min=True),
     act_bits=st.sampled_from([None, 8]),
-).map(lambda lp: replace(lp, act_bits=None) if lp.bits is None else lp)  # act_bits 8 needs bits
+).map(lambda lp: LayerPlan(**reconcile(lp.to_dict())))  # e.g. act_bits 8 needs integer bits
 layer_names = st.text(alphabet="abcxyz_.0123456789", min_size=1, max_size=16)
 plans = st.builds(Plan, layers=st.dictionaries(layer_names, layer_plans, max_size=6))
 
@@ -70,6 +71,11 @@ def test_the_documented_example_parses() -> None:
     ("bits", 16, "2..8"),
     ("bits", "8", "2..8"),
     ("bits", True, "2..8"),
+    ("bits", 8.0, "2..8"),
+    ("bits", "fp8", "'fp16', 'bf16'"),
+    ("bits", "FP16", "'fp16', 'bf16'"),
+    ("scheme", "log", "['uniform', 'pow2']"),
+    ("scheme", None, "['uniform', 'pow2']"),
     ("rank", 0.0, "(0, 1]"),
     ("rank", 1.5, "(0, 1]"),
     ("rank", math.nan, "(0, 1]"),

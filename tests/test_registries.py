@@ -39,6 +39,8 @@ def test_a_layer_plan_at_the_defaults_is_the_identity_and_every_knob_changes_it(
         lp = LayerPlan(**{name: value})
         assert not lp.is_identity, name
         assert KNOB_TABLE[name].token(lp), name
+    assert KNOB_TABLE["bits"].token(LayerPlan(bits="fp16")) == "fp16"
+    assert KNOB_TABLE["scheme"].token(LayerPlan(bits=4, scheme="pow2")) == "pow2"
 
 
 @pytest.mark.parametrize("name", KNOBS)
@@ -49,6 +51,11 @@ def test_every_knob_rejects_a_boolean_and_names_its_allowed_values(name: str) ->
 
 def test_mildest_values_come_from_the_table() -> None:
     assert KNOB_TABLE["bits"].mildest_value(Knob("choice", choices=(2, 4, None))) == 4
+    # 8 first (the warm start), then fewer bits, then fp16, bf16 and fp32
+    assert KNOB_TABLE["bits"].mildest_value(Knob("choice", choices=("fp16", 4, 8, None))) == 8
+    assert KNOB_TABLE["bits"].mildest_value(Knob("choice", choices=("bf16", 2, "fp16"))) == 2
+    assert KNOB_TABLE["bits"].mildest_value(Knob("choice", choices=(None, "bf16", "fp16"))) == "fp16"
+    assert KNOB_TABLE["scheme"].mildest_value(Knob("choice", choices=("pow2", "uniform"))) == "uniform"
     assert KNOB_TABLE["rank"].mildest_value(Knob("choice", choices=(0.25, None))) is None
     assert KNOB_TABLE["sparsity"].mildest_value(Knob("range", low=0.1, high=0.9, step=0.1)) == 0.1
     assert KNOB_TABLE["structure"].mildest_value(Knob("fixed", value="channel")) == "channel"

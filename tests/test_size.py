@@ -12,7 +12,7 @@ from torch import nn
 
 from autocompress.compress import apply
 from autocompress.compress._plan import LayerPlan, Plan
-from autocompress.measure import count_params, size_bytes, size_report, tensor_bytes
+from autocompress.measure import count_params, size_bytes, size_report, tensor_bytes, weight_storage
 
 FAST = settings(max_examples=200, deadline=None)
 
@@ -95,6 +95,37 @@ def test_quantized_linear_hand_computed(bits: int, first_weight_bytes: int) -> N
     weight = next(r for r in size_report(compressed) if r.name == "0.weight")
     assert (weight.bits, weight.scales) == (bits, 3)
     assert size_bytes(model) == 4 * (12 + 3 + 6 + 2)  # the original is still fp32
+
+
+@pytest.mark.parametrize(("knobs", "first_weight_bytes", "bits", "scales"), [
+    # 16 bits per value, no scales: 12 * 2 = 24 (sparse 24 + 2)
+    pytest.param({"bits": "fp16"}, 24, 16, 0, id="fp16"),
+    pytest.param({"bits": "bf16"}, 24, 16, 0, id="bf16"),
+    # 50% unstructured masks the 0.1s and 0.02s: 6 of 12 at 16 bits: dense 24, sparse 12 + 2
+    pytest.param({"bits": "fp16", "sparsity": 0.5}, 14, 16, 0, id="fp16-sparse"),
+    # pow2, 3 bits: levels 0, s, s/2, s/4; s = 0.7 (its smaller candidates clip the 0.7s):
+    # 0.1 / 0.7 = 0.14 -> 1/4 (above 1/8), 0.02 / 0.7 = 0.03 -> 0; 9 of 12 non-zero.
+    # dense ceil(36 / 8) = 5 < sparse ceil(27 / 8) + 2 = 6; plus 3 scales
+    pytest.param({"bits": 3, "scheme": "pow2"}, 5 + 12, 3, 3, id="pow2-3bit"),
+    # pow2, 4 bits: levels down to s/64, all 12 non-zero: dense 6; plus 3 scales
+    pytest.param({"bits": 4, "scheme": "pow2"}, 6 + 12, 4, 3, id="pow2-4bit"),
+])
+def test_fp16_bf16_and_pow2_linear_hand_computed(knobs: dict, first_weight_bytes: int, bits: int,
+                                                 scales: int) -> None:
+    model = _two_layer(ROW.repeat(3, 1))
+    compressed = apply(model, Plan({"0": LayerPlan(**knobs)}), torch.randn(2, 4))
+    assert size_bytes(compressed) == first_weight_bytes + 4 * (3 + 6 + 2)
+    weight = next(r for r in size_report(compressed) if r.name == "0.weight")
+    assert (weight.bits, weight.scales) == (bits, scales)
+    if knobs.get("scheme") == "pow2":
+        levels = [0.7, -0.7, 0.7 / 4, 0.0] if bits == 3 else [0.7, -0.7, 0.7 / 8, 0.7 / 32]
+        torch.testing.assert_close(compressed[0].weight[0], torch.tensor(levels), rtol=1e-6, atol=0)
+
+
+def test_weight_storage_of_each_bits_value() -> None:
+    assert weight_storage(None) == (32, False)
+    assert weight_storage(4) == (4, True)
+    assert weight_storage("fp16") == weight_storage("bf16") == (16, False)
 
 
 def test_activation_quantizer_costs_eight_bytes() -> None:

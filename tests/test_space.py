@@ -210,6 +210,32 @@ def test_categorical_none_round_trips_through_optuna():
     assert seen == {None, 8}
 
 
+def test_fp16_bf16_and_pow2_load_from_yaml_and_sample_valid_plans(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("layers:\n  - knobs:\n      bits: [4, 8, fp16, bf16, null]\n"
+                    "      scheme: [uniform, pow2]\n      act_bits: [null, 8]\n")
+    resolved = load_search_space(path).resolve(LAYERS)
+    assert resolved.params()["features.0/bits"].choices == (4, 8, "fp16", "bf16", None)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(60):
+        trial, plan = ask(study, resolved)  # Plan(...) checks every combination
+        assert resolved.plan_from_params(trial.params) == plan
+        for lp in plan.layers.values():
+            seen.add((lp.bits, lp.scheme, lp.act_bits))
+            assert lp.act_bits is None or isinstance(lp.bits, int)  # fp16/bf16/fp32: no a8
+            assert lp.scheme == "uniform" or lp.bits == 4  # pow2 needs 3..6 (8 falls back)
+    assert {("fp16", "uniform", None), ("bf16", "uniform", None), (4, "pow2", 8),
+            (4, "pow2", None)} <= seen
+    # The warm start stays 8-bit uniform weights.
+    assert set(resolved.warm_start_params().values()) == {8, "uniform", None}
+
+
+def test_full_space_has_every_knob():
+    knobs = load_search_space(Path(__file__).resolve().parents[1] / "search_spaces" / "full.yaml")
+    assert {k for rule in knobs.rules for k in rule.knobs} == set(KNOBS)
+
+
 def test_stepped_floats_are_snapped_to_the_grid():
     resolved = space({"knobs": {"sparsity": {"low": 0.0, "high": 0.9, "step": 0.05}}})
     resolved = resolved.resolve(LAYERS)
@@ -390,6 +416,12 @@ BAD_SPACES = {
                       "layers[0].knobs.structure[1]", "'filter' is out of range"),
     "bad-fixed": ("layers:\n  - knobs: {act_bits: 4}\n", "layers[0].knobs.act_bits",
                   "4 is out of range"),
+    "bits-fp8": ("layers:\n  - knobs: {bits: [4, fp8, null]}\n", "layers[0].knobs.bits[1]",
+                 "'fp8' is out of range; allowed: an integer in 2..8, 'fp16', 'bf16' or null"),
+    "bits-string-range": ("layers:\n  - knobs: {bits: {low: 4, high: fp16}}\n",
+                          "layers[0].knobs.bits", "high='fp16'; expected an integer"),
+    "bad-scheme": ("layers:\n  - knobs: {scheme: [uniform, log]}\n", "layers[0].knobs.scheme[1]",
+                   "'log' is out of range; allowed: one of ['uniform', 'pow2']"),
     "bad-type": ("layers:\n  - types: [Conv3d]\n    knobs: {bits: 8}\n", "layers[0].types",
                  "unknown layer type 'Conv3d'"),
     "bad-regex": ("layers:\n  - match: 're:features[0'\n    knobs: {bits: 8}\n",
@@ -475,7 +507,7 @@ def test_knob_contains_and_snap():
 # --- fuzz ----------------------------------------------------------------------------------
 
 _plausible = st.sampled_from([None, 0.0, 0.05, 0.1, 0.25, 0.5, 0.9, 1.0, 1.5, -1, 2, 4, 8, 9,
-                              True, "unstructured", "channel"])
+                              True, "unstructured", "channel", "fp16", "pow2"])
 _scalars = st.one_of(
     _plausible, st.integers(), st.floats(allow_nan=True), st.text(max_size=5),
     st.sampled_from(["Conv2d", "Linear", "re:.*", "re:features.*", "re:[", "features.0", "",
@@ -493,7 +525,9 @@ _GOOD_KNOBS = {
     "sparsity": [0.5, [0.0, 0.5], {"low": 0.0, "high": 0.9, "step": 0.05},
                  {"low": 0.1, "high": 0.5, "log": True}],
     "structure": ["channel", ["unstructured", "channel"], ["channel"]],
-    "bits": [None, 8, [2, 4, None], {"low": 2, "high": 8}, {"low": 2, "high": 8, "step": 3}],
+    "bits": [None, 8, [2, 4, None], {"low": 2, "high": 8}, {"low": 2, "high": 8, "step": 3},
+             [4, 8, "fp16", "bf16", None], "bf16"],
+    "scheme": ["pow2", ["uniform", "pow2"]],
     "rank": [None, 1.0, [None, 0.5], {"low": 0.1, "high": 1.0, "step": 0.3}],
     "act_bits": [None, [None, 8]],
 }

@@ -1,7 +1,8 @@
 """The deployable form of a compressed model: weights baked, ONNX with real int8 weights.
 
 Weight-only quantized layers are stored as int8 + per-channel scales feeding a
-DequantizeLinear (:func:`export_onnx`). Layers whose activations are quantized too run on
+DequantizeLinear, fp16/bf16 weights as 16-bit initializers feeding a Cast to float
+(:func:`export_onnx`). Layers whose activations are quantized too run on
 ONNX Runtime's integer kernels: their graph is built by ONNX Runtime's quantization tools from
 the fp32 export, with our numbers (:mod:`autocompress.compress._ort_quant`).
 """
@@ -9,10 +10,11 @@ the fp32 export, with our numbers (:mod:`autocompress.compress._ort_quant`).
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -22,9 +24,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autocompress._inputs import as_args, input_names, run, take, tensors_of, to_numpy_feed
-from autocompress.compress._modules import ActFakeQuant, WeightCompression, quantize_weight
+from autocompress.compress._formats import float_bytes, quantize_weight
+from autocompress.compress._modules import ActFakeQuant, WeightCompression
 from autocompress.compress._ort_quant import (
     StaticLayer,
+    WeightMatch,
     match_weight,
     quantize_dynamic_layers,
     quantize_static_layers,
@@ -78,19 +82,33 @@ def _act_quantized(model: nn.Module, dynamic: bool) -> list[str]:
             if isinstance(q := getattr(mod, "act_quant", None), ActFakeQuant) and q.dynamic == dynamic]
 
 
-def quantized_weights(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{parameter name: (int8 values, fp32 per-channel scales)}`` for every quantized weight."""
-    out = {}
+def _compressed_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, WeightCompression]]:
+    """``(parameter name, the weight, its WeightCompression)`` of every weight with ``bits``."""
     for name, mod in model.named_modules():
         if not parametrize.is_parametrized(mod, "weight"):
             continue
         wc = next((p for p in mod.parametrizations["weight"] if isinstance(p, WeightCompression)), None)
-        if wc is None or wc.bits is None:
-            continue
-        with torch.no_grad():
-            q, scale = quantize_weight(mod.weight, wc.bits)
-        out[f"{name}.weight"] = (q.to(torch.int8).numpy(), scale.flatten().float().numpy())
+        if wc is not None and wc.bits is not None:
+            yield f"{name}.weight", cast(torch.Tensor, mod.weight), wc
+
+
+def quantized_weights(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{parameter name: (int32 values, fp32 per-channel scales)}`` for every weight with
+    integer bits (uniform: within int8; pow2: 0 or ``±2**e``, within int8 up to 4 bits)."""
+    out = {}
+    for name, weight, wc in _compressed_weights(model):
+        if isinstance(wc.bits, int):
+            with torch.no_grad():
+                q, scale = quantize_weight(weight, wc.bits, wc.scheme)
+            out[name] = (q.to(torch.int32).numpy(), scale.flatten().float().numpy())
     return out
+
+
+def float_weights(model: nn.Module) -> dict[str, tuple[np.ndarray, str]]:
+    """``{parameter name: (fp32 values, "fp16" or "bf16")}`` for every 16-bit float weight
+    (the values are exactly representable in that format)."""
+    return {name: (weight.detach().float().numpy(), wc.bits)
+            for name, weight, wc in _compressed_weights(model) if isinstance(wc.bits, str)}
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
@@ -98,7 +116,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
     """Writes a self-contained ONNX model; quantized weights are stored as int8 + scales.
 
     Weight-only quantized layers get an int8 initializer feeding a per-channel
-    ``DequantizeLinear`` (ONNX Runtime folds it into fp32 at load time: size, not speed).
+    ``DequantizeLinear`` (ONNX Runtime folds it into fp32 at load time: size, not speed);
+    pow2 weights over 4 bits, whose integers do not fit int8, stay fp32 initializers (their
+    exact values). fp16/bf16 weights get a float16/bfloat16 initializer feeding a ``Cast`` to
+    float (also folded at load time).
     Layers with quantized activations are exported in fp32 without their fake-quant and then
     handed to ONNX Runtime's own tools with our numbers (:mod:`~autocompress.compress._ort_quant`):
     ``act_bits: 8`` (:func:`static_layers`) becomes a QDQ graph that runs QLinearConv /
@@ -156,12 +177,18 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
         quantize_static_layers(path, {name: StaticLayer(
             baked.get_parameter(f"{name}.weight").numpy(), qweights[f"{name}.weight"][1],
             *acts[name]) for name in static}, feeds)
-    qweights = {k: v for k, v in qweights.items() if k.removesuffix(".weight") not in dynamic + static}
-    if qweights:
+    qweights = {k: v for k, v in qweights.items()
+                if k.removesuffix(".weight") not in dynamic + static and _fits_int8(v[0])}
+    fweights = float_weights(model)
+    if qweights or fweights:
         proto = onnx.load(str(path))
-        _store_int8(proto, qweights)
+        _store_weights(proto, qweights, fweights)
         onnx.save(proto, str(path))
     return path
+
+
+def _fits_int8(q: np.ndarray) -> bool:
+    return q.size == 0 or int(np.abs(q).max()) <= 127
 
 
 def _sequence_inputs(inputs: Any, names: list[str]) -> list[tuple[str, int]]:
@@ -172,53 +199,85 @@ def _sequence_inputs(inputs: Any, names: list[str]) -> list[tuple[str, int]]:
     return [(n, 1) for n, t in tensors.items() if tuple(t.shape) in token_shapes]
 
 
-def _store_int8(proto: onnx.ModelProto, qweights: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """Replaces the fp32 initializer of every quantized weight by int8 values + DequantizeLinear.
+def _store_weights(proto: onnx.ModelProto, qweights: dict[str, tuple[np.ndarray, np.ndarray]],
+                   fweights: dict[str, tuple[np.ndarray, str]]) -> None:
+    """Replaces the fp32 initializer of every integer weight by int8 values + DequantizeLinear
+    (:func:`_dequantized`) and of every fp16/bf16 weight by a 16-bit initializer + Cast
+    (:func:`_cast`).
 
     The exporter's constant folding renames weights and may fold BatchNorm into a conv
-    (multiplying each output channel by a constant) or transpose a Linear weight, so
-    initializers are matched by value: ``X == W * k`` per output channel (BN folded; the int8
-    values stay, the scale becomes ``scale * |k|`` and the sign moves into the values) or
-    ``X == W.T`` (transposed; dequantized along axis 1). Layers with equal quantized weights
-    (tied weights, or copies such as ``nn.TransformerEncoder``'s identical initial layers) share
-    the one initializer the exporter keeps for them.
+    (multiplying each output channel by a constant ``k``) or transpose a Linear weight, so
+    initializers are matched by value (``match_weight``: ``X == W * k`` per output channel or
+    ``X == W.T``). Layers with equal weights (tied weights, or copies such as
+    ``nn.TransformerEncoder``'s identical initial layers) share the one initializer the exporter
+    keeps for them.
     """
+    Store = Callable[[WeightMatch], tuple[list[onnx.TensorProto], list[onnx.NodeProto]]]
+    todo: list[tuple[str, np.ndarray, Store]] = [
+        (name, q.astype(np.float32) * _per_row(scale, q.ndim),
+         functools.partial(_dequantized, name=name, q=q, scale=scale))
+        for name, (q, scale) in qweights.items()]
+    todo += [(name, w, functools.partial(_cast, name=name, w=w, fmt=fmt))
+             for name, (w, fmt) in fweights.items()]
     graph = proto.graph
     free = {init.name: init for init in graph.initializer}
-    nodes = []
-    stored: list[tuple[np.ndarray, np.ndarray]] = []
-    for name, (q, scale) in qweights.items():
-        found = _find_initializer(free, q, scale)
-        if found is None and any(np.array_equal(q, q0) and np.array_equal(scale, s0) for q0, s0 in stored):
+    nodes: list[onnx.NodeProto] = []
+    stored: list[np.ndarray] = []
+    for name, w, store in todo:
+        found = match_weight(free.values(), w)
+        if found is None and any(np.array_equal(w, w0) for w0 in stored):
             continue  # the exporter keeps one initializer for equal weights: already stored
         if found is None:
-            raise RuntimeError(f"quantized weight {name!r} not found in the exported ONNX graph")
-        stored.append((q, scale))
-        init, q_new, scale_new, axis = found
-        del free[init.name]
-        graph.initializer.remove(init)
-        graph.initializer.extend([
-            numpy_helper.from_array(q_new, f"{init.name}_quantized"),
-            numpy_helper.from_array(scale_new.astype(np.float32), f"{init.name}_scale"),
-            numpy_helper.from_array(np.zeros(scale_new.shape, np.int8), f"{init.name}_zero_point"),
-        ])
-        nodes.append(helper.make_node(
-            "DequantizeLinear",
-            [f"{init.name}_quantized", f"{init.name}_scale", f"{init.name}_zero_point"],
-            [init.name], name=f"{name}_dequantize", axis=axis,
-        ))
+            raise RuntimeError(f"compressed weight {name!r} not found in the exported ONNX graph")
+        stored.append(w)
+        del free[found.init.name]
+        graph.initializer.remove(found.init)
+        inits, new_nodes = store(found)
+        graph.initializer.extend(inits)
+        nodes += new_nodes
     for i, node in enumerate(nodes):
         graph.node.insert(i, node)
 
 
-def _find_initializer(free: dict, q: np.ndarray, scale: np.ndarray):
-    """The initializer holding weight ``q * scale`` (possibly BN-folded or transposed) as
-    ``(init, int8 values, scales, DequantizeLinear axis)``, or None."""
-    w = q.astype(np.float32) * scale.reshape(-1, *([1] * (q.ndim - 1)))
-    found = match_weight(free.values(), w)
-    if found is None:
-        return None
+def _per_row(values: np.ndarray, ndim: int) -> np.ndarray:
+    return values.reshape(-1, *([1] * (ndim - 1)))
+
+
+def _dequantized(found: WeightMatch, *, name: str, q: np.ndarray,
+                 scale: np.ndarray) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """int8 values + DequantizeLinear producing ``found``'s initializer: BN-folded, the int8
+    values stay, the scale becomes ``scale * |k|`` and the sign moves into the values;
+    transposed, dequantized along axis 1."""
+    init = found.init.name
     if found.transposed:
-        return found.init, np.ascontiguousarray(q.T), scale, 1
-    sign = np.where(found.k < 0, -1, 1).astype(np.int8).reshape(-1, *([1] * (q.ndim - 1)))
-    return found.init, q * sign, scale * np.abs(found.k), 0
+        q_new, scale_new, axis = np.ascontiguousarray(q.T), scale, 1
+    else:
+        q_new = q * _per_row(np.where(found.k < 0, -1, 1), q.ndim)
+        scale_new, axis = scale * np.abs(found.k), 0
+    inits = [numpy_helper.from_array(q_new.astype(np.int8), f"{init}_quantized"),
+             numpy_helper.from_array(scale_new.astype(np.float32), f"{init}_scale"),
+             numpy_helper.from_array(np.zeros(scale_new.shape, np.int8), f"{init}_zero_point")]
+    return inits, [helper.make_node(
+        "DequantizeLinear", [f"{init}_quantized", f"{init}_scale", f"{init}_zero_point"], [init],
+        name=f"{name}_dequantize", axis=axis)]
+
+
+def _cast(found: WeightMatch, *, name: str, w: np.ndarray,
+          fmt: str) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """A float16/bfloat16 initializer of ``w`` + Cast to float producing ``found``'s
+    initializer; BN-folded (``X != W``), a Mul by the per-channel ``k`` follows, so the 16-bit
+    values stay exactly the trained ones."""
+    init = found.init.name
+    w = np.ascontiguousarray(w.T) if found.transposed else w
+    dtype = onnx.TensorProto.FLOAT16 if fmt == "fp16" else onnx.TensorProto.BFLOAT16
+    inits = [helper.make_tensor(f"{init}_{fmt}", dtype, w.shape, float_bytes(w, fmt), raw=True)]
+    cast = f"{init}_cast"
+    if np.array_equal(numpy_helper.to_array(found.init), w):
+        cast = init  # the common case: the initializer is the weight itself
+    nodes = [helper.make_node("Cast", [f"{init}_{fmt}"], [cast], name=f"{name}_cast",
+                              to=onnx.TensorProto.FLOAT)]
+    if cast != init:
+        inits.append(numpy_helper.from_array(_per_row(found.k, w.ndim).astype(np.float32),
+                                             f"{init}_k"))
+        nodes.append(helper.make_node("Mul", [cast, f"{init}_k"], [init], name=f"{name}_fold"))
+    return inits, nodes

@@ -38,8 +38,19 @@ class Knob(Protocol):
 
     def contains(self, value: Any) -> bool: ...
 
-__all__ = ["KNOBS", "KNOB_TABLE", "Heat", "KnobSpec", "heat_maps", "needs_masks", "reconcile", "same",
+__all__ = ["FLOAT_FORMATS", "KNOBS", "KNOB_TABLE", "POW2_BITS", "POW2_INT8_BITS", "Heat", "KnobSpec",
+           "act_bits_fit", "heat_maps", "integer_bits", "needs_masks", "reconcile", "same",
            "summary_tokens", "why_refused"]
+
+FLOAT_FORMATS = ("fp16", "bf16")  # the non-integer weight formats of ``bits`` (compress/_formats.py)
+POW2_BITS = range(3, 7)  # ``scheme: pow2`` bit-widths: 2 bits is ternary either way; 7+ would
+# reach exponents (2**-62 ...) that no weight needs
+POW2_INT8_BITS = 4  # pow2 integers (up to 2**(2**(b-1) - 2)) fit int8 up to 4 bits (64)
+
+
+def integer_bits(bits: Any) -> bool:
+    """Whether a ``bits`` plan value is an integer bit-width (not fp16/bf16, not None)."""
+    return type(bits) is int
 
 
 def _number(value: Any) -> bool:
@@ -87,7 +98,8 @@ class KnobSpec:
         default: The value that changes nothing (``LayerPlan``'s default).
         allowed: The allowed plan values in words, used in error messages.
         valid: Whether one plan value is allowed.
-        integer: Values are integers (a range over it is an integer range).
+        integer: Its numbers are integers: a range over it is an integer range, and a
+            non-integer number is refused by type (``bits`` also takes strings).
         rangeable: A search space may give a ``{low, high}`` range (else choices or a value).
         mildest: The mildest value a domain allows (the warm-start trial's).
         to_plan: A sampled value as a plan value (``rank`` 1.0 is no factorization).
@@ -134,7 +146,8 @@ def _mildest_bits(knob: Knob) -> Any:
     if knob.kind == "range":
         low, high = knob.bounds()
         return int(high) if high < 8 else 8 if knob.contains(8) else int(low)
-    return _first_of(knob, [8, *sorted(_numbers(knob), reverse=True), None])
+    # 8 first (the warm start stores int8), then fewer bits, then the 16-bit floats, then fp32.
+    return _first_of(knob, [8, *sorted(_numbers(knob), reverse=True), *FLOAT_FORMATS, None])
 
 
 def _mildest_rank(knob: Knob) -> Any:
@@ -148,7 +161,21 @@ def _act_token(act_bits: Any) -> str:
     return "adyn" if act_bits == "dynamic" else f"a{act_bits}"
 
 
-_FP32_BITS = 10  # where fp32 sits on the report's bit-width colour scale (after 8)
+# Where the non-integer formats sit on the report's bit-width colour scale (after 8).
+_HEAT_BITS: dict[Any, int] = {"fp16": 9, "bf16": 10, None: 11}
+
+
+def _bits_cell(knobs: dict[str, Any]) -> tuple[float, str]:
+    """The bit-width heat map's cell: position on the scale, and e.g. ``4 pow2 a8``."""
+    bits: Any = knobs.get("bits")
+    text = "fp32" if bits is None else str(bits)
+    if knobs.get("scheme", "uniform") != "uniform" and integer_bits(bits):
+        text += f" {knobs['scheme']}"
+    if knobs.get("act_bits"):
+        text += f" {_act_token(knobs['act_bits'])}"
+    position: float = _HEAT_BITS[bits] if bits in _HEAT_BITS else bits
+    return position, text
+
 
 KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
     KnobSpec(
@@ -170,17 +197,26 @@ KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
         refuses=lambda value, layer: "it produces the model output (its channels are the outputs)"
         if value == "channel" and layer.is_output else None),
     KnobSpec(
-        "bits", None, "an integer in 2..8 or null",
-        lambda v: v is None or v in range(2, 9),
+        # Integers: per-output-channel integer levels (``scheme``); "fp16"/"bf16": the weight
+        # rounded to a 16-bit float (compress/_formats.py). A range is over the integers only.
+        "bits", None, "an integer in 2..8, 'fp16', 'bf16' or null",
+        lambda v: v is None or v in FLOAT_FORMATS or (integer_bits(v) and 2 <= v <= 8),
         integer=True, rangeable=True, mildest=_mildest_bits,
-        token=lambda lp: "" if lp.bits is None else f"b{lp.bits}",
-        heat=Heat("weight bits",
-                  lambda k: (_FP32_BITS if k.get("bits") is None else k["bits"],
-                             ("fp32" if k.get("bits") is None else str(k["bits"]))
-                             + (f" {_act_token(k['act_bits'])}" if k.get("act_bits") else "")),
-                  "Blues_r", {"zmin": 2, "zmax": _FP32_BITS,
-                              "colorbar": {"tickvals": [2, 4, 6, 8, _FP32_BITS],
-                                           "ticktext": ["2", "4", "6", "8", "fp32"]}})),
+        token=lambda lp: "" if lp.bits is None else lp.bits if lp.bits in FLOAT_FORMATS
+        else f"b{lp.bits}",
+        heat=Heat("weight bits", _bits_cell,
+                  "Blues_r", {"zmin": 2, "zmax": _HEAT_BITS[None],
+                              "colorbar": {"tickvals": [2, 4, 6, 8, *_HEAT_BITS.values()],
+                                           "ticktext": ["2", "4", "6", "8", "fp16", "bf16",
+                                                        "fp32"]}})),
+    KnobSpec(
+        # How integer bits are spent: "uniform" levels or "pow2" (0 and signed powers of two
+        # times a calibrated per-channel scale; bits 3..6, LayerPlan checks it). No token (and
+        # no change) without integer bits.
+        "scheme", "uniform", "one of ['uniform', 'pow2']",
+        lambda v: isinstance(v, str) and v in ("uniform", "pow2"),
+        mildest=lambda knob: _first_of(knob, ["uniform"]),
+        token=lambda lp: "pow2" if lp.scheme == "pow2" and integer_bits(lp.bits) else ""),
     KnobSpec(
         # Full rank is no factorization: a full-rank factorization stores more weights than the
         # layer it replaces.
@@ -231,14 +267,28 @@ def heat_maps() -> list[Heat]:
 
 def reconcile(values: dict[str, Any]) -> dict[str, Any]:
     """One layer's sampled plan values made consistent across knobs (the combinations
-    :meth:`LayerPlan.check_combination` refuses): ``act_bits: dynamic`` runs the layer on
+    :meth:`LayerPlan.check_combination` refuses): ``scheme: pow2`` needs integer ``bits`` in
+    3..6, so otherwise it falls back to ``uniform``; ``act_bits: dynamic`` runs the layer on
     ONNX Runtime's integer MatMul, which takes 8-bit weights, so with other ``bits`` it falls
-    back to null; ``act_bits: 8`` runs it on QLinearConv/QLinearMatMul, which take integer
-    weights, so with fp32 weights (``bits`` null) it falls back to null too."""
-    act, bits = values.get("act_bits"), values.get("bits")
-    if (act == "dynamic" and bits != 8) or (act == 8 and bits is None):
-        return {**values, "act_bits": None}
+    back to null; ``act_bits: 8`` runs it on QLinearConv/QLinearMatMul, which take int8
+    weights, so without integer weights (fp32, fp16, bf16) or with pow2 weights that do not
+    fit int8 (over 4 bits) it falls back to null too."""
+    bits = values.get("bits")
+    if values.get("scheme") == "pow2" and not (integer_bits(bits) and bits in POW2_BITS):
+        values = {**values, "scheme": "uniform"}
+    if not act_bits_fit(values.get("act_bits"), bits, values.get("scheme", "uniform")):
+        values = {**values, "act_bits": None}
     return values
+
+
+def act_bits_fit(act_bits: Any, bits: Any, scheme: str) -> bool:
+    """Whether a layer with weights at ``bits``/``scheme`` can take ``act_bits`` (ONNX
+    Runtime's integer kernels take int8 weights; the dynamic MatMul takes 8-bit ones)."""
+    if act_bits == "dynamic":
+        return bits == 8 and scheme == "uniform"
+    if act_bits == 8:
+        return integer_bits(bits) and (scheme == "uniform" or bits <= POW2_INT8_BITS)
+    return True
 
 
 def why_refused(spec: KnobSpec, value: Any, layer: Any) -> str | None:

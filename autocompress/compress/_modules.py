@@ -6,6 +6,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from autocompress.compress._formats import compressed_value, quantize_weight
+
+__all__ = ["ActFakeQuant", "LowRank", "WeightCompression", "act_quant_pre_hook",
+           "dynamic_fake_quant", "leaves", "quantize_weight", "weight_compression"]
+
 
 class LowRank(nn.Sequential):
     """A layer factorized into two to four ordinary layers, applied in order: SVD (two: to
@@ -16,42 +21,36 @@ class LowRank(nn.Sequential):
 
 
 class WeightCompression(nn.Module):
-    """Parametrization of a weight: a fixed sparsity mask, then symmetric per-output-channel
-    fake quantization with a straight-through estimator (Bengio et al., 2013).
+    """Parametrization of a weight: a fixed sparsity mask, then per-output-channel fake
+    quantization (uniform or power-of-two integer levels) or rounding to fp16/bf16
+    (:mod:`~autocompress.compress._formats`), with a straight-through estimator (Bengio et
+    al., 2013).
+
+    The forward value is exactly the stored value (``v + (w - w.detach())``, not
+    ``w + (v - w).detach()``, which can be an ulp off it), so a baked weight is on its grid.
 
     Args:
         shape: Weight shape.
-        bits: Bit-width in 2..8, or None for fp32.
+        bits: Bit-width in 2..8, ``"fp16"``, ``"bf16"``, or None for fp32.
+        scheme: ``"uniform"`` or ``"pow2"`` levels for integer ``bits``.
     """
 
-    def __init__(self, shape: torch.Size, bits: int | None = None) -> None:
+    def __init__(self, shape: torch.Size, bits: int | str | None = None,
+                 scheme: str = "uniform") -> None:
         super().__init__()
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
         self.bits = bits
+        self.scheme = scheme
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         w = w * self.mask
         if self.bits is None:
             return w
-        q, scale = quantize_weight(w, self.bits)
-        return w + (q * scale - w).detach()
+        return compressed_value(w.detach(), self.bits, self.scheme) + (w - w.detach())
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, sparsity={1 - self.mask.float().mean().item():.3f}"
-
-
-def quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel quantization.
-
-    Returns:
-        ``(q, scale)``: integer-valued ``q`` in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]`` (as
-        float) and ``scale`` broadcastable to ``w``, so that ``q * scale`` approximates ``w``.
-    """
-    qmax = 2 ** (bits - 1) - 1
-    amax = w.detach().abs().flatten(1).amax(dim=1).clamp_min(1e-12)
-    scale = (amax / qmax).view(-1, *([1] * (w.dim() - 1)))
-    q = torch.clamp(torch.round(w / scale), -qmax, qmax)
-    return q, scale
+        scheme = f", scheme={self.scheme}" if self.scheme != "uniform" else ""
+        return f"bits={self.bits}{scheme}, sparsity={1 - self.mask.float().mean().item():.3f}"
 
 
 def weight_compression(module: nn.Module) -> WeightCompression:

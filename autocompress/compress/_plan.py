@@ -15,7 +15,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from autocompress._errors import did_you_mean
-from autocompress.compress._knobs import KNOB_TABLE, summary_tokens
+from autocompress.compress._knobs import (
+    KNOB_TABLE,
+    POW2_BITS,
+    POW2_INT8_BITS,
+    act_bits_fit,
+    integer_bits,
+    summary_tokens,
+)
 
 PLAN_VERSION = 1
 
@@ -33,7 +40,12 @@ class LayerPlan:
             remove, in [0, 1).
         structure: ``"unstructured"`` (magnitude masks) or ``"channel"`` (output channels
             physically removed, with the matching inputs of every dependent layer).
-        bits: Weight bit-width in 2..8 (per-output-channel symmetric), or None to keep fp32.
+        bits: Weight bit-width in 2..8 (per-output-channel symmetric integer levels, as
+            ``scheme`` says), ``"fp16"`` or ``"bf16"`` (the weight rounded to that 16-bit
+            float, no scale), or None to keep fp32.
+        scheme: How integer ``bits`` are spent: ``"uniform"`` (evenly spaced levels) or
+            ``"pow2"`` (0 and signed powers of two times a calibrated per-channel scale:
+            shift quantization; ``bits`` 3..6). ``compress/_formats.py`` has the details.
         rank: Kept fraction of full rank in (0, 1] for a low-rank factorization, or None.
         decomposition: How a layer with a ``rank`` is factorized: ``"svd"`` (truncated SVD,
             two layers; any layer), ``"tucker"`` (Tucker-2, three convs) or ``"cp"`` (CP,
@@ -41,7 +53,8 @@ class LayerPlan:
             kernel and ``groups=1`` (``lowrank.py`` says what ``rank`` means for each).
         act_bits: 8 to fake-quantize the layer's input activations to 8 bits with a range
             observed during calibration and fine-tuning (deployed on ONNX Runtime's QLinearConv
-            / QLinearMatMul integer kernels; needs ``bits``),
+            / QLinearMatMul integer kernels; needs integer ``bits`` whose values fit int8:
+            uniform, or pow2 up to 4 bits),
             ``"dynamic"`` to quantize them with each input's own range at run time as ONNX
             Runtime's dynamic quantization does (integer MatMul kernels; needs ``bits=8`` and
             a Linear layer), or None.
@@ -49,7 +62,8 @@ class LayerPlan:
 
     sparsity: float = 0.0
     structure: str = "unstructured"
-    bits: int | None = None
+    bits: int | str | None = None
+    scheme: str = "uniform"
     rank: float | None = None
     decomposition: str = "svd"
     act_bits: int | str | None = None
@@ -67,17 +81,27 @@ class LayerPlan:
         combination. :class:`Plan` and :meth:`from_dict` call it.
 
         Raises:
-            PlanError: ``act_bits='dynamic'`` without ``bits=8``, ``act_bits=8`` without
-                ``bits``.
+            PlanError: ``scheme='pow2'`` without integer ``bits`` in 3..6,
+                ``act_bits='dynamic'`` without ``bits=8``, ``act_bits=8`` without integer
+                ``bits`` or with pow2 ``bits`` over 4.
         """
-        if self.act_bits == "dynamic" and self.bits != 8:
+        if self.scheme == "pow2" and not (integer_bits(self.bits) and self.bits in POW2_BITS):
+            raise PlanError(f"scheme='pow2' needs integer bits in {POW2_BITS.start}.."
+                            f"{POW2_BITS.stop - 1} (a sign and an exponent code per weight), got "
+                            f"bits={self.bits!r}")
+        if act_bits_fit(self.act_bits, self.bits, self.scheme):
+            return
+        if self.act_bits == "dynamic":
             # ONNX Runtime's integer MatMul takes int8 weights (8-bit, one scale per channel).
             raise PlanError(f"act_bits='dynamic' needs bits=8 (ONNX Runtime's integer MatMul "
                             f"takes int8 weights), got bits={self.bits!r}")
-        if self.act_bits == 8 and self.bits is None:
+        if not integer_bits(self.bits):
             # QLinearConv/QLinearMatMul take integer weights (2-8 bits are stored as int8).
-            raise PlanError("act_bits=8 needs integer weights (bits 2..8): ONNX Runtime's "
-                            "QLinear kernels take int8 weights, got bits=None")
+            raise PlanError(f"act_bits=8 needs integer weights (bits 2..8): ONNX Runtime's "
+                            f"QLinear kernels take int8 weights, got bits={self.bits!r}")
+        raise PlanError(f"act_bits=8 with scheme='pow2' needs bits <= {POW2_INT8_BITS}: ONNX "
+                        f"Runtime's QLinear kernels take int8 weights, and pow2 levels fit int8 "
+                        f"only up to {POW2_INT8_BITS} bits, got bits={self.bits!r}")
 
     @property
     def is_identity(self) -> bool:

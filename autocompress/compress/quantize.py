@@ -1,10 +1,13 @@
-"""Quantization: per-output-channel symmetric weights at 2-8 bits, 8-bit activations.
+"""Quantization: per-output-channel symmetric weights at 2-8 bits (uniform or power-of-two
+levels) or fp16/bf16 weights, 8-bit activations.
 
-During fine-tuning weights are fake-quantized with a straight-through estimator; the
-deployable form (:func:`autocompress.compress.export_onnx`) stores them as int8 with one fp32
-scale per output channel. Activations, where the plan quantizes them, are uint8 per tensor on
-the input of every weight-bearing module of the layer (both factors of a low-rank one), and the
-layer runs on ONNX Runtime's integer kernels (:mod:`autocompress.compress._ort_quant`):
+During fine-tuning weights are fake-quantized with a straight-through estimator
+(:mod:`~autocompress.compress._formats` says what each format's values are); the deployable
+form (:func:`autocompress.compress.export_onnx`) stores integer levels that fit int8 as int8
+with one fp32 scale per output channel, fp16/bf16 weights as 16-bit initializers.
+Activations, where the plan quantizes them, are uint8 per tensor on the input of every
+weight-bearing module of the layer (both factors of a low-rank one), and the layer runs on
+ONNX Runtime's integer kernels (:mod:`autocompress.compress._ort_quant`):
 
 - ``act_bits: 8`` (static): a fixed range, first the min/max over calibration batches
   (:func:`calibrate`), then an EMA while fine-tuning; deployed as a QDQ graph that ONNX Runtime
@@ -53,7 +56,8 @@ def _quantize(model: nn.Module, plan: Plan, example_inputs: Any) -> None:
     for name, lp in plan.active().items():
         if lp.bits is not None:
             for leaf in leaves(model, name):
-                weight_compression(leaf).bits = lp.bits
+                wc = weight_compression(leaf)
+                wc.bits, wc.scheme = lp.bits, lp.scheme
         if lp.act_bits is not None:
             for leaf in leaves(model, name):
                 _add_act_quant(leaf, ActFakeQuant(8, dynamic=lp.act_bits == "dynamic"))

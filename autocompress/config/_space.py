@@ -13,7 +13,8 @@ each selected layer a domain per knob (a :class:`~autocompress.plan.LayerPlan` f
         knobs:
           sparsity: {low: 0.0, high: 0.9, step: 0.05}   # range: low, high, step?, log?
           structure: [unstructured, channel]           # choices
-          bits: [2, 3, 4, 6, 8, null]                  # choices; null = keep fp32
+          bits: [2, 3, 4, 6, 8, fp16, null]            # choices; null = keep fp32
+          scheme: [uniform, pow2]                      # integer bits: even or power-of-two levels
           rank: {low: 0.1, high: 1.0, step: 0.05}      # 1.0 (full rank) = no factorization
           act_bits: null                               # a fixed value
 
@@ -380,8 +381,10 @@ def _check_value(name: str, value: Any, where: str, label: str | None = None) ->
     """Checks one knob value against the knob table."""
     spec = KNOB_TABLE[name]
     shown = f"{label}={value!r}" if label else repr(value)
+    # A number of an integer knob must be an int (8.0 == 8); its strings (bits' fp16/bf16)
+    # are checked by the table.
     wrong_type = isinstance(value, bool) or (
-        spec.integer and value is not None and not isinstance(value, int))
+        spec.integer and value is not None and not isinstance(value, int | str))
     if wrong_type:
         raise ConfigError(f"{shown} is not allowed; allowed: {spec.allowed}", key=where)
     if (isinstance(value, float) and value != value) or not spec.valid(value):  # NaN too

@@ -8,6 +8,10 @@ Layout (little-endian)::
 
     b"ACPK" | u8 format version | u32 header length | header (zlib-compressed JSON) | payload
 
+Format version 2 added tensor encodings (fp16/bf16 and pow2 weights); a file that uses none
+of them is written as version 1, byte for byte what earlier releases wrote, so their readers
+still read it, and this reader reads both.
+
 The header describes the architecture without pickle, as data only:
 
 - ``modules``: ``{qualified name: [type name, constructor kwargs]}`` for every leaf module the
@@ -21,16 +25,20 @@ The header describes the architecture without pickle, as data only:
   ``getattr``, looked up by name at load time. Loading unpickles nothing and runs no code from
   the file; running the model calls the functions its graph names, so a file from an
   untrusted source deserves the care any model file does.
-- ``tensors``: ``[name, bits, sparse]`` per stored tensor, in payload order (shapes follow
+- ``tensors``: ``[name, encoding, sparse]`` per stored tensor, in payload order (shapes follow
   from the modules; a tensor the forward reads directly, not through a leaf module, also
-  carries ``[shape, is_param]``).
+  carries ``[shape, is_param]``). The encoding is the bit-width for fp32 (32) and uniform
+  integer levels (2..8), as in version 1; ``"fp16"``, ``"bf16"`` or ``"pow2:<bits>"``
+  (version 2).
 
 The payload holds each tensor exactly as :mod:`autocompress.measure.size` counts it (the same
 rows of :func:`~autocompress.measure.size.size_report`, so the same bits, format choice and
 byte count): ``bits``-wide values bit-packed (``numpy.packbits``, little-endian bit order;
-quantized values stored offset by ``qmax`` so they are unsigned), or, when ``sparse``, a
-1-bit-per-element presence bitmap followed by the non-zero values only; then one fp32 scale
-per output channel for a quantized weight. fp32 tensors are raw float32. An 8-bit activation
+uniform integers stored offset by ``qmax`` so they are unsigned; pow2 integers as their
+sign + exponent codes, :func:`~autocompress.compress._formats.pow2_codes`), or, when
+``sparse``, a 1-bit-per-element presence bitmap followed by the non-zero values only; then
+one fp32 scale per output channel for integer levels. fp32 tensors are raw float32, fp16 and
+bf16 weights raw 2-byte values (little-endian), so every value comes back exactly. An 8-bit activation
 quantizer is its observed range ``(lo, hi)`` as two fp32 (8 bytes); a dynamic one
 (``act_bits: "dynamic"``) has no state and is only its module entry (``dynamic: true``). So
 ``file size = size_bytes + 9 + header``; the compressed header is a few hundred bytes to a
@@ -65,6 +73,13 @@ import torch.fx as fx
 from torch import nn
 
 from autocompress.compress._bake import bake, quantized_weights
+from autocompress.compress._formats import (
+    FLOAT_DTYPES,
+    float_bytes,
+    float_from_bytes,
+    pow2_codes,
+    pow2_from_codes,
+)
 from autocompress.deploy._architecture import (
     LEAF_TYPES,
     PackedFormatError,
@@ -74,10 +89,11 @@ from autocompress.deploy._architecture import (
     encode_graph,
     module_spec,
 )
-from autocompress.measure.size import size_report
+from autocompress.measure.size import TensorSize, size_report
 
 MAGIC = b"ACPK"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this reader reads (and 1); files without new encodings are written as 1
+_V1_ENCODINGS = ("fp32", "uniform")
 _PREFIX = struct.Struct("<4sBI")  # magic, format version, header length
 
 
@@ -117,21 +133,48 @@ def unpack_bits(buf: bytes, bits: int, count: int) -> np.ndarray:
     return planes.reshape(count, bits).astype(np.int64) @ weights
 
 
-def _encode_values(values: np.ndarray, bits: int, sparse: bool) -> bytes:
-    """``values`` (flat: integers in ``[-qmax, qmax]`` for ``bits < 32``, else float32), dense
-    or sparse (presence bitmap, then the non-zero values)."""
+def _encode_values(values: np.ndarray, encoding: str, bits: int, sparse: bool) -> bytes:
+    """``values`` (flat: integers for ``uniform``/``pow2``, else float32), dense or sparse
+    (presence bitmap, then the non-zero values)."""
     prefix = b""
     if sparse:
         nonzero = values != 0
         prefix = np.packbits(nonzero, bitorder="little").tobytes()
         values = values[nonzero]
-    if bits == 32:
+    if encoding == "fp32":
         return prefix + values.astype("<f4").tobytes()
+    if encoding in FLOAT_DTYPES:
+        return prefix + float_bytes(values, encoding)
+    if encoding == "pow2":
+        return prefix + pack_bits(pow2_codes(values, bits), bits)
     return prefix + pack_bits(values.astype(np.int32) + _qmax(bits), bits)
 
 
 def _qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
+
+
+def _scaled(encoding: str) -> bool:
+    """Whether a tensor of ``encoding`` is followed by one fp32 scale per output channel."""
+    return encoding in ("uniform", "pow2")
+
+
+def _token(row: TensorSize) -> int | str:
+    """A tensor's encoding in the header (see the module docstring)."""
+    if row.encoding in _V1_ENCODINGS:
+        return row.bits
+    return f"pow2:{row.bits}" if row.encoding == "pow2" else row.encoding
+
+
+def _parse_token(token: Any, path: Path) -> tuple[str, int]:
+    """``(encoding, bits)`` of a header encoding."""
+    if isinstance(token, int) and not isinstance(token, bool) and 2 <= token <= 32:
+        return ("fp32" if token == 32 else "uniform"), token
+    if token in FLOAT_DTYPES:
+        return token, 16
+    if isinstance(token, str) and token.startswith("pow2:") and token[5:].isdigit():
+        return "pow2", int(token[5:])
+    raise PackedFormatError(f"{path}: unknown tensor encoding {token!r}")
 
 
 def _take(buf: memoryview, offset: int, nbytes: int) -> bytes:
@@ -141,7 +184,7 @@ def _take(buf: memoryview, offset: int, nbytes: int) -> bytes:
     return raw
 
 
-def _decode_values(buf: memoryview, offset: int, numel: int, bits: int,
+def _decode_values(buf: memoryview, offset: int, numel: int, encoding: str, bits: int,
                    sparse: bool) -> tuple[np.ndarray, int]:
     """Reads one tensor's values at ``offset``; returns them (flat) and the next offset."""
     mask = None
@@ -154,7 +197,14 @@ def _decode_values(buf: memoryview, offset: int, numel: int, bits: int,
         count = int(mask.sum())
     nbytes = math.ceil(count * bits / 8)
     raw = _take(buf, offset, nbytes)
-    vals = np.frombuffer(raw, "<f4") if bits == 32 else unpack_bits(raw, bits, count) - _qmax(bits)
+    if encoding == "fp32":
+        vals = np.frombuffer(raw, "<f4")
+    elif encoding in FLOAT_DTYPES:
+        vals = float_from_bytes(raw, encoding)
+    elif encoding == "pow2":
+        vals = pow2_from_codes(unpack_bits(raw, bits, count), bits)
+    else:
+        vals = unpack_bits(raw, bits, count) - _qmax(bits)
     if mask is not None:
         out = np.zeros(numel, vals.dtype)
         out[mask] = vals
@@ -199,7 +249,7 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
             continue  # not used by the forward
         if attr == _QPARAMS:
             values = torch.stack([baked.get_buffer(f"{owner}.lo"), baked.get_buffer(f"{owner}.hi")]).numpy()
-        elif row.bits < 32:
+        elif _scaled(row.encoding):
             q, scale = qweights[row.name]
             values = q.ravel()
         else:
@@ -208,11 +258,11 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
                 raise PackedFormatError(f"tensor {row.name!r} is {t.dtype}; the packed format "
                                         "stores float32 tensors")
             values = t.detach().cpu().numpy().ravel()
-        chunk = _encode_values(values, row.bits, row.sparse)
-        if row.bits < 32:
+        chunk = _encode_values(values, row.encoding, row.bits, row.sparse)
+        if _scaled(row.encoding):
             chunk += scale.astype("<f4").tobytes()
         chunks.append(chunk)
-        entry = [row.name, row.bits, int(row.sparse)]
+        entry: list[Any] = [row.name, _token(row), int(row.sparse)]
         if row.name in attrs:  # not owned by a leaf module: its shape is not implied
             entry += [list(baked.get_parameter(row.name).shape if row.is_param
                            else baked.get_buffer(row.name).shape), int(row.is_param)]
@@ -222,9 +272,10 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
         {"modules": modules, "graph": encode_graph(graph), "tensors": entries},
         separators=(",", ":"), allow_nan=False).encode(), 9)
     payload = b"".join(chunks)
+    version = 1 if all(isinstance(e[1], int) for e in entries) else FORMAT_VERSION
     path = Path(path)
     with open(path, "wb") as f:
-        f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)))
+        f.write(_PREFIX.pack(MAGIC, version, len(header)))
         f.write(header)
         f.write(payload)
     return PackedInfo(path, _PREFIX.size + len(header), len(payload), path.stat().st_size)
@@ -245,7 +296,8 @@ def load_packed(path: str | Path) -> nn.Module:
     root: dict[str, Any] = {name: build_module(spec) for name, spec in header["modules"].items()}
 
     state, offset = {}, 0
-    for name, bits, sparse, *extra in header["tensors"]:
+    for name, token, sparse, *extra in header["tensors"]:
+        encoding, bits = _parse_token(token, Path(path))
         owner, _, attr = name.rpartition(".")
         if extra:
             shape = tuple(extra[0])
@@ -253,8 +305,9 @@ def load_packed(path: str | Path) -> nn.Module:
             shape = (2,)
         else:
             shape = tuple(getattr(root[owner], attr).shape)
-        vals, offset = _decode_values(payload, offset, math.prod(shape), bits, bool(sparse))
-        if bits < 32:
+        vals, offset = _decode_values(payload, offset, math.prod(shape), encoding, bits,
+                                      bool(sparse))
+        if _scaled(encoding):
             scale = np.frombuffer(_take(payload, offset, 4 * shape[0]), "<f4")
             offset += 4 * shape[0]
             vals = vals.reshape(shape[0], -1).astype(np.float32) * scale[:, None]
@@ -286,9 +339,9 @@ def _read(path: Path) -> tuple[dict, memoryview]:
     if len(data) < _PREFIX.size or data[:4] != MAGIC:
         raise PackedFormatError(f"{path}: not a packed model")
     _, version, header_len = _PREFIX.unpack_from(data)
-    if version != FORMAT_VERSION:
+    if not 1 <= version <= FORMAT_VERSION:
         raise PackedFormatError(f"{path}: packed format version {version} is not supported; "
-                                f"expected {FORMAT_VERSION}")
+                                f"this reader reads 1 to {FORMAT_VERSION}")
     try:
         header = json.loads(zlib.decompress(data[_PREFIX.size:_PREFIX.size + header_len]))
     except (zlib.error, ValueError) as e:

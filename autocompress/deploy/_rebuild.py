@@ -11,7 +11,9 @@ are loaded into it:
   becomes ``weight != 0`` where the knob table says the layer's plan keeps a mask
   (``KnobSpec.masks``: unstructured sparsity), and stays all-ones elsewhere;
 - quantizing already-quantized values is the identity: the largest magnitude of ``q * scale``
-  is ``qmax * scale``, so the recomputed scale and integer values are the logged ones.
+  is ``qmax * scale``, so the recomputed scale and integer values are the logged ones (pow2:
+  the largest magnitude is the calibrated scale, whose first candidate quantizes the logged
+  values with zero error; fp16/bf16: rounding a representable value gives it back).
 
 The result is the trial's model again: same outputs, same ``size_bytes``.
 """

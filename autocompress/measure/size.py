@@ -3,10 +3,11 @@
 Every stored tensor costs ``min(dense, sparse)`` bytes plus its quantization scales:
 
 - ``dense  = ceil(numel * b / 8)``: all values bit-packed at ``b`` bits (``b`` = the layer's
-  bit-width, or 32 for fp32);
+  integer bit-width, uniform or pow2 alike; 16 for fp16/bf16 weights; 32 for fp32);
 - ``sparse = ceil(nnz * b / 8) + ceil(numel / 8)``: only the ``nnz`` non-zero values, plus a
   1-bit-per-element presence bitmap;
-- ``scales = 4 * out_channels`` for a quantized weight (one fp32 scale per output channel).
+- ``scales = 4 * out_channels`` for a weight with integer bits (one fp32 scale per output
+  channel); fp16/bf16 weights have none.
 
 Zeros are counted on the weight as it will be stored (after masking and quantization).
 Biases, BatchNorm affine parameters and running statistics are fp32; an 8-bit activation
@@ -34,7 +35,11 @@ ACT_QUANT_BYTES = 8
 
 @dataclass(frozen=True)
 class TensorSize:
-    """Storage of one tensor: ``bytes`` = min(dense, sparse) + scales."""
+    """Storage of one tensor: ``bytes`` = min(dense, sparse) + scales.
+
+    ``encoding`` is what its ``bits``-wide values are: ``fp32``, ``uniform`` or ``pow2``
+    integer levels (with ``scales``), ``fp16`` or ``bf16``.
+    """
 
     name: str
     numel: int
@@ -44,6 +49,18 @@ class TensorSize:
     bytes: int
     sparse: bool
     is_param: bool = True
+    encoding: str = "fp32"
+
+
+def weight_storage(bits: int | str | None) -> tuple[int, bool]:
+    """``(bits per stored value, whether one fp32 scale per output channel is stored)`` of a
+    weight at plan value ``bits``: ``(b, True)`` for an integer ``b`` (uniform and pow2
+    alike), ``(16, False)`` for ``"fp16"``/``"bf16"``, ``(32, False)`` for None (fp32)."""
+    if bits is None:
+        return 32, False
+    if isinstance(bits, str):
+        return 16, False
+    return bits, True
 
 
 def tensor_bytes(numel: int, nnz: int, bits: int = 32, scales: int = 0) -> tuple[int, bool]:
@@ -64,19 +81,27 @@ def size_report(model: nn.Module) -> list[TensorSize]:
             if not mod.dynamic:  # a dynamic one stores nothing
                 rows.append(TensorSize(f"{prefix}qparams", 2, 2, 32, 0, ACT_QUANT_BYTES, False, False))
             continue
-        tensors: dict[str, tuple[torch.Tensor, int | None, bool]] = {
+        tensors: dict[str, tuple[torch.Tensor, WeightCompression | None, bool]] = {
             n: (p, None, True) for n, p in mod.named_parameters(recurse=False)}
         if parametrize.is_parametrized(mod, "weight"):
             wc = next((p for p in mod.parametrizations["weight"] if isinstance(p, WeightCompression)), None)
-            tensors["weight"] = (mod.weight, wc.bits if wc else None, True)
+            tensors["weight"] = (mod.weight, wc, True)
         tensors.update({n: (b, None, False) for n, b in mod.named_buffers(recurse=False)
                         if n != "num_batches_tracked"})
-        for n, (t, bits, is_param) in tensors.items():
+        for n, (t, wc, is_param) in tensors.items():
             numel, nnz = t.numel(), int(torch.count_nonzero(t.detach()))
-            scales = t.shape[0] if bits is not None else 0
-            nbytes, sparse = tensor_bytes(numel, nnz, bits or 32, scales)
-            rows.append(TensorSize(prefix + n, numel, nnz, bits or 32, scales, nbytes, sparse, is_param))
+            bits, scaled = weight_storage(wc.bits if wc else None)
+            scales = t.shape[0] if scaled else 0
+            nbytes, sparse = tensor_bytes(numel, nnz, bits, scales)
+            rows.append(TensorSize(prefix + n, numel, nnz, bits, scales, nbytes, sparse, is_param,
+                                   _encoding(wc)))
     return rows
+
+
+def _encoding(wc: WeightCompression | None) -> str:
+    if wc is None or wc.bits is None:
+        return "fp32"
+    return wc.bits if isinstance(wc.bits, str) else wc.scheme
 
 
 def size_bytes(model: nn.Module) -> int:

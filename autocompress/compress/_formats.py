@@ -1,0 +1,145 @@
+"""What a compressed weight's values are: the value formats of the ``bits`` and ``scheme`` knobs.
+
+- **uniform** (integer ``bits`` b in 2..8, the default ``scheme``): symmetric per-output-channel
+  levels ``q * scale``, ``q`` an integer in ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` and
+  ``scale = max|w| / (2**(b-1) - 1)`` per output channel.
+- **pow2** (integer ``bits`` b in 3..6, ``scheme: pow2``; power-of-two or "shift" quantization,
+  Miyashita et al. 2016, "Convolutional Neural Networks using Logarithmic Data
+  Representation"): levels ``{0} ∪ {±s·2**-k : k = 0..L-1}`` with ``L = 2**(b-1) - 1``
+  exponents per output channel: one code for zero, a sign bit and an exponent code for the
+  rest (``2**b - 1`` levels, as many as uniform has). A weight goes to the level **nearest in
+  linear value** (the midpoint between ``s·2**-k`` and ``s·2**-(k+1)`` is ``0.75·s·2**-k``,
+  between the smallest level and 0 it is half the smallest level; ties go to the larger
+  magnitude). Nearest in value, not in log-value, so the rounding error is the least a level
+  set allows and the stored value is exactly what the forward used. The scale ``s`` is
+  calibrated, not just ``max|w|``: per output channel, the candidate
+  ``max|w| · 2**(-j/4)``, ``j = 0..3`` (one octave, since ``2**-1`` would shift the whole level
+  set by one exponent) of least squared error, the first on ties. It depends on the weights
+  alone, so quantizing again reproduces it: already-quantized values have ``max|w| = s`` and
+  ``j = 0`` quantizes them with zero error (rebuilding a trial from its logged weights relies
+  on it). As integers: ``q = ±2**(L-1-k)`` (or 0) times ``scale = s·2**-(L-1)``; up to 4 bits
+  (``|q| <= 64``) they are int8 values, exported as int8 + ``DequantizeLinear`` like uniform.
+- **fp16 / bf16** (``bits: "fp16" | "bf16"``): the weight rounded to IEEE half precision or to
+  bfloat16 (round to nearest even; fp16 saturates at ±65504), 16 bits per value, no scale.
+
+Every format is applied as fake quantization during fine-tuning
+(:class:`~autocompress.compress._modules.WeightCompression`: the rounded value forward,
+the gradient straight through).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from autocompress.compress._knobs import FLOAT_FORMATS
+
+__all__ = ["FLOAT_DTYPES", "POW2_CANDIDATES", "compressed_value", "float_bytes", "float_from_bytes",
+           "pow2_codes", "pow2_from_codes", "quantize_weight", "round_to_float"]
+
+FLOAT_DTYPES: dict[str, torch.dtype] = dict(zip(FLOAT_FORMATS, (torch.float16, torch.bfloat16),
+                                                strict=True))
+POW2_CANDIDATES = 4  # scale candidates max|w| * 2**(-j/4), j = 0..3
+
+
+def compressed_value(w: torch.Tensor, bits: int | str, scheme: str = "uniform") -> torch.Tensor:
+    """The value a weight is stored as (and computed with) at plan values ``bits``/``scheme``."""
+    if isinstance(bits, str):
+        return round_to_float(w, bits)
+    q, scale = quantize_weight(w, bits, scheme)
+    return q * scale
+
+
+def round_to_float(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``w`` rounded to ``fmt`` (``"fp16"`` or ``"bf16"``) and back to its dtype; fp16
+    saturates at its largest finite value instead of overflowing to infinity."""
+    dtype = FLOAT_DTYPES[fmt]
+    big = torch.finfo(dtype).max
+    return w.clamp(-big, big).to(dtype).to(w.dtype)
+
+
+def quantize_weight(w: torch.Tensor, bits: int,
+                    scheme: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel quantization, uniform or power-of-two (module docstring).
+
+    Returns:
+        ``(q, scale)``: integer-valued ``q`` (as float; uniform: in
+        ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``, pow2: 0 or ``±2**e``,
+        ``e < 2**(bits-1) - 1``) and ``scale`` broadcastable to ``w``, so that ``q * scale``
+        approximates ``w``.
+    """
+    if scheme == "pow2":
+        return _pow2_quantize(w, bits)
+    qmax = 2 ** (bits - 1) - 1
+    amax = w.detach().abs().flatten(1).amax(dim=1).clamp_min(1e-12)
+    scale = (amax / qmax).view(-1, *([1] * (w.dim() - 1)))
+    q = torch.clamp(torch.round(w / scale), -qmax, qmax)
+    return q, scale
+
+
+def _pow2_round(a: torch.Tensor, levels: int) -> torch.Tensor:
+    """``a >= 0`` (in units of the scale) rounded to the nearest of
+    ``{0} ∪ {2**-k : k = 0..levels-1}`` (ties to the larger); exact (``frexp``, no logarithm)."""
+    mantissa, exponent = torch.frexp(a)  # a = mantissa * 2**exponent, mantissa in [0.5, 1)
+    up = (mantissa >= 0.75).to(exponent.dtype)  # nearer 2**exponent than 2**(exponent - 1)
+    level = torch.ldexp(torch.ones_like(a), exponent - 1 + up)
+    smallest = 2.0 ** (1 - levels)
+    return torch.where(a < smallest / 2, torch.zeros_like(a), level.clamp(smallest, 1.0))
+
+
+def _pow2_quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    levels = 2 ** (bits - 1) - 1
+    flat = w.detach().flatten(1)
+    mag = flat.abs()
+    amax = mag.amax(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def fit(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rounded = _pow2_round(mag / s, levels)
+        return rounded, ((rounded * s - mag) ** 2).sum(dim=1, keepdim=True)
+
+    scale = amax
+    best, best_error = fit(scale)
+    for j in range(1, POW2_CANDIDATES):  # one at a time: the memory of one weight, not four
+        s = amax * 2.0 ** (-j / 4)
+        rounded, error = fit(s)
+        better = error < best_error  # strictly: the first of the least error wins
+        best = torch.where(better, rounded, best)
+        best_error = torch.where(better, error, best_error)
+        scale = torch.where(better, s, scale)
+    top = 2.0 ** (levels - 1)  # q = level * top: integers up to 2**(levels - 1)
+    q = torch.sign(flat) * best * top
+    return q.view_as(w), (scale / top).view(-1, *([1] * (w.dim() - 1)))
+
+
+# --- codes of the packed format ---------------------------------------------------------------
+
+
+def pow2_codes(q: np.ndarray, bits: int) -> np.ndarray:
+    """pow2 integer values (0 or ``±2**(L-1-k)``) as ``bits``-bit unsigned codes: 0 for zero,
+    else ``(sign << (bits - 1)) | (k + 1)``."""
+    levels = 2 ** (bits - 1) - 1
+    q = np.asarray(q, np.int64)
+    exponent = np.frexp(np.abs(q).astype(np.float64))[1] - 1  # |q| = 2**exponent
+    codes = (levels - exponent) | (np.where(q < 0, 1, 0) << (bits - 1))
+    return np.where(q == 0, 0, codes)
+
+
+def pow2_from_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """The inverse of :func:`pow2_codes` (int64 values)."""
+    levels = 2 ** (bits - 1) - 1
+    codes = np.asarray(codes, np.int64)
+    k1 = codes & levels
+    q = np.where(k1 == 0, 0, np.left_shift(1, np.maximum(levels - k1, 0)))
+    return np.where(codes >> (bits - 1) == 1, -q, q)
+
+
+def float_bytes(values: np.ndarray, fmt: str) -> bytes:
+    """``values`` (float32, already representable) as little-endian 2-byte fp16/bf16."""
+    t = torch.from_numpy(np.ascontiguousarray(values, np.float32)).to(FLOAT_DTYPES[fmt])
+    return t.view(torch.int16).numpy().astype("<i2").tobytes()
+
+
+def float_from_bytes(raw: bytes, fmt: str) -> np.ndarray:
+    """The inverse of :func:`float_bytes`: float32 values."""
+    halves = torch.from_numpy(np.frombuffer(raw, "<i2").astype(np.int16))
+    return halves.view(FLOAT_DTYPES[fmt]).float().numpy()
