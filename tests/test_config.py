@@ -85,7 +85,7 @@ def test_digits_experiment_values():
     assert exp.metrics == ["accuracy", "latency_ms", "size_bytes"]
     assert exp.directions == ["maximize", "minimize", "minimize"]
     assert exp.target == Target(device="cpu", runtime="onnxruntime", threads=1, batch_size=1)
-    assert exp.search == SearchSettings(sampler="nsga2", trials=20, concurrency=2, seed=0)
+    assert exp.search == SearchSettings(sampler="mutation", trials=20, concurrency=2, seed=0)
     assert exp.finetune == FinetuneConfig(epochs=3, lr=0.001, distill=True)
     assert exp.constraints == Constraints(max_accuracy_drop=0.05)
     assert exp.tracking_uri is None
@@ -313,7 +313,7 @@ def _mostly(good: st.SearchStrategy, bad: st.SearchStrategy) -> st.SearchStrateg
 _good_values = {
     "device": st.sampled_from(["cpu", "cuda"]), "runtime": st.sampled_from(["torch", "ort"]),
     "threads": st.integers(0, 4), "min_runs": st.integers(1, 400), "budget_s": st.floats(0, 2),
-    "sampler": st.sampled_from(["nsga2", "tpe", "random"]), "trials": st.integers(0, 5),
+    "sampler": st.sampled_from(["nsga2", "tpe", "mutation", "random"]), "trials": st.integers(0, 5),
     "seed": st.one_of(st.none(), st.integers()), "lr": st.floats(-1, 1), "distill": st.booleans(),
     "alpha": st.floats(0, 1.5), "max_accuracy_drop": st.one_of(st.none(), st.floats(-1, 1)),
 }

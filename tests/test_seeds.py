@@ -98,7 +98,8 @@ def test_weight_bytes_matches_the_stored_size(tiny) -> None:
 
     x = tiny.example_inputs
     for lp in (LayerPlan(bits=4), LayerPlan(sparsity=0.5, bits=3), LayerPlan(rank=0.5, bits=8),
-               LayerPlan(sparsity=0.5)):
+               LayerPlan(sparsity=0.5), LayerPlan(bits="fp16"), LayerPlan(sparsity=0.75, bits="bf16"),
+               LayerPlan(bits=4, scheme="pow2")):
         change = size_bytes(apply(tiny.model, Plan({"net.6": lp}), x)) - size_bytes(tiny.model)
         assert change == weight_bytes((4, 16), lp) - 4 * 4 * 16, lp
 

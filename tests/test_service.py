@@ -221,34 +221,44 @@ def test_isolation_follows_the_cores_the_trials_leave(monkeypatch, cores, trial_
 
 def test_a_counting_gate_lets_steps_run_beside_a_measurement(tmp_path: Path) -> None:
     """``slots=2`` (2 cores shared): a measurement takes the free slot without waiting for the
-    running step; a second step then waits for a slot (2 in use), and runs as soon as the
-    first step ends, while the measurement still runs."""
+    running step a; a second step b then waits (both slots taken) and runs as soon as a ends,
+    while the measurement still runs. Events, not sleeps, order the threads."""
     service_side = TrainingGate(str(tmp_path), slots=2)
     trial_a, trial_b = TrainingGate(str(tmp_path), slots=2), TrainingGate(str(tmp_path), slots=2)
+    a_runs, release_a, measuring, end_measure, b_ran = (threading.Event() for _ in range(5))
     events: list[str] = []
+
+    def step_a() -> None:
+        with trial_a.step():
+            a_runs.set()
+            release_a.wait(10)
+            events.append("a ends")
 
     def measure() -> None:
         with service_side.measuring():
             events.append("measure start")
-            time.sleep(0.6)
+            measuring.set()
+            end_measure.wait(10)
             events.append("measure end")
 
-    def second_step() -> None:
+    def step_b() -> None:
         with trial_b.step():
             events.append("b runs")
+            b_ran.set()
 
-    with trial_a.step():
-        thread = threading.Thread(target=measure)
-        thread.start()
-        time.sleep(0.2)
-        events.append("measuring beside a" if "measure start" in events else "waited for a")
-        other = threading.Thread(target=second_step)
-        other.start()
-        time.sleep(0.2)
-        events.append("a ends")
-    other.join()
-    thread.join()
-    assert events == ["measure start", "measuring beside a", "a ends", "b runs", "measure end"]
+    threads = [threading.Thread(target=f) for f in (step_a, measure, step_b)]
+    threads[0].start()
+    assert a_runs.wait(10)
+    threads[1].start()
+    assert measuring.wait(10), "the measurement waited for the running step"
+    threads[2].start()
+    assert not b_ran.wait(0.3), "a third holder while both slots were taken"
+    release_a.set()
+    assert b_ran.wait(10), "b did not run beside the measurement"
+    end_measure.set()
+    for t in threads:
+        t.join(10)
+    assert events == ["measure start", "a ends", "b runs", "measure end"]
 
 
 def test_a_gate_without_slots_still_holds_every_step(tmp_path: Path) -> None:

@@ -134,23 +134,29 @@ def test_runtimes_say_whether_they_run_integer_kernels() -> None:
     assert reason and "fp32" in reason
 
 
-def test_a_search_on_torch_leaves_act_bits_out_with_a_note() -> None:
+def test_act_bits_are_searched_only_where_they_can_pay() -> None:
+    """Left out, with one note each, on a runtime without integer kernels (torch) and when no
+    objective measures speed (they buy nothing else)."""
     from autocompress.config._space import load_search_space
-    from autocompress.tune._driver import _without_unrunnable_knobs
+    from autocompress.tune._driver import _without_knobs_that_cannot_pay
 
     spec = MODELS["mlp"]
     layers = describe_layers(spec.build(), spec.example_inputs())
     space = load_search_space({"layers": [
         {"types": ["Linear"], "knobs": {"bits": [4, 8], "act_bits": [None, 8]}}]},
         source="inline.yaml").resolve(layers)
-    notes: list[str] = []
-    for runtime, kept in (("onnxruntime", True), ("torch", False)):
-        exp = SimpleNamespace(target=Target(runtime=runtime))  # what it reads of an Experiment
-        out = _without_unrunnable_knobs(space, exp, notes.append)
+    for runtime, metrics, kept, why in (
+            ("onnxruntime", ["accuracy", "latency_ms"], True, None),
+            ("torch", ["accuracy", "latency_ms"], False, "torch"),
+            ("onnxruntime", ["accuracy", "size_bytes"], False, "no objective measures it")):
+        notes: list[str] = []
+        exp = SimpleNamespace(target=Target(runtime=runtime), metrics=metrics)  # what it reads
+        out = _without_knobs_that_cannot_pay(space, exp, notes.append)
         assert any(p.endswith("/act_bits") for p in out.params()) is kept
         assert all(lp.act_bits is None for lp in out.plan_from_params(
             {p: 8 for p in out.params()}).layers.values()) is not kept
-    assert len(notes) == 1 and "act_bits left out of the search" in notes[0] and "torch" in notes[0]
+        assert len(notes) == (0 if kept else 1)
+        assert kept or ("act_bits left out of the search" in notes[0] and why in notes[0])
 
 
 def test_the_static_range_always_includes_zero() -> None:

@@ -9,7 +9,7 @@ An experiment file is YAML::
       - {metric: accuracy, mode: max}   # accuracy, latency_ms, size_bytes, params, macs
       - {metric: latency_ms, mode: min} # mode may be left out; it is fixed per metric
     target: {device: cpu, runtime: onnxruntime, threads: 1, batch_size: 1}   # Target fields
-    search: {sampler: nsga2, trials: 32, concurrency: 2, seed: 0, cpus_per_trial: 1}
+    search: {sampler: mutation, trials: 32, concurrency: 2, seed: 0, cpus_per_trial: 1}
     finetune: {epochs: 2, lr: 0.001, distill: true}   # FinetuneConfig fields
     constraints: {max_accuracy_drop: 0.05}            # optional
     tracking_uri: sqlite:///mlflow.db                 # optional; the CLI has a default
@@ -65,7 +65,7 @@ __all__ = [
 EXPERIMENT_VERSION = 1
 # Objective metrics and the only sensible direction for each (from the metric registry).
 METRICS: dict[str, str] = objective_metrics()
-SAMPLERS = sampler_names()  # nsga2, tpe, random: the registry in autocompress/tune/_samplers.py
+SAMPLERS = sampler_names()  # nsga2, tpe, mutation, random: the registry in tune/_samplers.py
 MAX_OBJECTIVES = 3
 IN_MEMORY_PREFIX = "<in-memory:"  # the logged reference of a Task object
 _TASK_RE = re.compile(r"[A-Za-z_]\w*|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
@@ -113,7 +113,8 @@ class SearchSettings:
     """How the search runs.
 
     Attributes:
-        sampler: Optuna sampler: ``nsga2``, ``tpe`` or ``random``.
+        sampler: Optuna sampler: ``mutation`` (the default: mutates the feasible Pareto front,
+            :mod:`autocompress.tune._mutation`), ``nsga2``, ``tpe`` or ``random``.
         trials: Trials in total.
         concurrency: Trials running at the same time.
         seed: Sampler seed, or None for a random one.
@@ -125,7 +126,7 @@ class SearchSettings:
             (no pruning, no factorization), so the front starts from a known-safe model.
     """
 
-    sampler: str = "nsga2"
+    sampler: str = "mutation"
     trials: int = 32
     concurrency: int = 1
     seed: int | None = 0

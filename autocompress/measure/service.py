@@ -46,6 +46,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,18 +146,19 @@ class TrainingGate:
         return self._fds[name]
 
     def _take_slot(self) -> int:
-        """Locks a free slot (the first free one, else waits for one) and returns its fd."""
+        """Locks the first free slot and returns its fd; while none is free, tries again every
+        millisecond (a process cannot wait on several locks at once, and waiting on one of
+        them could mean waiting for a whole measurement while another slot frees up)."""
         assert self.slots is not None
         fds = [self._fd(f"slot-{i}") for i in range(self.slots)]
-        for fd in fds:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                continue
-        fd = fds[os.getpid() % len(fds)]
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
+        while True:
+            for fd in fds:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    continue
+            time.sleep(0.001)
 
     @contextlib.contextmanager
     def _held(self, mode: int) -> Iterator[None]:

@@ -85,7 +85,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     _check_address(address)
     _check_target(exp)
     _check_finetune_device(exp, address, echo)
-    space = _without_unrunnable_knobs(space, exp, echo)  # notes after every check
+    space = _without_knobs_that_cannot_pay(space, exp, echo)  # notes after every check
     echo(f"task {task.name}: {len(space.layers)} layers, {len(space.params())} search parameters")
     for line in _limits_summary(layers, space):
         echo(line)
@@ -238,14 +238,21 @@ def _not_run_yet(points: list[dict[str, Any]], storage: str, study_name: str) ->
     return [p for p in points if p not in done]
 
 
-def _without_unrunnable_knobs(space: Any, exp: Experiment, echo: Callable[[str], None]) -> Any:
-    """``space`` without ``act_bits`` when the target's runtime has no integer kernels for
-    quantized activations (:meth:`Runtime.integer_kernels`): there they would only cost
-    accuracy and time, never buy speed. Said once, with the reason."""
+def _without_knobs_that_cannot_pay(space: Any, exp: Experiment, echo: Callable[[str], None]) -> Any:
+    """``space`` without ``act_bits`` where quantized activations cannot pay: when no
+    objective is ``latency_ms`` (they buy speed only: the same weights, 8 bytes more per layer,
+    some accuracy), or when the target's runtime has no integer kernels for them
+    (:meth:`Runtime.integer_kernels`). Said once, with the reason."""
     from autocompress.measure.runtimes._table import get_runtime
 
+    if not space.sets("act_bits"):
+        return space
+    if "latency_ms" not in exp.metrics:
+        echo(f"act_bits left out of the search: quantized activations buy speed only, and no "
+             f"objective measures it (objectives: {', '.join(exp.metrics)})")
+        return space.without("act_bits")
     reason = get_runtime(exp.target).integer_kernels(exp.target)
-    if reason is None or not space.sets("act_bits"):
+    if reason is None:
         return space
     echo(f"act_bits left out of the search: {reason} (target {exp.target.runtime}/"
          f"{exp.target.device}); ONNX Runtime on a CPU runs them on integer kernels")

@@ -13,8 +13,10 @@ Each trial:
 
 - with probability ``explore`` (and while fewer than two trials have finished) it is sampled at
   random (Optuna's ``RandomSampler``);
-- otherwise the parent is a uniformly chosen member of the non-dominated set of the finished
-  trials that meet the constraint (all finished trials when none does), and ``k`` of its
+- otherwise the parent is a member of the non-dominated set of the finished trials that meet
+  the constraint (all finished trials when none does), drawn with probability proportional
+  to its crowding distance (:func:`crowding`: the ends of the front and the members beside
+  its widest gaps most often), and ``k`` of its
   parameters (1, 2 or 3 with probabilities 0.5, 0.3, 0.2) move: a stepped range by one or two
   steps up or down, a list of choices to the next or previous value in the order the search
   space lists them (``bits: [3, 4, 5, 6, 8, null]``, ``rank: [null, 0.5, 0.25]``) or, with
@@ -51,14 +53,20 @@ class FrontMutationSampler(BaseSampler):
         seed: Random seed.
         explore: Probability that a trial is sampled at random instead.
         constraints_func: Optuna ``constraints_func`` (feasible iff every value is <= 0), or None.
+        caps: ``{objective index: value}``: values better than this count as this when the
+            parents are chosen (the search caps accuracy at the baseline's: a compressed
+            model one validation sample above the baseline is not a better model, and
+            without the cap the parents pile up at that end of the front).
     """
 
-    def __init__(self, seed: int | None = None, explore: float = 0.15,
-                 constraints_func: Callable[[FrozenTrial], Sequence[float]] | None = None) -> None:
+    def __init__(self, seed: int | None = None, explore: float = 0.05,
+                 constraints_func: Callable[[FrozenTrial], Sequence[float]] | None = None,
+                 caps: dict[int, float] | None = None) -> None:
         self._rng = np.random.default_rng(seed)
         self._random = RandomSampler(seed=seed)
         self._explore = explore
         self._constraints_func = constraints_func
+        self._caps = dict(caps or {})
 
     def reseed_rng(self) -> None:
         self._rng = np.random.default_rng()
@@ -102,8 +110,12 @@ class FrontMutationSampler(BaseSampler):
         directions = ["max" if d == StudyDirection.MAXIMIZE else "min" for d in study.directions]
         values = np.array([[v if v is not None else math.nan for v in t.values] for t in pool],
                           dtype=float)
-        front = [t for t, on in zip(pool, non_dominated_mask(values, directions), strict=True) if on]
-        return (front or pool)[int(self._rng.integers(len(front or pool)))]
+        for i, cap in self._caps.items():
+            values[:, i] = (np.minimum if directions[i] == "max" else np.maximum)(values[:, i], cap)
+        mask = non_dominated_mask(values, directions)
+        front = [t for t, on in zip(pool, mask, strict=True) if on] or pool
+        weights = crowding(values[mask] if mask.any() else values)
+        return front[int(self._rng.choice(len(front), p=weights / weights.sum()))]
 
     def _neighbour(self, dist: BaseDistribution, value: Any) -> Any:
         if isinstance(dist, CategoricalDistribution):
@@ -124,6 +136,28 @@ class FrontMutationSampler(BaseSampler):
                     return type(value)(min(dist.high, max(dist.low, moved)))
             return value
         return value
+
+
+def crowding(values: np.ndarray) -> np.ndarray:
+    """NSGA-II's crowding distance of each point of a front (rows of ``values``): the sum over
+    objectives of the gap between its two neighbours, normalised by the objective's span; the
+    two ends of each objective get twice the largest finite distance (1 where none is finite),
+    so that the front is pushed outwards and its gaps filled."""
+    n, k = values.shape
+    if n <= 2:
+        return np.ones(n)
+    dist = np.zeros(n)
+    ends = np.zeros(n, dtype=bool)
+    for j in range(k):
+        order = np.argsort(values[:, j], kind="stable")
+        col = values[order, j]
+        span = col[-1] - col[0]
+        ends[order[[0, -1]]] = True
+        if span > 0:
+            dist[order[1:-1]] += (col[2:] - col[:-2]) / span
+    finite = dist[~ends]
+    dist[ends] = 2 * finite.max() if finite.size and finite.max() > 0 else 1.0
+    return np.maximum(dist, 1e-3)
 
 
 def _key(params: dict[str, Any]) -> tuple:

@@ -97,7 +97,8 @@ def _tpe(s: Any, constraint: Any) -> Any:
 def _mutation(s: Any, constraint: Any) -> Any:
     from autocompress.tune._mutation import FrontMutationSampler
 
-    return FrontMutationSampler(seed=s.seed, constraints_func=constraint)
+    caps = {constraint.index: constraint.baseline} if isinstance(constraint, AccuracyDropConstraint) else {}
+    return FrontMutationSampler(seed=s.seed, constraints_func=constraint, caps=caps)
 
 
 @register_sampler("random")

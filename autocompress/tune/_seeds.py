@@ -31,7 +31,7 @@ import numpy as np
 
 from autocompress.compress._knobs import KNOB_TABLE, reconcile, same
 from autocompress.compress._plan import LayerPlan
-from autocompress.measure.size import tensor_bytes
+from autocompress.measure.size import tensor_bytes, weight_storage
 from autocompress.tune._sensitivity import Sensitivity, _candidates
 
 _UNITS = 2000  # budget resolution of the knapsack
@@ -51,7 +51,8 @@ class Option:
 def weight_bytes(shape: Sequence[int], lp: LayerPlan) -> int:
     """Bytes of a layer's weight of ``shape`` stored under ``lp`` (see ``measure/size.py``):
     the two factors of a rank, the output channels left by channel pruning, the non-zeros of
-    unstructured sparsity, at ``bits`` with one fp32 scale per output channel."""
+    unstructured sparsity, at ``bits`` with one fp32 scale per output channel (16 bits and no
+    scale for ``fp16``/``bf16``)."""
     out, fan_in = shape[0], math.prod(shape[1:])
     if lp.rank is not None:
         r = max(1, round(lp.rank * min(out, fan_in)))
@@ -65,7 +66,8 @@ def weight_bytes(shape: Sequence[int], lp: LayerPlan) -> int:
     for rows, cols in tensors:
         numel = rows * cols
         nnz = numel - round(lp.sparsity * numel) if lp.structure == "unstructured" else numel
-        total += tensor_bytes(numel, nnz, lp.bits or 32, rows if lp.bits else 0)[0]
+        bits, scaled = weight_storage(lp.bits)
+        total += tensor_bytes(numel, nnz, bits, rows if scaled else 0)[0]
     return total
 
 
@@ -152,6 +154,10 @@ def seed_points(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequence[int
     while len(budgets) < count and budgets and min(budgets) // 2 >= smallest:
         budgets.append(min(budgets) // 2)
     plans = [*recipes, *(a for b in budgets if (a := allocate(options, b)) is not None)]
+    # Plans that keep more than half the weight bytes teach the search nothing the warm start
+    # (8-bit weights) does not (e.g. the uncompressed model, or one free 1% change).
+    full = sum(weight_bytes(shapes[name], LayerPlan()) for name in options)
+    plans = [p for p in plans if 2 * sum(o.cost for o in p.values()) <= full]
     points: list[dict[str, Any]] = []
     for plan in plans:
         point = to_params(space, {name: o.knobs for name, o in plan.items()})
