@@ -20,10 +20,13 @@ stopped.
   search trials do;
 - ``core only``: a service pinned to the reserved core with ``pause_training: false``, idle
   and while N trainers run that keep off its core (but never pause);
+- ``shared cores``: the service as a search runs it when no core is spare (``isolation=
+  "pause"``: unpinned, a counting training gate with one slot per core, of which a
+  measurement takes one), idle and while N trainers run unpinned through its gate;
 - ``shared``: a plain Ray actor that measures unpinned, as a trial measuring itself did before
   the service existed, idle and while N trainers run unpinned.
 
-Every round runs the six cases in this order and times each model once per case. Reported
+Every round runs the eight cases in this order and times each model once per case. Reported
 per model and case: the median over rounds of the per-round median latency and the min-max of
 the round medians; the ratio *N training / idle* per condition (1.00 = unaffected by the
 training). Trainer throughput (steps/s over the timed window, all trainers together) is
@@ -58,7 +61,7 @@ from autocompress.measure.service import (  # noqa: E402
     training_gate,
 )
 
-KINDS = ("service", "core only", "shared")
+KINDS = ("service", "core only", "shared cores", "shared")
 CASES = tuple(f"{kind}, {load}" for kind in KINDS for load in ("idle", "training"))
 
 
@@ -125,10 +128,11 @@ def run(rounds: int, load_trials: int, target: Target) -> dict[str, Any]:
     try:
         service, reserved = start_service(target)
         core_only, core_reserved = start_service(dataclasses.replace(target, pause_training=False))
+        sharing, sharing_reserved = start_service(target, "pause")
         keep_off(reserved)  # the driver too, as in a search
         shared = ray.remote(num_cpus=0)(SharedMeasurer).remote(target)
         measurers = {"service": (service, reserved), "core only": (core_only, core_reserved),
-                     "shared": (shared, None)}
+                     "shared cores": (sharing, sharing_reserved), "shared": (shared, None)}
         models = load_models()
         prepared = {name: prepare(model, inputs, target) for name, (model, inputs, _) in models.items()}
         medians: dict[str, dict[str, list[float]]] = {m: {c: [] for c in CASES} for m in prepared}
@@ -192,7 +196,7 @@ def markdown(rows: list[dict[str, Any]], load_trials: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=9, help="rounds of the six cases (default 9)")
+    ap.add_argument("--rounds", type=int, default=9, help="rounds of the eight cases (default 9)")
     ap.add_argument("--load-trials", type=int, default=2, help="training trials under load (default 2)")
     ap.add_argument("--budget-s", type=float, default=1.0, help="timing budget per measurement")
     ap.add_argument("--rel-ci", type=float, default=0.01,

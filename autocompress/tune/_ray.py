@@ -150,8 +150,9 @@ def _measurement_service(exp: Experiment, echo: Callable[[str], None]) -> tuple[
     if exp.target.device == "remote":
         echo(f"latency: measured by the device agent at {exp.target.url}, one at a time")
     elif reserved.core is None and reserved.gate_dir is not None:
-        echo("latency: measured one at a time, with training paused while a model is timed "
-             "(no core to spare for measuring alone: the trials use them all)")
+        echo(f"latency: measured one at a time on a core freed for it (no core is spare: the "
+             f"trials share all {reserved.gate_slots}, and while a model is timed at most "
+             f"{reserved.gate_slots - 1} training step(s) run beside it)")
     elif reserved.core is None:
         echo("latency: this node has a single core, so measurements share it with training "
              "(expect noisy timings)")
