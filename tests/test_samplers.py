@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
@@ -73,3 +74,13 @@ def test_mutation_samples_neighbours_of_the_feasible_front() -> None:
         for k, dist in SPACE.items():
             assert dist._contains(dist.to_internal_repr(params[k]))
         _tell(study, trial, [0.0, 1000.0])  # dominated: the front stays the two parents
+
+
+def test_crowding_prefers_the_ends_and_the_gaps() -> None:
+    from autocompress.tune._mutation import crowding
+
+    values = np.array([[0.99, 100.0], [0.98, 60.0], [0.97, 50.0], [0.90, 10.0]])
+    weights = crowding(values)
+    assert weights[0] == weights[3] == weights.max()  # the two ends
+    assert weights[2] > weights[1]  # beside the widest gap (50 -> 10)
+    assert list(crowding(values[:2])) == [1.0, 1.0]

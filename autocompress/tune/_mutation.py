@@ -113,8 +113,10 @@ class FrontMutationSampler(BaseSampler):
         for i, cap in self._caps.items():
             values[:, i] = (np.minimum if directions[i] == "max" else np.maximum)(values[:, i], cap)
         mask = non_dominated_mask(values, directions)
-        front = [t for t, on in zip(pool, mask, strict=True) if on] or pool
-        weights = crowding(values[mask] if mask.any() else values)
+        if not mask.any():  # no comparable values (NaN): any finished trial
+            return pool[int(self._rng.integers(len(pool)))]
+        front = [t for t, on in zip(pool, mask, strict=True) if on]
+        weights = crowding(values[mask])
         return front[int(self._rng.choice(len(front), p=weights / weights.sum()))]
 
     def _neighbour(self, dist: BaseDistribution, value: Any) -> Any:
