@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -200,6 +201,24 @@ def test_a_sharing_service_takes_no_core_and_no_ray_cpu(service) -> None:
         assert ServiceMeasurer(actor)(spec.build(), spec.example_inputs(), TARGET).latency_ms > 0
     finally:
         stop_service(actor)
+
+
+@pytest.mark.parametrize(("cores", "trial_cpus", "slots"), [(2, 1, 2), (2, 2, 1), (8, 2, 4),
+                                                            (8, 1.5, 4), (1, 4, 1)])
+def test_a_measurement_slot_frees_a_whole_trial(monkeypatch, tmp_path: Path, cores: int,
+                                                trial_cpus: float, slots: int) -> None:
+    """Trials of several threads: one slot per ceil(cpus_per_trial) cores, so that the slot a
+    measurement takes frees at least one core."""
+    from autocompress.measure.service import MeasurementService
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+    threads = torch.get_num_threads()
+    try:
+        service = MeasurementService(TARGET, "pause", trial_cpus)  # sets the target's threads
+    finally:
+        torch.set_num_threads(threads)
+    assert service.core is None and service.gate is not None and service.gate.slots == slots
 
 
 @pytest.mark.parametrize(("cores", "trial_cpus", "pause", "device", "expected"), [

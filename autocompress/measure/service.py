@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import shutil
 import tempfile
@@ -237,9 +238,11 @@ class MeasurementService:
             neither a core nor the training gate (a remote target). With ``"core"`` or
             ``"pause"`` and ``target.pause_training``, training on this node pauses while it
             times (:class:`TrainingGate`).
+        trial_cpus: Threads of one trial (``cpus_per_trial``). With ``"pause"`` the gate has
+            one slot per ``ceil(trial_cpus)`` cores, so a measurement's slot frees a core.
     """
 
-    def __init__(self, target: Target, isolation: str = "core") -> None:
+    def __init__(self, target: Target, isolation: str = "core", trial_cpus: float = 1.0) -> None:
         if isolation not in ISOLATION:
             raise ValueError(f"isolation={isolation!r}; allowed: {list(ISOLATION)}")
         self.target = target
@@ -254,7 +257,8 @@ class MeasurementService:
         self.gate: TrainingGate | None = None
         if isolation != "none" and target.pause_training:
             self.gate = TrainingGate(tempfile.mkdtemp(prefix="autocompress-gate-"),
-                                     None if isolation == "core" else max(1, len(cores)))
+                                     None if isolation == "core"
+                                     else max(1, len(cores) // max(1, math.ceil(trial_cpus))))
         torch.set_num_threads(target.threads)
 
     def close(self) -> None:
@@ -287,7 +291,8 @@ class MeasurementService:
 START_TIMEOUT_S = 120.0  # to get the service's CPU (and GPU) on the driver's node
 
 
-def start_service(target: Target, isolation: str | None = None) -> tuple[Any, Reservation]:
+def start_service(target: Target, isolation: str | None = None,
+                  trial_cpus: float = 1.0) -> tuple[Any, Reservation]:
     """Starts the measurement service actor on this (the driver's) node.
 
     With a reserved core (``isolation="core"``, the default for a local target) the actor asks
@@ -295,7 +300,8 @@ def start_service(target: Target, isolation: str | None = None) -> tuple[Any, Re
     local search starts Ray with one CPU more than its trials need) and none otherwise (so
     that a trial can still run there; the core is reserved by pinning alone); sharing the
     cores (``"pause"``) or measuring remotely (``"none"``, forced for ``device: remote``) it
-    asks for none. With ``device: cuda`` it also takes the GPU.
+    asks for none. With ``device: cuda`` it also takes the GPU. ``trial_cpus``: see
+    :class:`MeasurementService`.
 
     Returns:
         The actor handle and where it runs.
@@ -315,7 +321,7 @@ def start_service(target: Target, isolation: str | None = None) -> tuple[Any, Re
     here = NodeAffinitySchedulingStrategy(node_id, soft=False)
     actor = (ray.remote(MeasurementService)
              .options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=here, max_concurrency=1)
-             .remote(target, isolation))
+             .remote(target, isolation, trial_cpus))
     try:
         info = ray.get(actor.info.remote(), timeout=START_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:

@@ -145,13 +145,13 @@ def _measurement_service(exp: Experiment, echo: Callable[[str], None]) -> tuple[
     from autocompress.measure.service import isolation_for, keep_off, start_service
 
     isolation = isolation_for(exp.target, exp.search.concurrency * exp.search.cpus_per_trial)
-    service, reserved = start_service(exp.target, isolation)
+    service, reserved = start_service(exp.target, isolation, exp.search.cpus_per_trial)
     keep_off(reserved)
     if exp.target.device == "remote":
         echo(f"latency: measured by the device agent at {exp.target.url}, one at a time")
     elif reserved.core is None and reserved.gate_dir is not None:
         echo(f"latency: measured one at a time on a core freed for it (no core is spare: the "
-             f"trials share all {reserved.gate_slots}, and while a model is timed at most "
+             f"trials share them all, and while a model is timed at most "
              f"{reserved.gate_slots - 1} training step(s) run beside it)")
     elif reserved.core is None:
         echo("latency: this node has a single core, so measurements share it with training "
