@@ -28,9 +28,10 @@ A whole reserved core costs a trial's worth of CPU, which a small machine cannot
 cores it leaves one core to two trials, and running them two at a time is then slower than
 one at a time. So the search reserves a core only where one is spare (more cores than its
 trials use, :func:`isolation_for`); otherwise, with ``pause_training``, the service shares
-the cores (``isolation="pause"``) and the gate counts: on ``n`` cores at most ``n`` training
-steps run at once, and a measurement takes one of those ``n`` slots, so it has a core of its
-own while it times and at most ``n - 1`` steps run beside it. The trial whose model is timed
+the cores (``isolation="pause"``) and the gate counts: it has ``n`` slots (the cores divided
+by the CPUs of one trial), every training step holds one, and a measurement takes one of those
+``n`` slots, so it has a core of its own while it times and at most ``n - 1`` steps run
+beside it. The trial whose model is timed
 waits for the result and trains nothing meanwhile, so with as many trials as cores no
 training pauses at all.
 
