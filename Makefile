@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 export AUTOCOMPRESS_CACHE ?= $(CURDIR)/.autocompress/cache
 
-.PHONY: setup demo demo-minilm test test-fast lint bench bench-isolation bench-cache clean
+.PHONY: setup demo demo-minilm test test-fast lint bench bench-isolation bench-cache bench-parallel bench-search clean
 
 setup: $(STAMP)
 
@@ -37,8 +37,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check autocompress tests bench
 	$(BIN)/mypy autocompress
 
+# Latency of the compression methods, then the method catalogue (weight formats, decompositions).
 bench: $(STAMP)
 	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/catalogue.py
+	$(BIN)/python bench/decompose.py
+
+bench-parallel: $(STAMP)
+	$(BIN)/python bench/parallel.py
+
+bench-search: $(STAMP)
+	$(BIN)/python bench/search_quality.py
 
 bench-isolation: $(STAMP)
 	$(BIN)/python bench/isolation.py
