@@ -221,6 +221,17 @@ def test_a_measurement_slot_frees_a_whole_trial(monkeypatch, tmp_path: Path, cor
     assert service.core is None and service.gate is not None and service.gate.slots == slots
 
 
+def test_without_affinity_the_cores_are_all_the_cores(monkeypatch) -> None:
+    """Where the OS cannot say which cores a process may use (macOS), the policy and the gate
+    count every core, not one."""
+    from autocompress.measure.service import usable_cores
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert usable_cores() == list(range(6))
+    assert isolation_for(TARGET, 6) == "pause" and isolation_for(TARGET, 4) == "core"
+
+
 @pytest.mark.parametrize(("cores", "trial_cpus", "pause", "device", "expected"), [
     (8, 2, True, "cpu", "core"),     # a core to spare
     (2, 2, True, "cpu", "pause"),    # the trials take every core: share them, pause training

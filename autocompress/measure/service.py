@@ -31,9 +31,8 @@ trials use, :func:`isolation_for`); otherwise, with ``pause_training``, the serv
 the cores (``isolation="pause"``) and the gate counts: it has ``n`` slots (the cores divided
 by the CPUs of one trial), every training step holds one, and a measurement takes one of those
 ``n`` slots, so it has a core of its own while it times and at most ``n - 1`` steps run
-beside it. The trial whose model is timed
-waits for the result and trains nothing meanwhile, so with as many trials as cores no
-training pauses at all.
+beside it. The trial whose model is timed waits for the result and trains nothing meanwhile,
+so with as many trials as cores no training pauses at all.
 
 With ``device: remote`` the service forwards to the device agent (which serialises
 measurements itself) and reserves no core. On a single-core node nothing can be reserved:
@@ -69,6 +68,13 @@ def pin(cores: set[int]) -> None:
         except OSError:  # a thread that ended meanwhile
             pass
     os.sched_setaffinity(0, cores)
+
+
+def usable_cores() -> list[int]:
+    """The cores this process may run on (every core where the OS cannot say)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
 
 
 def _threads() -> list[int]:
@@ -217,13 +223,13 @@ def isolation_for(target: Target, trial_cpus: float) -> str:
     ``"core"``: it reserves a core (and pauses training while it times, with
     ``pause_training``) when the cores this process may use outnumber the CPUs the trials
     take (``concurrency * cpus_per_trial``), or when training may not be paused;
-    ``"pause"``: otherwise it shares the cores with the trials and pauses their training while
-    it times; ``"none"``: a remote target (the device agent serialises its measurements).
+    ``"pause"``: otherwise it shares the cores with the trials, and its counting training gate
+    frees one for each measurement; ``"none"``: a remote target (the device agent serialises
+    its measurements).
     """
     if target.device == "remote":
         return "none"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return "core" if cores > trial_cpus or not target.pause_training else "pause"
+    return "core" if len(usable_cores()) > trial_cpus or not target.pause_training else "pause"
 
 
 class MeasurementService:
@@ -251,8 +257,8 @@ class MeasurementService:
         self.core: int | None = None
         self.measured = 0
         self.cache_hits = 0
-        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        if isolation == "core" and len(cores) > 1:
+        cores = usable_cores()
+        if isolation == "core" and len(cores) > 1 and hasattr(os, "sched_setaffinity"):
             self.core = cores[-1]
             pin({self.core})
         self.gate: TrainingGate | None = None
