@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 
 from autocompress._inputs import as_args, input_names, run, take, tensors_of, to_numpy_feed
 from autocompress.compress._formats import float_bytes, quantize_weight
-from autocompress.compress._modules import ActFakeQuant, WeightCompression
+from autocompress.compress._modules import ActFakeQuant, WeightCompression, find_weight_compression
 from autocompress.compress._ort_quant import (
     StaticLayer,
     WeightMatch,
@@ -85,9 +85,7 @@ def _act_quantized(model: nn.Module, dynamic: bool) -> list[str]:
 def _compressed_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, WeightCompression]]:
     """``(parameter name, the weight, its WeightCompression)`` of every weight with ``bits``."""
     for name, mod in model.named_modules():
-        if not parametrize.is_parametrized(mod, "weight"):
-            continue
-        wc = next((p for p in mod.parametrizations["weight"] if isinstance(p, WeightCompression)), None)
+        wc = find_weight_compression(mod)
         if wc is not None and wc.bits is not None:
             yield f"{name}.weight", cast(torch.Tensor, mod.weight), wc
 

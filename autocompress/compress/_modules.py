@@ -53,12 +53,18 @@ class WeightCompression(nn.Module):
         return f"bits={self.bits}{scheme}, sparsity={1 - self.mask.float().mean().item():.3f}"
 
 
+def find_weight_compression(module: nn.Module) -> WeightCompression | None:
+    """The WeightCompression of ``module.weight``, or None if it has none."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return next((p for p in module.parametrizations["weight"] if isinstance(p, WeightCompression)),
+                None)
+
+
 def weight_compression(module: nn.Module) -> WeightCompression:
     """The WeightCompression of ``module.weight``, added on first use."""
-    if parametrize.is_parametrized(module, "weight"):
-        for p in module.parametrizations["weight"]:
-            if isinstance(p, WeightCompression):
-                return p
+    if (found := find_weight_compression(module)) is not None:
+        return found
     wc = WeightCompression(module.weight.shape).to(module.weight.device)
     parametrize.register_parametrization(module, "weight", wc)
     return wc

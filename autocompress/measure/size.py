@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from autocompress.compress._modules import ActFakeQuant, WeightCompression
+from autocompress.compress._modules import ActFakeQuant, WeightCompression, find_weight_compression
 
 ACT_QUANT_BYTES = 8
 
@@ -84,8 +84,7 @@ def size_report(model: nn.Module) -> list[TensorSize]:
         tensors: dict[str, tuple[torch.Tensor, WeightCompression | None, bool]] = {
             n: (p, None, True) for n, p in mod.named_parameters(recurse=False)}
         if parametrize.is_parametrized(mod, "weight"):
-            wc = next((p for p in mod.parametrizations["weight"] if isinstance(p, WeightCompression)), None)
-            tensors["weight"] = (mod.weight, wc, True)
+            tensors["weight"] = (mod.weight, find_weight_compression(mod), True)
         tensors.update({n: (b, None, False) for n, b in mod.named_buffers(recurse=False)
                         if n != "num_batches_tracked"})
         for n, (t, wc, is_param) in tensors.items():
