@@ -331,3 +331,31 @@ def test_report_of_the_real_search(searched: Searched, tmp_path: Path) -> None:
     page = out.read_text()
     assert page.count("plotly-graph-div") == 4
     assert all(row["run_id"] in page for row in searched.front)
+
+
+@pytest.mark.parametrize("build", ["two_inputs", "tokens_model", "tiny_gpt2"])
+def test_the_verifier_runs_the_onnx_file_as_the_task_calls_its_model(build: str,
+                                                                       tmp_path: Path) -> None:
+    """Export verification evaluates the ONNX file with the task's own metric, which calls the
+    model as ``model(x)``, ``model(*x)`` or ``model(**x)``: models with several inputs (a
+    tuple, a dict of token ids and mask) must run too, giving the torch model's outputs, and
+    so must the recorded largest output difference."""
+    from autocompress._inputs import run
+    from autocompress.deploy._export import _OnnxModule
+    from tests import real_models
+
+    model, inputs = getattr(real_models, build)()
+    path = export_onnx(model, inputs, tmp_path / "m.onnx", dynamic_sequence=isinstance(inputs, dict))
+    with torch.no_grad():
+        expected = run(model, inputs)
+    expected = expected if isinstance(expected, torch.Tensor) else next(iter(
+        expected.values() if isinstance(expected, dict) else expected))
+    got = run(_OnnxModule(path), inputs)
+    assert torch.allclose(got, expected, atol=1e-4)
+    if isinstance(run(model, inputs), torch.Tensor):  # the recorded output difference too
+        from types import SimpleNamespace
+
+        from autocompress.deploy._export import _max_output_diff
+
+        rebuilt = SimpleNamespace(model=model, task=SimpleNamespace(val_loader=[(inputs, None)]))
+        assert _max_output_diff(_OnnxModule(path), rebuilt) < 1e-4

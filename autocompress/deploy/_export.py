@@ -86,11 +86,17 @@ class _OnnxModule(nn.Module):
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
+        self.inputs = {i.name for i in self.session.get_inputs()}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input: x.detach().cpu().numpy()})[0]
-        return torch.from_numpy(out)
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        """Called as the task calls its model (``model(x)``, ``model(*x)``, ``model(**x)``);
+        the ONNX inputs are named as :func:`autocompress._inputs.input_names` names them (an
+        input the exporter dropped, e.g. an unused mask, is left out of the feed)."""
+        from autocompress._inputs import to_numpy_feed
+
+        inputs = kwargs or (args[0] if len(args) == 1 else args)
+        feed = {k: v for k, v in to_numpy_feed(inputs).items() if k in self.inputs}
+        return torch.from_numpy(self.session.run(None, feed)[0])
 
 
 def _write_onnx(rebuilt: Rebuilt, path: Path) -> None:
@@ -265,12 +271,13 @@ def _time_artifact(rebuilt: Rebuilt, fmt: str, loaded: nn.Module):
 def _max_output_diff(loaded: nn.Module, rebuilt: Rebuilt) -> float | None:
     """Largest ``|artifact output - trial model output|`` over the validation inputs (for the
     record; the pass/fail criterion is the metric). None for non-tensor outputs."""
+    from autocompress._inputs import run
     from autocompress.compress._bake import bake
 
     reference = bake(rebuilt.model)
     worst = 0.0
     for x, *_ in rebuilt.task.val_loader:
-        a, b = loaded(x), reference(x)
+        a, b = run(loaded, x), run(reference, x)
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return None
         worst = max(worst, float((a - b).abs().max()))
