@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -347,9 +348,7 @@ def test_the_verifier_runs_the_onnx_file_as_the_task_calls_its_model(build: str,
     model, inputs = getattr(real_models, build)()
     path = export_onnx(model, inputs, tmp_path / "m.onnx", dynamic_sequence=isinstance(inputs, dict))
     with torch.no_grad():
-        expected = run(model, inputs)
-    expected = expected if isinstance(expected, torch.Tensor) else next(iter(
-        expected.values() if isinstance(expected, dict) else expected))
+        expected = _first_output(run(model, inputs))
     got = run(_OnnxModule(path), inputs)
     assert torch.allclose(got, expected, atol=1e-4)
     if isinstance(run(model, inputs), torch.Tensor):  # the recorded output difference too
@@ -359,3 +358,31 @@ def test_the_verifier_runs_the_onnx_file_as_the_task_calls_its_model(build: str,
 
         rebuilt = SimpleNamespace(model=model, task=SimpleNamespace(val_loader=[(inputs, None)]))
         assert _max_output_diff(_OnnxModule(path), rebuilt) < 1e-4
+
+
+@pytest.mark.parametrize("build", ["two_inputs", "tokens_model", "tiny_gpt2"])
+def test_torchscript_export_traces_every_input_form(build: str, tmp_path: Path) -> None:
+    """A dict of inputs is traced as keyword arguments (as one positional argument the trace
+    fails on a forward that takes them by name), and the loaded module runs as the task calls
+    its model."""
+    import warnings
+
+    from autocompress._inputs import run
+    from autocompress.deploy._export import _trace_inputs
+    from tests import real_models
+
+    model, inputs = getattr(real_models, build)()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, **_trace_inputs(inputs))
+    torch.jit.save(traced, str(tmp_path / "m.pt"))
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    with torch.no_grad():
+        expected, got = run(model, inputs), run(loaded, inputs)
+    assert torch.allclose(_first_output(got), _first_output(expected), atol=1e-5)
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    """A model's output tensor, or the first of a tuple or dict of them."""
+    return out if isinstance(out, torch.Tensor) else next(iter(
+        out.values() if isinstance(out, dict) else out))

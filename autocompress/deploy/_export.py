@@ -55,7 +55,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -111,8 +111,16 @@ def _write_torchscript(rebuilt: Rebuilt, path: Path) -> None:
 
     with warnings.catch_warnings():  # deprecation notice; tracer notes on frozen act ranges
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(bake(rebuilt.model), rebuilt.task.example_inputs)
+        traced = torch.jit.trace(bake(rebuilt.model), **_trace_inputs(rebuilt.task.example_inputs))
         torch.jit.save(traced, str(path))
+
+
+def _trace_inputs(inputs: Any) -> dict[str, Any]:
+    """``torch.jit.trace``'s example arguments for inputs of any form: a dict is keyword
+    arguments (given as ``example_inputs`` it would be one positional argument)."""
+    if isinstance(inputs, Mapping):
+        return {"example_kwarg_inputs": dict(inputs)}
+    return {"example_inputs": inputs}
 
 
 def _write_packed(rebuilt: Rebuilt, path: Path) -> None:
