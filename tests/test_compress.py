@@ -4,7 +4,7 @@ Expectations are computed independently of the implementation: channel pruning m
 same tensors as the same model family built narrower (``ModelSpec.width_of``), low-rank layers
 hold ``r * (in * k + out)`` weights (SVD; Tucker-2 and CP: ``factor_leaves``), stored
 bytes follow the formula in ``autocompress.measure.size`` (re-implemented here as
-``ref_bytes``), and weights hold the values of their format (``assert_in_format``: at most
+``ref_weight_bytes``), and weights hold the values of their format (``assert_in_format``: at most
 ``2**bits - 1`` levels per row, pow2 levels signed powers of two, fp16/bf16 representable).
 """
 
@@ -28,6 +28,7 @@ from autocompress.compress._bake import bake, export_onnx
 from autocompress.compress._plan import LayerPlan, Plan, PlanError
 from autocompress.measure import count_params, size_bytes
 from tests.models import MODELS, ModelSpec
+from tests.test_size import reference_bytes
 
 ACT_QUANT_BYTES = 8  # fp32 scale + int32 zero point, see autocompress.measure.size
 
@@ -133,17 +134,10 @@ PARAMS = [pytest.param(c, id=f"{c.model}-{c.method}") for c in CASES]
 FLOATS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def ref_bytes(numel: int, nnz: int, bits: int, rows: int) -> int:
-    """min(dense, bitmap-sparse) bytes at ``bits`` per value, plus ``rows`` fp32 scales."""
-    dense = math.ceil(numel * bits / 8)
-    sparse = math.ceil(nnz * bits / 8) + math.ceil(numel / 8)
-    return min(dense, sparse) + 4 * rows
-
-
-def ref_weight_bytes(numel: int, nnz: int, bits: int | str, rows: int) -> int:
-    """A weight at plan value ``bits``: integer levels with one scale per row, or 16-bit
-    floats (fp16/bf16) without scales."""
-    return ref_bytes(numel, nnz, 16, 0) if bits in FLOATS else ref_bytes(numel, nnz, bits, rows)
+def ref_weight_bytes(weight: torch.Tensor, bits: int | str, rows: int) -> int:
+    """A stored weight at plan value ``bits``: integer levels with one scale per row, or
+    16-bit floats (fp16/bf16) without scales (layouts: ``tests.test_size.reference_bytes``)."""
+    return reference_bytes(weight, 16) if bits in FLOATS else reference_bytes(weight, bits, rows)
 
 
 def kept_channels(out: int, sparsity: float) -> int:
@@ -210,11 +204,12 @@ def expected_params_and_bytes(spec: ModelSpec, plan: dict[str, LayerPlan],
         params += sum(numel for _, numel, _ in leaves) - out * fan_in
         nbytes -= 4 * out * fan_in
         for leaf, numel, rows in leaves:
+            weight = compressed.get_submodule(leaf).weight
             if lp.bits is not None:
-                nnz = int(torch.count_nonzero(compressed.get_submodule(leaf).weight))
-                nbytes += ref_weight_bytes(numel, nnz, lp.bits, rows)
+                nbytes += ref_weight_bytes(weight, lp.bits, rows)
             elif lp.sparsity > 0 and lp.structure == "unstructured":
-                nbytes += ref_bytes(numel, numel - round(lp.sparsity * numel), 32, 0)
+                assert int(torch.count_nonzero(weight)) == numel - round(lp.sparsity * numel)
+                nbytes += reference_bytes(weight, 32)
             else:
                 nbytes += 4 * numel
         if lp.act_bits is not None:  # one range per weight-bearing module (both factors)

@@ -27,7 +27,8 @@ from autocompress.deploy._packed import load_packed, save_packed
 from autocompress.deploy._rebuild import load_baked_state
 from autocompress.measure import count_params, size_bytes
 from tests.models import MODELS
-from tests.test_compress import ref_bytes, run_onnx, train_steps
+from tests.test_compress import run_onnx, train_steps
+from tests.test_size import reference_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -227,9 +228,9 @@ def test_size_and_macs_match_a_hand_count() -> None:
                                  "0.3": 25 * 16 * 11}
     cp4 = apply(model, Plan({"0": LayerPlan(rank=0.25, decomposition="cp", bits=4)}), x)
     rows = {"0.0": (88, 11), "0.1": (33, 11), "0.2": (33, 11), "0.3": (176, 16)}
-    expected = 4 * 16 + sum(
-        ref_bytes(n, int(torch.count_nonzero(cp4.get_submodule(leaf).weight)), 4, r)
-        for leaf, (n, r) in rows.items())
+    assert all(cp4.get_submodule(leaf).weight.numel() == n for leaf, (n, _) in rows.items())
+    expected = 4 * 16 + sum(reference_bytes(cp4.get_submodule(leaf).weight, 4, r)
+                            for leaf, (n, r) in rows.items())
     assert size_bytes(cp4) == expected
 
 

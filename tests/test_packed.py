@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from autocompress.compress import apply
 from autocompress.compress._bake import bake
 from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.deploy._packed import PackedFormatError, load_packed, pack_bits, save_packed, unpack_bits
-from autocompress.measure import size_bytes
+from autocompress.measure import size_bytes, size_report
 from autocompress.tasks.digits import DigitsCNN
 from tests.models import MODELS, ModelSpec
 
@@ -180,3 +183,76 @@ def test_load_packed_is_a_lazy_top_level_export(tmp_path: Path) -> None:
                          check=True)
     assert out.stdout.strip() == "(2, 4)"
     assert autocompress.load_packed is load_packed
+
+
+# --- the delta (relative-index) layout ----------------------------------------------------------
+
+def _header(data: bytes) -> dict:
+    length = int.from_bytes(data[5:9], "little")
+    return json.loads(zlib.decompress(data[9:9 + length]))
+
+
+def _with_header(data: bytes, header: dict) -> bytes:
+    length = int.from_bytes(data[5:9], "little")
+    new = zlib.compress(json.dumps(header).encode())
+    return data[:5] + len(new).to_bytes(4, "little") + new + data[9 + length:]
+
+
+@pytest.mark.parametrize("knobs", [
+    {"sparsity": 0.95},
+    {"sparsity": 0.9, "bits": 4},
+    {"sparsity": 0.95, "bits": 2},
+    {"sparsity": 0.9, "bits": 4, "scheme": "pow2"},
+    {"sparsity": 0.95, "bits": "fp16"},
+    {"sparsity": 0.97, "bits": 8, "rank": 0.5},
+], ids=["fp32", "4bit", "2bit", "pow2", "fp16", "rank-8bit"])
+def test_very_sparse_weights_use_the_delta_layout_and_come_back_exactly(knobs: dict,
+                                                                         tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10))
+    x = torch.randn(4, 300)
+    new = apply(model, Plan({"0": LayerPlan(**knobs)}), x)
+    delta = [r for r in size_report(new) if r.layout.kind == "delta"]
+    assert delta and all(r.layout.width >= 1 for r in delta)
+    info = save_packed(new, tmp_path / "m.acpk")
+    data = info.path.read_bytes()
+    assert data[4] == 3  # the delta layout: format version 3
+    assert info.payload_bytes == size_bytes(new)
+    loaded, baked = load_packed(info.path), bake(new)
+    for key, value in baked.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    torch.testing.assert_close(loaded(x), baked(x), atol=1e-6, rtol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 4).map(lambda v: v == 0), min_size=1, max_size=400),
+       st.sampled_from([2, 4, 8, 32]))
+def test_any_zero_pattern_round_trips_in_the_smallest_layout(mask: list[bool], bits: int) -> None:
+    torch.manual_seed(len(mask))
+    weight = torch.where(torch.tensor(mask), torch.randn(len(mask)).abs() + 0.5, 0.0)
+    model = nn.Sequential(nn.Linear(len(mask), 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(weight.view(1, -1))
+    new = model if bits == 32 else apply(model, Plan({"0": LayerPlan(bits=bits)}),
+                                         torch.randn(2, len(mask)))
+    with tempfile.TemporaryDirectory() as tmp:
+        info = save_packed(new, Path(tmp) / "m.acpk")
+        assert info.payload_bytes == size_bytes(new)
+        assert torch.equal(load_packed(info.path).state_dict()["0.weight"], bake(new)[0].weight)
+
+
+def test_a_damaged_delta_index_is_refused(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10))
+    new = apply(model, Plan({"0": LayerPlan(sparsity=0.95, bits=4)}), torch.randn(4, 300))
+    data = save_packed(new, tmp_path / "m.acpk").path.read_bytes()
+    header = _header(data)
+    entry = next(e for e in header["tensors"] if isinstance(e[2], list))
+    for layout, match in (([0, 5], "unknown tensor layout"), ([17, 5], "unknown tensor layout"),
+                          ("delta", "unknown tensor layout"),
+                          ([entry[2][0], entry[2][1] * 40], "truncated|runs past")):
+        entry[2] = layout
+        bad = tmp_path / "bad.acpk"
+        bad.write_bytes(_with_header(data, header))
+        with pytest.raises(PackedFormatError, match=match):
+            load_packed(bad)

@@ -93,15 +93,22 @@ def test_the_allocation_meets_its_budget_and_is_optimal() -> None:
 
 
 def test_weight_bytes_matches_the_stored_size(tiny) -> None:
+    """Exact where the weight is stored dense or with a bitmap; the delta layout's cost
+    depends on where the zeros fall, which planning prices as random positions."""
     from autocompress.compress import Plan, apply
-    from autocompress.measure import size_bytes
+    from autocompress.measure import size_bytes, size_report
 
     x = tiny.example_inputs
     for lp in (LayerPlan(bits=4), LayerPlan(sparsity=0.5, bits=3), LayerPlan(rank=0.5, bits=8),
                LayerPlan(sparsity=0.5), LayerPlan(bits="fp16"), LayerPlan(sparsity=0.75, bits="bf16"),
-               LayerPlan(bits=4, scheme="pow2")):
-        change = size_bytes(apply(tiny.model, Plan({"net.6": lp}), x)) - size_bytes(tiny.model)
-        assert change == weight_bytes((4, 16), lp) - 4 * 4 * 16, lp
+               LayerPlan(bits=4, scheme="pow2"), LayerPlan(sparsity=0.95, bits=4)):
+        new = apply(tiny.model, Plan({"net.6": lp}), x)
+        change = size_bytes(new) - size_bytes(tiny.model)
+        predicted = weight_bytes((4, 16), lp)
+        if any(r.layout.kind == "delta" for r in size_report(new) if r.name.startswith("net.6.")):
+            assert abs(change + 4 * 4 * 16 - predicted) <= 0.15 * predicted + 2, lp
+        else:
+            assert change == predicted - 4 * 4 * 16, lp
 
 
 def test_seed_points_are_params_of_the_space(identity_task) -> None:

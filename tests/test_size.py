@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,29 +15,49 @@ from torch import nn
 from autocompress.compress import apply
 from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.measure import count_params, size_bytes, size_report, tensor_bytes, weight_storage
+from autocompress.measure.size import Layout, best_layout, delta_entries, gaps_of
 
 FAST = settings(max_examples=200, deadline=None)
 
 
-@pytest.mark.parametrize(("numel", "nnz", "bits", "scales", "expected"), [
-    # dense fp32: 100 * 4 = 400 < sparse 400 + ceil(100 / 8) = 413
-    pytest.param(100, 100, 32, 0, (400, False), id="fp32-dense"),
-    # half zero: sparse 32 * 4 + 64 / 8 = 136 < dense 256
-    pytest.param(64, 32, 32, 0, (136, True), id="fp32-50pct-sparse-bitmap"),
-    # all zero: only the bitmap, ceil(10 / 8) = 2
-    pytest.param(10, 0, 32, 0, (2, True), id="fp32-all-zero"),
-    # 4-bit packed: ceil(30 * 4 / 8) = 15 (sparse 15 + 4 = 19), plus 3 fp32 scales
-    pytest.param(30, 30, 4, 3, (15 + 12, False), id="4bit-packed-with-scales"),
+@pytest.mark.parametrize(("numel", "positions", "bits", "scales", "expected"), [
+    # dense fp32: 100 * 4 = 400 < bitmap 400 + ceil(100 / 8) = 413
+    pytest.param(100, range(100), 32, 0, (400, False), id="fp32-dense"),
+    # every other one zero: bitmap 32 * 4 + 64 / 8 = 136 < dense 256; delta with 1-bit
+    # indexes (every gap is 1 or 2: no fillers) 32 entries: ceil(32 / 8) + 32 * 4 = 132
+    pytest.param(64, range(0, 64, 2), 32, 0, (132, True), id="fp32-50pct-delta"),
+    # all zero: no delta entries, nothing stored
+    pytest.param(10, [], 32, 0, (0, True), id="fp32-all-zero"),
+    # 4-bit packed: ceil(30 * 4 / 8) = 15 (bitmap 15 + 4 = 19), plus 3 fp32 scales
+    pytest.param(30, range(30), 4, 3, (15 + 12, False), id="4bit-packed-with-scales"),
     # 3 bits do not fill bytes: ceil(5 * 3 / 8) = 2
-    pytest.param(5, 5, 3, 1, (2 + 4, False), id="3bit-rounds-up"),
-    # 8-bit with 3 of 16 non-zero: sparse 3 + 2 = 5 < dense 16
-    pytest.param(16, 3, 8, 2, (5 + 8, True), id="8bit-sparse"),
-    # a tie goes to dense: 8 values, 7 non-zero at 8 bits: dense 8, sparse 7 + 1 = 8
-    pytest.param(8, 7, 8, 0, (8, False), id="tie-is-dense"),
+    pytest.param(5, range(5), 3, 1, (2 + 4, False), id="3bit-rounds-up"),
+    # 8-bit with 3 of 16 non-zero (gaps 1, 5, 10): bitmap 3 + 2 = 5 < dense 16; delta at
+    # best ties it (4-bit indexes: 3 entries, 2 + 3 bytes), and a tie keeps the bitmap
+    pytest.param(16, [0, 5, 15], 8, 2, (5 + 8, True), id="8bit-bitmap"),
+    # 10 of 1000 non-zero 100 apart, 4 bits: bitmap 5 + 125 = 130; delta with 7-bit
+    # indexes (gaps up to 128) 10 entries: ceil(70 / 8) + 5 = 14; with 6-bit ones every gap
+    # takes a filler: 20 entries, 15 + 10 = 25
+    pytest.param(1000, range(99, 1000, 100), 4, 10, (14 + 40, True), id="4bit-delta"),
+    # a tie goes to dense: 8 values, 7 non-zero at 8 bits: dense 8, bitmap 7 + 1 = 8
+    pytest.param(8, range(7), 8, 0, (8, False), id="tie-is-dense"),
 ])
-def test_tensor_bytes_hand_computed(numel: int, nnz: int, bits: int, scales: int,
+def test_tensor_bytes_hand_computed(numel: int, positions: Sequence[int], bits: int, scales: int,
                                     expected: tuple[int, bool]) -> None:
-    assert tensor_bytes(numel, nnz, bits, scales) == expected
+    mask = np.zeros(numel, bool)
+    mask[list(positions)] = True
+    assert tensor_bytes(numel, int(mask.sum()), bits, scales, gaps_of(mask)) == expected
+
+
+def test_delta_layout_hand_computed() -> None:
+    mask = np.zeros(1000, bool)
+    mask[99::100] = True
+    layout = best_layout(1000, 10, 4, gaps_of(mask))
+    assert layout == Layout("delta", 14, width=7, entries=10)
+    assert delta_entries(gaps_of(mask), 6) == 20  # one filler per gap of 100 > 64
+    # planning (no positions): 10 non-zeros at random positions, p = 0.01: with 8-bit
+    # indexes E = 10 / (1 - 0.99^256) = 10.8 -> 11 entries, 11 + 6 = 17 bytes
+    assert best_layout(1000, 10, 4) == Layout("delta", 17, width=8, entries=11)
 
 
 def test_dense_fp32_model_is_four_bytes_per_value() -> None:
@@ -160,16 +182,47 @@ def tensors(draw) -> tuple[int, int, int, int]:
     return numel, nnz, draw(bit_widths), draw(st.integers(min_value=0, max_value=1000))
 
 
+def reference_delta_bytes(mask: Sequence[bool], bits: int) -> int:
+    """The delta layout's smallest size over index widths 1..16, from each gap ``d`` between
+    stored non-zeros costing ``ceil(d / 2^w)`` entries (the last one the value, the others
+    fillers)."""
+    positions = [i for i, nonzero in enumerate(mask) if nonzero]
+    gaps = [b - a for a, b in zip([-1, *positions], positions, strict=False)]
+    best = math.inf
+    for width in range(1, 17):
+        entries = sum(math.ceil(d / 2 ** width) for d in gaps)
+        best = min(best, math.ceil(entries * width / 8) + math.ceil(entries * bits / 8))
+    return best
+
+
+def reference_bytes(weight: torch.Tensor | Sequence[bool], bits: int, scales: int = 0) -> int:
+    """Stored bytes of a tensor (or of its non-zero mask) at ``bits`` per value: the smallest
+    of dense, bitmap and delta (``measure/size.py``'s formula, written out independently),
+    plus ``scales`` fp32 scales."""
+    mask = (weight != 0).flatten().tolist() if isinstance(weight, torch.Tensor) else list(weight)
+    numel, nnz = len(mask), sum(mask)
+    dense = math.ceil(numel * bits / 8)
+    bitmap = math.ceil(nnz * bits / 8) + math.ceil(numel / 8)
+    return min(dense, bitmap, reference_delta_bytes(mask, bits)) + 4 * scales
+
+
+@FAST
+@given(st.lists(st.booleans(), min_size=1, max_size=300), bit_widths,
+       st.integers(min_value=0, max_value=8))
+def test_the_smallest_layout_is_chosen(mask: list[bool], bits: int, scales: int) -> None:
+    numel, nnz = len(mask), sum(mask)
+    nbytes, is_sparse = tensor_bytes(numel, nnz, bits, scales, gaps_of(np.array(mask)))
+    assert nbytes == reference_bytes(mask, bits, scales)
+    assert is_sparse == (nbytes - 4 * scales < math.ceil(numel * bits / 8))
+
+
 @FAST
 @given(tensors())
-def test_the_smaller_format_is_chosen(t: tuple[int, int, int, int]) -> None:
+def test_planned_bytes_are_at_most_dense_and_bitmap(t: tuple[int, int, int, int]) -> None:
     numel, nnz, bits, scales = t
     dense = math.ceil(numel * bits / 8)
-    sparse = math.ceil(nnz * bits / 8) + math.ceil(numel / 8)
-    nbytes, is_sparse = tensor_bytes(numel, nnz, bits, scales)
-    assert nbytes == min(dense, sparse) + 4 * scales
-    assert is_sparse == (sparse < dense)
-    assert nbytes <= dense + 4 * scales
+    bitmap = math.ceil(nnz * bits / 8) + math.ceil(numel / 8)
+    assert tensor_bytes(numel, nnz, bits, scales)[0] <= min(dense, bitmap) + 4 * scales
 
 
 @FAST
@@ -195,5 +248,6 @@ def test_size_report_counts_zeros_of_any_pattern(zero: list[bool]) -> None:
     with torch.no_grad():
         linear.weight.copy_(torch.where(torch.tensor(zero).view(3, 4), 0.0, 1.5))
     nnz = 12 - sum(zero)
-    assert size_bytes(linear) == min(48, 4 * nnz + 2)
+    assert size_bytes(linear) == min(48, 4 * nnz + 2, reference_delta_bytes(
+        [not z for z in zero], 32))
     assert count_params(linear) == (12, nnz)

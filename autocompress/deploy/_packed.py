@@ -8,9 +8,10 @@ Layout (little-endian)::
 
     b"ACPK" | u8 format version | u32 header length | header (zlib-compressed JSON) | payload
 
-Format version 2 added tensor encodings (fp16/bf16 and pow2 weights); a file that uses none
-of them is written as version 1, byte for byte what earlier releases wrote, so their readers
-still read it, and this reader reads both.
+Format version 2 added tensor encodings (fp16/bf16 and pow2 weights), version 3 the delta
+(relative-index) layout of sparse tensors. A file is written as the oldest version that has
+what it uses (one without them is version 1, byte for byte what earlier releases wrote), so
+older readers still read it; this reader reads all three.
 
 The header describes the architecture without pickle, as data only:
 
@@ -25,18 +26,21 @@ The header describes the architecture without pickle, as data only:
   ``getattr``, looked up by name at load time. Loading unpickles nothing and runs no code from
   the file; running the model calls the functions its graph names, so a file from an
   untrusted source deserves the care any model file does.
-- ``tensors``: ``[name, encoding, sparse]`` per stored tensor, in payload order (shapes follow
+- ``tensors``: ``[name, encoding, layout]`` per stored tensor, in payload order (shapes follow
   from the modules; a tensor the forward reads directly, not through a leaf module, also
   carries ``[shape, is_param]``). The encoding is the bit-width for fp32 (32) and uniform
   integer levels (2..8), as in version 1; ``"fp16"``, ``"bf16"`` or ``"pow2:<bits>"``
-  (version 2).
+  (version 2). The layout is 0 (dense), 1 (bitmap) or ``[width, entries]`` (delta, version 3).
 
 The payload holds each tensor exactly as :mod:`autocompress.measure.size` counts it (the same
 rows of :func:`~autocompress.measure.size.size_report`, so the same bits, format choice and
 byte count): ``bits``-wide values bit-packed (``numpy.packbits``, little-endian bit order;
 uniform integers stored offset by ``qmax`` so they are unsigned; pow2 integers as their
-sign + exponent codes, :func:`~autocompress.compress._formats.pow2_codes`), or, when
-``sparse``, a 1-bit-per-element presence bitmap followed by the non-zero values only; then
+sign + exponent codes, :func:`~autocompress.compress._formats.pow2_codes`): all of them
+(dense); a 1-bit-per-element presence bitmap followed by the non-zero values only (bitmap);
+or ``entries`` relative indexes of ``width`` bits (distance to the previous entry minus 1;
+a gap longer than ``2**width`` takes filler entries of value 0) followed by the entries'
+values (delta); then
 one fp32 scale per output channel for integer levels. fp32 tensors are raw float32, fp16 and
 bf16 weights raw 2-byte values (little-endian), so every value comes back exactly. An 8-bit activation
 quantizer is its observed range ``(lo, hi)`` as two fp32 (8 bytes); a dynamic one
@@ -89,10 +93,10 @@ from autocompress.deploy._architecture import (
     encode_graph,
     module_spec,
 )
-from autocompress.measure.size import TensorSize, size_report
+from autocompress.measure.size import INDEX_WIDTHS, Layout, TensorSize, gaps_of, size_report
 
 MAGIC = b"ACPK"
-FORMAT_VERSION = 2  # what this reader reads (and 1); files without new encodings are written as 1
+FORMAT_VERSION = 3  # what this reader reads (and older); a file is written as the oldest that reads it
 _V1_ENCODINGS = ("fp32", "uniform")
 _PREFIX = struct.Struct("<4sBI")  # magic, format version, header length
 
@@ -133,14 +137,32 @@ def unpack_bits(buf: bytes, bits: int, count: int) -> np.ndarray:
     return planes.reshape(count, bits).astype(np.int64) @ weights
 
 
-def _encode_values(values: np.ndarray, encoding: str, bits: int, sparse: bool) -> bytes:
-    """``values`` (flat: integers for ``uniform``/``pow2``, else float32), dense or sparse
-    (presence bitmap, then the non-zero values)."""
-    prefix = b""
-    if sparse:
-        nonzero = values != 0
-        prefix = np.packbits(nonzero, bitorder="little").tobytes()
-        values = values[nonzero]
+def _layout_split(values: np.ndarray, layout: Layout) -> tuple[bytes, np.ndarray]:
+    """The index bytes of ``layout`` and the values it stores, in order (see the module
+    docstring): none and all values (dense), the presence bitmap and the non-zeros (bitmap),
+    the relative indexes and the entries' values, fillers' zeros included (delta)."""
+    if layout.kind == "dense":
+        return b"", values
+    nonzero = values != 0
+    if layout.kind == "bitmap":
+        return np.packbits(nonzero, bitorder="little").tobytes(), values[nonzero]
+    gaps = gaps_of(nonzero)
+    span = 1 << layout.width
+    reps = ((gaps - 1) >> layout.width) + 1  # entries per non-zero: fillers, then itself
+    ends = np.cumsum(reps) - 1
+    if ends.size and ends[-1] + 1 != layout.entries:
+        raise PackedFormatError(f"the tensor has {ends[-1] + 1} delta entries, its size row "
+                                f"{layout.entries}: it changed after size_report")
+    dist = np.full(layout.entries, span, np.int64)
+    dist[ends] = gaps - (reps - 1) * span
+    stored = np.zeros(layout.entries, values.dtype)
+    stored[ends] = values[nonzero]
+    return pack_bits(dist - 1, layout.width), stored
+
+
+def _encode_values(values: np.ndarray, encoding: str, bits: int, layout: Layout) -> bytes:
+    """``values`` (flat: integers for ``uniform``/``pow2``, else float32) in ``layout``."""
+    prefix, values = _layout_split(values, layout)
     if encoding == "fp32":
         return prefix + values.astype("<f4").tobytes()
     if encoding in FLOAT_DTYPES:
@@ -177,6 +199,13 @@ def _parse_token(token: Any, path: Path) -> tuple[str, int]:
     raise PackedFormatError(f"{path}: unknown tensor encoding {token!r}")
 
 
+def _version_of(entry: list[Any]) -> int:
+    """The oldest format version that reads a header tensor entry."""
+    if isinstance(entry[2], list):
+        return 3
+    return 1 if isinstance(entry[1], int) else 2
+
+
 def _take(buf: memoryview, offset: int, nbytes: int) -> bytes:
     raw = bytes(buf[offset:offset + nbytes])
     if len(raw) != nbytes:
@@ -184,17 +213,29 @@ def _take(buf: memoryview, offset: int, nbytes: int) -> bytes:
     return raw
 
 
-def _decode_values(buf: memoryview, offset: int, numel: int, encoding: str, bits: int,
-                   sparse: bool) -> tuple[np.ndarray, int]:
-    """Reads one tensor's values at ``offset``; returns them (flat) and the next offset."""
-    mask = None
-    count = numel
-    if sparse:
+def _decode_positions(buf: memoryview, offset: int, numel: int,
+                      layout: Layout) -> tuple[np.ndarray | None, int, int]:
+    """Reads the index of a tensor in ``layout`` at ``offset``: the flat positions of its
+    stored values (None: all, dense), how many values follow, and the offset after the index."""
+    if layout.kind == "dense":
+        return None, numel, offset
+    if layout.kind == "bitmap":
         nbytes = math.ceil(numel / 8)
         mask = np.unpackbits(np.frombuffer(_take(buf, offset, nbytes), np.uint8), count=numel,
                              bitorder="little").astype(bool)
-        offset += nbytes
-        count = int(mask.sum())
+        return np.flatnonzero(mask), int(mask.sum()), offset + nbytes
+    nbytes = math.ceil(layout.entries * layout.width / 8)
+    dist = unpack_bits(_take(buf, offset, nbytes), layout.width, layout.entries) + 1
+    positions = np.cumsum(dist) - 1
+    if positions.size and positions[-1] >= numel:
+        raise PackedFormatError("packed file is damaged: a relative index runs past its tensor")
+    return positions, layout.entries, offset + nbytes
+
+
+def _decode_values(buf: memoryview, offset: int, numel: int, encoding: str, bits: int,
+                   layout: Layout) -> tuple[np.ndarray, int]:
+    """Reads one tensor's values at ``offset``; returns them (flat) and the next offset."""
+    positions, count, offset = _decode_positions(buf, offset, numel, layout)
     nbytes = math.ceil(count * bits / 8)
     raw = _take(buf, offset, nbytes)
     if encoding == "fp32":
@@ -205,11 +246,27 @@ def _decode_values(buf: memoryview, offset: int, numel: int, encoding: str, bits
         vals = pow2_from_codes(unpack_bits(raw, bits, count), bits)
     else:
         vals = unpack_bits(raw, bits, count) - _qmax(bits)
-    if mask is not None:
+    if positions is not None:
         out = np.zeros(numel, vals.dtype)
-        out[mask] = vals
+        out[positions] = vals
         vals = out
     return vals, offset + nbytes
+
+
+def _layout_token(layout: Layout) -> int | list[int]:
+    """A tensor's layout in the header: 0 dense, 1 bitmap, ``[width, entries]`` delta."""
+    return [layout.width, layout.entries] if layout.kind == "delta" else int(layout.kind == "bitmap")
+
+
+def _parse_layout(token: Any, path: Path) -> Layout:
+    """The :class:`Layout` of a header layout token (bytes are not needed to read it)."""
+    if token in (0, 1) and not isinstance(token, bool):
+        return Layout("bitmap" if token else "dense", 0)
+    if (isinstance(token, list) and len(token) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in token)
+            and token[0] in INDEX_WIDTHS and token[1] >= 0):
+        return Layout("delta", 0, token[0], token[1])
+    raise PackedFormatError(f"{path}: unknown tensor layout {token!r}")
 
 
 # --- the architecture -----------------------------------------------------------------------
@@ -258,11 +315,11 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
                 raise PackedFormatError(f"tensor {row.name!r} is {t.dtype}; the packed format "
                                         "stores float32 tensors")
             values = t.detach().cpu().numpy().ravel()
-        chunk = _encode_values(values, row.encoding, row.bits, row.sparse)
+        chunk = _encode_values(values, row.encoding, row.bits, row.layout)
         if _scaled(row.encoding):
             chunk += scale.astype("<f4").tobytes()
         chunks.append(chunk)
-        entry: list[Any] = [row.name, _token(row), int(row.sparse)]
+        entry: list[Any] = [row.name, _token(row), _layout_token(row.layout)]
         if row.name in attrs:  # not owned by a leaf module: its shape is not implied
             entry += [list(baked.get_parameter(row.name).shape if row.is_param
                            else baked.get_buffer(row.name).shape), int(row.is_param)]
@@ -272,7 +329,7 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
         {"modules": modules, "graph": encode_graph(graph), "tensors": entries},
         separators=(",", ":"), allow_nan=False).encode(), 9)
     payload = b"".join(chunks)
-    version = 1 if all(isinstance(e[1], int) for e in entries) else FORMAT_VERSION
+    version = max((_version_of(e) for e in entries), default=1)
     path = Path(path)
     with open(path, "wb") as f:
         f.write(_PREFIX.pack(MAGIC, version, len(header)))
@@ -296,7 +353,7 @@ def load_packed(path: str | Path) -> nn.Module:
     root: dict[str, Any] = {name: build_module(spec) for name, spec in header["modules"].items()}
 
     state, offset = {}, 0
-    for name, token, sparse, *extra in header["tensors"]:
+    for name, token, layout, *extra in header["tensors"]:
         encoding, bits = _parse_token(token, Path(path))
         owner, _, attr = name.rpartition(".")
         if extra:
@@ -306,7 +363,7 @@ def load_packed(path: str | Path) -> nn.Module:
         else:
             shape = tuple(getattr(root[owner], attr).shape)
         vals, offset = _decode_values(payload, offset, math.prod(shape), encoding, bits,
-                                      bool(sparse))
+                                      _parse_layout(layout, Path(path)))
         if _scaled(encoding):
             scale = np.frombuffer(_take(payload, offset, 4 * shape[0]), "<f4")
             offset += 4 * shape[0]

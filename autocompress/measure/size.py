@@ -1,22 +1,32 @@
 """Size of the deployable artifact, computed from what is really stored.
 
-Every stored tensor costs ``min(dense, sparse)`` bytes plus its quantization scales:
+Every stored tensor costs the smallest of three layouts of its ``b``-bit values, plus its
+quantization scales:
 
 - ``dense  = ceil(numel * b / 8)``: all values bit-packed at ``b`` bits (``b`` = the layer's
   integer bit-width, uniform or pow2 alike; 16 for fp16/bf16 weights; 32 for fp32);
-- ``sparse = ceil(nnz * b / 8) + ceil(numel / 8)``: only the ``nnz`` non-zero values, plus a
+- ``bitmap = ceil(nnz * b / 8) + ceil(numel / 8)``: only the ``nnz`` non-zero values, plus a
   1-bit-per-element presence bitmap;
+- ``delta  = ceil(E * w / 8) + ceil(E * b / 8)``: relative indexing (Deep Compression, Han et
+  al. 2016): each non-zero value is stored with the distance ``d`` (1..2^w) from the previous
+  stored entry in a ``w``-bit index; a gap longer than 2^w takes filler entries (index 2^w,
+  value 0), so ``E = sum(ceil(d / 2^w))`` over the non-zeros, fillers included. ``w`` is
+  chosen per tensor (1..16) to minimise the bytes. Beyond ~75% sparsity it is smaller than
+  the bitmap, which costs 1 bit per element however sparse the tensor is;
 - ``scales = 4 * out_channels`` for a weight with integer bits (one fp32 scale per output
   channel); fp16/bf16 weights have none.
 
-Zeros are counted on the weight as it will be stored (after masking and quantization).
-Biases, BatchNorm affine parameters and running statistics are fp32; an 8-bit activation
-quantizer costs 8 bytes (fp32 scale + int32 zero point), a dynamic one (``act_bits:
+Zeros and their positions are those of the weight as it will be stored (after masking and
+quantization). Biases, BatchNorm affine parameters and running statistics are fp32; an 8-bit
+activation quantizer costs 8 bytes (fp32 scale + int32 zero point), a dynamic one (``act_bits:
 "dynamic"``) nothing: it computes its range from each input at run time. Its layer's 8-bit
 weight is counted like any other (8 bits per value, one fp32 scale per output channel: what
 ONNX Runtime's ``quantize_dynamic`` stores, plus a zero point per channel that is always 0).
-Not counted: the architecture description (layer names and shapes, a few hundred bytes) and
-``num_batches_tracked``.
+Not counted: the architecture description (layer names and shapes, each delta tensor's ``w``
+and ``E``: a few hundred bytes) and ``num_batches_tracked``.
+
+Before a model exists (planning), :func:`tensor_bytes` prices ``nnz`` non-zeros at random
+positions: the delta layout's expected ``E`` for independent positions.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -33,12 +44,33 @@ from autocompress.compress._modules import ActFakeQuant, WeightCompression, find
 ACT_QUANT_BYTES = 8
 
 
+LAYOUTS = ("dense", "bitmap", "delta")
+INDEX_WIDTHS = range(1, 17)  # bits per relative index of the delta layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one tensor's values are laid out (see the module docstring).
+
+    Attributes:
+        kind: ``"dense"``, ``"bitmap"`` or ``"delta"``.
+        bytes: Bytes of the values and their index (no scales).
+        width: ``"delta"``: bits per relative index; else 0.
+        entries: ``"delta"``: stored (index, value) pairs, fillers included; else 0.
+    """
+
+    kind: str
+    bytes: int
+    width: int = 0
+    entries: int = 0
+
+
 @dataclass(frozen=True)
 class TensorSize:
-    """Storage of one tensor: ``bytes`` = min(dense, sparse) + scales.
+    """Storage of one tensor: ``bytes`` = its layout's bytes + scales.
 
     ``encoding`` is what its ``bits``-wide values are: ``fp32``, ``uniform`` or ``pow2``
-    integer levels (with ``scales``), ``fp16`` or ``bf16``.
+    integer levels (with ``scales``), ``fp16`` or ``bf16``; ``layout`` how they are stored.
     """
 
     name: str
@@ -47,9 +79,14 @@ class TensorSize:
     bits: int
     scales: int
     bytes: int
-    sparse: bool
     is_param: bool = True
     encoding: str = "fp32"
+    layout: Layout = Layout("dense", 0)
+
+    @property
+    def sparse(self) -> bool:
+        """Whether only the non-zeros are stored (a bitmap or delta layout)."""
+        return self.layout.kind != "dense"
 
 
 def weight_storage(bits: int | str | None) -> tuple[int, bool]:
@@ -63,11 +100,58 @@ def weight_storage(bits: int | str | None) -> tuple[int, bool]:
     return bits, True
 
 
-def tensor_bytes(numel: int, nnz: int, bits: int = 32, scales: int = 0) -> tuple[int, bool]:
-    """Bytes to store a tensor, and whether the sparse (bitmap) format is the smaller one."""
-    dense = math.ceil(numel * bits / 8)
-    sparse = math.ceil(nnz * bits / 8) + math.ceil(numel / 8)
-    return min(dense, sparse) + 4 * scales, sparse < dense
+def gaps_of(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Distances between consecutive non-zeros of ``values`` (flattened in C order), the
+    first counted from position -1: what the delta layout indexes."""
+    flat = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+    return np.diff(np.flatnonzero(np.ravel(flat)), prepend=-1)
+
+
+def delta_entries(gaps: np.ndarray, width: int) -> int:
+    """Stored entries of the delta layout with ``width``-bit indexes: ``sum(ceil(d / 2^w))``."""
+    return int(gaps.size + np.sum((gaps.astype(np.int64) - 1) >> width))
+
+
+def _expected_entries(numel: int, nnz: int, width: int) -> int:
+    """Delta entries for ``nnz`` non-zeros at independent random positions (rounded up): each
+    gap ``d`` has ``P(d > k) = (1 - p)^k``, so ``E[ceil(d / 2^w)] = 1 / (1 - (1 - p)^(2^w))``."""
+    if nnz == 0:
+        return 0
+    miss = (1 - nnz / numel) ** (1 << width)
+    return nnz if miss <= 0 else math.ceil(nnz / (1 - miss) - 1e-9)
+
+
+def best_layout(numel: int, nnz: int, bits: int = 32, gaps: np.ndarray | None = None) -> Layout:
+    """The smallest layout of a tensor (ties go to the simpler: dense, then bitmap).
+
+    Args:
+        numel: Elements.
+        nnz: Non-zero elements.
+        bits: Bits per stored value.
+        gaps: The tensor's :func:`gaps_of` (exact delta cost); None prices the non-zeros at
+            random positions (planning, before the tensor exists).
+    """
+    best = Layout("dense", math.ceil(numel * bits / 8))
+    bitmap = math.ceil(nnz * bits / 8) + math.ceil(numel / 8)
+    if bitmap < best.bytes:
+        best = Layout("bitmap", bitmap)
+    for width in INDEX_WIDTHS:
+        if math.ceil(nnz * width / 8) + math.ceil(nnz * bits / 8) >= best.bytes:
+            break  # E >= nnz: no wider index can be smaller
+        entries = (delta_entries(gaps, width) if gaps is not None
+                   else _expected_entries(numel, nnz, width))
+        nbytes = math.ceil(entries * width / 8) + math.ceil(entries * bits / 8)
+        if nbytes < best.bytes:
+            best = Layout("delta", nbytes, width, entries)
+    return best
+
+
+def tensor_bytes(numel: int, nnz: int, bits: int = 32, scales: int = 0,
+                 gaps: np.ndarray | None = None) -> tuple[int, bool]:
+    """Bytes to store a tensor (its :func:`best_layout` + ``4 * scales``), and whether only
+    its non-zeros are stored (bitmap or delta layout)."""
+    layout = best_layout(numel, nnz, bits, gaps)
+    return layout.bytes + 4 * scales, layout.kind != "dense"
 
 
 def size_report(model: nn.Module) -> list[TensorSize]:
@@ -79,7 +163,7 @@ def size_report(model: nn.Module) -> list[TensorSize]:
         prefix = f"{mod_name}." if mod_name else ""
         if isinstance(mod, ActFakeQuant):
             if not mod.dynamic:  # a dynamic one stores nothing
-                rows.append(TensorSize(f"{prefix}qparams", 2, 2, 32, 0, ACT_QUANT_BYTES, False, False))
+                rows.append(TensorSize(f"{prefix}qparams", 2, 2, 32, 0, ACT_QUANT_BYTES, False))
             continue
         tensors: dict[str, tuple[torch.Tensor, WeightCompression | None, bool]] = {
             n: (p, None, True) for n, p in mod.named_parameters(recurse=False)}
@@ -88,12 +172,12 @@ def size_report(model: nn.Module) -> list[TensorSize]:
         tensors.update({n: (b, None, False) for n, b in mod.named_buffers(recurse=False)
                         if n != "num_batches_tracked"})
         for n, (t, wc, is_param) in tensors.items():
-            numel, nnz = t.numel(), int(torch.count_nonzero(t.detach()))
+            gaps = gaps_of(t)
             bits, scaled = weight_storage(wc.bits if wc else None)
             scales = t.shape[0] if scaled else 0
-            nbytes, sparse = tensor_bytes(numel, nnz, bits, scales)
-            rows.append(TensorSize(prefix + n, numel, nnz, bits, scales, nbytes, sparse, is_param,
-                                   _encoding(wc)))
+            layout = best_layout(t.numel(), gaps.size, bits, gaps)
+            rows.append(TensorSize(prefix + n, t.numel(), gaps.size, bits, scales,
+                                   layout.bytes + 4 * scales, is_param, _encoding(wc), layout))
     return rows
 
 
