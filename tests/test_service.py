@@ -124,7 +124,6 @@ def test_service_measurer_prepares_here_and_times_there(service) -> None:
 
 
 def test_torch_runtime_through_the_service(service) -> None:
-    import ray
 
     target = Target(runtime="torch", warmup=1, min_runs=3, max_runs=8, budget_s=0.05)
     actor, _ = start_service(target)
@@ -133,7 +132,7 @@ def test_torch_runtime_through_the_service(service) -> None:
         result = ServiceMeasurer(actor)(spec.build(), spec.example_inputs(), target)
         assert result.runtime == "torch" and result.latency_ms > 0
     finally:
-        ray.kill(actor)
+        stop_service(actor)
 
 
 def test_a_measurement_waits_for_running_steps_and_holds_new_ones(tmp_path: Path) -> None:
