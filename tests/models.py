@@ -135,6 +135,8 @@ class ModelSpec:
         output: The classifier (its output channels must never be removed).
         width_of: Constructor keyword that sets each hidden layer's output channels; layers
             that must keep the same width (coupled by a residual add) share a keyword.
+        folds: ``{BatchNorm: the convolution it is stored folded into}`` (by reading the
+            forward: each of these BatchNorms reads only that convolution's output).
     """
 
     name: str
@@ -144,6 +146,7 @@ class ModelSpec:
     second: str
     output: str
     width_of: dict[str, str] = field(default_factory=dict)
+    folds: dict[str, str] = field(default_factory=dict)
 
     def build(self, seed: int = 0, **widths: int) -> nn.Module:
         """A freshly initialized model (eval mode, randomized BatchNorm), seeded."""
@@ -161,12 +164,13 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("mlp", MLP, (16,), "net.0", "net.2", "net.6",
                   {"net.0": "h1", "net.2": "h2", "net.4": "h3"}),
         ModelSpec("conv1d", Conv1dNet, (2, 16), "conv1", "conv2", "head",
-                  {"conv1": "c1", "conv2": "c2"}),
+                  {"conv1": "c1", "conv2": "c2"}, {"bn1": "conv1", "bn2": "conv2"}),
         ModelSpec("conv2d", Conv2dNet, (1, 8, 8), "conv1", "conv2", "head",
-                  {"conv1": "c1", "conv2": "c2"}),
+                  {"conv1": "c1", "conv2": "c2"}, {"bn1": "conv1", "bn2": "conv2"}),
         ModelSpec("residual", ResidualNet, (1, 8, 8), "stem", "conv_a", "head",
                   {"stem": "width", "conv_b": "width", "conv_a": "inner",
-                   "branch1": "branch1", "branch2": "branch2"}),
+                   "branch1": "branch1", "branch2": "branch2"},
+                  {"stem_bn": "stem", "bn_a": "conv_a", "bn_b": "conv_b"}),
     )
 }
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from autocompress.compress import apply
 from autocompress.compress._bake import bake, export_onnx
+from autocompress.compress._fold import find_folds, fold_into
 from autocompress.compress._formats import (
     compressed_value,
     float_bytes,
@@ -307,12 +308,18 @@ def test_packed_round_trip_is_exact(model: str, name: str, tmp_path: Path) -> No
     assert info.path.read_bytes()[4] == 2  # new encodings: format version 2
     assert info.payload_bytes == size_bytes(new)
     loaded = load_packed(info.path)
+    folds = find_folds(new)
     baked = bake(new)
+    fold_into(baked, folds)  # a BatchNorm after a conv is stored folded into it
+    rescaled = {f"{f.conv}.weight" for f in folds}  # codes x (scale x f), not (codes x scale) x f
     for key, value in loaded.state_dict().items():
-        if key in baked.state_dict() and not key.endswith("num_batches_tracked"):
+        if key in rescaled:
+            torch.testing.assert_close(value, baked.state_dict()[key], rtol=1e-6, atol=1e-7)
+        elif key in baked.state_dict() and not key.endswith("num_batches_tracked"):
             assert torch.equal(value, baked.state_dict()[key]), key
     x = spec.example_inputs(8)
     torch.testing.assert_close(loaded(x), baked(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(loaded(x), bake(new)(x), atol=1e-5, rtol=0)
 
 
 def test_files_without_new_encodings_stay_format_version_1(tmp_path: Path) -> None:

@@ -57,6 +57,10 @@ Limits:
 - Only what the forward uses is stored: parameters of modules the forward never calls are
   dropped, and BatchNorm ``num_batches_tracked`` is reset to 0 (it only matters for training
   with ``momentum=None``).
+- A BatchNorm that only normalizes a convolution's output is stored folded into it
+  (:mod:`autocompress.compress._fold`, as ``size_bytes`` counts it): the loaded model has an
+  ``nn.Identity`` in its place and the convolution a bias; its outputs equal the
+  compressed model's to fp32 rounding.
 - The loaded model is a ``torch.fx.GraphModule`` for inference: its module names are the
   original ones, but its class is not the user's.
 """
@@ -77,6 +81,7 @@ import torch.fx as fx
 from torch import nn
 
 from autocompress.compress._bake import bake, quantized_weights
+from autocompress.compress._fold import find_folds, fold_factors, fold_into
 from autocompress.compress._formats import (
     FLOAT_DTYPES,
     float_bytes,
@@ -287,6 +292,10 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
             function the format does not store.
     """
     baked = bake(model)
+    folds = find_folds(model)
+    factors = {f"{f.conv}.weight": fold_factors(model.get_submodule(f.batchnorm))[0].numpy()
+               for f in folds}
+    fold_into(baked, folds)
     try:
         graph = Tracer().trace(baked)
     except PackedFormatError:
@@ -309,6 +318,8 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
         elif _scaled(row.encoding):
             q, scale = qweights[row.name]
             values = q.ravel()
+            if row.name in factors:  # a folded BatchNorm rescales the channels: same codes
+                scale = (scale * factors[row.name]).astype(np.float32)
         else:
             t = baked.get_parameter(row.name) if row.is_param else baked.get_buffer(row.name)
             if t.dtype != torch.float32:

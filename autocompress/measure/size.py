@@ -17,7 +17,10 @@ quantization scales:
   channel); fp16/bf16 weights have none.
 
 Zeros and their positions are those of the weight as it will be stored (after masking and
-quantization). Biases, BatchNorm affine parameters and running statistics are fp32; an 8-bit
+quantization). A BatchNorm that only normalizes a convolution's output is stored folded into
+it (:mod:`autocompress.compress._fold`: its tensors cost nothing, the convolution's fp32
+bias, added if it had none, carries its shift), as deployment runtimes run it. Biases, other
+BatchNorms' affine parameters and running statistics are fp32; an 8-bit
 activation quantizer costs 8 bytes (fp32 scale + int32 zero point), a dynamic one (``act_bits:
 "dynamic"``) nothing: it computes its range from each input at run time. Its layer's 8-bit
 weight is counted like any other (8 bits per value, one fp32 scale per output channel: what
@@ -39,6 +42,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from autocompress.compress._fold import find_folds, folded_bias, folded_weight
 from autocompress.compress._modules import ActFakeQuant, WeightCompression, find_weight_compression
 
 ACT_QUANT_BYTES = 8
@@ -155,10 +159,14 @@ def tensor_bytes(numel: int, nnz: int, bits: int = 32, scales: int = 0,
 
 
 def size_report(model: nn.Module) -> list[TensorSize]:
-    """Per-tensor storage of ``model`` (compressed or not)."""
+    """Per-tensor storage of ``model`` (compressed or not), BatchNorms folded where they can be
+    (:mod:`autocompress.compress._fold`)."""
+    folds = find_folds(model)
+    folded_bns = {f.batchnorm for f in folds}
+    bn_of = {f.conv: model.get_submodule(f.batchnorm) for f in folds}
     rows = []
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, WeightCompression | parametrize.ParametrizationList):
+        if isinstance(mod, WeightCompression | parametrize.ParametrizationList) or mod_name in folded_bns:
             continue
         prefix = f"{mod_name}." if mod_name else ""
         if isinstance(mod, ActFakeQuant):
@@ -171,6 +179,11 @@ def size_report(model: nn.Module) -> list[TensorSize]:
             tensors["weight"] = (mod.weight, find_weight_compression(mod), True)
         tensors.update({n: (b, None, False) for n, b in mod.named_buffers(recurse=False)
                         if n != "num_batches_tracked"})
+        if (bn := bn_of.get(mod_name)) is not None:  # stored with the BatchNorm folded in
+            wc = tensors["weight"][1]
+            if wc is None or wc.bits is None:  # fp32: w * f (integer codes keep their zeros)
+                tensors["weight"] = (folded_weight(mod, bn), wc, True)
+            tensors["bias"] = (folded_bias(mod, bn), None, True)
         for n, (t, wc, is_param) in tensors.items():
             gaps = gaps_of(t)
             bits, scaled = weight_storage(wc.bits if wc else None)

@@ -1,0 +1,121 @@
+"""BatchNorm folding: a BatchNorm that only normalizes a convolution's output is stored inside it.
+
+At inference a BatchNorm is a per-channel affine map, ``y = x * f + (beta - mean * f)`` with
+``f = gamma / sqrt(running_var + eps)``. When it reads a convolution's output and nothing else
+does, the pair equals one convolution with weight ``w * f`` (per output channel) and bias
+``b * f + beta - mean * f``, which is how every deployment runtime runs it (ONNX Runtime, TFLite,
+TensorRT fold it at load time). The stored model does the same:
+
+- an fp32 weight is stored as ``w * f``;
+- an integer weight keeps its codes and stores its per-channel scale times ``f`` (exact: the
+  same levels, rescaled; ``f`` may be negative);
+- the BatchNorm's four tensors are not stored; the convolution's bias (added if it had none)
+  carries the shift.
+
+Only what is certain is folded: the forward must be traceable by ``torch.fx`` (else nothing is
+folded), the BatchNorm exactly ``nn.BatchNorm1d/2d/3d`` with running statistics (a subclass
+may do more, e.g. an activation), its input exactly an ``nn.Conv1d/2d/3d`` (channels on
+dimension 1, as the BatchNorm's; a ``Linear`` is not folded: its features are on the last
+dimension) whose output nothing else reads, and the weight not fp16/bf16 (rescaled values
+would round again).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils import parametrize
+
+from autocompress.compress._modules import find_weight_compression
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """A BatchNorm folded into the convolution before it (qualified module names)."""
+
+    conv: str
+    batchnorm: str
+
+
+def base_type(m: nn.Module) -> type:
+    """The module's class, seen through ``torch.nn.utils.parametrize``'s generated subclass."""
+    return type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)
+
+
+class _LeafTracer(fx.Tracer):
+    """Convolutions and BatchNorms are leaves (parametrized or not); the rest as fx does."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if base_type(m) in CONVS + BATCHNORMS:
+            return True
+        return not parametrize.is_parametrized(m) and super().is_leaf_module(m, module_qualified_name)
+
+
+def find_folds(model: nn.Module) -> list[Fold]:
+    """The (convolution, BatchNorm) pairs of ``model`` that are stored folded (see the module
+    docstring); ``[]`` when the model has no BatchNorm or its forward cannot be traced."""
+    if not any(type(m) in BATCHNORMS for m in model.modules()):
+        return []
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception:  # noqa: BLE001  (fx raises many types for untraceable code)
+        return []
+    folds = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        bn = model.get_submodule(node.target)
+        src = node.args[0]
+        if (type(bn) not in BATCHNORMS or bn.running_mean is None or bn.running_var is None
+                or not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1):
+            continue
+        conv = model.get_submodule(src.target)
+        wc = find_weight_compression(conv)
+        if (base_type(conv) in CONVS and conv.out_channels == bn.num_features
+                and not (wc is not None and isinstance(wc.bits, str))):
+            folds.append(Fold(src.target, node.target))
+    return folds
+
+
+def fold_factors(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f, shift)`` of an eval-mode BatchNorm: it computes ``x * f + shift`` per channel."""
+    with torch.no_grad():
+        f = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            f = f * bn.weight
+        shift = -bn.running_mean * f
+        if bn.bias is not None:
+            shift = shift + bn.bias
+    return f.detach().float(), shift.detach().float()
+
+
+def folded_weight(conv: nn.Module, bn: nn.Module) -> torch.Tensor:
+    """The convolution's weight with the BatchNorm's scale applied per output channel."""
+    f, _ = fold_factors(bn)
+    with torch.no_grad():
+        w = conv.weight.detach()
+        return w * f.view(-1, *([1] * (w.dim() - 1)))
+
+
+def folded_bias(conv: nn.Module, bn: nn.Module) -> torch.Tensor:
+    """The bias of the folded convolution: ``b * f + shift`` (``b`` = 0 without a bias)."""
+    f, shift = fold_factors(bn)
+    with torch.no_grad():
+        return shift if conv.bias is None else conv.bias.detach() * f + shift
+
+
+def fold_into(model: nn.Module, folds: list[Fold]) -> None:
+    """Folds in place, on a baked (unparametrized) eval copy: each convolution gets the folded
+    weight and bias, each BatchNorm becomes ``nn.Identity``."""
+    for fold in folds:
+        conv, bn = model.get_submodule(fold.conv), model.get_submodule(fold.batchnorm)
+        weight, bias = folded_weight(conv, bn), folded_bias(conv, bn)
+        conv.weight = nn.Parameter(weight, requires_grad=False)
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+        model.set_submodule(fold.batchnorm, nn.Identity())
