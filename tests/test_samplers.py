@@ -76,6 +76,43 @@ def test_mutation_samples_neighbours_of_the_feasible_front() -> None:
         _tell(study, trial, [0.0, 1000.0])  # dominated: the front stays the two parents
 
 
+def test_mutation_never_repeats_a_plan_under_other_parameters() -> None:
+    """Parameters the plan ignores (here: a's sparsity when a keeps fp32 weights, say) do not
+    make a new plan: with ``plan_key`` every trial is a plan not tried before."""
+    def plan_key(params: dict) -> tuple:
+        a_sparsity = params["a/sparsity"] if params["a/bits"] is not None else "ignored"
+        return (params["a/bits"], a_sparsity, params["b/bits"], params["b/rank"])
+
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=FrontMutationSampler(seed=1, explore=0.0, plan_key=plan_key))
+    for params, values in (({"a/bits": None, "a/sparsity": 0.0, "b/bits": None, "b/rank": None}, [0.99, 100.0]),
+                           ({"a/bits": None, "a/sparsity": 0.4, "b/bits": 8, "b/rank": None}, [0.98, 60.0])):
+        study.enqueue_trial(params)
+        _tell(study, study.ask(SPACE), values)
+    plans = [plan_key(t.params) for t in study.trials]
+    for _ in range(25):
+        trial = study.ask(SPACE)
+        assert plan_key(trial.params) not in plans
+        plans.append(plan_key(trial.params))
+        _tell(study, trial, [0.0, 1000.0])
+
+
+def test_the_search_gives_the_sampler_its_plan_key(tiny) -> None:
+    from autocompress.compress._registry import describe_layers
+    from autocompress.config._space import load_search_space
+    from autocompress.tune._samplers import make_sampler, plan_key
+
+    space = load_search_space({"layers": [{"knobs": {
+        "bits": [4, None], "sparsity": [0.0, 0.5], "structure": ["unstructured", "channel"]}}]},
+        source="inline.yaml").resolve(describe_layers(tiny.model, tiny.example_inputs))
+    settings = type("S", (), {"sampler": "mutation", "seed": 0, "trials": 8})()
+    sampler = make_sampler(settings, ["accuracy", "size_bytes"], 0.05, 0.9, space)
+    params = {name: None if name.endswith("/bits") else 0.0 for name in space.params()}
+    channel = {**params, **{n: "channel" for n in space.params() if n.endswith("/structure")}}
+    unstructured = {**params, **{n: "unstructured" for n in space.params() if n.endswith("/structure")}}
+    assert sampler.plan_key(channel) == sampler.plan_key(unstructured) == plan_key(space, channel)
+
+
 def test_crowding_prefers_the_ends_and_the_gaps() -> None:
     from autocompress.tune._mutation import crowding
 

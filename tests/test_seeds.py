@@ -13,7 +13,7 @@ from autocompress.compress._registry import describe_layers
 from autocompress.config._space import load_search_space
 from autocompress.tune._seeds import Option, allocate, seed_points, to_params, weight_bytes
 from autocompress.tune._sensitivity import Sensitivity, probe_settings, profile
-from autocompress.tune._trial import prune_reason
+from autocompress.tune._trial import MIN_RECOVERIES, RecoveryBook, prune_reason
 
 
 def _space(task, knobs: dict):
@@ -134,6 +134,29 @@ def test_prune_reason() -> None:
     assert prune_reason(0.99, 0.95, 0.02, 1, 2) is None  # 4 pt < 2.5 x 2 pt
     reason = prune_reason(0.99, 0.93, 0.02, 1, 2)
     assert reason and "after 1 of 2 epochs" in reason
+
+
+def test_recoveries_seen_tighten_the_rule() -> None:
+    # finished trials gained at most 1 pt in their last epoch: a trial 4 pt down after the
+    # first needs 2 pt (more than 1.5 x 1 pt): stopped; one 3 pt down may still make it
+    reason = prune_reason(0.99, 0.95, 0.02, 1, 2, recovery=0.01)
+    assert reason and "gained at most 0.010" in reason and "0.035" in reason
+    assert prune_reason(0.99, 0.96, 0.02, 1, 2, recovery=0.01) is None
+    # a large recovery never loosens the static rule, a tiny one leaves max_drop / 4 of slack
+    assert prune_reason(0.99, 0.93, 0.02, 1, 2, recovery=0.2) is not None
+    assert prune_reason(0.99, 0.9655, 0.02, 1, 2, recovery=0.0) is None
+    assert prune_reason(0.99, 0.9645, 0.02, 1, 2, recovery=0.0) is not None
+
+
+def test_recovery_book() -> None:
+    book = RecoveryBook()
+    book.record([0.80, 0.90, 0.93], 0.93)  # gained 13 pt after epoch 1, 3 pt after epoch 2
+    book.record([0.95, 0.96, 0.96], 0.96)
+    assert MIN_RECOVERIES == 3 and book.largest(1) is None  # 2 finished trials: too few
+    book.record([0.97, 0.97, 0.975], 0.975)
+    assert book.largest(1) == pytest.approx(0.13)
+    assert book.largest(2) == pytest.approx(0.03)
+    assert book.largest(3) is None  # nothing after the last epoch
 
 
 def test_a_resumed_search_runs_no_first_trial_twice(tmp_path: Path) -> None:

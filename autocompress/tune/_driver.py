@@ -27,6 +27,7 @@ from autocompress.tune._ray import (
     _check_target,
     _connect_ray,
     _measurement_service,
+    _recovery_book,
 )
 from autocompress.tune._result import DEFAULT_TRACKING_URI, SearchResult
 from autocompress.tune._resume import _reopen, _resumable, _start
@@ -126,14 +127,15 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
         searcher = _searcher_class()(
             space=_DefineByRun(space), metric=exp.metrics, mode=exp.modes,
             sampler=make_sampler(exp.search, exp.metrics, exp.constraints.max_accuracy_drop,
-                                 baseline["accuracy"]), study_name=study_name,
+                                 baseline["accuracy"], space), study_name=study_name,
             points_to_evaluate=first or None,
             storage=optuna.storages.RDBStorage(storage), trials=remaining,
         )
         inbox = _artifact_inbox()
         trainable = tune.with_resources(
             tune.with_parameters(_trainable, task=task, space=space, exp=exp, baseline=baseline,
-                                 inbox=inbox, service=service, reserved=reserved),
+                                 inbox=inbox, book=_recovery_book(), service=service,
+                                 reserved=reserved),
             {"cpu": exp.search.cpus_per_trial,
              **({"gpu": exp.search.gpus_per_trial} if exp.search.gpus_per_trial > 0 else {})},
         )

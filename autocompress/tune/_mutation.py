@@ -21,13 +21,16 @@ Each trial:
   steps up or down, a list of choices to the next or previous value in the order the search
   space lists them (``bits: [3, 4, 5, 6, 8, null]``, ``rank: [null, 0.5, 0.25]``) or, with
   probability 0.3, to any other value. A plan a finished or running trial already has is
-  mutated further (up to 20 tries), so trials are not spent twice on one plan.
+  mutated further (up to 20 tries), so trials are not spent twice on one plan. Plans are
+  compared as the search applies them (``plan_key``): parameters that differ only where the
+  plan ignores them (``structure`` at sparsity 0, a knob the layer's other values override)
+  are the same plan.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,11 +60,15 @@ class FrontMutationSampler(BaseSampler):
             parents are chosen (the search caps accuracy at the baseline's: a compressed
             model one validation sample above the baseline is not a better model, and
             without the cap the parents pile up at that end of the front).
+        plan_key: Parameters -> a value equal for parameters that give the same plan (the
+            search sets it; default: the parameters themselves).
     """
 
     def __init__(self, seed: int | None = None, explore: float = 0.05,
                  constraints_func: Callable[[FrozenTrial], Sequence[float]] | None = None,
-                 caps: dict[int, float] | None = None) -> None:
+                 caps: dict[int, float] | None = None,
+                 plan_key: Callable[[dict[str, Any]], Hashable] | None = None) -> None:
+        self.plan_key = plan_key
         self._rng = np.random.default_rng(seed)
         self._random = RandomSampler(seed=seed)
         self._explore = explore
@@ -83,7 +90,7 @@ class FrontMutationSampler(BaseSampler):
         if not search_space or len(done) < 2 or self._rng.random() < self._explore:
             return {}
         parent = self._parent(study, done)
-        seen = {_key(t.params) for t in study.get_trials(deepcopy=False)
+        seen = {self._plan(t.params) for t in study.get_trials(deepcopy=False)
                 if t.number != trial.number and t.params}
         params = {k: v for k, v in parent.params.items() if k in search_space}
         names = sorted(params)
@@ -91,9 +98,17 @@ class FrontMutationSampler(BaseSampler):
             k = min(len(names), int(self._rng.choice(_MUTATIONS, p=_MUTATION_P)))
             for name in self._rng.choice(names, size=k, replace=False):
                 params[name] = self._neighbour(search_space[name], params[name])
-            if _key(params) not in seen:
+            if self._plan(params) not in seen:
                 break
         return params
+
+    def _plan(self, params: dict[str, Any]) -> Hashable:
+        if self.plan_key is not None:
+            try:
+                return self.plan_key(params)
+            except Exception:  # noqa: BLE001  (a trial's params may be partial: compare them as is)
+                pass
+        return _key(params)
 
     def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:

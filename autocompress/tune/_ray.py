@@ -15,31 +15,45 @@ from typing import Any
 
 from autocompress.config._experiment import Experiment
 from autocompress.tracking._writer import SearchTracker
+from autocompress.tune._trial import RecoveryBook
 
 
-def _artifact_inbox() -> Any:
-    """An actor on the driver's node that holds each trial's artifacts until the driver logs them.
-
-    Trials put ``{file name: bytes}`` there through Ray's object store, from whichever node
-    they run on; the driver's callback pops them. The actor belongs to the driver's job and
-    goes away with it.
-    """
+def _driver_actor(cls: type) -> Any:
+    """An instance of ``cls`` as a Ray actor on the driver's node (no CPU); it belongs to the
+    driver's job and goes away with it."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    class ArtifactInbox:
-        def __init__(self) -> None:
-            self.files: dict[str, dict[str, bytes]] = {}
-
-        def put(self, key: str, files: dict[str, bytes]) -> None:
-            self.files[key] = files
-
-        def pop(self, key: str) -> dict[str, bytes] | None:
-            return self.files.pop(key, None)
-
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0)(ArtifactInbox).options(scheduling_strategy=here).remote()
+    return ray.remote(num_cpus=0)(cls).options(scheduling_strategy=here).remote()
 
+
+class ArtifactInbox:
+    """Each trial's artifacts until the driver logs them.
+
+    Trials put ``{file name: bytes}`` there through Ray's object store, from whichever node
+    they run on; the driver's callback pops them.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, dict[str, bytes]] = {}
+
+    def put(self, key: str, files: dict[str, bytes]) -> None:
+        self.files[key] = files
+
+    def pop(self, key: str) -> dict[str, bytes] | None:
+        return self.files.pop(key, None)
+
+
+def _artifact_inbox() -> Any:
+    """The search's :class:`ArtifactInbox`, an actor on the driver's node."""
+    return _driver_actor(ArtifactInbox)
+
+
+def _recovery_book() -> Any:
+    """The search's :class:`~autocompress.tune._trial.RecoveryBook`, an actor on the driver's
+    node."""
+    return _driver_actor(RecoveryBook)
 
 
 def _callback(tracker: SearchTracker, inbox: Any):

@@ -6,6 +6,7 @@ experiment's ``search.sampler`` accepts every registered name. Optuna is importe
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -109,7 +110,7 @@ def _random(s: Any, constraint: Any) -> Any:
 
 
 def make_sampler(settings: Any, metrics: list[str], max_accuracy_drop: float | None,
-                 baseline_accuracy: float) -> Any:
+                 baseline_accuracy: float, space: Any = None) -> Any:
     """The Optuna sampler named in ``settings.sampler``, seeded, with the accuracy constraint.
 
     Args:
@@ -117,6 +118,8 @@ def make_sampler(settings: Any, metrics: list[str], max_accuracy_drop: float | N
         metrics: The objective metrics, in order.
         max_accuracy_drop: The ``constraints.max_accuracy_drop``, or None.
         baseline_accuracy: The baseline's accuracy, which the drop is measured from.
+        space: The resolved search space: a sampler with a ``plan_key`` attribute gets
+            :func:`plan_key` over it (parameters -> the plan they give, to tell plans apart).
 
     Raises:
         KeyError: An unregistered sampler name (the experiment's validation refuses it first).
@@ -130,7 +133,17 @@ def make_sampler(settings: Any, metrics: list[str], max_accuracy_drop: float | N
                                              max_accuracy_drop)
     if settings.sampler not in _SAMPLERS:
         raise KeyError(f"unknown sampler {settings.sampler!r}; registered: {list(_SAMPLERS)}")
-    return _SAMPLERS[settings.sampler](settings, constraint)
+    sampler = _SAMPLERS[settings.sampler](settings, constraint)
+    if space is not None and hasattr(sampler, "plan_key"):
+        sampler.plan_key = functools.partial(plan_key, space)
+    return sampler
+
+
+def plan_key(space: Any, params: dict[str, Any]) -> str:
+    """The plan that ``params`` give in ``space``, in the knob table's words
+    (:meth:`~autocompress.compress.Plan.summary`: a setting the plan ignores, such as
+    ``structure`` at sparsity 0, is not in it, so equal plans have equal keys)."""
+    return space.plan_from_params(params).summary()
 
 
 def _searcher_class():

@@ -77,37 +77,71 @@ def run_trial(
 
 
 PRUNE_MARGIN = 3.0  # how many times the allowed drop a trial may still lose before training
+RECOVERY_MARGIN = 1.5  # how many times the largest recovery seen a trial may still need
+MIN_RECOVERIES = 3  # finished trials before their recoveries tighten the rule
 
 
 def prune_reason(baseline: float, metric: float, max_drop: float | None, done: int,
-                 epochs: int) -> str | None:
+                 epochs: int, recovery: float | None = None) -> str | None:
     """Why a trial cannot meet the accuracy constraint, or None (multi-fidelity pruning).
 
     A trial is stopped when, after ``done`` of ``epochs`` fine-tuning epochs, it loses more
     than ``max_drop * (1 + PRUNE_MARGIN * (epochs - done) / epochs)``: after the first of two
-    epochs 2.5x the allowed drop, less with fewer epochs left. Never before the first epoch
-    (right after compression a model is often near chance and one epoch of distillation
-    brings it back: on digits, 8-bit 80%-sparse weights go from 0.5 to 0.98), never on the
-    last epoch (the trial then finishes, infeasible or not), never without a constraint.
+    epochs 2.5x the allowed drop, less with fewer epochs left. Once the search has seen
+    trials finish (``recovery``: the most any of them gained from epoch ``done`` to the end,
+    see :class:`RecoveryBook`), the bound is also at most ``max_drop + max(RECOVERY_MARGIN x
+    recovery, max_drop / 4)``: a trial that would need 1.5x the best recovery seen is stopped.
+    Never before the first epoch (right after compression a model is often near chance and
+    one epoch of distillation brings it back: on digits, 8-bit 80%-sparse weights go from 0.5
+    to 0.98), never on the last epoch (the trial then finishes, infeasible or not), never
+    without a constraint.
     """
     if max_drop is None or done == 0 or done >= epochs:
         return None
     allowed = max_drop * (1 + PRUNE_MARGIN * (epochs - done) / epochs)
+    learned = ""
+    if recovery is not None and max_drop + max(RECOVERY_MARGIN * recovery, max_drop / 4) < allowed:
+        allowed = max_drop + max(RECOVERY_MARGIN * recovery, max_drop / 4)
+        learned = f"; finished trials gained at most {recovery:.3f} from here"
     drop = baseline - metric
     if drop <= allowed:
         return None
     return (f"accuracy {metric:.4f} after {done} of {epochs} epochs is {drop:.3f} below the "
             f"baseline, more than the {allowed:.3f} it may still lose there "
-            f"(max_accuracy_drop {max_drop})")
+            f"(max_accuracy_drop {max_drop}{learned})")
+
+
+class RecoveryBook:
+    """What finished trials gained from each epoch to the end: how much a trial that is still
+    below the constraint after epoch k can hope to recover (the search keeps one, as a Ray
+    actor on the driver's node, for all its trials)."""
+
+    def __init__(self) -> None:
+        self.gains: dict[int, list[float]] = {}
+
+    def record(self, history: list[float], final: float) -> None:
+        """A finished trial: its metric after each epoch (``history[k - 1]`` after epoch k)
+        and its final metric."""
+        for done, metric in enumerate(history[:-1], start=1):
+            self.gains.setdefault(done, []).append(final - metric)
+
+    def largest(self, done: int) -> float | None:
+        """The most a finished trial gained from epoch ``done`` to the end, or None before
+        :data:`MIN_RECOVERIES` trials have finished."""
+        gains = self.gains.get(done, [])
+        return max(gains) if len(gains) >= MIN_RECOVERIES else None
 
 
 def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment,
-               baseline: dict[str, float], inbox: Any, service: Any, reserved: Any) -> None:
+               baseline: dict[str, float], inbox: Any, book: Any, service: Any,
+               reserved: Any) -> None:
     """One Ray Tune trial: plan -> compress -> fine-tune (reports per epoch) -> measure.
 
     The trial may run on any node of a cluster: its artifacts go to the driver through Ray
     (``inbox``), not through a checkpoint on a disk the driver would have to share. Its latency
     is timed by the search's measurement ``service``, whose core (``reserved``) it keeps off.
+    A trial that finishes tells the search's :class:`RecoveryBook` (``book``) how much it
+    gained after each epoch; a running one asks it before deciding to stop.
     """
     import io
 
@@ -135,8 +169,11 @@ def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment
         # A trial that reserved no GPU trains on the CPU, whether or not Ray hides the GPUs.
         finetune_config = replace(finetune_config, device="cpu")
     def stop(done: int, metric: float) -> str | None:
-        return prune_reason(baseline["accuracy"], metric, exp.constraints.max_accuracy_drop,
-                            done, exp.finetune.epochs)
+        max_drop, epochs = exp.constraints.max_accuracy_drop, exp.finetune.epochs
+        if max_drop is None or not 0 < done < epochs:
+            return None
+        return prune_reason(baseline["accuracy"], metric, max_drop, done, epochs,
+                            ray.get(book.largest.remote(done)))
 
     try:
         result = run_trial(task, plan, finetune_config, exp.target, on_epoch=on_epoch,
@@ -148,6 +185,7 @@ def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment
                      "summary": plan.summary(), "node": node})
         return
     metrics = result.metrics.to_dict()
+    book.record.remote(result.history, metrics["accuracy"])
     relative = relative_metrics(metrics, baseline)
     weights = io.BytesIO()
     torch.save(bake(result.model).state_dict(), weights)
