@@ -113,9 +113,6 @@ class KnobSpec:
         masks: Whether a layer with this plan entry keeps a sparsity mask that rebuilding the
             trial must restore from the logged zeros.
         heat: The report's heat map of this knob, or None.
-        strength: ``strength(value) -> number``: higher compresses the layer more (stores
-            fewer bits), or None where the knob's values have no such order; the search's
-            sampler uses it to push the front's smallest member further.
     """
 
     name: str
@@ -130,7 +127,6 @@ class KnobSpec:
     token: Callable[[Any], str] = lambda lp: ""
     masks: Callable[[Any], bool] = lambda lp: False
     heat: Heat | None = None
-    strength: Callable[[Any], float] | None = None
 
     def mildest_value(self, knob: Knob) -> Any:
         """The mildest value of ``knob``'s domain."""
@@ -192,8 +188,7 @@ KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
                   lambda k: (k.get("sparsity", 0.0), f"{k['sparsity']:.2f}"
                              f"{'ch' if k.get('structure') == 'channel' else ''}"
                              if k.get("sparsity") else "0"),
-                  "Oranges", {"zmin": 0, "zmax": 1}),
-        strength=lambda v: v),
+                  "Oranges", {"zmin": 0, "zmax": 1})),
     KnobSpec(
         # The output layer keeps its channels: they are the model's outputs (the classes).
         "structure", "unstructured", "one of ['unstructured', 'channel']",
@@ -213,8 +208,7 @@ KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
                   "Blues_r", {"zmin": 2, "zmax": _HEAT_BITS[None],
                               "colorbar": {"tickvals": [2, 4, 6, 8, *_HEAT_BITS.values()],
                                            "ticktext": ["2", "4", "6", "8", "fp16", "bf16",
-                                                        "fp32"]}}),
-        strength=lambda v: -(32 if v is None else 16 if v in FLOAT_FORMATS else v)),
+                                                        "fp32"]}})),
     KnobSpec(
         # How integer bits are spent: "uniform" levels or "pow2" (0 and signed powers of two
         # times a calibrated per-channel scale; bits 3..6, LayerPlan checks it). No token (and
@@ -234,8 +228,7 @@ KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
         heat=Heat("kept rank",
                   lambda k: (1.0 if k.get("rank") is None else k["rank"],
                              "full" if k.get("rank") is None else f"{k['rank']:.2f}"),
-                  "Greens_r", {"zmin": 0, "zmax": 1}),
-        strength=lambda v: -(1.0 if v is None else v)),
+                  "Greens_r", {"zmin": 0, "zmax": 1})),
     KnobSpec(
         # How a layer with a rank is factorized (lowrank.py); no token (and no change) without
         # a rank. Linear, Embedding, 1x1 and grouped convs refuse tucker and cp (lowrank's limits).

@@ -25,13 +25,6 @@ Each trial:
   compared as the search applies them (``plan_key``): parameters that differ only where the
   plan ignores them (``structure`` at sparsity 0, a knob the layer's other values override)
   are the same plan.
-
-The front's end on a size or speed objective (its smallest or fastest feasible member) is
-where the front can grow outwards: when that member is the parent, half the time its moves
-are all *pushes*, each to the nearest value that compresses more (``strength``: the knob
-table's order, more sparsity, fewer bits, lower rank), so the search keeps trying to go
-beyond its most compressed feasible plan (random moves from there are half of them back
-towards the front it has).
 """
 
 from __future__ import annotations
@@ -53,7 +46,6 @@ from autocompress.tracking._pareto import non_dominated_mask
 _MUTATIONS = (1, 2, 3)
 _MUTATION_P = (0.5, 0.3, 0.2)
 _JUMP_P = 0.3  # a choice moves to any other value (else to a neighbour in the listed order)
-_PUSH_P = 0.5  # the front's end on a size/speed objective: its moves all compress more
 _TRIES = 20
 
 
@@ -70,17 +62,13 @@ class FrontMutationSampler(BaseSampler):
             without the cap the parents pile up at that end of the front).
         plan_key: Parameters -> a value equal for parameters that give the same plan (the
             search sets it; default: the parameters themselves).
-        strength: ``strength(parameter name, value)``: higher compresses more, or None where
-            the parameter has no such order (None: no pushes).
     """
 
     def __init__(self, seed: int | None = None, explore: float = 0.05,
                  constraints_func: Callable[[FrozenTrial], Sequence[float]] | None = None,
                  caps: dict[int, float] | None = None,
-                 plan_key: Callable[[dict[str, Any]], Hashable] | None = None,
-                 strength: Callable[[str, Any], float | None] | None = None) -> None:
+                 plan_key: Callable[[dict[str, Any]], Hashable] | None = None) -> None:
         self.plan_key = plan_key
-        self.strength = strength
         self._rng = np.random.default_rng(seed)
         self._random = RandomSampler(seed=seed)
         self._explore = explore
@@ -101,21 +89,15 @@ class FrontMutationSampler(BaseSampler):
                 if t.values is not None]
         if not search_space or len(done) < 2 or self._rng.random() < self._explore:
             return {}
-        parent, end = self._parent(study, done)
-        push = end and self.strength is not None and self._rng.random() < _PUSH_P
+        parent = self._parent(study, done)
         seen = {self._plan(t.params) for t in study.get_trials(deepcopy=False)
                 if t.number != trial.number and t.params}
         params = {k: v for k, v in parent.params.items() if k in search_space}
         names = sorted(params)
         for _ in range(_TRIES):
-            movable = [n for n in names if self._stronger(n, search_space[n], params[n]) is not None]
-            pushing = push and bool(movable)
-            pool = movable if pushing else names
-            k = min(len(pool), int(self._rng.choice(_MUTATIONS, p=_MUTATION_P)))
-            for name in self._rng.choice(pool, size=k, replace=False):
-                moved = self._stronger(name, search_space[name], params[name]) if pushing else None
-                params[name] = moved if moved is not None else self._neighbour(search_space[name],
-                                                                               params[name])
+            k = min(len(names), int(self._rng.choice(_MUTATIONS, p=_MUTATION_P)))
+            for name in self._rng.choice(names, size=k, replace=False):
+                params[name] = self._neighbour(search_space[name], params[name])
             if self._plan(params) not in seen:
                 break
         return params
@@ -137,9 +119,7 @@ class FrontMutationSampler(BaseSampler):
         if self._constraints_func is not None:  # stored as Optuna's own samplers store them
             _process_constraints_after_trial(self._constraints_func, study, trial, state)
 
-    def _parent(self, study: Study, done: list[FrozenTrial]) -> tuple[FrozenTrial, bool]:
-        """A parent, and whether it is the front's best on an objective that is not capped
-        (its smallest or fastest member: an end that pushes can move outwards)."""
+    def _parent(self, study: Study, done: list[FrozenTrial]) -> FrozenTrial:
         feasible = [t for t in done if all(c <= 0 for c in t.system_attrs.get(_CONSTRAINTS_KEY) or ())]
         pool = feasible or done
         directions = ["max" if d == StudyDirection.MAXIMIZE else "min" for d in study.directions]
@@ -149,31 +129,10 @@ class FrontMutationSampler(BaseSampler):
             values[:, i] = (np.minimum if directions[i] == "max" else np.maximum)(values[:, i], cap)
         mask = non_dominated_mask(values, directions)
         if not mask.any():  # no comparable values (NaN): any finished trial
-            return pool[int(self._rng.integers(len(pool)))], False
+            return pool[int(self._rng.integers(len(pool)))]
         front = [t for t, on in zip(pool, mask, strict=True) if on]
         weights = crowding(values[mask])
-        chosen = int(self._rng.choice(len(front), p=weights / weights.sum()))
-        signs = np.array([-1.0 if d == "max" else 1.0 for d in directions])
-        ends = {int(np.argmin(values[mask][:, j] * signs[j])) for j in range(len(directions))
-                if j not in self._caps}
-        return front[chosen], chosen in ends
-
-    def _stronger(self, name: str, dist: BaseDistribution, value: Any) -> Any:
-        """The nearest value of ``dist`` that compresses more than ``value`` (by
-        ``strength``), or None (no order, or none stronger)."""
-        if self.strength is None or (now := self.strength(name, value)) is None:
-            return None
-        if isinstance(dist, CategoricalDistribution):
-            stronger = [(s, c) for c in dist.choices
-                        if (s := self.strength(name, c)) is not None and s > now]
-            return min(stronger, key=lambda sc: sc[0])[1] if stronger else None
-        if isinstance(dist, FloatDistribution | IntDistribution) and dist.step:
-            for moved in (value + dist.step, value - dist.step):
-                moved = type(value)(round(moved, 12))
-                strength = self.strength(name, moved) if dist.low <= moved <= dist.high else None
-                if strength is not None and strength > now:
-                    return moved
-        return None
+        return front[int(self._rng.choice(len(front), p=weights / weights.sum()))]
 
     def _neighbour(self, dist: BaseDistribution, value: Any) -> Any:
         if isinstance(dist, CategoricalDistribution):

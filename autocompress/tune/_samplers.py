@@ -99,22 +99,7 @@ def _mutation(s: Any, constraint: Any) -> Any:
     from autocompress.tune._mutation import FrontMutationSampler
 
     caps = {constraint.index: constraint.baseline} if isinstance(constraint, AccuracyDropConstraint) else {}
-    return FrontMutationSampler(seed=s.seed, constraints_func=constraint, caps=caps,
-                                strength=param_strength)
-
-
-def param_strength(name: str, value: Any) -> float | None:
-    """How much a value of the search parameter ``<layer>/<knob>`` compresses (higher: more;
-    the knob table's ``strength``), or None where the knob has no such order."""
-    from autocompress.compress._knobs import KNOB_TABLE
-
-    spec = KNOB_TABLE.get(name.rpartition("/")[2])
-    if spec is None or spec.strength is None:
-        return None
-    try:
-        return float(spec.strength(spec.to_plan(value)))
-    except (TypeError, ValueError):
-        return None
+    return FrontMutationSampler(seed=s.seed, constraints_func=constraint, caps=caps)
 
 
 @register_sampler("random")
