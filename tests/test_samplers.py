@@ -85,8 +85,8 @@ def test_mutation_never_repeats_a_plan_under_other_parameters() -> None:
 
     study = optuna.create_study(directions=["maximize", "minimize"],
                                 sampler=FrontMutationSampler(seed=1, explore=0.0, plan_key=plan_key))
-    for params, values in (({"a/bits": None, "a/sparsity": 0.0, "b/bits": None, "b/rank": None}, [0.99, 100.0]),
-                           ({"a/bits": None, "a/sparsity": 0.4, "b/bits": 8, "b/rank": None}, [0.98, 60.0])):
+    first = {"a/bits": None, "a/sparsity": 0.0, "b/bits": None, "b/rank": None}
+    for params, values in ((first, [0.99, 100.0]), ({**first, "a/sparsity": 0.4, "b/bits": 8}, [0.98, 60.0])):
         study.enqueue_trial(params)
         _tell(study, study.ask(SPACE), values)
     plans = [plan_key(t.params) for t in study.trials]
