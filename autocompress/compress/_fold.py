@@ -95,19 +95,15 @@ def fold_factors(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return f.detach().float(), shift.detach().float()
 
 
-def folded_weight(conv: nn.Module, bn: nn.Module) -> torch.Tensor:
-    """The convolution's weight with the BatchNorm's scale applied per output channel."""
-    f, _ = fold_factors(bn)
-    with torch.no_grad():
-        w = conv.weight.detach()
-        return w * f.view(-1, *([1] * (w.dim() - 1)))
-
-
-def folded_bias(conv: nn.Module, bn: nn.Module) -> torch.Tensor:
-    """The bias of the folded convolution: ``b * f + shift`` (``b`` = 0 without a bias)."""
+def folded(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The folded convolution's ``(weight, bias)``: ``w * f`` per output channel and
+    ``b * f + shift`` (``b`` = 0 without a bias)."""
     f, shift = fold_factors(bn)
     with torch.no_grad():
-        return shift if conv.bias is None else conv.bias.detach() * f + shift
+        w = conv.weight.detach()
+        weight = w * f.view(-1, *([1] * (w.dim() - 1)))
+        bias = shift if conv.bias is None else conv.bias.detach() * f + shift
+    return weight, bias
 
 
 def fold_into(model: nn.Module, folds: list[Fold]) -> None:
@@ -115,7 +111,7 @@ def fold_into(model: nn.Module, folds: list[Fold]) -> None:
     weight and bias, each BatchNorm becomes ``nn.Identity``."""
     for fold in folds:
         conv, bn = model.get_submodule(fold.conv), model.get_submodule(fold.batchnorm)
-        weight, bias = folded_weight(conv, bn), folded_bias(conv, bn)
+        weight, bias = folded(conv, bn)
         conv.weight = nn.Parameter(weight, requires_grad=False)
         conv.bias = nn.Parameter(bias, requires_grad=False)
         model.set_submodule(fold.batchnorm, nn.Identity())

@@ -12,7 +12,7 @@ from autocompress._inputs import take
 from autocompress.compress._layers import count_macs
 from autocompress.measure._registry import relative_metrics
 from autocompress.measure.latency import LatencyResult, measure_latency
-from autocompress.measure.size import count_params, size_bytes
+from autocompress.measure.size import size_and_params
 from autocompress.measure.target import Target
 
 
@@ -96,13 +96,13 @@ def measure(model: nn.Module, task, target: Target, measurer: Measurer | None = 
     """
     accuracy = float(task.evaluate(model))
     latency = (measurer or measure_latency)(model, task.example_inputs, target)
-    params, nonzero = count_params(model)
+    size, params, nonzero = size_and_params(model)
     return Metrics(
         accuracy=accuracy,
         latency_ms=latency.latency_ms,
         latency_p90_ms=latency.p90_ms,
         latency_iqr_ms=latency.iqr_ms,
-        size_bytes=size_bytes(model),
+        size_bytes=size,
         params=params,
         nonzero_params=nonzero,
         macs=sum(count_macs(model, take(task.example_inputs, 1)).values()),

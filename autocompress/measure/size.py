@@ -42,13 +42,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from autocompress.compress._fold import find_folds, folded_bias, folded_weight
+from autocompress.compress._fold import find_folds, folded
 from autocompress.compress._modules import ActFakeQuant, WeightCompression, find_weight_compression
 
 ACT_QUANT_BYTES = 8
 
 
-LAYOUTS = ("dense", "bitmap", "delta")
 INDEX_WIDTHS = range(1, 17)  # bits per relative index of the delta layout
 
 
@@ -181,9 +180,10 @@ def size_report(model: nn.Module) -> list[TensorSize]:
                         if n != "num_batches_tracked"})
         if (bn := bn_of.get(mod_name)) is not None:  # stored with the BatchNorm folded in
             wc = tensors["weight"][1]
+            weight, bias = folded(mod, bn)
             if wc is None or wc.bits is None:  # fp32: w * f (integer codes keep their zeros)
-                tensors["weight"] = (folded_weight(mod, bn), wc, True)
-            tensors["bias"] = (folded_bias(mod, bn), None, True)
+                tensors["weight"] = (weight, wc, True)
+            tensors["bias"] = (bias, None, True)
         for n, (t, wc, is_param) in tensors.items():
             gaps = gaps_of(t)
             bits, scaled = weight_storage(wc.bits if wc else None)
@@ -202,10 +202,17 @@ def _encoding(wc: WeightCompression | None) -> str:
 
 def size_bytes(model: nn.Module) -> int:
     """Total bytes of the deployable artifact (see the module docstring for the formula)."""
-    return sum(row.bytes for row in size_report(model))
+    return size_and_params(model)[0]
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
     """``(params, nonzero params)`` of the model as stored."""
-    rows = [r for r in size_report(model) if r.is_param]
-    return sum(r.numel for r in rows), sum(r.nnz for r in rows)
+    return size_and_params(model)[1:]
+
+
+def size_and_params(model: nn.Module) -> tuple[int, int, int]:
+    """``(size_bytes, params, nonzero params)`` from one :func:`size_report`."""
+    rows = size_report(model)
+    params = [r for r in rows if r.is_param]
+    return (sum(r.bytes for r in rows), sum(r.numel for r in params),
+            sum(r.nnz for r in params))

@@ -100,9 +100,10 @@ def prune_reason(baseline: float, metric: float, max_drop: float | None, done: i
         return None
     allowed = max_drop * (1 + PRUNE_MARGIN * (epochs - done) / epochs)
     learned = ""
-    if recovery is not None and max_drop + max(RECOVERY_MARGIN * recovery, max_drop / 4) < allowed:
-        allowed = max_drop + max(RECOVERY_MARGIN * recovery, max_drop / 4)
-        learned = f"; finished trials gained at most {recovery:.3f} from here"
+    if recovery is not None:
+        bound = max_drop + max(RECOVERY_MARGIN * recovery, max_drop / 4)
+        if bound < allowed:
+            allowed, learned = bound, f"; finished trials gained at most {recovery:.3f} from here"
     drop = baseline - metric
     if drop <= allowed:
         return None
