@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autocompress._inputs import run, to_device
+from autocompress.compress._modules import Regrowth
 
 if TYPE_CHECKING:
     from autocompress.tasks import Task
@@ -55,6 +56,13 @@ class FinetuneConfig:
             (1 - cosine similarity along the last dimension, for embeddings) or ``auto``:
             ``kl`` for a task with the default cross-entropy loss, else ``mse``. A task's own
             ``Task.distill_loss`` overrides it.
+        regrow: Fraction of all steps in ``[0, 1]`` at the start of training during which
+            pruned weights may grow back: the gradient reaches them and after every step each
+            unstructured mask is re-chosen from the weights' magnitudes, keeping its count
+            (dynamic pruning with feedback, Lin et al., 2020); the masks are then fixed for
+            the rest. 0 keeps the masks chosen at compression. Measured on digits after 2
+            epochs (uniform recipes, ``bench/README.md``): 90% sparsity at 4-6 bits went from
+            0.76 to 0.89-0.92 accuracy, 50-75% unchanged within noise.
         keep_best: Evaluate before training too and end with the weights of the best
             evaluation (before training or after an epoch), so fine-tuning never leaves a
             model worse than compression alone (a mildly compressed pretrained model can lose
@@ -74,6 +82,7 @@ class FinetuneConfig:
     device: str = "auto"
     amp: bool = False
     distill_loss: str = "auto"
+    regrow: float = 0.5
     keep_best: bool = False
 
     def __post_init__(self) -> None:
@@ -94,6 +103,8 @@ class FinetuneConfig:
             value = getattr(self, key)
             if value not in allowed:
                 raise ValueError(f"finetune.{key}={value!r}; allowed: {list(allowed)}")
+        if not _number(self.regrow) or not 0 <= self.regrow <= 1:
+            raise ValueError(f"finetune.regrow={self.regrow!r}; allowed: a number in [0, 1]")
         if not _number(self.warmup) or not 0 <= self.warmup < 1:
             raise ValueError(f"finetune.warmup={self.warmup!r}; allowed: a number in [0, 1)")
         if self.grad_clip is not None and (not _number(self.grad_clip)
@@ -352,29 +363,41 @@ def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.d
     history = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     if config.epochs and (config.keep_best or stop is not None):
-        with gate():
-            before = float(task.evaluate(model))
+        before = _evaluate(model, task, gate)
         check(0, before)
         if config.keep_best:
             best = (before, _snapshot(model))
-    for epoch in range(config.epochs):
-        model.train()
-        for x, y in task.train_loader:
-            with gate():
-                step(x, y, epoch)
-        if per_epoch is None:
-            scheduler.step()
-        with gate():
-            metric = float(task.evaluate(model))
-        history.append(metric)
-        if best is not None and metric > best[0]:
-            best = (metric, _snapshot(model))
-        if on_epoch is not None:
-            on_epoch(epoch, metric)
-        check(epoch + 1, metric)
+    with Regrowth(model) as regrowth:
+        # Masks may change for the first ``regrow`` of the steps (of the epochs, for a loader
+        # without a length), then stay fixed so that the kept weights settle.
+        window = config.regrow * config.epochs * (per_epoch or 1)
+        steps = 0
+        for epoch in range(config.epochs):
+            model.train()
+            for x, y in task.train_loader:
+                with gate():
+                    if (steps if per_epoch else epoch) >= window:
+                        regrowth.stop()
+                    step(x, y, epoch)
+                    regrowth.refresh()
+                steps += 1
+            if per_epoch is None:
+                scheduler.step()
+            history.append(_evaluate(model, task, gate))
+            if best is not None and history[-1] > best[0]:
+                best = (history[-1], _snapshot(model))
+            if on_epoch is not None:
+                on_epoch(epoch, history[-1])
+            check(epoch + 1, history[-1])
     if best is not None and best[0] > history[-1]:
         model.load_state_dict(best[1])
     return history
+
+
+def _evaluate(model: nn.Module, task: Task,
+              gate: Callable[[], contextlib.AbstractContextManager]) -> float:
+    with gate():
+        return float(task.evaluate(model))
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

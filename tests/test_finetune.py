@@ -63,6 +63,82 @@ def test_finetuning_recovers_a_compressed_model(tiny: Task) -> None:
     assert zeros >= round(0.8 * model.net[0].weight.numel())
 
 
+def _masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".mask")}
+
+
+class Snoop:
+    """Records the masks of a model after every training step and every evaluation."""
+
+    def __init__(self, task: Task, model: nn.Module) -> None:
+        self.task, self.model, self.seen = task, model, []
+
+    def gate(self) -> contextlib.AbstractContextManager:
+        @contextlib.contextmanager
+        def record():
+            yield
+            self.seen.append(_masks(self.model))
+        return record()
+
+
+@pytest.mark.parametrize("regrow", [0.0, 0.5, 1.0])
+def test_pruned_weights_regrow_in_the_first_part_of_training_only(tiny: Task,
+                                                                  regrow: float) -> None:
+    plan = Plan({"net.0": LayerPlan(sparsity=0.8, bits=4), "net.2": LayerPlan(sparsity=0.5)})
+    model = apply(tiny.model, plan, tiny.example_inputs)
+    start = _masks(model)
+    snoop = Snoop(tiny, model)
+    finetune(model, tiny, FinetuneConfig(epochs=2, lr=3e-2, regrow=regrow), teacher=tiny.model,
+             step_gate=snoop.gate)
+    steps = len(tiny.train_loader)
+    # Gates: the steps of epoch 1, its evaluation, the steps of epoch 2, its evaluation.
+    per_step = [m for i, m in enumerate(snoop.seen) if i not in (steps, 2 * steps + 1)]
+    assert len(per_step) == 2 * steps
+    window = round(regrow * 2 * steps)
+    for masks in snoop.seen:  # the count of pruned weights never changes
+        for k, m in masks.items():
+            assert int(m.sum()) == int(start[k].sum()), k
+    changed = [i for i in range(1, len(per_step))
+               if any(not torch.equal(per_step[i][k], per_step[i - 1][k]) for k in start)]
+    assert all(i < window for i in changed), (changed, window)
+    if regrow:
+        assert changed, "a large learning rate moves some pruned weight back in"
+    else:
+        assert all(torch.equal(m[k], start[k]) for m in snoop.seen for k in start)
+    # The stored weight is zero exactly where the mask is, and the masks are the kept
+    # weights' largest magnitudes as of the last change.
+    for name in ("net.0", "net.2"):
+        layer = model.get_submodule(name)
+        mask = layer.parametrizations.weight[0].mask
+        assert torch.equal(layer.weight != 0, mask) or (layer.weight[mask] == 0).sum() < 3
+        assert (layer.weight[~mask] == 0).all()
+
+
+def test_regrowth_passes_the_gradient_through_the_mask_and_keeps_the_count() -> None:
+    from autocompress.compress._modules import Regrowth, weight_compression
+
+    layer = nn.Linear(4, 3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(12.0).view(3, 4) - 5.4)  # magnitudes all different
+    wc = weight_compression(layer)
+    wc.mask.copy_(layer.weight.abs() > 3)  # keeps 6 of 12: -5.4, -4.4, -3.4, 3.6, 4.6, 5.6
+    original = layer.parametrizations.weight.original
+    layer(torch.ones(1, 4)).sum().backward()
+    assert (original.grad[~wc.mask] == 0).all()  # fixed masks: the pruned get no gradient
+    original.grad = None
+    with Regrowth(layer) as regrowth:
+        assert wc.regrow
+        layer(torch.ones(1, 4)).sum().backward()
+        assert (original.grad != 0).all()  # dynamic: every weight gets the gradient
+        with torch.no_grad():
+            original[1, 1] = 100.0  # was pruned (-0.4)
+        regrowth.refresh()
+        assert wc.mask[1, 1] and int(wc.mask.sum()) == 6
+        assert not wc.mask[0, 2]  # the smallest kept weight (-3.4) went
+    assert not wc.regrow
+    assert torch.equal(layer.weight == 0, ~wc.mask)
+
+
 @pytest.mark.parametrize("epochs", [0, 1, 2])
 def test_history_has_one_entry_per_epoch(tiny: Task, epochs: int) -> None:
     model = copy.deepcopy(tiny.model)
@@ -152,7 +228,8 @@ def test_tiny_task_is_learnable(tiny: Task) -> None:
     ("optimizer", "lamb"), ("optimizer", None), ("schedule", "linear"), ("warmup", -0.1),
     ("warmup", 1.0), ("warmup", True), ("grad_clip", 0), ("grad_clip", -1.0), ("grad_clip", "1"),
     ("device", "tpu"), ("device", "cuda:0"), ("amp", "yes"), ("amp", 1), ("distill_loss", "l1"),
-    ("lr", math.inf), ("temperature", math.nan),
+    ("lr", math.inf), ("temperature", math.nan), ("regrow", -0.1), ("regrow", 1.5),
+    ("regrow", "half"), ("regrow", True),
 ])
 def test_new_config_fields_are_validated(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"^finetune\.{field}=.*; allowed: "):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from autocompress.compress._formats import compressed_value, quantize_weight
 
-__all__ = ["ActFakeQuant", "LowRank", "WeightCompression", "act_quant_pre_hook",
-           "dynamic_fake_quant", "leaves", "quantize_weight", "weight_compression"]
+__all__ = ["ActFakeQuant", "LowRank", "Regrowth", "WeightCompression", "act_quant_pre_hook",
+           "dynamic_fake_quant", "leaves", "quantize_weight", "sparse_weights",
+           "weight_compression"]
 
 
 class LowRank(nn.Sequential):
@@ -29,6 +32,14 @@ class WeightCompression(nn.Module):
     The forward value is exactly the stored value (``v + (w - w.detach())``, not
     ``w + (v - w).detach()``, which can be an ulp off it), so a baked weight is on its grid.
 
+    While ``regrow`` is set (fine-tuning sets it for the first part of training, see
+    :class:`Regrowth`), the gradient also passes through the mask to the pruned weights, and
+    :meth:`refresh` re-chooses the mask from the weights' magnitudes, keeping its count of
+    pruned weights: a pruned weight whose gradient makes it large comes back, the smallest kept
+    one goes. This is dynamic pruning with feedback (Lin et al., 2020, "Dynamic Model Pruning
+    with Feedback"; Guo et al., 2016, "Dynamic Network Surgery"): after one-shot pruning to 80%
+    or more, the mask chosen before training is rarely the best one.
+
     Args:
         shape: Weight shape.
         bits: Bit-width in 2..8, ``"fp16"``, ``"bf16"``, or None for fp32.
@@ -41,16 +52,73 @@ class WeightCompression(nn.Module):
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
         self.bits = bits
         self.scheme = scheme
+        self.regrow = False
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        w = w * self.mask
-        if self.bits is None:
-            return w
-        return compressed_value(w.detach(), self.bits, self.scheme) + (w - w.detach())
+        masked = w * self.mask
+        if not self.regrow:
+            if self.bits is None:
+                return masked
+            return compressed_value(masked.detach(), self.bits, self.scheme) + (
+                masked - masked.detach())
+        value = masked.detach()
+        if self.bits is not None:
+            value = compressed_value(value, self.bits, self.scheme)
+        return value + (w - w.detach())  # straight through the mask too
+
+    @torch.no_grad()
+    def refresh(self, w: torch.Tensor) -> None:
+        """Re-chooses the mask as the largest-magnitude weights of ``w`` (the unmasked
+        weight), as many as it keeps now."""
+        mask: torch.Tensor = self.mask  # type: ignore[assignment]
+        keep = int(mask.sum())
+        if keep == mask.numel():
+            return
+        fresh = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+        fresh[w.detach().abs().flatten().topk(keep, sorted=False).indices] = True
+        mask.copy_(fresh.view_as(mask))
 
     def extra_repr(self) -> str:
         scheme = f", scheme={self.scheme}" if self.scheme != "uniform" else ""
         return f"bits={self.bits}{scheme}, sparsity={1 - self.mask.float().mean().item():.3f}"
+
+
+def sparse_weights(model: nn.Module) -> list[tuple[WeightCompression, nn.Parameter]]:
+    """Every masked weight of ``model`` (a mask with a zero) and its unmasked parameter."""
+    found = []
+    for module in model.modules():
+        wc = find_weight_compression(module)
+        if wc is not None and not bool(cast(torch.Tensor, wc.mask).all()):
+            chain = module.parametrizations["weight"]
+            if chain[0] is wc:  # its input is the stored parameter itself
+                found.append((wc, chain.original))
+    return found
+
+
+class Regrowth:
+    """Context in which a model's pruned weights may grow back (:class:`WeightCompression`):
+    sets ``regrow`` on every masked weight; ``refresh()`` re-chooses their masks (call it after
+    each optimizer step); ``stop()`` (or leaving the context) freezes the masks again."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.weights = sparse_weights(model)
+
+    def __enter__(self) -> Regrowth:
+        for wc, _ in self.weights:
+            wc.regrow = True
+        return self
+
+    def refresh(self) -> None:
+        for wc, w in self.weights:
+            if wc.regrow:
+                wc.refresh(w)
+
+    def stop(self) -> None:
+        for wc, _ in self.weights:
+            wc.regrow = False
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def find_weight_compression(module: nn.Module) -> WeightCompression | None:
