@@ -26,6 +26,7 @@ SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 DISTILL_LOSSES = ("auto", "kl", "mse", "cosine")
 SGD_MOMENTUM = 0.9
+MAX_REFRESHES = 64  # re-choices of the pruning masks while weights may regrow (finetune.regrow)
 
 
 def _number(value: Any) -> bool:
@@ -370,7 +371,9 @@ def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.d
     with Regrowth(model) as regrowth:
         # Masks may change for the first ``regrow`` of the steps (of the epochs, for a loader
         # without a length), then stay fixed so that the kept weights settle.
+        # At most MAX_REFRESHES re-choices (each one a top-k over every masked weight).
         window = config.regrow * config.epochs * (per_epoch or 1)
+        every = max(1, math.ceil(window / MAX_REFRESHES)) if per_epoch else 1
         steps = 0
         for epoch in range(config.epochs):
             model.train()
@@ -379,7 +382,8 @@ def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.d
                     if (steps if per_epoch else epoch) >= window:
                         regrowth.stop()
                     step(x, y, epoch)
-                    regrowth.refresh()
+                    if steps % every == every - 1:
+                        regrowth.refresh()
                 steps += 1
             if per_epoch is None:
                 scheduler.step()

@@ -114,6 +114,20 @@ def test_pruned_weights_regrow_in_the_first_part_of_training_only(tiny: Task,
         assert (layer.weight[~mask] == 0).all()
 
 
+def test_masks_are_rechosen_at_most_max_refreshes_times(tiny: Task, monkeypatch) -> None:
+    import autocompress.finetune as ft
+
+    monkeypatch.setattr(ft, "MAX_REFRESHES", 2)
+    model = apply(tiny.model, Plan({"net.0": LayerPlan(sparsity=0.8)}), tiny.example_inputs)
+    snoop = Snoop(tiny, model)
+    finetune(model, tiny, FinetuneConfig(epochs=2, lr=3e-2, regrow=1.0), teacher=tiny.model,
+             step_gate=snoop.gate)
+    changes = sum(not torch.equal(a["net.0.parametrizations.weight.0.mask"],
+                                  b["net.0.parametrizations.weight.0.mask"])
+                  for a, b in zip(snoop.seen, snoop.seen[1:]))
+    assert 1 <= changes <= 2
+
+
 def test_regrowth_passes_the_gradient_through_the_mask_and_keeps_the_count() -> None:
     from autocompress.compress._modules import Regrowth, weight_compression
 

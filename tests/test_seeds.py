@@ -127,6 +127,39 @@ def test_seed_points_are_params_of_the_space(identity_task) -> None:
     assert to_params(space, {}) == {k: (None if k.endswith("/bits") else 0.0) for k in space.params()}
 
 
+def test_channel_recipes_cut_75_50_then_25_percent_at_4_bits(identity_task) -> None:
+    space, layers = _space(identity_task, {"sparsity": {"low": 0.0, "high": 0.8, "step": 0.05},
+                                           "structure": ["unstructured", "channel"],
+                                           "bits": [3, 5, 8, None]})
+    sens = profile(identity_task, space, batches=2)
+    points = seed_points(space, sens, {la.name: la.shape for la in layers}, 12)
+    plans = [space.plan_from_params(p) for p in points]
+    channel = [p for p in plans if any(lp.structure == "channel" for lp in p.layers.values())
+               and len({(lp.sparsity, lp.bits) for lp in p.layers.values()
+                        if lp.structure == "channel"}) == 1]
+    cut = [next(lp.sparsity for lp in p.layers.values() if lp.structure == "channel")
+           for p in channel]
+    assert cut[:3] == [0.75, 0.5, 0.25], cut
+    offered = {ls.name for ls in space.layers if "channel" in ls.knobs["structure"].knob.choices}
+    assert offered and offered != {ls.name for ls in space.layers}  # the output layer cannot
+    for p in channel[:3]:
+        for name, lp in p.layers.items():
+            assert lp.bits == 3  # the nearest to 4 (the smaller on ties)
+            assert (lp.structure == "channel") == (name in offered)
+            assert lp.sparsity == (0.0 if name not in offered else lp.sparsity)
+    # Fewer seeds, fewer channel recipes: the 75% one first.
+    few = [space.plan_from_params(p) for p in
+           seed_points(space, sens, {la.name: la.shape for la in layers}, 4)]
+    assert sum(any(lp.structure == "channel" for lp in p.layers.values()) for p in few) >= 1
+
+
+def test_no_channel_recipes_where_no_layer_offers_channels(identity_task) -> None:
+    space, layers = _space(identity_task, {"sparsity": [0.0, 0.5, 0.75], "bits": [4, None]})
+    sens = profile(identity_task, space, batches=2)
+    for p in seed_points(space, sens, {la.name: la.shape for la in layers}, 12):
+        assert all(lp.structure == "unstructured" for lp in space.plan_from_params(p).layers.values())
+
+
 def test_prune_reason() -> None:
     assert prune_reason(0.99, 0.5, 0.02, 0, 2) is None  # never before training
     assert prune_reason(0.99, 0.5, 0.02, 2, 2) is None  # nor at the end

@@ -4,7 +4,10 @@ Before the sampler takes over, the search runs (after the warm-start points):
 
 1. **uniform recipes**: the same ``bits`` and the same unstructured ``sparsity`` on every
    layer (what a user would try by hand), chosen from the grid of the space's values as the
-   ones the sensitivity profile predicts best for their size, spread across sizes;
+   ones the sensitivity profile predicts best for their size, spread across sizes; then,
+   where layers can lose channels, uniform channel pruning (75%, then 50%, then 25% of the
+   output channels at 4-bit weights), not chosen by the profile, which cannot see how well
+   fine-tuning recovers from it;
 2. **allocations**: for a ladder of size budgets (each uniform recipe's size, and smaller),
    the per-layer plan of least predicted damage within the budget: a
    multiple-choice knapsack over each layer's options (every combination of its probed
@@ -36,6 +39,8 @@ from autocompress.tune._sensitivity import Sensitivity, _candidates
 
 _UNITS = 2000  # budget resolution of the knapsack
 _ALLOCATED = ("sparsity", "structure", "bits", "rank")  # act_bits buys speed, not size
+CHANNEL_FRACTIONS = (0.75, 0.5, 0.25)  # of the output channels, in the channel recipes' order
+CHANNEL_BITS = 4  # their weights' bit-width (the nearest integer value a layer offers)
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,7 @@ def seed_points(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequence[int
     if not options:
         return []
     recipes = _uniform_recipes(space, sens, shapes, list(options), max(1, count // 2))
+    recipes += _channel_recipes(space, sens, shapes, list(options), max(1, count // 4))
     budgets = [sum(o.cost for o in r.values()) for r in recipes]
     smallest = sum(min(o.cost for o in v) for v in options.values())
     while len(budgets) < count and budgets and min(budgets) // 2 >= smallest:
@@ -195,6 +201,52 @@ def _uniform_recipes(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequenc
         return front
     idx = np.linspace(0, len(front) - 1, count).round().astype(int)
     return [front[i] for i in dict.fromkeys(idx.tolist())]
+
+
+def _channel_recipes(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequence[int]],
+                     names: Sequence[str], count: int) -> list[dict[str, Option]]:
+    """Up to ``count`` uniform channel-pruning recipes, as a user would try them by hand:
+    75%, then 50%, then 25% of the output channels removed (the nearest values of each
+    layer's domain) with the integer bit-width nearest :data:`CHANNEL_BITS`; a layer that
+    cannot lose channels (the output layer, a transformer's residual stream) keeps only the
+    bits. Not chosen by predicted damage: the profile measures damage before fine-tuning, and
+    fine-tuning recovers from channel pruning far more than that predicts (digits, 2 epochs:
+    50% of the channels at 4 bits loses nothing). None when no layer offers channels."""
+    recipes: list[dict[str, Option]] = []
+    for fraction in CHANNEL_FRACTIONS[:count]:
+        recipe, cut = {}, False
+        for ls in space.layers:
+            if ls.name not in names:
+                continue
+            knobs: dict[str, Any] = {}
+            if "bits" in ls.knobs:
+                ints = [v for v in _domain_values("bits", ls.knobs["bits"].knob)
+                        if isinstance(v, int) and not isinstance(v, bool)]
+                if ints:
+                    knobs["bits"] = min(ints, key=lambda b: (abs(b - CHANNEL_BITS), b))
+            structures = (_domain_values("structure", ls.knobs["structure"].knob)
+                          if "structure" in ls.knobs else [])
+            if "channel" in structures and "sparsity" in ls.knobs:
+                level = _nearest("sparsity", ls.knobs["sparsity"].knob, fraction)
+                if level:
+                    knobs["sparsity"], knobs["structure"], cut = level, "channel", True
+            lp = LayerPlan(**knobs)
+            recipe[ls.name] = Option(knobs, _predicted_damage(sens, ls.name, lp) or 0.0,
+                                     weight_bytes(shapes[ls.name], lp))
+        if cut and recipe not in recipes:
+            recipes.append(recipe)
+    return recipes
+
+
+def _nearest(name: str, knob: Any, target: float) -> Any:
+    """The plan value of ``knob``'s domain nearest ``target`` (the smaller on ties)."""
+    spec = KNOB_TABLE[name]
+    if knob.kind == "range":
+        low, high = knob.bounds()
+        return spec.to_plan(knob.snap(min(max(target, low), high)))
+    numbers = [v for v in _domain_values(name, knob)
+               if isinstance(v, int | float) and not isinstance(v, bool)]
+    return min(numbers, key=lambda v: (abs(v - target), v)) if numbers else None
 
 
 def _domain_values(name: str, knob: Any) -> list[Any]:
