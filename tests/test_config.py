@@ -86,7 +86,7 @@ def test_digits_experiment_values():
     assert exp.directions == ["maximize", "minimize", "minimize"]
     assert exp.target == Target(device="cpu", runtime="onnxruntime", threads=1, batch_size=1)
     assert exp.search == SearchSettings(sampler="mutation", trials=20, concurrency=2, seed=0)
-    assert exp.finetune == FinetuneConfig(epochs=3, lr=0.001, distill=True)
+    assert exp.finetune == FinetuneConfig(epochs=3, lr=0.006, warmup=0.2, distill=True)
     assert exp.constraints == Constraints(max_accuracy_drop=0.05)
     assert exp.tracking_uri is None
 
