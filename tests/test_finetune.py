@@ -128,6 +128,43 @@ def test_masks_are_rechosen_at_most_max_refreshes_times(tiny: Task, monkeypatch)
     assert 1 <= changes <= 2
 
 
+def test_lr_auto_fine_tunes_a_copy_per_candidate_and_keeps_the_best(tiny: Task) -> None:
+    from autocompress.finetune import LR_CANDIDATES, choose_lr
+
+    plan = Plan({"net.0": LayerPlan(sparsity=0.8, bits=3), "net.2": LayerPlan(bits=2)})
+    model = apply(tiny.model, plan, tiny.example_inputs)
+    state = copy.deepcopy(model.state_dict())
+    config = FinetuneConfig(epochs=1, lr="auto")
+    choice = choose_lr(model, tiny, config, teacher=tiny.model, seed=3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # untouched
+    assert list(choice.scores) == list(LR_CANDIDATES)
+    for lr, metric in choice.scores.items():  # each is a plain fine-tuning at that rate
+        alone = copy.deepcopy(model)
+        assert metric == finetune(alone, tiny, replace(config, lr=lr), teacher=tiny.model,
+                                  seed=3)[-1]
+    best = max(choice.scores.values())
+    assert choice.scores[choice.lr] == best
+    assert choice.lr == min(lr for lr, m in choice.scores.items() if m == best)  # ties: smaller
+    assert f"lr {choice.lr:g} (" in choice.summary()
+    # finetune itself resolves "auto" the same way, then trains at the chosen rate.
+    auto = copy.deepcopy(model)
+    fixed = copy.deepcopy(model)
+    assert finetune(auto, tiny, config, teacher=tiny.model, seed=3) == finetune(
+        fixed, tiny, replace(config, lr=choice.lr), teacher=tiny.model, seed=3)
+
+
+def test_lr_auto_skips_diverging_rates_and_fails_clearly_when_all_diverge(tiny: Task) -> None:
+    from autocompress.finetune import choose_lr
+
+    model = copy.deepcopy(tiny.model)
+    choice = choose_lr(model, tiny, FinetuneConfig(epochs=1), candidates=(1e-3, 1e30))
+    assert choice.scores[1e30] is None and choice.lr == 1e-3
+    assert "1e+30: diverged" in choice.summary()
+    with pytest.raises(ValueError, match=r"diverged at every candidate \[1e\+30\]; give "
+                                         r"finetune.lr a number"):
+        choose_lr(model, tiny, FinetuneConfig(epochs=1), candidates=(1e30,))
+
+
 def test_regrowth_passes_the_gradient_through_the_mask_and_keeps_the_count() -> None:
     from autocompress.compress._modules import Regrowth, weight_compression
 

@@ -160,6 +160,24 @@ def test_no_channel_recipes_where_no_layer_offers_channels(identity_task) -> Non
         assert all(lp.structure == "unstructured" for lp in space.plan_from_params(p).layers.values())
 
 
+def test_the_lr_calibration_plans_are_4_bits_and_more_and_more_pruned(identity_task) -> None:
+    from autocompress.tune._seeds import calibration_points
+
+    def plans(knobs: dict) -> list[set]:
+        space, _ = _space(identity_task, knobs)
+        return [{(lp.bits, lp.sparsity, lp.structure, lp.rank) for lp in
+                 space.plan_from_params(p).layers.values()} for p in calibration_points(space)]
+
+    assert plans({"sparsity": {"low": 0.0, "high": 0.95, "step": 0.05}, "bits": [3, 4, 8, None],
+                  "structure": ["unstructured", "channel"]}) == [
+        {(4, 0.5, "unstructured", None)}, {(4, 0.75, "unstructured", None)},
+        {(4, 0.9, "unstructured", None)}]
+    # The nearest values a domain has (the smaller on ties), each plan once.
+    assert plans({"sparsity": {"low": 0.0, "high": 0.3, "step": 0.1}, "bits": [3, 5, 8, None],
+                  "rank": [None, 0.5]}) == [{(3, 0.3, "unstructured", None)}]
+    assert plans({"sparsity": [0.0, 0.5]}) == [{(None, 0.5, "unstructured", None)}]
+
+
 def test_prune_reason() -> None:
     assert prune_reason(0.99, 0.5, 0.02, 0, 2) is None  # never before training
     assert prune_reason(0.99, 0.5, 0.02, 2, 2) is None  # nor at the end
@@ -247,3 +265,31 @@ def test_the_sensitivity_command_prints_the_profile(capsys, monkeypatch: pytest.
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "layer,setting,knobs,metric,drop,distortion"
     assert any(line.startswith("net.6,bits=3,") for line in lines)
+
+
+@pytest.mark.slow
+def test_lr_auto_is_chosen_once_logged_and_used_by_every_trial(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    import autocompress as ac
+    from autocompress.finetune import LR_CANDIDATES
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    notes: list[str] = []
+    result = ac.search("tests.models:tiny_task", space={"layers": [
+        {"knobs": {"bits": [4, 8], "sparsity": [0.0, 0.5]}}]}, objectives=["accuracy", "size_bytes"],
+        trials=2, concurrency=1, warm_start=False, finetune={"epochs": 1, "lr": "auto"},
+        tracking_uri=uri, echo=notes.append,
+        target={"threads": 1, "warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01})
+    chosen = result.experiment.finetune.lr
+    assert chosen in LR_CANDIDATES
+    assert any(n.startswith(f"finetune.lr: auto: lr {chosen:g} (") for n in notes), notes
+    client = MlflowClient(uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["autocompress.finetune.lr"] == f"{chosen:g}"
+    csv = Path(client.download_artifacts(result.parent_run_id, "lr_choice.csv", str(tmp_path)))
+    lines = csv.read_text().splitlines()
+    assert lines[0] == "lr,metric" and [float(x.split(",")[0]) for x in lines[1:]] == list(LR_CANDIDATES)
+    assert len(result.trials) == 2  # the trials ran with result.experiment, lr included

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
             echo(f"Ray cluster at {address}: {len(nodes)} nodes, "
                  f"{ray.cluster_resources().get('CPU', 0):g} CPUs")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        exp = _with_chosen_lr(exp, task, space, tracker, echo)
         first = (first_trials(exp, task, space, layers, tracker, echo)
                  if exp.search.warm_start else [])
         first = _not_run_yet(first, storage, study_name) if tracker.trials else first
@@ -228,6 +230,48 @@ def first_trials(exp: Experiment, task: Any, space: Any, layers: list, tracker: 
         echo(f"first trials: {len(points)} (warm start, uniform recipes, sensitivity-optimal "
              f"allocations), then sampler {exp.search.sampler}")
     return points
+
+
+CALIBRATION_LOSS = 0.1  # relative metric lost before fine-tuning by the plan lr: auto tries
+
+
+def _short(text: str, width: int = 100) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _with_chosen_lr(exp: Experiment, task: Any, space: Any, tracker: Any,
+                    echo: Callable[[str], None]) -> Experiment:
+    """``exp`` with ``finetune.lr: auto`` replaced by the learning rate
+    :func:`~autocompress.finetune.choose_lr` picks, once for every trial, on the mildest of the
+    calibration plans (:func:`~autocompress.tune._seeds.calibration_points`: 4-bit weights,
+    50%, 75% or 90% pruned) that loses at least ``CALIBRATION_LOSS`` of the metric before
+    fine-tuning (the last otherwise): the learning rate matters for plans that fine-tuning must
+    recover from. Logged to the parent run (tag ``autocompress.finetune.lr``,
+    ``lr_choice.csv``). ``exp`` itself otherwise."""
+    from autocompress.compress import apply
+    from autocompress.compress.quantize import calibrate
+    from autocompress.finetune import AUTO, LR_CANDIDATES, choose_lr
+    from autocompress.tune._seeds import calibration_points
+
+    if exp.finetune.lr != AUTO:
+        return exp
+    base = float(task.evaluate(task.model))
+    for point in calibration_points(space):  # the mildest that loses CALIBRATION_LOSS
+        plan = space.plan_from_params(point)
+        model = apply(task.model, plan, task.example_inputs)
+        calibrate(model, task.calibration_batches())
+        metric = float(task.evaluate(model))
+        if base - metric >= CALIBRATION_LOSS * abs(base):
+            break
+    echo(f"finetune.lr: auto: fine-tuning {len(LR_CANDIDATES)} copies of the model compressed "
+         f"by {_short(plan.summary())} (metric {base:.4f} -> {metric:.4f}), one per learning "
+         f"rate {', '.join(f'{lr:g}' for lr in LR_CANDIDATES)}")
+    choice = choose_lr(model, task, exp.finetune, teacher=task.model, seed=exp.search.seed or 0)
+    echo(f"finetune.lr: auto: {choice.summary()}")
+    tracker.client.set_tag(tracker.parent_run_id, "autocompress.finetune.lr", f"{choice.lr:g}")
+    rows = "\n".join(f"{lr:g},{'' if m is None else m}" for lr, m in choice.scores.items())
+    tracker.client.log_text(tracker.parent_run_id, f"lr,metric\n{rows}\n", "lr_choice.csv")
+    return replace(exp, finetune=replace(exp.finetune, lr=choice.lr))
 
 
 def _not_run_yet(points: list[dict[str, Any]], storage: str, study_name: str) -> list[dict[str, Any]]:

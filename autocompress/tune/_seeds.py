@@ -41,6 +41,7 @@ _UNITS = 2000  # budget resolution of the knapsack
 _ALLOCATED = ("sparsity", "structure", "bits", "rank")  # act_bits buys speed, not size
 CHANNEL_FRACTIONS = (0.75, 0.5, 0.25)  # of the output channels, in the channel recipes' order
 CHANNEL_BITS = 4  # their weights' bit-width (the nearest integer value a layer offers)
+CALIBRATION_SPARSITIES = (0.5, 0.75, 0.9)  # of the plans ``finetune.lr: auto`` may be chosen on
 
 
 @dataclass(frozen=True)
@@ -218,12 +219,7 @@ def _channel_recipes(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequenc
         for ls in space.layers:
             if ls.name not in names:
                 continue
-            knobs: dict[str, Any] = {}
-            if "bits" in ls.knobs:
-                ints = [v for v in _domain_values("bits", ls.knobs["bits"].knob)
-                        if isinstance(v, int) and not isinstance(v, bool)]
-                if ints:
-                    knobs["bits"] = min(ints, key=lambda b: (abs(b - CHANNEL_BITS), b))
+            knobs = _near_4_bits(ls)
             structures = (_domain_values("structure", ls.knobs["structure"].knob)
                           if "structure" in ls.knobs else [])
             if "channel" in structures and "sparsity" in ls.knobs:
@@ -236,6 +232,37 @@ def _channel_recipes(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequenc
         if cut and recipe not in recipes:
             recipes.append(recipe)
     return recipes
+
+
+def calibration_points(space: Any) -> list[dict[str, Any]]:
+    """The Optuna parameters of the plans ``finetune.lr: auto`` may be chosen on, mildest first:
+    every layer at the integer bit-width nearest :data:`CHANNEL_BITS` and, in turn, the
+    unstructured sparsities nearest :data:`CALIBRATION_SPARSITIES` its domain has (duplicates
+    dropped). The search takes the first that loses enough before fine-tuning
+    (:func:`autocompress.finetune.choose_lr` needs a plan fine-tuning must work to recover
+    from)."""
+    points: list[dict[str, Any]] = []
+    for target in CALIBRATION_SPARSITIES:
+        plan: dict[str, dict[str, Any]] = {}
+        for ls in space.layers:
+            knobs = _near_4_bits(ls)
+            if "sparsity" in ls.knobs:
+                knobs["sparsity"] = _nearest("sparsity", ls.knobs["sparsity"].knob, target)
+            plan[ls.name] = knobs
+        point = to_params(space, plan)
+        if point not in points:
+            points.append(point)
+    return points
+
+
+def _near_4_bits(ls: Any) -> dict[str, Any]:
+    """``{"bits": b}``, b the integer bit-width of layer space ``ls`` nearest
+    :data:`CHANNEL_BITS` (the smaller on ties), or ``{}`` when it offers none."""
+    if "bits" not in ls.knobs:
+        return {}
+    ints = [v for v in _domain_values("bits", ls.knobs["bits"].knob)
+            if isinstance(v, int) and not isinstance(v, bool)]
+    return {"bits": min(ints, key=lambda b: (abs(b - CHANNEL_BITS), b))} if ints else {}
 
 
 def _nearest(name: str, knob: Any, target: float) -> Any:
