@@ -201,12 +201,19 @@ def test_recoveries_seen_tighten_the_rule() -> None:
 
 def test_recovery_book() -> None:
     book = RecoveryBook()
-    book.record([0.80, 0.90, 0.93], 0.93)  # gained 13 pt after epoch 1, 3 pt after epoch 2
-    book.record([0.95, 0.96, 0.96], 0.96)
+    floor = 0.95  # baseline 0.99, max drop 0.04
+    book.record([0.80, 0.90, 0.93], 0.93, floor)  # gained 13 pt after epoch 1, 3 after epoch 2
+    book.record([0.85, 0.955, 0.96], 0.96, floor)
     assert MIN_RECOVERIES == 3 and book.largest(1) is None  # 2 finished trials: too few
-    book.record([0.97, 0.97, 0.975], 0.975)
+    # Mild trials (above the floor after epoch 1) teach nothing about recovering from there.
+    for _ in range(3):
+        book.record([0.97, 0.97, 0.975], 0.975, floor)
+    assert book.largest(1) is None
+    book.record([0.90, 0.92, 0.95], 0.95, floor)
     assert book.largest(1) == pytest.approx(0.13)
-    assert book.largest(2) == pytest.approx(0.03)
+    assert book.largest(2) is None  # only two trials were below the floor after epoch 2
+    book.record([0.70, 0.90, 0.96], 0.96, floor)
+    assert book.largest(2) == pytest.approx(0.06)
     assert book.largest(3) is None  # nothing after the last epoch
 
 

@@ -248,6 +248,7 @@ def _with_chosen_lr(exp: Experiment, task: Any, space: Any, tracker: Any,
     fine-tuning (the last otherwise): the learning rate matters for plans that fine-tuning must
     recover from. Logged to the parent run (tag ``autocompress.finetune.lr``,
     ``lr_choice.csv``). ``exp`` itself otherwise."""
+    from autocompress._errors import ConfigError
     from autocompress.compress import apply
     from autocompress.compress.quantize import calibrate
     from autocompress.finetune import AUTO, LR_CANDIDATES, choose_lr
@@ -266,7 +267,12 @@ def _with_chosen_lr(exp: Experiment, task: Any, space: Any, tracker: Any,
     echo(f"finetune.lr: auto: fine-tuning {len(LR_CANDIDATES)} copies of the model compressed "
          f"by {_short(plan.summary())} (metric {base:.4f} -> {metric:.4f}), one per learning "
          f"rate {', '.join(f'{lr:g}' for lr in LR_CANDIDATES)}")
-    choice = choose_lr(model, task, exp.finetune, teacher=task.model, seed=exp.search.seed or 0)
+    try:
+        choice = choose_lr(model, task, exp.finetune, teacher=task.model,
+                           seed=exp.search.seed or 0)
+    except ValueError as e:  # every candidate diverged: the user must give a rate
+        raise ConfigError(str(e).removeprefix("finetune.lr='auto': "), file=exp.path,
+                          key="finetune.lr") from None
     echo(f"finetune.lr: auto: {choice.summary()}")
     tracker.client.set_tag(tracker.parent_run_id, "autocompress.finetune.lr", f"{choice.lr:g}")
     rows = "\n".join(f"{lr:g},{'' if m is None else m}" for lr, m in choice.scores.items())
