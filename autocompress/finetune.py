@@ -70,8 +70,8 @@ class FinetuneConfig:
             unstructured mask is re-chosen from the weights' magnitudes, keeping its count
             (dynamic pruning with feedback, Lin et al., 2020); the masks are then fixed for
             the rest. 0 keeps the masks chosen at compression. Measured on digits after 2
-            epochs (uniform recipes, ``bench/README.md``): 90% sparsity at 4-6 bits went from
-            0.76 to 0.89-0.92 accuracy, 50-75% unchanged within noise.
+            epochs (uniform recipes, ``bench/README.md``): 90% sparsity at 4-8 bits went from
+            0.76-0.78 to 0.89-0.92 accuracy, 50-75% unchanged within noise.
         keep_best: Evaluate before training too and end with the weights of the best
             evaluation (before training or after an epoch), so fine-tuning never leaves a
             model worse than compression alone (a mildly compressed pretrained model can lose
