@@ -291,8 +291,9 @@ def finetune(
         TrainingStopped: ``stop`` returned a reason.
         ValueError: ``config.device`` is ``cuda`` and torch sees no CUDA device.
     """
-    if config.lr == AUTO:
-        config = replace(config, lr=choose_lr(model, task, config, teacher, seed).lr)
+    if config.lr == AUTO:  # without epochs no step is taken: any rate will do
+        lr = choose_lr(model, task, config, teacher, seed).lr if config.epochs else LR_CANDIDATES[0]
+        config = replace(config, lr=lr)
     device = resolve_device(config.device)
     torch.manual_seed(seed)
     # A DataLoader given its own generator (the built-in tasks' are) ignores the global seed

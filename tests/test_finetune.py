@@ -153,6 +153,13 @@ def test_lr_auto_fine_tunes_a_copy_per_candidate_and_keeps_the_best(tiny: Task) 
         fixed, tiny, replace(config, lr=choice.lr), teacher=tiny.model, seed=3)
 
 
+def test_lr_auto_without_epochs_chooses_nothing(tiny: Task, monkeypatch) -> None:
+    import autocompress.finetune as ft
+
+    monkeypatch.setattr(ft, "choose_lr", lambda *a, **k: pytest.fail("nothing to choose"))
+    assert finetune(copy.deepcopy(tiny.model), tiny, FinetuneConfig(epochs=0, lr="auto")) == []
+
+
 def test_lr_auto_skips_diverging_rates_and_fails_clearly_when_all_diverge(tiny: Task) -> None:
     from autocompress.finetune import choose_lr
 

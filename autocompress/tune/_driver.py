@@ -254,7 +254,7 @@ def _with_chosen_lr(exp: Experiment, task: Any, space: Any, tracker: Any,
     from autocompress.finetune import AUTO, LR_CANDIDATES, choose_lr
     from autocompress.tune._seeds import calibration_points
 
-    if exp.finetune.lr != AUTO:
+    if exp.finetune.lr != AUTO or not exp.finetune.epochs:  # nothing trains: nothing to choose
         return exp
     base = float(task.evaluate(task.model))
     for point in calibration_points(space):  # the mildest that loses CALIBRATION_LOSS
