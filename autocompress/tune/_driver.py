@@ -256,7 +256,7 @@ def _with_chosen_lr(exp: Experiment, task: Any, space: Any, tracker: Any,
 
     if exp.finetune.lr != AUTO or not exp.finetune.epochs:  # nothing trains: nothing to choose
         return exp
-    base = float(task.evaluate(task.model))
+    base = tracker.baseline["accuracy"]  # the task metric, measured with the baseline
     for point in calibration_points(space):  # the mildest that loses CALIBRATION_LOSS
         plan = space.plan_from_params(point)
         model = apply(task.model, plan, task.example_inputs)
