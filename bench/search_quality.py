@@ -6,7 +6,7 @@ Usage::
     .venv/bin/python bench/search_quality.py            # digits + mnist1d, seeds 0 1 2, 32 trials
     .venv/bin/python bench/search_quality.py --quick    # smoke run: digits, seed 0, 8 trials, 1 epoch
     # options: --tasks digits mnist1d [minilm]  --trials N  --epochs E  --seeds 0 1 2
-    #          --strategies uniform "random N" "random 2N" default  --concurrency C
+    #          --strategies uniform grid "random N" "random 2N" default  --concurrency C
     #          --max-drop D  --objectives accuracy size_bytes [latency_ms]  --random-constraint
     #          --skip-enumerable  --verbose  --out PATH
     # JSON goes to bench/search_quality.json (bench/search_quality-quick.json with --quick).
@@ -29,6 +29,10 @@ first N x E of them.
   N are picked from it the same way (at most 52). A knob a layer refuses is left off on that
   layer (no channel pruning of the output layer, no 8-bit activations where a layer has no
   integer kernel), exactly as a search space leaves it out.
+- ``grid``: the uniform recipes as the issue defines them, bits {8, 6, 4, 3, 2} x
+  unstructured sparsity {0, 0.5, 0.75, 0.9} (20 recipes; with N > 20 also sparsities
+  {0.25, 0.6, 0.8, 0.95}, 40, N of them picked as above), run as ``uniform`` is. A weaker
+  baseline than ``uniform``: no channel pruning, no low rank.
 - ``random N`` and ``random 2N``: ``ac.search(..., sampler="random", warm_start=False,
   constraints=None)`` on ``search_spaces/default.yaml`` with N and 2N trials: plain random
   sampling, no warm start, no constraint, hence no pruning and exactly N x E (2N x E) epochs.
@@ -58,8 +62,8 @@ measured it, a trial's drop = ``acc0 - accuracy``, ratio = baseline size / size)
 - **HV within N x E epochs**: the HV of the run's first trials (in the order they ran) whose
   fine-tuning epochs add up to at most N x E (a pruned trial costs the epochs it ran): the
   run at the compute of ``uniform`` and ``random N``.
-- **HV ratio vs uniform / vs random 2N**: this strategy's HV / theirs (all trials), per seed,
-  then median.
+- **HV ratio vs uniform / vs grid / vs random 2N**: this strategy's HV / theirs (all
+  trials), per seed, then median.
 - **trials (+pruned)**: finished trials (+ trials stopped early); **epochs**: fine-tuning
   epochs spent in all.
 - **best compression <= 0.5 pt**: the largest compression ratio among trials that lose at most
@@ -103,7 +107,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = ("uniform", "random N", "random 2N", "default")
+STRATEGIES = ("uniform", "grid", "random N", "random 2N", "default")
 QUICK_DROP, SPEED_DROP = 0.005, 0.01  # "best compression <= 0.5 pt", "best speed-up <= 1 pt"
 FAST_TARGET = {"threads": 1, "warmup": 2, "min_runs": 5, "max_runs": 50, "budget_s": 0.05}
 ENUM_BITS = (2, 3, 4, 8)
@@ -254,11 +258,15 @@ def relative(metrics: dict[str, Any], baseline: dict[str, float]) -> dict[str, f
 # Uniform recipes
 
 
-def recipe_pool(n: int) -> list[dict[str, Any]]:
-    """The uniform recipes (``LayerPlan`` keyword arguments) a budget of ``n`` picks from."""
+def recipe_pool(n: int, grid_only: bool = False) -> list[dict[str, Any]]:
+    """The uniform recipes (``LayerPlan`` keyword arguments) a budget of ``n`` picks from
+    (``grid_only``: bits x unstructured sparsity alone, the ``grid`` strategy's)."""
     bits = (8, 6, 4, 3, 2)
     pool: list[dict[str, Any]] = [{"bits": b, "sparsity": s}
                                   for b in bits for s in (0.0, 0.5, 0.75, 0.9)]
+    if grid_only:
+        finer = [{"bits": b, "sparsity": s} for b in bits for s in (0.25, 0.6, 0.8, 0.95)]
+        return pool + finer if n > len(pool) else pool
     pool += [{"bits": b, "sparsity": s, "structure": "channel"}
              for b in (8, 4) for s in (0.25, 0.5, 0.75)]
     pool += [{"bits": 8, "rank": r} for r in (0.5, 0.25)]
@@ -285,7 +293,7 @@ def recipe_plan(recipe: dict[str, Any], layers: Sequence[Any]) -> Any:
     return Plan(plan)
 
 
-def pick_recipes(task: Any, n: int) -> list[Any]:
+def pick_recipes(task: Any, n: int, grid_only: bool = False) -> list[Any]:
     """``n`` uniform plans for ``task``: the whole pool, or ``n`` spread evenly over it sorted
     by compression ratio (sizes computed without fine-tuning)."""
     from autocompress.compress import apply
@@ -293,7 +301,7 @@ def pick_recipes(task: Any, n: int) -> list[Any]:
     from autocompress.measure import size_bytes
 
     layers = describe_layers(task.model, task.example_inputs)
-    plans = [recipe_plan(r, layers) for r in recipe_pool(n)]
+    plans = [recipe_plan(r, layers) for r in recipe_pool(n, grid_only)]
     if n >= len(plans):
         return plans
     sizes = [size_bytes(apply(task.model, p, task.example_inputs)) for p in plans]
@@ -302,8 +310,9 @@ def pick_recipes(task: Any, n: int) -> list[Any]:
     return [plans[order[i]] for i in picks]
 
 
-def run_uniform(setup: TaskSetup, seed: int, s: Settings) -> Run:
-    """Evaluates ``s.trials`` uniform recipes like search trials, one after another."""
+def run_uniform(setup: TaskSetup, seed: int, s: Settings, strategy: str = "uniform") -> Run:
+    """Evaluates ``s.trials`` uniform recipes (of ``grid``'s pool for ``strategy`` "grid")
+    like search trials, one after another."""
     import torch
 
     from autocompress.finetune import FinetuneConfig
@@ -313,10 +322,10 @@ def run_uniform(setup: TaskSetup, seed: int, s: Settings) -> Run:
 
     torch.set_num_threads(1)  # as a search trial (cpus_per_trial 1)
     task = load_task(setup.name, seed=seed)
-    plans = pick_recipes(task, s.trials)
+    plans = pick_recipes(task, s.trials, grid_only=strategy == "grid")
     config = FinetuneConfig(**{"epochs": s.epochs, **setup.finetune, "device": "cpu"})
     target = Target(**FAST_TARGET)
-    fresh_latency_cache(s.workdir / f"{setup.name}-uniform-{seed}")
+    fresh_latency_cache(s.workdir / f"{setup.name}-{strategy}-{seed}")
     start = time.perf_counter()
     base = measure(task.model, task, target)
     baseline = {"accuracy": base.accuracy, "size_bytes": base.size_bytes,
@@ -325,11 +334,11 @@ def run_uniform(setup: TaskSetup, seed: int, s: Settings) -> Run:
     for i, plan in enumerate(plans):
         result = run_trial(task, plan, config, target, seed=seed)
         m = result.metrics.to_dict()
-        rows.append({"trial": f"uniform-{i:03d}", "status": "FINISHED", **_kept(m),
+        rows.append({"trial": f"{strategy}-{i:03d}", "status": "FINISHED", **_kept(m),
                      **relative(m, baseline), "epochs_done": len(result.history),
                      "trial_seconds": result.seconds, "summary": plan.summary()})
-        log(f"  uniform {i + 1}/{len(plans)}: {_row_line(rows[-1])}")
-    return Run(setup.name, "uniform", seed, baseline, rows, time.perf_counter() - start)
+        log(f"  {strategy} {i + 1}/{len(plans)}: {_row_line(rows[-1])}")
+    return Run(setup.name, strategy, seed, baseline, rows, time.perf_counter() - start)
 
 
 def _kept(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -386,11 +395,14 @@ def search_rows(result: Any, uri: str) -> list[dict[str, Any]]:
     rows = []
     for rec in result.trials.to_dict("records"):
         row = {k: _plain(v) for k, v in rec.items() if k not in ("run_id", "error")}
+        # The metric after each fine-tuning epoch (step k: after epoch k).
+        history = dict(sorted((m.step, m.value)
+                              for m in client.get_metric_history(rec["run_id"], "accuracy")))
+        row["history"] = [history[step] for step in sorted(history) if step > 0]
         if "epochs" in rec and rec["epochs"] == rec["epochs"]:
             row["epochs_done"] = int(rec["epochs"])
         else:
-            history = client.get_metric_history(rec["run_id"], "accuracy")
-            row["epochs_done"] = max((m.step for m in history), default=0)
+            row["epochs_done"] = max(history, default=0)
         rows.append(row)
     return rows
 
@@ -426,8 +438,8 @@ def run_one(setup: TaskSetup, strategy: str, seed: int, s: Settings) -> Run:
     """Runs one (task, strategy, seed) and computes its quality."""
     budget = 2 * s.trials if strategy == "random 2N" else s.trials
     log(f"{setup.name} / {strategy} / seed {seed}: {budget} trials, {s.epochs} epoch(s)")
-    run = run_uniform(setup, seed, s) if strategy == "uniform" else run_strategy(
-        setup, strategy, seed, s)
+    run = (run_uniform(setup, seed, s, strategy) if strategy in ("uniform", "grid")
+           else run_strategy(setup, strategy, seed, s))
     run.quality = quality(run.rows, run.baseline["accuracy"], s.max_drop, s.epochs, s.trials)
     q = run.quality
     log(f"{setup.name} / {strategy} / seed {seed}: HV {q['hypervolume']:.3f} "
@@ -457,7 +469,7 @@ def summarize(runs: list[Run], task: str) -> list[dict[str, Any]]:
                     "infeasible_finetuned"):
             row[key] = statistics.median(r.quality[key] for r in mine)
         row["wall_s"] = statistics.median(r.wall_s for r in mine)
-        for other, key in (("uniform", "hv_ratio_vs_uniform"),
+        for other, key in (("uniform", "hv_ratio_vs_uniform"), ("grid", "hv_ratio_vs_grid"),
                            ("random 2N", "hv_ratio_vs_random_2N")):
             row[key] = _median_ratio(mine, [by.get((other, r.seed)) for r in mine])
         out.append(row)
@@ -483,15 +495,16 @@ def markdown_table(task: str, rows: list[dict[str, Any]], s: Settings) -> str:
              f"{', '.join(s.objectives)}; medians over seeds {seeds}", "",
              "| strategy | trials (+pruned) | epochs | hypervolume (median) "
              f"| HV within {s.trials * s.epochs} epochs | HV ratio vs uniform "
-             "| HV ratio vs random 2N | best compression ≤0.5pt | best speed-up ≤1pt "
-             "| infeasible fine-tuned | wall s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| HV ratio vs grid | HV ratio vs random 2N | best compression ≤0.5pt "
+             "| best speed-up ≤1pt | infeasible fine-tuned | wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         pruned = f" (+{r['pruned']:g})" if r["pruned"] else ""
         lines.append(
             f"| {r['strategy']} | {r['finished']:g}{pruned} | {r['epochs_spent']:g} "
             f"| {r['hypervolume']:.3f} | {r['hypervolume_equal_epochs']:.3f} "
-            f"| {_ratio(r['hv_ratio_vs_uniform'])} | {_ratio(r['hv_ratio_vs_random_2N'])} "
+            f"| {_ratio(r['hv_ratio_vs_uniform'])} | {_ratio(r['hv_ratio_vs_grid'])} "
+            f"| {_ratio(r['hv_ratio_vs_random_2N'])} "
             f"| {r['best_compression_0.5pt']:.1f}× | {r['best_speedup_1pt']:.2f}× "
             f"| {r['infeasible_finetuned']:g} | {r['wall_s']:.0f} |")
     return "\n".join(lines)

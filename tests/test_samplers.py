@@ -97,6 +97,60 @@ def test_mutation_never_repeats_a_plan_under_other_parameters() -> None:
         _tell(study, trial, [0.0, 1000.0])
 
 
+def test_a_shift_moves_one_knob_the_same_way_on_every_layer() -> None:
+    """A shift changes one knob on all five layers, all in the same direction of its listed
+    order (a range by one or two steps), clipped at the ends, and nothing else."""
+    from autocompress.tune._mutation import knob_groups
+
+    layers = [f"l{i}" for i in range(5)]
+    space = {**{f"{n}/bits": CategoricalDistribution([3, 4, 5, 6, 8, None]) for n in layers},
+             **{f"{n}/sparsity": FloatDistribution(0.0, 0.8, step=0.05) for n in layers}}
+    parent = {**{f"{n}/bits": 4 for n in layers}, **{f"{n}/sparsity": 0.5 for n in layers}}
+    parent["l0/bits"], parent["l4/sparsity"] = 3, 0.8  # at the ends
+    order = [3, 4, 5, 6, 8, None]
+    sampler = FrontMutationSampler(seed=3)
+    seen = set()
+    for _ in range(40):
+        for group in knob_groups(list(space)):
+            params = dict(parent)
+            sampler._shift(params, space, group)
+            changed = {k for k in space if params[k] != parent[k]}
+            assert changed <= set(group) and len(changed) >= 4
+            if group[0].endswith("bits"):
+                moves = {order.index(params[k]) - order.index(parent[k]) for k in changed}
+                assert moves in ({1}, {-1})
+                assert (params["l0/bits"] == 3) == (moves == {-1})  # clipped going down
+            else:
+                moves = {round(params[k] - parent[k], 6) for k in changed}
+                assert moves in ({0.05}, {0.1}, {-0.05}, {-0.1}, {0.1, 0.05}), moves
+                assert params["l4/sparsity"] <= 0.8
+            seen.add((group[0], frozenset(moves)))
+    assert len(seen) == 6  # bits up / down, sparsity +-1 / +-2 steps
+
+
+def test_shifts_are_among_the_search_moves(monkeypatch) -> None:
+    """With shifts forced, the first plan after two parents moves one knob on every layer."""
+    import autocompress.tune._mutation as mutation
+
+    monkeypatch.setattr(mutation, "_SHIFT_P", 1.0)
+    layers = [f"l{i}" for i in range(4)]
+    space = {f"{n}/bits": CategoricalDistribution([3, 4, 5, 6, 8, None]) for n in layers}
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=FrontMutationSampler(seed=0, explore=0.0))
+    for bits, values in ((5, [0.99, 10.0]), (8, [0.995, 100.0])):
+        study.enqueue_trial({k: bits for k in space})
+        _tell(study, study.ask(space), values)
+    params = study.ask(space).params
+    assert len(set(params.values())) == 1 and params["l0/bits"] in (4, 6, None)
+
+
+def test_knob_groups_are_per_knob_and_skip_lone_parameters() -> None:
+    from autocompress.tune._mutation import knob_groups
+
+    assert knob_groups(["a/bits", "a/rank", "b/bits", "c.d/bits", "b/sparsity"]) == [
+        ["a/bits", "b/bits", "c.d/bits"]]
+
+
 def test_the_search_gives_the_sampler_its_plan_key(tiny) -> None:
     from autocompress.compress._registry import describe_layers
     from autocompress.config._space import load_search_space
