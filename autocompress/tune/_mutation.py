@@ -169,8 +169,7 @@ class FrontMutationSampler(BaseSampler):
             for _ in range(_TRIES):
                 moved = value + int(self._rng.choice([-2, -1, 1, 2])) * step
                 if dist.low <= moved <= dist.high:
-                    moved = round(round((moved - dist.low) / step) * step + dist.low, 12)
-                    return type(value)(min(dist.high, max(dist.low, moved)))
+                    return _snap(dist, value, moved, step)
             return value
         return value
 
@@ -193,10 +192,14 @@ def _step(dist: BaseDistribution, value: Any, direction: int, steps: int) -> Any
         return choices[i]
     if isinstance(dist, FloatDistribution | IntDistribution):
         step = dist.step or (dist.high - dist.low) / 10
-        moved = min(max(value + direction * steps * step, dist.low), dist.high)
-        moved = round(round((moved - dist.low) / step) * step + dist.low, 12)
-        return type(value)(min(dist.high, max(dist.low, moved)))
+        return _snap(dist, value, min(max(value + direction * steps * step, dist.low), dist.high), step)
     return value
+
+
+def _snap(dist: FloatDistribution | IntDistribution, value: Any, moved: float, step: float) -> Any:
+    """``moved`` on the grid of ``step`` from ``dist.low``, within the range, as ``value``'s type."""
+    moved = round(round((moved - dist.low) / step) * step + dist.low, 12)
+    return type(value)(min(dist.high, max(dist.low, moved)))
 
 
 def crowding(values: np.ndarray) -> np.ndarray:
