@@ -132,11 +132,12 @@ class TrainingStopped(Exception):
 
     Attributes:
         reason: Why, in words.
-        epochs: Epochs done when it stopped (0: before training).
+        epochs: Epochs done when it stopped (0: before training; 1.5: halfway through the
+            second).
         metric: The task metric then.
     """
 
-    def __init__(self, reason: str, epochs: int, metric: float) -> None:
+    def __init__(self, reason: str, epochs: float, metric: float) -> None:
         super().__init__(reason)
         self.reason, self.epochs, self.metric = reason, epochs, metric
 
@@ -257,7 +258,7 @@ def finetune(
     on_epoch: Callable[[int, float], None] | None = None,
     seed: int = 0,
     step_gate: Callable[[], contextlib.AbstractContextManager] | None = None,
-    stop: Callable[[int, float], str | None] | None = None,
+    stop: Callable[[float, float], str | None] | None = None,
 ) -> list[float]:
     """Trains ``model`` in place for ``config.epochs`` epochs; returns the metric after each.
 
@@ -283,8 +284,10 @@ def finetune(
             search passes its measurement service's gate, which holds them back while a
             latency is being measured on this machine; see ``autocompress.measure.service``).
         stop: Early stopping (a search's pruning of hopeless trials): called with
-            ``(epochs done, metric)`` before training (0) and after every epoch but the last;
-            a returned reason ends training with :class:`TrainingStopped`.
+            ``(epochs done, metric)`` before training (0), after every epoch but the last
+            and, from the second epoch on, halfway through each epoch (1.5, 2.5, ...: the
+            metric evaluated there, for this call only; a loader without a length has no
+            halfway point); a returned reason ends training with :class:`TrainingStopped`.
 
     Raises:
         DivergedError: The loss became NaN or infinite.
@@ -319,7 +322,7 @@ def finetune(
 def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.device,
            teacher: nn.Module | None, on_epoch: Callable[[int, float], None] | None,
            gate: Callable[[], contextlib.AbstractContextManager],
-           stop: Callable[[int, float], str | None] | None = None) -> list[float]:
+           stop: Callable[[float, float], str | None] | None = None) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(config, params)
     per_epoch = _steps_per_epoch(task.train_loader)
@@ -367,7 +370,7 @@ def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.d
         if per_epoch is not None:
             scheduler.step()
 
-    def check(done: int, metric: float) -> None:
+    def check(done: float, metric: float) -> None:
         reason = stop(done, metric) if stop is not None and done < config.epochs else None
         if reason:
             raise TrainingStopped(reason, done, metric)
@@ -386,9 +389,16 @@ def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.d
         window = config.regrow * config.epochs * (per_epoch or 1)
         every = max(1, math.ceil(window / MAX_REFRESHES)) if per_epoch else 1
         steps = 0
+        # Halfway through every epoch after the first, ``stop`` sees the metric too: the last
+        # epoch's changes are smaller (the rate decays), so a trial that is still far below
+        # the constraint there will end below it (on mnist1d, 2 epochs, the metric after the
+        # first epoch does not tell the trials that end 4 pt down from those that end 7 pt
+        # down).
+        halfway = (per_epoch // 2 if stop is not None and per_epoch and per_epoch >= 2
+                   and config.epochs > 1 else None)
         for epoch in range(config.epochs):
             model.train()
-            for x, y in task.train_loader:
+            for i, (x, y) in enumerate(task.train_loader):
                 with gate():
                     if (steps if per_epoch else epoch) >= window:
                         regrowth.stop()
@@ -396,6 +406,10 @@ def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.d
                     if steps % every == every - 1:
                         regrowth.refresh()
                 steps += 1
+                if epoch and i + 1 == halfway:
+                    metric = _evaluate(model, task, gate)
+                    model.train()
+                    check(epoch + 0.5, metric)
             if per_epoch is None:
                 scheduler.step()
             history.append(_evaluate(model, task, gate))
@@ -412,8 +426,7 @@ def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.d
 def _evaluate(model: nn.Module, task: Task,
               gate: Callable[[], contextlib.AbstractContextManager]) -> float:
     """The task metric, the random state put back afterwards (a data loader draws its seed
-    from it): the metric before training, which ``stop`` and ``keep_best`` ask for, does not
-    change the training."""
+    from it): evaluating, as often as the caller asks, does not change the training."""
     with gate(), torch.random.fork_rng(devices=_cuda_devices(model)):
         return float(task.evaluate(model))
 

@@ -205,11 +205,10 @@ def test_history_has_one_entry_per_epoch(tiny: Task, epochs: int) -> None:
     assert all(0.0 <= m <= 1.0 for m in history)
 
 
-def test_stop_sees_the_metric_before_training_and_after_each_epoch_but_the_last(
-        tiny: Task) -> None:
-    """``stop`` sees (0, before), (1, after epoch 1), (2, after epoch 2); asking it does not
-    change the training (a model with dropout: the evaluation's loader must not draw from
-    the random state); a reason stops training there."""
+def test_stop_is_asked_after_each_epoch_and_halfway_through_the_later_ones(tiny: Task) -> None:
+    """``stop`` sees (0, before), (1, after epoch 1), (1.5, halfway through epoch 2), (2, ...),
+    (2.5, ...), never the end; the halfway metric is the model's there, and asking it does
+    not change the training (dropout draws included); a reason raised halfway stops there."""
     from autocompress.finetune import TrainingStopped
 
     torch.manual_seed(0)
@@ -220,14 +219,20 @@ def test_stop_sees_the_metric_before_training_and_after_each_epoch_but_the_last(
     seen: list[tuple[float, float]] = []
     watched, plain = copy.deepcopy(model), copy.deepcopy(model)
     history = finetune(watched, task, config, stop=lambda d, m: seen.append((d, m)))
-    assert [d for d, _ in seen] == [0, 1, 2]
-    assert seen[0][1] == task.evaluate(model)
-    assert [m for _, m in seen[1:]] == history[:2]
+    assert [d for d, _ in seen] == [0, 1, 1.5, 2, 2.5]
+    assert [m for d, m in seen if d in (1, 2)] == history[:2]
+    assert seen[2][1] not in history  # evaluated there, not a copy of an epoch's metric
     assert finetune(plain, task, config) == history
     assert_same_weights(watched, plain)
+
+    stopped = copy.deepcopy(model)
     with pytest.raises(TrainingStopped) as info:
-        finetune(copy.deepcopy(model), task, config, stop=lambda d, m: "far below" if d == 1 else None)
-    assert info.value.epochs == 1 and info.value.reason == "far below"
+        finetune(stopped, task, config, stop=lambda d, m: "far below" if d == 1.5 else None)
+    assert info.value.epochs == 1.5 and info.value.reason == "far below"
+    # One epoch of fine-tuning: nothing halfway (the first epoch is never judged inside).
+    seen.clear()
+    finetune(copy.deepcopy(model), task, replace(config, epochs=1), stop=lambda d, m: seen.append((d, m)))
+    assert [d for d, _ in seen] == [0]
 
 
 class Constant(nn.Module):

@@ -202,19 +202,32 @@ def test_recoveries_seen_tighten_the_rule() -> None:
 def test_recovery_book() -> None:
     book = RecoveryBook()
     floor = 0.95  # baseline 0.99, max drop 0.04
-    book.record([0.80, 0.90, 0.93], 0.93, floor)  # gained 13 pt after epoch 1, 3 after epoch 2
-    book.record([0.85, 0.955, 0.96], 0.96, floor)
+
+    def record(metrics: list[float], final: float) -> None:  # checks after epochs 0, 1, 1.5, 2
+        book.record(dict(zip((0, 1, 1.5, 2), metrics)), final, floor)
+
+    record([0.5, 0.80, 0.88, 0.90], 0.93)  # gained 13 pt after epoch 1, 5 halfway, 3 after 2
+    record([0.5, 0.85, 0.94, 0.955], 0.96)
     assert MIN_RECOVERIES == 3 and book.largest(1) is None  # 2 finished trials: too few
     # Mild trials (above the floor after epoch 1) teach nothing about recovering from there.
     for _ in range(3):
-        book.record([0.97, 0.97, 0.975], 0.975, floor)
+        record([0.96, 0.97, 0.97, 0.97], 0.975)
     assert book.largest(1) is None
-    book.record([0.90, 0.92, 0.95], 0.95, floor)
+    record([0.6, 0.90, 0.91, 0.92], 0.95)
     assert book.largest(1) == pytest.approx(0.13)
+    assert book.largest(1.5) == pytest.approx(0.05)
     assert book.largest(2) is None  # only two trials were below the floor after epoch 2
-    book.record([0.70, 0.90, 0.96], 0.96, floor)
+    record([0.5, 0.70, 0.85, 0.90], 0.96)
     assert book.largest(2) == pytest.approx(0.06)
+    assert book.largest(0) is None  # before training: never asked, never learned
     assert book.largest(3) is None  # nothing after the last epoch
+
+
+def test_the_rule_halfway_through_an_epoch() -> None:
+    # halfway through the second of two epochs: 1.75 x the allowed drop (2 pt)
+    assert prune_reason(0.99, 0.956, 0.02, 1.5, 2) is None
+    reason = prune_reason(0.99, 0.954, 0.02, 1.5, 2)
+    assert reason and "after 1.5 of 2 epochs" in reason
 
 
 def test_a_resumed_search_runs_no_first_trial_twice(tmp_path: Path) -> None:

@@ -223,7 +223,9 @@ class SearchTracker:
     def trial_pruned(self, key: str, reason: str, epochs: int, accuracy: float | None,
                      summary: str = "") -> None:
         """Ends a trial stopped early as PRUNED (tag ``autocompress.pruned`` = the reason, run
-        status FINISHED): it does not count toward the search's trials, nor the front."""
+        status FINISHED): it does not count toward the search's trials, nor the front. Its
+        last metric is logged at step ``epochs``: the epoch it was in when it stopped (a
+        trial stopped halfway through epoch 2 logs it at step 2; the reason says where)."""
         rec = self.trials.get(key) or self.trial_started(key, {})
         rec.status, rec.summary, rec.feasible = "PRUNED", summary, False
         if accuracy is not None:

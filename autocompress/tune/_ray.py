@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -77,7 +78,7 @@ def _callback(tracker: SearchTracker, inbox: Any):
             files = ray.get(inbox.pop.remote(trial.trial_id))
             if result.get("pruned"):
                 tracker.trial_pruned(trial.trial_id, str(result.get("prune_reason", "")),
-                                     int(result.get("epoch", 0)), result.get("epoch_accuracy"),
+                                     math.ceil(result.get("epoch", 0)), result.get("epoch_accuracy"),
                                      result.get("summary", ""))
                 return
             if not result.get("final"):

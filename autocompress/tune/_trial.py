@@ -7,7 +7,7 @@ import json
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -59,7 +59,7 @@ def run_trial(
     seed: int = 0,
     measurer: Measurer | None = None,
     step_gate: Callable[[], AbstractContextManager] | None = None,
-    stop: Callable[[int, float], str | None] | None = None,
+    stop: Callable[[float, float], str | None] | None = None,
 ) -> TrialResult:
     """Compresses ``task.model`` by ``plan``, fine-tunes it (distilling from the original if
     configured) and measures it on ``target`` (with ``measurer``, see
@@ -81,13 +81,14 @@ RECOVERY_MARGIN = 1.5  # how many times the largest recovery seen a trial may st
 MIN_RECOVERIES = 3  # finished trials before their recoveries tighten the rule
 
 
-def prune_reason(baseline: float, metric: float, max_drop: float | None, done: int,
+def prune_reason(baseline: float, metric: float, max_drop: float | None, done: float,
                  epochs: int, recovery: float | None = None) -> str | None:
     """Why a trial cannot meet the accuracy constraint, or None (multi-fidelity pruning).
 
-    A trial is stopped when, after ``done`` of ``epochs`` fine-tuning epochs, it loses more
-    than ``max_drop * (1 + PRUNE_MARGIN * (epochs - done) / epochs)``: after the first of two
-    epochs 2.5x the allowed drop, less with fewer epochs left. Once the search has seen
+    A trial is stopped when, after ``done`` of ``epochs`` fine-tuning epochs (1.5: halfway
+    through the second, see :func:`autocompress.finetune.finetune`), it loses more than
+    ``max_drop * (1 + PRUNE_MARGIN * (epochs - done) / epochs)``: after the first of two
+    epochs 2.5x the allowed drop, halfway through the second 1.75x. Once the search has seen
     trials finish (``recovery``: the most any of them gained from epoch ``done`` to the end,
     see :class:`RecoveryBook`), the bound is also at most ``max_drop + max(RECOVERY_MARGIN x
     recovery, max_drop / 4)``: a trial that would need 1.5x the best recovery seen (among
@@ -108,7 +109,7 @@ def prune_reason(baseline: float, metric: float, max_drop: float | None, done: i
     drop = baseline - metric
     if drop <= allowed:
         return None
-    return (f"accuracy {metric:.4f} after {done} of {epochs} epochs is {drop:.3f} below the "
+    return (f"accuracy {metric:.4f} after {done:g} of {epochs} epochs is {drop:.3f} below the "
             f"baseline, more than the {allowed:.3f} it may still lose there "
             f"(max_accuracy_drop {max_drop}{learned})")
 
@@ -125,16 +126,17 @@ class RecoveryBook:
     of two epochs and ends 2 pt down)."""
 
     def __init__(self) -> None:
-        self.gains: dict[int, list[float]] = {}
+        self.gains: dict[float, list[float]] = {}
 
-    def record(self, history: list[float], final: float, floor: float) -> None:
-        """A finished trial: its metric after each epoch (``history[k - 1]`` after epoch k),
-        its final metric, and the constraint's floor (baseline metric - max drop)."""
-        for done, metric in enumerate(history[:-1], start=1):
-            if metric < floor:
+    def record(self, checks: Mapping[float, float], final: float, floor: float) -> None:
+        """A finished trial: its metric at each check during fine-tuning (``{epochs done:
+        metric}``, as ``finetune`` passed them to ``stop``), its final metric, and the
+        constraint's floor (baseline metric - max drop)."""
+        for done, metric in checks.items():
+            if done > 0 and metric < floor:
                 self.gains.setdefault(done, []).append(final - metric)
 
-    def largest(self, done: int) -> float | None:
+    def largest(self, done: float) -> float | None:
         """The most a finished trial that was below the floor after epoch ``done`` gained from
         there to the end, or None before :data:`MIN_RECOVERIES` such trials have finished."""
         gains = self.gains.get(done, [])
@@ -177,7 +179,10 @@ def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment
     if finetune_config.device == "auto" and not exp.search.gpus_per_trial > 0:
         # A trial that reserved no GPU trains on the CPU, whether or not Ray hides the GPUs.
         finetune_config = replace(finetune_config, device="cpu")
-    def stop(done: int, metric: float) -> str | None:
+    checks: dict[float, float] = {}  # what the recovery book learns from, if it finishes
+
+    def stop(done: float, metric: float) -> str | None:
+        checks[done] = metric
         max_drop, epochs = exp.constraints.max_accuracy_drop, exp.finetune.epochs
         if max_drop is None or not 0 < done < epochs:
             return None
@@ -195,7 +200,7 @@ def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment
         return
     metrics = result.metrics.to_dict()
     if exp.constraints.max_accuracy_drop is not None:
-        book.record.remote(result.history, metrics["accuracy"],
+        book.record.remote(checks, metrics["accuracy"],
                            baseline["accuracy"] - exp.constraints.max_accuracy_drop)
     relative = relative_metrics(metrics, baseline)
     weights = io.BytesIO()
