@@ -20,7 +20,7 @@ Each trial:
   parameters (1, 2 or 3 with probabilities 0.5, 0.3, 0.2) move: a stepped range by one or two
   steps up or down, a list of choices to the next or previous value in the order the search
   space lists them (``bits: [3, 4, 5, 6, 8, null]``, ``rank: [null, 0.5, 0.25]``) or, with
-  probability 0.3, to any other value. With probability 0.25 the move is a **shift** instead:
+  probability 0.3, to any other value. With probability 0.4 the move is a **shift** instead:
   one knob moves the same way on every layer (all ``bits`` one value down, all
   ``sparsity`` two steps up, ...). A front member's single-layer neighbours differ from it
   by a few percent of its size, while the front's gaps (between a 50% and a 75%
@@ -52,7 +52,7 @@ _MUTATIONS = (1, 2, 3)
 _MUTATION_P = (0.5, 0.3, 0.2)
 _JUMP_P = 0.3  # a choice moves to any other value (else to a neighbour in the listed order)
 _TRIES = 20
-_SHIFT_P = 0.25  # a move shifts one knob on every layer together (see FrontMutationSampler._shift)
+_SHIFT_P = 0.4  # a move shifts one knob on every layer together (see FrontMutationSampler._shift)
 
 
 class FrontMutationSampler(BaseSampler):
