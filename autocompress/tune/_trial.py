@@ -179,29 +179,30 @@ def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment
     if finetune_config.device == "auto" and not exp.search.gpus_per_trial > 0:
         # A trial that reserved no GPU trains on the CPU, whether or not Ray hides the GPUs.
         finetune_config = replace(finetune_config, device="cpu")
+    max_drop, epochs = exp.constraints.max_accuracy_drop, exp.finetune.epochs
     checks: dict[float, float] = {}  # what the recovery book learns from, if it finishes
 
     def stop(done: float, metric: float) -> str | None:
         checks[done] = metric
-        max_drop, epochs = exp.constraints.max_accuracy_drop, exp.finetune.epochs
-        if max_drop is None or not 0 < done < epochs:
+        if not 0 < done < epochs:
             return None
         return prune_reason(baseline["accuracy"], metric, max_drop, done, epochs,
                             ray.get(book.largest.remote(done)))
 
     try:
+        # Without a constraint nothing is stopped: no checks (each one evaluates the model).
         result = run_trial(task, plan, finetune_config, exp.target, on_epoch=on_epoch,
                            seed=exp.search.seed or 0, measurer=ServiceMeasurer(service),
-                           step_gate=training_gate(reserved), stop=stop)
+                           step_gate=training_gate(reserved),
+                           stop=stop if max_drop is not None else None)
     except TrainingStopped as stopped:
         tune.report({"pruned": True, "final": True, "prune_reason": stopped.reason,
                      "epoch": stopped.epochs, "epoch_accuracy": stopped.metric,
                      "summary": plan.summary(), "node": node})
         return
     metrics = result.metrics.to_dict()
-    if exp.constraints.max_accuracy_drop is not None:
-        book.record.remote(checks, metrics["accuracy"],
-                           baseline["accuracy"] - exp.constraints.max_accuracy_drop)
+    if max_drop is not None:
+        book.record.remote(checks, metrics["accuracy"], baseline["accuracy"] - max_drop)
     relative = relative_metrics(metrics, baseline)
     weights = io.BytesIO()
     torch.save(bake(result.model).state_dict(), weights)
