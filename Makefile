@@ -4,20 +4,30 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
+LOCK := requirements.lock
 export AUTOCOMPRESS_CACHE ?= $(CURDIR)/.autocompress/cache
 
-.PHONY: setup demo demo-minilm test test-fast lint bench bench-isolation bench-cache bench-parallel bench-search clean
+.PHONY: setup lock test-latest demo demo-minilm test test-fast lint bench bench-isolation bench-cache bench-parallel bench-search clean
 
 setup: $(STAMP)
 
 # Installs the CPU torch wheel first (any other torch spec pulls a multi-GB CUDA build),
-# then the package with its test extras. Re-runs only when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# then the package with its test extras, every package at its version in the lock.
+# Re-runs when pyproject.toml or the lock changes.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]" "$(TORCH)"
+	$(BIN)/pip install -q -c $(LOCK) pip
+	$(BIN)/pip install -q -c $(LOCK) "$(TORCH)"
+	$(BIN)/pip install -q -c $(LOCK) -e ".[test]" "$(TORCH)"
 	touch $(STAMP)
+
+# Re-resolves the newest versions pyproject.toml allows into the lock (review, test, commit).
+lock:
+	PY=$(PY) TORCH=$(TORCH) bash .ci/lock
+
+# The drift check: the fast tests on the newest allowed versions, in a throw-away venv.
+test-latest:
+	PY=$(PY) TORCH=$(TORCH) bash .ci/latest
 
 demo: $(STAMP)
 	$(BIN)/autocompress search experiments/digits.yaml

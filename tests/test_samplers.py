@@ -11,7 +11,13 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from autocompress.tune._mutation import FrontMutationSampler
-from autocompress.tune._samplers import VALUES_ATTR, AccuracyDropConstraint
+from autocompress.config._experiment import SearchSettings
+from autocompress.tune._samplers import (
+    VALUES_ATTR,
+    AccuracyDropConstraint,
+    SamplerFactory,
+    sampler_names,
+)
 
 SPACE = {"a/bits": CategoricalDistribution([3, 4, 5, 6, 8, None]),
          "a/sparsity": FloatDistribution(0.0, 0.8, step=0.05),
@@ -175,3 +181,34 @@ def test_crowding_prefers_the_ends_and_the_gaps() -> None:
     assert weights[0] == weights[3] == weights.max()  # the two ends
     assert weights[2] > weights[1]  # beside the widest gap (50 -> 10)
     assert list(crowding(values[:2])) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("name", sampler_names())
+def test_every_searcher_pickles_and_comes_back_working(name: str, tmp_path) -> None:
+    """Ray Tune cloudpickles the searcher (the Tuner's state, checkpoints): it must hold no
+    lock or thread (optuna 5.1's NSGA-II sampler holds one), and come back with its study,
+    its running trials and a sampler that suggests."""
+    import ray.cloudpickle as cloudpickle
+
+    from autocompress.tune._samplers import _searcher_class
+
+    def space(trial: optuna.Trial) -> None:
+        for key, dist in SPACE.items():
+            trial._suggest(key, dist)
+
+    factory = SamplerFactory(SearchSettings(sampler=name, trials=6), ("accuracy", "size_bytes"),
+                             0.05, 0.99)
+    searcher = _searcher_class()(space=space, metric=["accuracy", "size_bytes"],
+                                 mode=["max", "min"], sampler=factory, study_name="s",
+                                 storage=f"sqlite:///{tmp_path / 'study.db'}", trials=6)
+    assert isinstance(searcher.suggest("t1"), dict)
+    back = cloudpickle.loads(cloudpickle.dumps(searcher))
+    assert type(back._sampler) is type(searcher._sampler)
+    back.on_trial_complete("t1", {"accuracy": 0.98, "size_bytes": 10.0})
+    assert [t.state for t in back._ot_study.trials] == [optuna.trial.TrialState.COMPLETE]
+    assert isinstance(back.suggest("t2"), dict) and back.live == {"t2"}
+    path = tmp_path / "searcher.pkl"  # Ray's own checkpoint of a searcher
+    back.save(str(path))
+    again = _searcher_class().__new__(_searcher_class())
+    again.restore(str(path))
+    assert set(again._ot_trials) == {"t1", "t2"} and again.ended == 1

@@ -32,7 +32,7 @@ from autocompress.tune._ray import (
 )
 from autocompress.tune._result import DEFAULT_TRACKING_URI, SearchResult
 from autocompress.tune._resume import _reopen, _resumable, _start
-from autocompress.tune._samplers import _DefineByRun, _searcher_class, make_sampler
+from autocompress.tune._samplers import SamplerFactory, _DefineByRun, _searcher_class
 from autocompress.tune._trial import _trainable
 
 
@@ -128,10 +128,10 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
         first = _not_run_yet(first, storage, study_name) if tracker.trials else first
         searcher = _searcher_class()(
             space=_DefineByRun(space), metric=exp.metrics, mode=exp.modes,
-            sampler=make_sampler(exp.search, exp.metrics, exp.constraints.max_accuracy_drop,
-                                 baseline["accuracy"], space), study_name=study_name,
-            points_to_evaluate=first or None,
-            storage=optuna.storages.RDBStorage(storage), trials=remaining,
+            sampler=SamplerFactory(exp.search, tuple(exp.metrics),
+                                   exp.constraints.max_accuracy_drop, baseline["accuracy"], space),
+            study_name=study_name, points_to_evaluate=first or None, storage=storage,
+            trials=remaining,
         )
         inbox = _artifact_inbox()
         trainable = tune.with_resources(

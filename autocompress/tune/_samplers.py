@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -51,17 +53,17 @@ class AccuracyDropConstraint:
 
 
 
-SamplerFactory = Callable[[Any, Any], Any]
-_SAMPLERS: dict[str, SamplerFactory] = {}
+SamplerBuilder = Callable[[Any, Any], Any]
+_SAMPLERS: dict[str, SamplerBuilder] = {}
 
 
-def register_sampler(name: str) -> Callable[[SamplerFactory], SamplerFactory]:
+def register_sampler(name: str) -> Callable[[SamplerBuilder], SamplerBuilder]:
     """Registers ``fn(settings: SearchSettings, constraint) -> optuna sampler`` as ``name``.
 
     ``constraint`` is an Optuna ``constraints_func`` (or None) that the sampler should honour.
     """
 
-    def deco(fn: SamplerFactory) -> SamplerFactory:
+    def deco(fn: SamplerBuilder) -> SamplerBuilder:
         if name in _SAMPLERS:
             raise RuntimeError(f"sampler {name!r} is already registered")
         _SAMPLERS[name] = fn
@@ -146,7 +148,29 @@ def plan_key(space: Any, params: dict[str, Any]) -> str:
     return space.plan_from_params(params).summary()
 
 
+@dataclass(frozen=True)
+class SamplerFactory:
+    """What builds the search's sampler: plain settings, picklable (no lock, no thread).
+
+    Ray Tune cloudpickles the searcher (the Tuner's state file, searcher checkpoints); a live
+    Optuna sampler may hold a lock (optuna 5.1's ``NSGAIISampler`` does), so the searcher
+    carries this and rebuilds its sampler from it when unpickled.
+    """
+
+    settings: Any
+    metrics: tuple[str, ...]
+    max_accuracy_drop: float | None
+    baseline_accuracy: float
+    space: Any = None
+
+    def __call__(self) -> Any:
+        return make_sampler(self.settings, list(self.metrics), self.max_accuracy_drop,
+                            self.baseline_accuracy, self.space)
+
+
 def _searcher_class():
+    import optuna
+    from ray import cloudpickle
     from ray.tune.search import Searcher as RaySearcher
     from ray.tune.search.optuna import OptunaSearch
 
@@ -157,11 +181,40 @@ def _searcher_class():
 
         Ray's OptunaSearch passes the last (per-epoch) result of an errored multi-objective
         trial as a list of Nones, which Optuna rejects, leaving the trial RUNNING in the study.
+
+        It takes a :class:`SamplerFactory` and a storage URL instead of live objects, and
+        pickles as those (plus the Optuna trial ids of the running trials): unpickling reopens
+        the study from its storage and builds a fresh sampler.
         """
 
-        def __init__(self, *args: Any, trials: int | None = None, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
+        def __init__(self, *args: Any, sampler: SamplerFactory, storage: str,
+                     trials: int | None = None, **kwargs: Any) -> None:
+            self.sampler_factory, self.storage_url = sampler, storage
+            super().__init__(*args, sampler=sampler(), storage=optuna.storages.RDBStorage(storage),
+                             **kwargs)
             self.wanted, self.ended, self.live = trials, 0, set()
+
+        def __getstate__(self) -> dict[str, Any]:
+            state = self.__dict__.copy()
+            state.update(_sampler=None, _storage=None, _ot_study=None,
+                         _ot_trials={k: t._trial_id for k, t in self._ot_trials.items()})
+            return state
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            trial_ids = state.pop("_ot_trials")
+            self.__dict__.update(state)
+            self._sampler = self.sampler_factory()
+            self._storage = optuna.storages.RDBStorage(self.storage_url)
+            self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
+                                               sampler=self._sampler)
+            self._ot_trials = {k: optuna.Trial(self._ot_study, tid) for k, tid in trial_ids.items()}
+
+        # Ray's own save/restore pickle ``__dict__`` directly: the live sampler with it.
+        def save(self, checkpoint_path: str) -> None:
+            Path(checkpoint_path).write_bytes(cloudpickle.dumps(self.__getstate__()))
+
+        def restore(self, checkpoint_path: str) -> None:
+            self.__setstate__(cloudpickle.loads(Path(checkpoint_path).read_bytes()))
 
         def suggest(self, trial_id: str) -> Any:
             if self.wanted is not None and self.ended + len(self.live) >= self.wanted:
