@@ -14,10 +14,11 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import traceback
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["ConfigError", "did_you_mean"]
+__all__ = ["ConfigError", "did_you_mean", "root_cause", "root_cause_of_text"]
 
 
 class ConfigError(ValueError):
@@ -67,3 +68,54 @@ def did_you_mean(name: object, options: Iterable[object]) -> str:
     """
     close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+ROOT_CAUSE_WIDTH = 300  # characters of a root-cause line (an MLflow tag, a progress line)
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost exception of ``error``'s chain as one line, ``Type: message``: the one
+    Python prints first (followed through ``raise ... from`` and, unless suppressed, the
+    exception being handled when it was raised).
+
+    Example:
+        >>> try:
+        ...     try:
+        ...         {}["bits"]
+        ...     except KeyError as e:
+        ...         raise RuntimeError("trial failed") from e
+        ... except RuntimeError as e:
+        ...     root_cause(e)
+        "KeyError: 'bits'"
+    """
+    seen = {id(error)}
+    while True:
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        error = inner
+    line = traceback.format_exception_only(error)[-1].strip()
+    return _one_line(line)
+
+
+_HEADER = re.compile(r"^Failure # \d+ \(occurred at [^)]*\)\s*$")
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Stopped))(?:\(\w+\))?: ?(.*)$")
+
+
+def root_cause_of_text(text: str) -> str:
+    """One ``Type: message`` line from an error's text when only the text is left (Ray's error
+    file of a trial whose process died): the first exception line of the text (Python prints
+    the innermost first) that is not Ray's wrapper, else its first meaningful line."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not _HEADER.match(ln)]
+    for ln in lines:
+        m = _EXCEPTION_LINE.match(ln)
+        if m and not m.group(1).startswith("ray."):
+            return _one_line(ln)
+    return _one_line(lines[0] if lines else "the trial failed (no error text)")
+
+
+def _one_line(text: str) -> str:
+    text = re.sub(r"\s*\n\s*", " ", text.strip())
+    return text if len(text) <= ROOT_CAUSE_WIDTH else text[: ROOT_CAUSE_WIDTH - 1] + "…"

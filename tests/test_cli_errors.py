@@ -181,3 +181,32 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         assert not db.exists(), "the error created an MLflow store"
     assert not (tmp_path / "optuna.db").exists()
     assert not (tmp_path / ".autocompress").exists()
+
+
+def test_root_cause_is_the_innermost_exception_on_one_line() -> None:
+    from autocompress._errors import root_cause, root_cause_of_text
+
+    try:
+        try:
+            raise KeyError("bits")
+        except KeyError as e:
+            raise RuntimeError("trial failed\nsee above") from e
+    except RuntimeError as e:
+        assert root_cause(e) == "KeyError: 'bits'"
+    try:
+        try:
+            raise KeyError("bits")
+        except KeyError:
+            raise ValueError("plan refused\nat layer conv") from None
+    except ValueError as e:
+        assert root_cause(e) == "ValueError: plan refused at layer conv"  # context suppressed
+    ray_text = ("Failure # 1 (occurred at 2026-12-06_02-28-20)\n"
+                "\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1, ip=1.2.3.4, repr=f)\n"
+                "  File \"x.py\", line 3, in f\n"
+                "torch.OutOfMemoryError: out of memory\n\n"
+                "The above exception was the direct cause of the following exception:\n\n"
+                "ray.exceptions.RayTaskError(RuntimeError): ray::ImplicitFunc.train()\n"
+                "RuntimeError: wrapped\n")
+    assert root_cause_of_text(ray_text) == "torch.OutOfMemoryError: out of memory"
+    assert root_cause_of_text("Failure # 1 (occurred at x)\nThe actor died unexpectedly\n") == \
+        "The actor died unexpectedly"

@@ -52,7 +52,7 @@ def test_tracker_keeps_the_front_current(tracking_uri: str, tmp_path: Path) -> N
         tracker.trial_epoch(f"t{i}", 1, acc - 0.01)
         tracker.trial_finished(f"t{i}", _metrics(acc, size), f"plan {i}", artifacts)
     tracker.trial_started("bad", {})
-    tracker.trial_failed("bad", "Traceback ...\nValueError: boom")
+    tracker.trial_failed("bad", "ValueError: boom", details="ValueError: boom\n\nTraceback ...")
     tracker.finish()
 
     client = MlflowClient(tracking_uri)
@@ -63,7 +63,9 @@ def test_tracker_keeps_the_front_current(tracking_uri: str, tmp_path: Path) -> N
     assert client.get_metric_history(tracker.parent_run_id, "hypervolume")
     runs = read_trials(client, tracker.parent_run_id)
     assert [r.info.status for r in runs] == ["FINISHED"] * 5 + ["FAILED"]
-    assert runs[-1].data.tags["autocompress.error"].endswith("ValueError: boom")
+    assert runs[-1].data.tags["autocompress.error"] == "ValueError: boom"
+    error_txt = client.download_artifacts(runs[-1].info.run_id, "error.txt", str(tmp_path))
+    assert Path(error_txt).read_text().endswith("Traceback ...")
 
     # Tags equal an independent computation: (0.70, 50) is infeasible (drop 0.25 > 0.1),
     # (0.93, 600) is dominated by (0.94, 500), which is dominated by (0.95, 400).

@@ -237,14 +237,22 @@ class SearchTracker:
         self.client.set_terminated(rec.run_id, "FINISHED")
         self.echo(f"{self._progress()} {rec.name} PRUNED: {reason}")
 
-    def trial_failed(self, key: str, error: str) -> None:
-        """Ends a trial's run as FAILED with the error recorded."""
+    def trial_failed(self, key: str, error: str, details: str | None = None) -> None:
+        """Ends a trial's run as FAILED.
+
+        Args:
+            key: The trial.
+            error: Its root cause, one line (``Type: message``): the run's error tag.
+            details: The whole error text (the traceback), logged as ``error.txt``.
+        """
         rec = self.trials.get(key) or self.trial_started(key, {})
         rec.status, rec.error = "FAILED", error
         self.client.set_tag(rec.run_id, ERROR, error[:5000])
         self.client.set_tag(rec.run_id, PARETO, "false")
+        if details:
+            self.client.log_text(rec.run_id, details, "error.txt")
         self.client.set_terminated(rec.run_id, "FAILED")
-        self.echo(f"{self._progress()} {rec.name} FAILED: {error.strip().splitlines()[-1][:200]}")
+        self.echo(f"{self._progress()} {rec.name} FAILED: {error[:300]}")
         self._log_parent_artifacts()
 
     def finish(self, status: str = "FINISHED") -> None:

@@ -16,7 +16,8 @@ from typing import Any
 
 from autocompress.config._experiment import Experiment
 from autocompress.tracking._writer import SearchTracker
-from autocompress.tune._trial import RecoveryBook
+from autocompress._errors import root_cause_of_text
+from autocompress.tune._trial import ERROR_FILE, RecoveryBook
 
 
 def _driver_actor(cls: type) -> Any:
@@ -96,9 +97,16 @@ def _callback(tracker: SearchTracker, inbox: Any):
                                        latency=latency)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            inbox.pop.remote(trial.trial_id)  # whatever a trial sent before failing is dropped
-            error = trial.error_file and Path(trial.error_file).read_text(errors="replace")
-            tracker.trial_failed(trial.trial_id, error or "trial failed")
+            # A trial that raised sent its root cause and traceback (ERROR_FILE); one whose
+            # process died left only Ray's error text. Its other files are dropped.
+            sent = (ray.get(inbox.pop.remote(trial.trial_id)) or {}).get(ERROR_FILE)
+            if sent:
+                text = sent.decode(errors="replace")
+                cause = text.split("\n", 1)[0]
+            else:
+                text = (trial.error_file and Path(trial.error_file).read_text(errors="replace")) or ""
+                cause = root_cause_of_text(text)
+            tracker.trial_failed(trial.trial_id, cause, details=text or None)
 
     return MlflowTrialCallback()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -14,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from autocompress._errors import root_cause
 from autocompress.compress import apply
 from autocompress.compress._plan import Plan
 from autocompress.compress.quantize import calibrate
@@ -143,9 +145,28 @@ class RecoveryBook:
         return max(gains) if len(gains) >= MIN_RECOVERIES else None
 
 
-def _trainable(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment,
-               baseline: dict[str, float], inbox: Any, book: Any, service: Any,
-               reserved: Any) -> None:
+ERROR_FILE = "error.txt"  # a failed trial's artifact: its root cause, then the traceback
+
+
+def _trainable(config: dict, **kwargs: Any) -> None:
+    """One Ray Tune trial (:func:`_trial`); if it fails, its root cause on one line, then the
+    whole traceback, go to the driver as :data:`ERROR_FILE` in the ``inbox`` (Ray's own error
+    text starts with its header and wrappers, and ends with the outermost exception)."""
+    try:
+        _trial(config, **kwargs)
+    except Exception as e:
+        import ray
+        from ray import tune
+
+        text = f"{root_cause(e)}\n\n{''.join(traceback.format_exception(e))}"
+        ray.get(kwargs["inbox"].put.remote(tune.get_context().get_trial_id(),
+                                           {ERROR_FILE: text.encode()}))
+        raise
+
+
+def _trial(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment,
+           baseline: dict[str, float], inbox: Any, book: Any, service: Any,
+           reserved: Any) -> None:
     """One Ray Tune trial: plan -> compress -> fine-tune (reports per epoch) -> measure.
 
     The trial may run on any node of a cluster: its artifacts go to the driver through Ray
