@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from autocompress._catalog import BUILTIN_TASKS, EXPORT_FILES
 from autocompress._errors import ConfigError
 from autocompress.compress._plan import PlanError
 
@@ -306,22 +307,36 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"autocompress: error: {message} (see '{self.prog} --help')\n")
 
 
+def _add_task_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True,
+                   help=f"built-in task ({', '.join(BUILTIN_TASKS)}) or pkg.module:fn")
+
+
+def _catalog() -> str:
+    """What the tables hold today: the built-in tasks, samplers and export formats."""
+    from autocompress.tune._samplers import sampler_names
+
+    return (f"built-in tasks: {', '.join(BUILTIN_TASKS)}; samplers (search.sampler): "
+            f"{', '.join(sampler_names())}; export formats: {', '.join(EXPORT_FILES)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="autocompress",
         description="Find the best way to compress a trained PyTorch model for a target device.",
+        epilog=_catalog(),
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("layers", help="list the compressible layers of a task's model")
-    p.add_argument("--task", required=True, help="built-in task (digits, mnist1d) or pkg.module:fn")
+    _add_task_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(fn=cmd_layers)
 
     p = sub.add_parser("sensitivity", help="per layer and knob value, the metric lost when that "
                                            "layer alone is compressed (no fine-tuning)")
-    p.add_argument("--task", required=True, help="built-in task (digits, mnist1d) or pkg.module:fn")
+    _add_task_arg(p)
     p.add_argument("--space", default=str(Path(__file__).resolve().parents[1] / "search_spaces"
                                           / "default.yaml"),
                    help="search space YAML file (default: search_spaces/default.yaml)")
@@ -332,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_sensitivity)
 
     p = sub.add_parser("trial", help="one compress / fine-tune / measure cycle with a given plan")
-    p.add_argument("--task", required=True, help="built-in task (digits, mnist1d) or pkg.module:fn")
+    _add_task_arg(p)
     p.add_argument("--plan", required=True, help="plan JSON file")
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (default 2)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
@@ -343,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_args(p)
     p.set_defaults(fn=cmd_trial)
 
-    p = sub.add_parser("search", help="run a multi-objective compression search")
+    p = sub.add_parser("search", help="run a multi-objective compression search", epilog=_catalog())
     p.add_argument("experiment", help="experiment YAML file")
     p.add_argument("--trials", type=int, help="override search.trials")
     p.add_argument("--concurrency", type=int, help="override search.concurrency")
@@ -365,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a trial as a deployable, verified model")
     p.add_argument("run_id", help="a trial's MLflow run id (autocompress pareto lists them)")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "packed"])
+    p.add_argument("--format", required=True, choices=list(EXPORT_FILES))
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the artifact")
     p.add_argument("--register", metavar="MODEL_NAME", help="register in the MLflow Model Registry")
     p.add_argument("--tolerance", type=float, default=0.005,

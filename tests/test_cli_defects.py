@@ -193,3 +193,23 @@ def test_sigterm_to_ui_stops_the_whole_mlflow_server(tmp_path: Path) -> None:
                 except OSError:
                     pass
         ui.wait()
+
+
+def test_help_lists_what_the_registries_hold(capsys) -> None:
+    """``--help`` names every registered built-in task, sampler and export format (it listed
+    the tasks of two releases ago), and the ``--task`` help of every command does too."""
+    from autocompress.deploy import FORMATS
+    from autocompress.tasks import list_tasks
+    from autocompress.tune._samplers import sampler_names
+
+    for argv in (["--help"], ["search", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        for name in (*list_tasks(), *sampler_names(), *FORMATS):
+            assert name in text, (argv, name)
+    for command in ("layers", "sensitivity", "trial"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(name in text for name in list_tasks()), command

@@ -63,9 +63,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from autocompress._catalog import EXPORT_FILES
 from autocompress.deploy._rebuild import Rebuilt, rebuild_from_run
 
-FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "packed": "model.acpk"}
+FILES = EXPORT_FILES
 FORMATS = tuple(FILES)
 RUNTIMES = {"onnx": "onnxruntime", "torchscript": "torch", "packed": "torch"}
 DEFAULT_TOLERANCE = 0.005

@@ -16,14 +16,11 @@ import torch
 from torch import nn
 
 import autocompress
+from autocompress._catalog import BUILTIN_TASKS
 from autocompress._errors import ConfigError
 from autocompress.tasks._task import Task
 
 _TASKS: dict[str, Callable[..., Task]] = {}
-# The built-in tasks, one module each (imported on first use), so that adding or editing one
-# does not invalidate the others' cached baselines. A new task: one module with a
-# ``@register_task`` function (``digits.py`` is the one to copy), plus its name here.
-BUILTIN_TASKS = ("digits", "minilm", "mnist1d")
 
 
 @functools.cache
