@@ -100,7 +100,8 @@ def root_cause(error: BaseException) -> str:
 
 
 _HEADER = re.compile(r"^Failure # \d+ \(occurred at [^)]*\)\s*$")
-_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Stopped))(?:\(\w+\))?: ?(.*)$")
+_EXCEPTION_LINE = re.compile(
+    r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Stopped))(?:\(\w+\))?: ?(.*)$")
 
 
 def root_cause_of_text(text: str) -> str:

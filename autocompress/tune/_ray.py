@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from autocompress._errors import root_cause_of_text
 from autocompress.config._experiment import Experiment
 from autocompress.tracking._writer import SearchTracker
-from autocompress._errors import root_cause_of_text
 from autocompress.tune._trial import ERROR_FILE, RecoveryBook
 
 
