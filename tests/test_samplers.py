@@ -10,8 +10,8 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-from autocompress.tune._mutation import FrontMutationSampler
 from autocompress.config._experiment import SearchSettings
+from autocompress.tune._mutation import FrontMutationSampler
 from autocompress.tune._samplers import (
     VALUES_ATTR,
     AccuracyDropConstraint,
