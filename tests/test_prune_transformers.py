@@ -373,3 +373,79 @@ def test_channel_pruning_a_batch_of_one_tensor() -> None:
     x = torch.randn(1, 4)
     new = apply(model, Plan({"0": channel(0.5)}), x)
     assert new[0].out_features == 4 and new(x).shape == (1, 2)
+
+
+# --- decoder LMs: Llama / Qwen2 (grouped-query attention, rotary, RMSNorm, tied embeddings) --
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """Fails the test (TimeoutError) if the block runs longer than ``seconds``: the analysis
+    ran for hours inside Torch-Pruning on these models."""
+    import signal
+
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def decoder(family: str) -> tuple[nn.Module, torch.Tensor]:
+    transformers = pytest.importorskip("transformers")
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    config = config_cls(vocab_size=128, hidden_size=HIDDEN, intermediate_size=FFN,
+                        num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=2,
+                        tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return model_cls(config).eval(), torch.randint(0, 128, (1, 8))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_decoder_lm_analysis_finishes_and_offers_only_the_ffn(family: str) -> None:
+    """``layers`` on a decoder LM returns in seconds (it ran for 30 minutes and more inside
+    Torch-Pruning's group search); its gated FFN neurons can be cut, the residual stream
+    (o_proj, down_proj: RMSNorm, the tied embedding) and grouped-query attention cannot."""
+    model, ids = decoder(family)
+    with time_limit(30):
+        refused = structure_refusals(model, ids)
+    for i in range(2):
+        block = f"model.layers.{i}"
+        for name in ("mlp.gate_proj", "mlp.up_proj"):
+            assert f"{block}.{name}" not in refused
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            assert "RMSNorm" in refused[f"{block}.{name}"], refused[f"{block}.{name}"]
+        for name in ("q_proj", "k_proj", "v_proj"):
+            assert f"{block}.self_attn.{name}" in refused
+    assert "vocabulary" in refused["model.embed_tokens"]
+    assert "model output" in refused["lm_head"]
+
+    with torch.no_grad():
+        want = model(ids).logits.shape
+    pruned = apply(model, Plan({"model.layers.0.mlp.gate_proj": channel(0.5),
+                                "model.layers.1.mlp.up_proj": channel(0.25)}), ids)
+    mlp = pruned.model.layers
+    assert (mlp[0].mlp.gate_proj.out_features, mlp[0].mlp.up_proj.out_features,
+            mlp[0].mlp.down_proj.in_features) == (FFN // 2,) * 3
+    assert mlp[1].mlp.gate_proj.out_features == FFN - FFN // 4
+    with torch.no_grad():
+        assert pruned(ids).logits.shape == want
+
+
+def test_a_group_search_past_its_budget_stops() -> None:
+    """Torch-Pruning's group search is bounded: on Llama's rotary attention it grows without
+    end; past the budget it raises instead, and the layer is refused with the reason."""
+    from autocompress.compress.prune import _Graph, _OverBudget
+
+    model, ids = decoder("llama")
+    graph = _Graph(model, ids)
+    q = model.model.layers[0].self_attn.q_proj
+    with time_limit(30), pytest.raises(_OverBudget, match="grew past"):
+        graph.group(q)
+    assert len(graph.group(model.model.layers[0].mlp.gate_proj)) > 0  # others still build

@@ -41,6 +41,7 @@ get no gradient). On a low-rank layer both factors are masked.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -63,6 +64,10 @@ HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "dim_per_head", "head_size
 # PyTorch's fused attention kernels, and the batched matmuls and softmax of eager attention.
 _ATTENTION_OPS = ("scaleddotproduct", "attention", "bmm", "softmax")
 _PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
+# Bounds of the coupling analysis (Torch-Pruning's group search has none): per group, and for
+# all the groups ``layers`` builds.
+GROUP_SECONDS = 5.0
+ANALYSIS_SECONDS = 20.0
 
 
 def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> dict[str, list[Refusal]]:
@@ -89,28 +94,43 @@ def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> d
         for name in todo:
             refuse(name, f"Torch-Pruning cannot trace the model ({type(e).__name__}: {e})")
         return out
-    # A group that reaches the output or the residual stream does so from each of its layers:
-    # one group build refuses them all (BERT's residual group spans every block). Groups that
-    # may be cut are small and built per layer (Torch-Pruning's index mapping is not always
-    # symmetric through reshapes and slices).
+    # Each layer's coupled layers come from one pass over the graph (``_Graph.component``): a
+    # component that reaches the output, an embedding or a norm refuses all its layers at once
+    # (the residual stream of a transformer spans every block) without building its exact
+    # group, which Torch-Pruning can take hours to do for such a group (Llama/Qwen's rotary
+    # slices). The others are built exactly, per layer (Torch-Pruning's index mapping is not
+    # always symmetric through reshapes and slices), each within its budget.
     refused: dict[nn.Module, str] = {}
+    deadline = time.monotonic() + ANALYSIS_SECONDS
     for name in todo:
         leaf = leaves(model, name)[-1]
         if leaf not in refused:
-            try:
-                group = graph.group(leaf)
-                problem = graph.problem(group) or _Heads.problem(model, name, graph, group)
-            except Exception as e:  # Torch-Pruning raises plain errors for what it cannot group
-                problem = f"Torch-Pruning cannot build its pruning group ({e})"
-                group = None
+            problem = _problem(model, name, graph, leaf, deadline)
             if problem is None:
                 continue
-            refused[leaf] = problem
-            if group is not None and graph.problem(group) is not None:
-                for module in graph.out_cut(group):
-                    refused.setdefault(module, problem)
+            for module in graph.component(leaf).outputs:
+                refused.setdefault(module, problem)
+            refused.setdefault(leaf, problem)
         refuse(name, refused[leaf])
     return out
+
+
+def _problem(model: nn.Module, name: str, graph: _Graph, leaf: nn.Module,
+             deadline: float) -> str | None:
+    """Why the output channels of layer ``name`` (its last leaf ``leaf``) cannot be cut, or
+    None; within the analysis' ``deadline``."""
+    try:
+        component = graph.component(leaf)
+        if component.problem is not None:
+            return component.problem
+        if time.monotonic() > deadline:
+            raise _OverBudget(f"the coupling analysis of the model used its {ANALYSIS_SECONDS:g} s")
+        group = graph.group(leaf)
+        return graph.problem(group) or _Heads.problem(model, name, graph, group)
+    except _OverBudget as e:
+        return f"Torch-Pruning's coupling analysis did not finish in budget ({e})"
+    except Exception as e:  # Torch-Pruning raises plain errors for what it cannot group
+        return f"Torch-Pruning cannot build its pruning group ({e})"
 
 
 @register_method("prune", order=20, limits=_limits)
@@ -229,15 +249,60 @@ class _Graph:
             self.dg = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, forward_fn=forward, verbose=False)
         self._importance = tp.importance.GroupMagnitudeImportance(p=2)
+        self._components: dict[tuple[Any, Any], _Component] = {}
+        # Torch-Pruning's graph holds a module's parameter, not the module, where the module
+        # is not one it knows (Llama's RMSNorm: ``weight * x``).
+        self.owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
 
-    def group(self, layer: nn.Module, idxs: list[int] | None = None) -> tp.Group:
-        """The group removing output channels ``idxs`` (default: all) of ``layer``."""
+    def _root(self, layer: nn.Module) -> tuple[Any, Any]:
+        """The graph node of ``layer`` and the pruning function that cuts its outputs."""
         pruner = self.dg.get_pruner_of_module(layer)
         if layer not in self.dg.module2node or pruner is None:
             raise ValueError(f"no node for this {type(layer).__name__} in the traced graph")
+        fn = pruner.prune_out_channels
+        if (isinstance(layer, tp.ops.TORCH_CONV) and layer.groups == layer.out_channels
+                and layer.out_channels > 1):  # as Torch-Pruning's get_pruning_group does
+            fn = tp.pruner.function.prune_depthwise_conv_out_channels
+        return self.dg.module2node[layer], fn
+
+    def group(self, layer: nn.Module, idxs: list[int] | None = None) -> tp.Group:
+        """The group removing output channels ``idxs`` (default: all) of ``layer``.
+
+        Raises:
+            _OverBudget: Torch-Pruning's search for the group went past
+                :data:`GROUP_SECONDS` or a size many times that of the layer's component
+                (it can loop through slices and concatenations, growing without end).
+        """
+        self._root(layer)
         n_out = self.dg.get_out_channels(layer)
-        return self.dg.get_pruning_group(layer, pruner.prune_out_channels,
-                                         idxs=list(range(n_out)) if idxs is None else idxs)
+        idxs = list(range(n_out)) if idxs is None else idxs
+        items = 8 * len(self.component(layer).pairs) + 64
+        with _bounded(items, items * max(len(idxs), 1), GROUP_SECONDS):
+            return self.dg.get_pruning_group(layer, self.dg.get_pruner_of_module(layer)
+                                             .prune_out_channels, idxs=idxs)
+
+    def component(self, layer: nn.Module) -> _Component:
+        """The layers ``layer``'s output channels are coupled to, index mappings ignored (a
+        superset of its group), from one walk of the graph; cached, and shared by every layer
+        of the component."""
+        node, fn = self._root(layer)
+        found = self._components.get((node, fn))
+        if found is not None:
+            return found
+        pairs, todo = {(node, fn)}, [(node, fn)]
+        while todo:
+            node, fn = todo.pop()
+            for dep in node.dependencies:
+                if dep.is_triggered_by(fn) and (dep.target, dep.handler) not in pairs:
+                    pairs.add((dep.target, dep.handler))
+                    todo.append((dep.target, dep.handler))
+        targets = list(dict.fromkeys(n.module for n, _ in pairs))
+        outputs = {n.module for n, f in pairs if isinstance(n.module, _PRUNABLE)
+                   and self.dg.is_out_channel_pruning_fn(f)}
+        found = _Component(pairs, outputs, self._coupling_problem(targets))
+        for pair in pairs:  # coupling is symmetric: every pair of it has this component
+            self._components.setdefault(pair, found)
+        return found
 
     def importance(self, group: tp.Group) -> torch.Tensor:
         """Group L2 norm of every channel of ``group``'s root layer."""
@@ -256,13 +321,18 @@ class _Graph:
                 return (f"Torch-Pruning maps its channels past the {n} channels of "
                         f"{self.names.get(dep.target.module, '?')!r} (a reshape or slice it "
                         "cannot follow)")
-        targets = list(dict.fromkeys(dep.target.module for dep, _ in group))
+        return self._coupling_problem(list(dict.fromkeys(dep.target.module for dep, _ in group)))
+
+    def _coupling_problem(self, targets: list[Any]) -> str | None:
+        """Why channels coupled to ``targets`` (modules, ops and parameters of the graph) must
+        not be cut: they reach the output, an embedding or a norm of the residual stream."""
         coupled = []
-        for what, cls in (("LayerNorm", nn.LayerNorm), ("embedding", nn.Embedding)):
-            found = sorted(self.names.get(m, "?") for m in targets if isinstance(m, cls))
+        modules = [self.owners.get(id(m), m) for m in targets]
+        for test in (_is_norm, lambda m: isinstance(m, nn.Embedding)):
+            found = sorted({(self.names.get(m, "?"), type(m).__name__) for m in modules if test(m)})
             if found:
                 more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-                coupled.append(f"the {what} {found[0]!r}{more}")
+                coupled.append(f"the {found[0][1]} {found[0][0]!r}{more}")
         residual = bool(coupled)
         if any(isinstance(m, tp.ops._OutputOp) for m in targets):
             coupled.append("the model output")
@@ -406,6 +476,60 @@ def _head_size(module: nn.Module) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+@dataclass
+class _Component:
+    """What a layer's output channels are coupled to, index mappings ignored (a superset of
+    its Torch-Pruning group; the same for every layer in it).
+
+    Attributes:
+        pairs: The graph's (node, pruning function) pairs it reaches.
+        outputs: The conv/linear layers whose output channels it cuts.
+        problem: Why none of them may be cut (:meth:`_Graph._coupling_problem`), or None.
+    """
+
+    pairs: set[tuple[Any, Any]]
+    outputs: set[nn.Module]
+    problem: str | None
+
+
+class _OverBudget(RuntimeError):
+    """The coupling analysis ran past its time or size budget."""
+
+
+@contextlib.contextmanager
+def _bounded(items: int, indices: int, seconds: float) -> Iterator[None]:
+    """Bounds Torch-Pruning's group search (which has no bound of its own): it raises
+    :class:`_OverBudget` once a group has more than ``items`` entries, ``indices`` channel
+    indices in all, or took more than ``seconds``. Torch-Pruning grows a group only through
+    ``Group.add_dep``; this counts its calls for the duration (one search at a time)."""
+    cls = tp.dependency.group.Group
+    add = cls.add_dep
+    stop = time.monotonic() + seconds
+    seen = [0, 0]
+
+    def add_dep(group: Any, dep: Any, idxs: Any) -> None:
+        seen[0] += 1
+        seen[1] += len(idxs)
+        if seen[0] > items or seen[1] > indices:
+            raise _OverBudget(f"its group grew past {items} entries or {indices} channels")
+        if time.monotonic() > stop:
+            raise _OverBudget(f"building its group took more than {seconds:g} s")
+        add(group, dep, idxs)
+
+    cls.add_dep = add_dep  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        cls.add_dep = add  # type: ignore[method-assign]
+
+
+def _is_norm(module: Any) -> bool:
+    """A LayerNorm or RMSNorm (torch's, or a library's own class of that name): its channels
+    are the hidden size of a residual stream."""
+    return isinstance(module, nn.LayerNorm | getattr(nn, "RMSNorm", nn.LayerNorm)) or (
+        isinstance(module, nn.Module) and type(module).__name__.endswith(("LayerNorm", "RMSNorm")))
 
 
 def _join(items: list[str]) -> str:
