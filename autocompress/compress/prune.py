@@ -105,32 +105,38 @@ def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> d
     for name in todo:
         leaf = leaves(model, name)[-1]
         if leaf not in refused:
-            problem = _problem(model, name, graph, leaf, deadline)
+            problem, alike = _problem(model, name, graph, leaf, deadline)
             if problem is None:
                 continue
-            for module in graph.component(leaf).outputs:
+            for module in (leaf, *alike):
                 refused.setdefault(module, problem)
-            refused.setdefault(leaf, problem)
         refuse(name, refused[leaf])
     return out
 
 
 def _problem(model: nn.Module, name: str, graph: _Graph, leaf: nn.Module,
-             deadline: float) -> str | None:
-    """Why the output channels of layer ``name`` (its last leaf ``leaf``) cannot be cut, or
-    None; within the analysis' ``deadline``."""
+             deadline: float) -> tuple[str | None, set[nn.Module]]:
+    """Why the output channels of layer ``name`` (its last leaf ``leaf``) cannot be cut (None
+    if they can), within the analysis' ``deadline``, and the other layers refused for the same
+    reason: those whose outputs its group (or, without a group, its component) cuts."""
     try:
         component = graph.component(leaf)
-        if component.problem is not None:
-            return component.problem
-        if time.monotonic() > deadline:
-            raise _OverBudget(f"the coupling analysis of the model used its {ANALYSIS_SECONDS:g} s")
-        group = graph.group(leaf)
-        return graph.problem(group) or _Heads.problem(model, name, graph, group)
-    except _OverBudget as e:
-        return f"Torch-Pruning's coupling analysis did not finish in budget ({e})"
     except Exception as e:  # Torch-Pruning raises plain errors for what it cannot group
-        return f"Torch-Pruning cannot build its pruning group ({e})"
+        return f"Torch-Pruning cannot build its pruning group ({e})", set()
+    if component.problem is not None:
+        return component.problem, component.outputs
+    try:
+        if time.monotonic() > deadline:
+            raise _OverBudget(f"the analysis of the model used its {ANALYSIS_SECONDS:g} s")
+        group = graph.group(leaf)
+    except _OverBudget as e:
+        return f"Torch-Pruning's coupling analysis did not finish in budget ({e})", component.outputs
+    except Exception as e:
+        return f"Torch-Pruning cannot build its pruning group ({e})", set()
+    problem = graph.problem(group)
+    if problem is not None:
+        return problem, graph.out_cut(group)
+    return _Heads.problem(model, name, graph, group), set()
 
 
 @register_method("prune", order=20, limits=_limits)
