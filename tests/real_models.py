@@ -11,6 +11,8 @@ fidelity to the original).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,58 @@ class PaddedConv2d(nn.Conv2d):
         pad = self.kernel_size[0] // 2
         return F.conv2d(F.pad(x, (pad, pad, pad, pad)), self.weight, self.bias, self.stride, 0,
                         self.dilation, self.groups)
+
+
+Size = int | tuple[int, int]
+
+
+def same_pad(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow's "same" padding of one axis, ``(before, after)``: uneven (one more after)
+    when the total is odd, e.g. kernel 3, stride 2 on 8 positions: ``(0, 1)``."""
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's ``Conv2dSame`` (EfficientNet ports): TensorFlow's "same" padding computed from the
+    input's size in forward. Its constructor takes no ``padding`` and a required ``name``, so
+    ``type(layer)(in, out, kernel, ...)`` with ``nn.Conv2d``'s arguments fails."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: Size, stride: Size = 1,
+                 dilation: Size = 1, bias: bool = True, *, name: str) -> None:
+        super().__init__(in_ch, out_ch, kernel_size, stride, 0, dilation, bias=bias)
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = [same_pad(*a) for a in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation)]
+        x = F.pad(x, [*pads[1], *pads[0]])  # F.pad lists the last axis first
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+
+class StdConv2d(nn.Conv2d):
+    """timm's ``StdConv2d``: the weight standardized per output channel in forward, so neither a
+    factorization nor a folded BatchNorm scale survives it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.flatten(1)
+        w = ((w - w.mean(1, keepdim=True)) / (w.std(1, keepdim=True) + 1e-5)).view_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class SameCNN(nn.Module):
+    """Two strided ``Conv2dSame`` (no bias, each followed by a BatchNorm), a head."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = Conv2dSame(3, 8, 3, stride=2, bias=False, name="stem")
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv = Conv2dSame(8, 12, (3, 4), stride=(2, 1), bias=False, name="conv")
+        self.bn2 = nn.BatchNorm2d(12)
+        self.head = nn.Linear(12, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.stem(x)))
+        return self.head(F.relu(self.bn2(self.conv(x))).mean((2, 3)))
 
 
 class SqueezeExcite(nn.Module):
@@ -117,6 +171,14 @@ def tokens(batch: int = 2, length: int = 12, vocab: int = 50, seed: int = 0) -> 
 def mobilenetish() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     return MobileNetish().eval(), torch.randn(2, 3, 8, 8)
+
+
+def same_cnn() -> tuple[nn.Module, torch.Tensor]:
+    """:class:`SameCNN` on 16 x 15 images: TensorFlow's padding is uneven on the stem's rows
+    (16: ``(0, 1)``; its 15 columns: ``(1, 1)``) and on both axes of ``conv`` (kernel 3 x 4,
+    stride (2, 1) on 8 x 8: ``(0, 1)`` and ``(1, 2)``)."""
+    torch.manual_seed(0)
+    return SameCNN().eval(), torch.randn(4, 3, 16, 15)
 
 
 def tiny_vit() -> tuple[nn.Module, torch.Tensor]:

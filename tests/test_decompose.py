@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from autocompress.compress import LowRank, apply, count_macs
@@ -26,7 +27,9 @@ from autocompress.config import load_search_space
 from autocompress.deploy._packed import load_packed, save_packed
 from autocompress.deploy._rebuild import load_baked_state
 from autocompress.measure import count_params, size_bytes
+from tests import real_models
 from tests.models import MODELS
+from tests.real_models import Conv2dSame
 from tests.test_compress import run_onnx, train_steps
 from tests.test_size import reference_bytes
 
@@ -297,3 +300,86 @@ def test_applying_the_plan_again_rebuilds_the_architecture_of_the_logged_weights
     load_baked_state(rebuilt, state, plan)
     torch.testing.assert_close(rebuilt(x), trial(x), atol=1e-6, rtol=0)
     assert size_bytes(rebuilt) == size_bytes(trial)
+
+
+# --- conv subclasses (timm's Conv2dSame, StdConv2d) -----------------------------------------
+
+SUBCLASSED = {  # (conv, one input): TensorFlow's "same" padding uneven on at least one axis
+    "same-3x3-stride2": (lambda: Conv2dSame(6, 10, 3, stride=2, name="a"), (6, 8, 7)),
+    "same-3x4-stride(2,1)-dilated": (
+        lambda: Conv2dSame(5, 9, (3, 4), stride=(2, 1), dilation=(1, 2), name="b"), (5, 10, 11)),
+}
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "tucker", "cp"])
+@pytest.mark.parametrize("case", list(SUBCLASSED))
+def test_a_conv_subclass_keeps_its_padding_in_every_decomposition(case: str,
+                                                                   decomposition: str) -> None:
+    make, shape = SUBCLASSED[case]
+    torch.manual_seed(0)
+    conv, x = make(), torch.randn(2, *shape)
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                      padding="valid", dilation=conv.dilation)
+    assert conv(x).shape != plain(x).shape  # its padding is its own forward's
+    if decomposition == "cp":  # exact only for a kernel of low CP rank
+        with_cp_rank(conv, 3)
+    ranks = {"svd": 1.0, "tucker": 1.0,
+             "cp": next(f / 100 for f in range(1, 101) if cp_rank(conv.weight.shape, f / 100) == 3)}
+    chain = factorize(conv, ranks[decomposition], decomposition)
+    spatial = [m for m in chain if math.prod(m.kernel_size) > 1]
+    assert spatial and all(type(m) is Conv2dSame and m.name == conv.name for m in spatial)
+    assert all(type(m) is nn.Conv2d for m in chain if m not in spatial)  # 1x1: plain
+    assert rel_error(chain(x), conv(x)) < 1e-4
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "tucker", "cp"])
+def test_low_rank_plans_apply_to_a_cnn_of_conv_subclasses(decomposition: str) -> None:
+    """What a search's trial does: every low-rank value the layers do not refuse applies."""
+    model, x = real_models.same_cnn()
+    layers = {la.name: la for la in describe_layers(model, x)}
+    for name in ("stem", "conv"):
+        assert layers[name].cls == "Conv2dSame"
+        assert not any(r.knob in ("rank", "decomposition") for r in layers[name].refusals)
+    for fraction in (0.5, 1.0):
+        plan = Plan({name: LayerPlan(rank=fraction, decomposition=decomposition)
+                     for name in ("stem", "conv")})
+        new = apply(model, plan, x)
+        assert isinstance(new.stem, LowRank) and new(x).shape == model(x).shape
+    if decomposition != "cp":  # the last, full-rank plan reproduces the model
+        torch.testing.assert_close(new(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+class FixedPadConv2d(nn.Conv2d):
+    """Pads both axes by an amount its constructor fixed from its square kernel."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int) -> None:
+        super().__init__(in_ch, out_ch, kernel_size)
+        self.pad = kernel_size // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, [self.pad] * 4))
+
+
+def test_subclasses_whose_forward_factors_do_not_reproduce_refuse_once() -> None:
+    """StdConv2d standardizes its weight: no factorization of it computes the same, so rank is
+    refused (one reason for both layers, so the search prints it once). FixedPadConv2d's
+    k x 1 and 1 x k CP factors would each pad both axes by k // 2, so it refuses cp only."""
+    from autocompress.tune._driver import _limits_summary
+
+    model = nn.Sequential(real_models.StdConv2d(3, 6, 3, padding=1), nn.ReLU(),
+                          real_models.StdConv2d(6, 6, 3, padding=1), FixedPadConv2d(6, 4, 3))
+    x = torch.randn(2, 3, 8, 8)
+    layers = {la.name: la for la in describe_layers(model, x)}
+    for name in ("0", "2"):
+        (rank,) = [r for r in layers[name].refusals if r.knob in ("rank", "decomposition")]
+        assert rank.knob == "rank" and "StdConv2d computes its own forward" in rank.reason
+    (cp,) = [r for r in layers["3"].refusals if r.knob in ("rank", "decomposition")]
+    assert (cp.knob, cp.value) == ("decomposition", "cp") and "FixedPadConv2d" in cp.reason
+    (line,) = [line for line in _limits_summary(list(layers.values())) if "StdConv2d" in line]
+    assert line.startswith("never sampled: rank (") and line.endswith("on 2 layer(s): 0, 2")
+    with pytest.raises(PlanError, match="layer '2': cannot take rank=0.5 .*StdConv2d"):
+        apply(model, Plan({"2": LayerPlan(rank=0.5)}), x)
+    with pytest.raises(PlanError, match="layer '3': cannot take decomposition='cp'"):
+        apply(model, Plan({"3": LayerPlan(rank=0.5, decomposition="cp")}), x)
+    new = apply(model, Plan({"3": LayerPlan(rank=1.0, decomposition="tucker")}), x)
+    torch.testing.assert_close(new(x), model(x), atol=1e-5, rtol=1e-4)

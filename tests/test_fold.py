@@ -16,6 +16,7 @@ from autocompress.compress._fold import Fold, find_folds, fold_into
 from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.deploy._packed import load_packed, save_packed
 from autocompress.measure import count_params, size_bytes
+from tests import real_models
 from tests.models import MODELS, randomize_batchnorm
 
 CONV_FAMILIES = [name for name, spec in MODELS.items() if spec.folds]
@@ -62,6 +63,24 @@ def test_a_folded_batchnorm_costs_nothing_and_a_missing_bias_is_added() -> None:
     assert count_params(model) == (4 * 27 + 4, 4 * 27 + 4)
 
 
+@pytest.mark.parametrize("knobs", [{}, {"bits": 4}], ids=["fp32", "4bit"])
+def test_a_batchnorm_after_a_conv_subclass_is_folded_into_the_instance(knobs: dict) -> None:
+    """timm's Conv2dSame pads in its forward: the folded weight and bias go into the instance,
+    which keeps padding as it did (unevenly, see ``real_models.same_cnn``)."""
+    model, x = real_models.same_cnn()
+    randomize_batchnorm(model)
+    new = apply(model, Plan({"stem": LayerPlan(**knobs), "conv": LayerPlan(**knobs)}), x)
+    folds = find_folds(new)
+    assert folds == [Fold("stem", "bn1"), Fold("conv", "bn2")]
+    folded = bake(new)
+    fold_into(folded, folds)
+    assert isinstance(folded.bn1, nn.Identity) and isinstance(folded.bn2, nn.Identity)
+    assert type(folded.stem) is real_models.Conv2dSame and folded.stem.name == "stem"
+    torch.testing.assert_close(folded(x), bake(new)(x), atol=1e-5, rtol=1e-5)
+    if not knobs:  # stored as convs with a bias and the head; the BatchNorms cost nothing
+        assert size_bytes(new) == 4 * (8 * 3 * 9 + 8 + 12 * 8 * 12 + 12 + 12 * 3 + 3)
+
+
 class _BatchNormReLU(nn.BatchNorm2d):
     """A BatchNorm subclass that does more than normalize (as timm's BatchNormAct2d)."""
 
@@ -98,7 +117,9 @@ class _Untraceable(nn.Module):
     nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)),
     _TwoReaders(),
     _Untraceable(),
-], ids=["batchnorm-subclass", "linear", "no-running-stats", "two-readers", "untraceable"])
+    nn.Sequential(real_models.StdConv2d(1, 4, 3), nn.BatchNorm2d(4)),  # would undo the scale
+], ids=["batchnorm-subclass", "linear", "no-running-stats", "two-readers", "untraceable",
+        "weight-standardizing-conv"])
 def test_what_is_not_certain_is_not_folded(model: nn.Module) -> None:
     assert find_folds(model.eval()) == []
 

@@ -1,8 +1,12 @@
 """Tensor decompositions of a convolution's kernel into a chain of smaller convolutions.
 
 Both act on the weight ``W`` of a ``Conv1d``/``Conv2d`` with ``groups=1`` and a spatial kernel
-(not 1x1), ``O x I x k_1 (x k_2)``, and give plain conv modules, so that pruning, quantization,
-export and the packed format treat the factors as any other layer:
+(not 1x1), ``O x I x k_1 (x k_2)``, and give conv modules, so that pruning, quantization,
+export and the packed format treat the factors as any other layer. The factors that carry the
+layer's kernel (Tucker's core, CP's depthwise convs) are of the layer's own class
+(:func:`~autocompress.compress._convs.respecified`), so that a subclass that pads in its
+forward (TensorFlow's "same" padding) pads them as it padded the layer; the 1x1 factors are
+plain:
 
 - **Tucker-2** (Kim et al., 2016, "Compression of Deep Convolutional Neural Networks for Fast
   and Low Power Mobile Applications"): ``W ~= G x_O U_out x_I U_in`` with orthonormal
@@ -26,10 +30,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import cast
 
 import torch
 from torch import nn
+
+from autocompress.compress._convs import respecified
 
 #: HOOI sweeps after the HOSVD start of Tucker-2.
 TUCKER_SWEEPS = 5
@@ -158,6 +164,13 @@ def cp_als(t: torch.Tensor, rank: int, sweeps: int = CP_SWEEPS, tol: float = CP_
     return _balance(factors)
 
 
+def cp_tensor(factors: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_r outer(f_0[:, r], f_1[:, r], ...)``: the tensor that CP factors (as
+    :func:`cp_als` returns them) stand for."""
+    modes = "abcdefgh"[:len(factors)]
+    return torch.einsum(",".join(f"{m}z" for m in modes) + f"->{modes}", *factors)
+
+
 def _gram(factors: list[torch.Tensor], mode: int) -> torch.Tensor:
     """The Hadamard product of the Gram matrices of every factor but ``mode``'s."""
     others = [f.T @ f for m, f in enumerate(factors) if m != mode]
@@ -184,22 +197,20 @@ def _balance(factors: list[torch.Tensor]) -> list[torch.Tensor]:
 # --- the layers -------------------------------------------------------------------------------
 
 
-def _conv(layer: Conv, c_in: int, c_out: int, kernel: Any = 1, bias: bool = False,
-          **kwargs: Any) -> Conv:
-    """A conv of ``layer``'s type and padding mode (``kernel`` and ``kwargs``: its other
-    constructor arguments)."""
-    return type(layer)(c_in, c_out, kernel, bias=bias, padding_mode=layer.padding_mode, **kwargs)
+def pointwise(layer: Conv, c_in: int, c_out: int, bias: bool = False) -> Conv:
+    """A plain 1x1 conv of ``layer``'s kind and padding mode: a factor that does not carry the
+    layer's kernel, so no padding that a subclass computes in its forward applies to it."""
+    return cast(Conv, respecified(layer, c_in, c_out, 1, bias, keep_class=False))
 
 
 def tucker_layers(layer: Conv, r_in: int, r_out: int) -> list[Conv]:
-    """The Tucker-2 chain of ``layer`` (weights not set): 1x1 ``I -> r_in``, the core, 1x1
+    """The Tucker-2 chain of ``layer`` (weights not set): 1x1 ``I -> r_in``, the core (of
+    ``layer``'s own class, :func:`~autocompress.compress._convs.respecified`), 1x1
     ``r_out -> O`` with the bias."""
-    return [
-        _conv(layer, layer.in_channels, r_in),
-        _conv(layer, r_in, r_out, layer.kernel_size, stride=layer.stride, padding=layer.padding,
-              dilation=layer.dilation),
-        _conv(layer, r_out, layer.out_channels, bias=layer.bias is not None),
-    ]
+    core = respecified(layer, r_in, r_out, layer.kernel_size, False, stride=layer.stride,
+                       padding=layer.padding, dilation=layer.dilation)
+    return [pointwise(layer, layer.in_channels, r_in), cast(Conv, core),
+            pointwise(layer, r_out, layer.out_channels, bias=layer.bias is not None)]
 
 
 def _along(value: tuple[int, ...] | str, axis: int, neutral: int) -> tuple[int, ...] | str:
@@ -212,17 +223,18 @@ def _along(value: tuple[int, ...] | str, axis: int, neutral: int) -> tuple[int, 
 
 def cp_layers(layer: Conv, rank: int) -> list[Conv]:
     """The CP chain of ``layer`` (weights not set): 1x1 ``I -> R``, one depthwise conv per
-    spatial axis (the layer's stride, padding and dilation on that axis), 1x1 ``R -> O`` with
-    the bias."""
+    spatial axis (of ``layer``'s own class, with its stride, padding and dilation on that
+    axis), 1x1 ``R -> O`` with the bias."""
     axes = len(layer.kernel_size)
     depthwise = [
-        _conv(layer, rank, rank, _along(layer.kernel_size, axis, 1), groups=rank,
-              stride=_along(layer.stride, axis, 1), padding=_along(layer.padding, axis, 0),
-              dilation=_along(layer.dilation, axis, 1))
+        cast(Conv, respecified(
+            layer, rank, rank, _along(layer.kernel_size, axis, 1), False, groups=rank,
+            stride=_along(layer.stride, axis, 1), padding=_along(layer.padding, axis, 0),
+            dilation=_along(layer.dilation, axis, 1)))
         for axis in range(axes)
     ]
-    return [_conv(layer, layer.in_channels, rank), *depthwise,
-            _conv(layer, rank, layer.out_channels, bias=layer.bias is not None)]
+    return [pointwise(layer, layer.in_channels, rank), *depthwise,
+            pointwise(layer, rank, layer.out_channels, bias=layer.bias is not None)]
 
 
 def tucker_weights(w: torch.Tensor, r_in: int, r_out: int) -> list[torch.Tensor]:

@@ -14,25 +14,42 @@ TensorRT fold it at load time). The stored model does the same:
 
 Only what is certain is folded: the forward must be traceable by ``torch.fx`` (else nothing is
 folded), the BatchNorm exactly ``nn.BatchNorm1d/2d/3d`` with running statistics (a subclass
-may do more, e.g. an activation), its input exactly an ``nn.Conv1d/2d/3d`` (channels on
-dimension 1, as the BatchNorm's; a ``Linear`` is not folded: its features are on the last
-dimension) whose output nothing else reads, and the weight not fp16/bf16 (rescaled values
-would round again).
+may do more, e.g. an activation), its input an ``nn.Conv1d/2d/3d`` (channels on dimension 1,
+as the BatchNorm's; a ``Linear`` is not folded: its features are on the last dimension; nor a
+transposed conv: its weight holds output channels on dimension 1) whose output nothing else
+reads, and the weight not fp16/bf16 (rescaled values would round again).
+
+A conv may be a subclass (timm's ``Conv2dSame`` pads in its forward): the folded weight and
+bias go into the instance itself, so its forward still runs. A subclass that computes its own
+forward is folded only when a small copy of it shows that it is a convolution with its weight
+and bias, possibly of a padded input (:func:`_folds_exactly`); one that standardizes its
+weight (timm's ``StdConv2d``) would undo the folded scale, and is not.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
+from autocompress.compress._convs import (
+    CONVS,
+    overrides_forward,
+    own_class,
+    probe_copy,
+    probe_input,
+    relative_error,
+)
 from autocompress.compress._modules import find_weight_compression
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: The largest relative output error of a folded probe copy that counts as exact.
+PROBE_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -43,16 +60,12 @@ class Fold:
     batchnorm: str
 
 
-def base_type(m: nn.Module) -> type:
-    """The module's class, seen through ``torch.nn.utils.parametrize``'s generated subclass."""
-    return type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)
-
-
 class _LeafTracer(fx.Tracer):
-    """Convolutions and BatchNorms are leaves (parametrized or not); the rest as fx does."""
+    """Convolutions (subclasses too) and BatchNorms are leaves (parametrized or not); the rest
+    as fx does."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if base_type(m) in CONVS + BATCHNORMS:
+        if isinstance(m, CONVS) or own_class(m) in BATCHNORMS:
             return True
         return not parametrize.is_parametrized(m) and super().is_leaf_module(m, module_qualified_name)
 
@@ -77,10 +90,36 @@ def find_folds(model: nn.Module) -> list[Fold]:
             continue
         conv = model.get_submodule(src.target)
         wc = find_weight_compression(conv)
-        if (base_type(conv) in CONVS and conv.out_channels == bn.num_features
-                and not (wc is not None and isinstance(wc.bits, str))):
+        if (isinstance(conv, CONVS) and conv.out_channels == bn.num_features
+                and not (wc is not None and isinstance(wc.bits, str)) and _folds_exactly(conv)):
             folds.append(Fold(src.target, node.target))
     return folds
+
+
+def _folds_exactly(conv: nn.Module) -> bool:
+    """Whether ``conv``'s forward, given the folded weight and bias, computes its output
+    followed by the BatchNorm: always for a torch conv and a subclass that keeps its forward;
+    for a subclass with its own, when a small copy of it
+    (:func:`~autocompress.compress._convs.probe_copy`) with a random per-channel affine map
+    folded in gives its output mapped so."""
+    if not overrides_forward(conv):
+        return True
+    probe = probe_copy(cast(_ConvNd, conv))
+    gen = torch.Generator().manual_seed(2)
+    f, shift = (torch.randn(probe.out_channels, generator=gen).to(probe.weight.device)
+                for _ in range(2))
+    per_channel = (-1, *[1] * (probe.weight.dim() - 2))
+    try:
+        with torch.no_grad():
+            x = probe_input(probe)
+            expected = probe(x) * f.view(per_channel) + shift.view(per_channel)
+            weight, bias = _affine_folded(probe, f, shift)
+            probe.weight.copy_(weight)
+            cast(torch.Tensor, probe.bias).copy_(bias)
+            got = probe(x)
+    except Exception:  # noqa: BLE001  (whatever the subclass's forward raises)
+        return False
+    return relative_error(got, expected) <= PROBE_TOLERANCE
 
 
 def fold_factors(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +137,12 @@ def fold_factors(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def folded(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The folded convolution's ``(weight, bias)``: ``w * f`` per output channel and
     ``b * f + shift`` (``b`` = 0 without a bias)."""
-    f, shift = fold_factors(bn)
+    return _affine_folded(conv, *fold_factors(bn))
+
+
+def _affine_folded(conv: nn.Module, f: torch.Tensor,
+                   shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`folded` for the per-channel map ``x * f + shift``."""
     with torch.no_grad():
         w = conv.weight.detach()
         weight = w * f.view(-1, *([1] * (w.dim() - 1)))

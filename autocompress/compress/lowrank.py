@@ -25,11 +25,18 @@ layer exactly, at least 1 (``O`` outputs, ``I`` inputs, ``k`` the kernel's size)
 Full rank reproduces the layer for svd and tucker; for cp only when the kernel's CP rank is
 no higher (ALS finds the best fit it can). Refused (``limits``): grouped and depthwise convs
 (their weight is not one matrix), layers whose parent reads their weight directly
-(``nn.TransformerEncoderLayer``'s linears), and tucker/cp on anything but a conv with a
-spatial kernel and ``groups=1`` (Linear, Embedding, 1x1 convs: svd covers them).
+(``nn.TransformerEncoderLayer``'s linears), tucker/cp on anything but a conv with a spatial
+kernel and ``groups=1`` (Linear, Embedding, 1x1 convs: svd covers them), and, on a conv
+subclass that computes its own forward, each decomposition whose factors do not reproduce
+it (:func:`_rebuild_problem`: a weight-standardizing ``StdConv2d`` refuses rank).
 
 Every factorized layer is a :class:`LowRank` (a Sequential: factors ``<name>.0``,
-``<name>.1``, ...) of plain layers, so pruning and quantization act on each factor.
+``<name>.1``, ...) of ordinary layers, so pruning and quantization act on each factor. A conv
+factor that carries the layer's kernel (svd's first, Tucker's core, CP's depthwise convs) is
+of the layer's own class, built without its constructor
+(:func:`~autocompress.compress._convs.respecified`): a subclass that pads in its forward
+(timm's ``Conv2dSame``: TensorFlow's "same" padding) pads it as it padded the layer, whatever
+arguments its constructor takes. The 1x1 factors are plain convs.
 """
 
 from __future__ import annotations
@@ -42,12 +49,22 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from autocompress.compress._convs import (
+    overrides_forward,
+    own_class,
+    probe_copy,
+    probe_input,
+    relative_error,
+    respecified,
+)
 from autocompress.compress._decompose import (
     Conv,
     cp_layers,
     cp_rank,
+    cp_tensor,
     cp_weights,
     kept,
+    pointwise,
     spatial_problem,
     tucker_layers,
     tucker_ranks,
@@ -57,6 +74,15 @@ from autocompress.compress._layers import LayerInfo, Refusal
 from autocompress.compress._modules import LowRank
 from autocompress.compress._plan import Plan, PlanError
 from autocompress.compress._registry import pure, register_method
+
+DECOMPOSITIONS = ("svd", "tucker", "cp")
+#: The rank of a probe's kernel and of its factorizations (:func:`_rebuild_problem`): more than
+#: one, so that CP's depthwise factors are grouped convs.
+PROBE_RANK = 2
+#: The largest relative output error of a probe's factorization that counts as exact.
+PROBE_TOLERANCE = 1e-3
+# _rebuild_problem's answers by (class, kernel layout, decomposition).
+_PROBED: dict[tuple, str | None] = {}
 
 
 def kept_rank(weight_shape: torch.Size | tuple[int, ...], fraction: float) -> int:
@@ -78,21 +104,34 @@ def factorize(layer: nn.Module, fraction: float, decomposition: str = "svd",
     Raises:
         PlanError: The layer cannot take this decomposition.
     """
-    if decomposition == "svd":
-        return _svd(layer, fraction, fit)
-    if decomposition not in ("tucker", "cp"):
+    if decomposition not in DECOMPOSITIONS:
         raise PlanError(f"unknown decomposition {decomposition!r}; allowed: svd, tucker, cp")
-    problem = spatial_problem(layer)
+    problem = None if decomposition == "svd" else spatial_problem(layer)
     if problem is not None:
         raise PlanError(f"{decomposition}: {problem}")
+    shape = _weight(layer).shape
+    if decomposition == "svd":
+        ranks: tuple[int, ...] = (kept_rank(shape, fraction),)
+    elif decomposition == "tucker":
+        ranks = tucker_ranks(shape, fraction)
+    else:
+        ranks = (cp_rank(shape, fraction),)
+    return _factorize(layer, decomposition, ranks, fit)
+
+
+def _factorize(layer: nn.Module, decomposition: str, ranks: tuple[int, ...],
+               fit: bool) -> LowRank:
+    """:func:`factorize` at these ranks: svd's ``(r,)``, tucker's ``(r_in, r_out)``, cp's
+    ``(R,)``."""
+    w = _weight(layer)
+    if decomposition == "svd":
+        (r,) = ranks
+        embedding = isinstance(layer, nn.Embedding)
+        return _chain(layer, _svd_layers(layer, r), _svd_weights(w, r, embedding) if fit else None)
     conv = cast(Conv, layer)
-    w = _weight(conv)
     if decomposition == "tucker":
-        r_in, r_out = tucker_ranks(w.shape, fraction)
-        return _chain(conv, tucker_layers(conv, r_in, r_out),
-                      tucker_weights(w, r_in, r_out) if fit else None)
-    rank = cp_rank(w.shape, fraction)
-    return _chain(conv, cp_layers(conv, rank), cp_weights(w, rank) if fit else None)
+        return _chain(conv, tucker_layers(conv, *ranks), tucker_weights(w, *ranks) if fit else None)
+    return _chain(conv, cp_layers(conv, *ranks), cp_weights(w, *ranks) if fit else None)
 
 
 def _weight(layer: nn.Module) -> torch.Tensor:
@@ -116,16 +155,9 @@ def _chain(layer: nn.Module, factors: Sequence[nn.Module],
     return chain
 
 
-def _svd(layer: nn.Module, fraction: float, fit: bool) -> LowRank:
-    """Two-layer truncated-SVD approximation of a Linear, Conv1d/Conv2d or Embedding layer."""
-    w = _weight(layer)
-    r = kept_rank(w.shape, fraction)
-    embedding = isinstance(layer, nn.Embedding)
-    return _chain(layer, _svd_layers(layer, r), _svd_weights(w, r, embedding) if fit else None)
-
-
 def _svd_layers(layer: nn.Module, r: int) -> list[nn.Module]:
-    """The two factors of rank ``r`` (weights not set)."""
+    """The two factors of rank ``r`` (weights not set): for a conv, its kernel to ``r``
+    channels, then a 1x1 conv."""
     if isinstance(layer, nn.Embedding):  # ALBERT's factorized embedding: a table, a projection
         return [nn.Embedding(layer.num_embeddings, r, padding_idx=layer.padding_idx,
                              max_norm=layer.max_norm, norm_type=layer.norm_type,
@@ -135,12 +167,13 @@ def _svd_layers(layer: nn.Module, r: int) -> list[nn.Module]:
     if isinstance(layer, nn.Linear):
         return [nn.Linear(layer.in_features, r, bias=False),
                 nn.Linear(r, layer.out_features, bias=has_bias)]
-    if layer.groups != 1:
+    conv = cast(Conv, layer)
+    if conv.groups != 1:
         raise PlanError("low-rank factorization of grouped convolutions is not supported")
-    conv = type(layer)
-    return [conv(layer.in_channels, r, layer.kernel_size, layer.stride, layer.padding,
-                 layer.dilation, bias=False, padding_mode=layer.padding_mode),
-            conv(r, layer.out_channels, 1, bias=has_bias)]
+    # the first factor carries the kernel: of the layer's own class, to keep a subclass's padding
+    return [respecified(conv, conv.in_channels, r, conv.kernel_size, False,
+                        stride=conv.stride, padding=conv.padding, dilation=conv.dilation),
+            pointwise(conv, r, conv.out_channels, bias=has_bias)]
 
 
 def _svd_weights(w: torch.Tensor, r: int, embedding: bool) -> list[torch.Tensor]:
@@ -165,12 +198,68 @@ def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> d
             parent = type(model.get_submodule(layer.name.rpartition(".")[0])).__name__
             refusals.append(Refusal("rank", None, f"its parent {parent} reads its weight "
                                                   f"directly, so it cannot become two layers"))
+        elif overrides_forward(mod):
+            refusals.extend(_subclass_refusals(cast(Conv, mod)))
         problem = spatial_problem(mod)
         if problem is not None:  # tucker and cp (every value but the default, svd)
             refusals.append(Refusal("decomposition", None, problem))
         if refusals:
             out[layer.name] = refusals
     return out
+
+
+def _subclass_refusals(layer: Conv) -> list[Refusal]:
+    """What a conv subclass with its own forward refuses: ``rank`` when an svd factorization
+    does not compute what it does, else the decompositions that do not (the reasons name the
+    class only, so that the search reports its layers once)."""
+    svd = _rebuild_problem(layer, "svd")
+    if svd is not None:
+        return [Refusal("rank", None, svd)]
+    if spatial_problem(layer) is not None:  # tucker and cp are refused anyway
+        return []
+    problems = {d: _rebuild_problem(layer, d) for d in ("tucker", "cp")}
+    return [Refusal("decomposition", d, p) for d, p in problems.items() if p is not None]
+
+
+def _rebuild_problem(layer: Conv, decomposition: str) -> str | None:
+    """Why factorizing ``layer``, a conv whose class has its own forward, by ``decomposition``
+    would not compute what the layer does (None: it would).
+
+    Its forward may do anything, so it is checked: a small copy
+    (:func:`~autocompress.compress._convs.probe_copy`: its class, kernel, stride, padding and
+    dilation) holding a kernel of CP rank :data:`PROBE_RANK`, which svd, tucker and cp at that
+    rank all hold exactly, is factorized, and the factors must give the copy's output on an
+    input where TensorFlow-style "same" padding is uneven. A forward that pads and convolves
+    passes; one that standardizes its weight (timm's ``StdConv2d``), ignores its groups or
+    pads by a rule the factors' kernels break does not. Answers are kept per class and kernel
+    layout: a subclass's behaviour is taken to depend on those alone.
+    """
+    key = (own_class(layer), layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+           layer.padding_mode, decomposition)
+    if key not in _PROBED:
+        _PROBED[key] = _probe(layer, decomposition)
+    return _PROBED[key]
+
+
+def _probe(layer: Conv, decomposition: str) -> str | None:
+    """:func:`_rebuild_problem`, uncached."""
+    probe = cast(Conv, probe_copy(layer))
+    gen = torch.Generator().manual_seed(0)
+    cp = [torch.randn(n, PROBE_RANK, generator=gen) for n in probe.weight.shape]
+    ranks = (PROBE_RANK,) * (2 if decomposition == "tucker" else 1)
+    name = type(probe).__name__
+    try:
+        with torch.no_grad():
+            probe.weight.copy_(cp_tensor(cp))
+            x = probe_input(probe)
+            error = relative_error(_factorize(probe, decomposition, ranks, True)(x), probe(x))
+    except Exception as e:  # noqa: BLE001  (whatever the subclass's forward raises)
+        return (f"{name} computes its own forward, which fails on {decomposition} factors "
+                f"({type(e).__name__})")
+    if error > PROBE_TOLERANCE:
+        return (f"{name} computes its own forward, which {decomposition} factors of the same "
+                f"class do not reproduce")
+    return None
 
 
 def _parent_reads_weight(model: nn.Module, name: str) -> bool:
