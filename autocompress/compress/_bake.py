@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,6 +33,7 @@ from autocompress.compress._ort_quant import (
     quantize_dynamic_layers,
     quantize_static_layers,
 )
+from autocompress.compress._ties import stored_key
 
 ONNX_OPSET = 17
 
@@ -41,28 +42,34 @@ def bake(model: nn.Module) -> nn.Module:
     """An eval-mode copy with masks and fake quantization folded into plain weights.
 
     The result has ordinary ``weight`` parameters (holding the masked, quantized values), so it
-    can be pickled, traced and exported. Activation fake-quant stays (exported as Q/DQ).
+    can be pickled, traced and exported. Activation fake-quant stays (exported as Q/DQ), and so
+    do tied weights: modules that compute one weight alike share one baked parameter.
     """
     baked = copy.deepcopy(model).eval()
+    done: dict[Hashable, nn.Parameter] = {}
     for mod in baked.modules():
         if parametrize.is_parametrized(mod, "weight"):
-            _unparametrize(mod)
+            _unparametrize(mod, done)
     for p in baked.parameters():
         p.requires_grad_(False)
     return baked
 
 
-def _unparametrize(mod: nn.Module) -> None:
-    """Replaces a parametrized ``weight`` by a plain parameter holding its current value.
+def _unparametrize(mod: nn.Module, done: dict[Hashable, nn.Parameter]) -> None:
+    """Replaces a parametrized ``weight`` by a plain parameter holding its current value, the
+    one in ``done`` when another module computes the same weight (a tie; ``done`` is keyed by
+    :func:`~autocompress.compress._ties.stored_key`).
 
     Not ``parametrize.remove_parametrizations``: it deletes the property from the dynamically
     created class, which a deep copy shares with the original model, breaking the original.
     """
-    with torch.no_grad():
-        weight = mod.weight.detach().clone()
+    key = stored_key(mod, "weight")
+    if key not in done:
+        with torch.no_grad():
+            done[key] = nn.Parameter(mod.weight.detach().clone())
     del mod._modules["parametrizations"]
     mod.__class__ = mod.__class__.__bases__[0]
-    mod.weight = nn.Parameter(weight)
+    mod.weight = done[key]
 
 
 def dynamic_layers(model: nn.Module) -> list[str]:

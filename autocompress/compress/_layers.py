@@ -21,6 +21,7 @@ from torch import nn
 
 from autocompress._errors import ConfigError
 from autocompress._inputs import batch_size, run
+from autocompress.compress._ties import weight_ties
 
 COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)
 # Kinds by name, in the order a search space lists them; "Conv1D" is Hugging Face's (a name,
@@ -64,6 +65,9 @@ class LayerInfo:
             drops its result); such a layer is never compressed or searched.
         cls: Its class name, when it is not the kind itself (a subclass).
         refusals: Knob values the layer cannot take (from the compression methods' limits).
+        shared_with: The other layers whose weight is this layer's very matrix (tied weights,
+            e.g. a decoder's token embedding and output layer): it is stored once and
+            compressed once, as the first of them says (:mod:`autocompress.compress._ties`).
     """
 
     name: str
@@ -75,14 +79,17 @@ class LayerInfo:
     used: bool = True
     cls: str = ""
     refusals: tuple[Refusal, ...] = field(default=(), compare=False)
+    shared_with: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        """The ``layers --json`` form: ``used``, ``cls`` and ``refusals`` only when they say
-        something (a layer that does not run, a subclass, refused knob values)."""
+        """The ``layers --json`` form: ``used``, ``cls``, ``refusals`` and ``shared_with`` only
+        when they say something (a layer that does not run, a subclass, refused knob values,
+        a tied weight)."""
         d = asdict(self)
         d["shape"] = list(self.shape)
         d["refusals"] = [asdict(r) for r in self.refusals]
-        for key, default in (("used", True), ("cls", ""), ("refusals", [])):
+        d["shared_with"] = list(self.shared_with)
+        for key, default in (("used", True), ("cls", ""), ("refusals", []), ("shared_with", [])):
             if d[key] == default:
                 del d[key]
         return d
@@ -128,6 +135,10 @@ def find_layers(model: nn.Module, example_inputs: Any) -> list[LayerInfo]:
     """
     macs, calls, matter = _trace(model, example_inputs)
     output_layer = next((n for n in reversed(calls) if n in matter), None)
+    groups: dict[str, list[str]] = {}  # owner -> every layer holding its weight
+    for alias, owner in weight_ties(model).items():
+        groups.setdefault(owner, [owner]).append(alias)
+    tied = {n: g for g in groups.values() for n in g}
     out = []
     for name, mod in model.named_modules():
         k = kind(mod)
@@ -138,6 +149,7 @@ def find_layers(model: nn.Module, example_inputs: Any) -> list[LayerInfo]:
             params=sum(p.numel() for p in mod.parameters(recurse=False)),
             macs=macs.get(name, 0), is_output=name == output_layer, used=name in matter,
             cls="" if type(mod).__name__ == k else type(mod).__name__,
+            shared_with=tuple(n for n in tied.get(name, ()) if n != name),
         ))
     return out
 

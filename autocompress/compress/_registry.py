@@ -5,6 +5,9 @@ and runs every registered method in its fixed ``order``: low-rank (10) -> prunin
 quantization (30). Hugging Face ``Conv1D`` layers the plan changes become ``Linear`` first
 (``conv1d.py``), so the methods only see conv, linear and embedding layers.
 
+A weight shared by several layers (tied embeddings) stays shared: the first of them takes the
+plan's knobs, the others follow it (:mod:`~autocompress.compress._ties`).
+
 Why this order: factorizing first lets pruning and quantization act on the factors (both
 factors are pruned and quantized); pruning before quantization means the quantization scales
 are computed from the weights that remain.
@@ -25,6 +28,7 @@ from torch import nn
 from autocompress.compress._knobs import KNOB_TABLE, summary_tokens, why_refused
 from autocompress.compress._layers import LayerInfo, Refusal, find_layers
 from autocompress.compress._plan import Plan, PlanError
+from autocompress.compress._ties import UNTYING, WEIGHT_KNOBS, retie, weight_ties
 from autocompress.compress.conv1d import linearize
 
 Transform = Callable[[nn.Module, Plan, Any], None]
@@ -75,7 +79,8 @@ def register_method(name: str, order: int,
 
 def describe_layers(model: nn.Module, example_inputs: Any) -> list[LayerInfo]:
     """The compressible layers (:func:`find_layers`) with the refusals of every method's limits
-    (what ``autocompress layers`` shows and what a search space leaves out)."""
+    and of tied weights (what ``autocompress layers`` shows and what a search space leaves
+    out)."""
     _load_builtin_methods()
     layers = find_layers(model, example_inputs)
     found: dict[str, list[Refusal]] = {}
@@ -83,7 +88,25 @@ def describe_layers(model: nn.Module, example_inputs: Any) -> list[LayerInfo]:
         if method.limits is not None:
             for name, refusals in method.limits(model, example_inputs, layers).items():
                 found.setdefault(name, []).extend(refusals)
-    return [replace(la, refusals=tuple(found.get(la.name, ()))) for la in layers]
+    ties = weight_ties(model)
+    for la in layers:
+        refusals = found.setdefault(la.name, [])
+        refusals += [r for r in _tie_refusals(la, ties.get(la.name))
+                     if not any((r.knob, r.value) == (o.knob, o.value) for o in refusals)]
+    return [replace(la, refusals=tuple(found[la.name])) for la in layers]
+
+
+def _tie_refusals(layer: LayerInfo, owner: str | None) -> list[Refusal]:
+    """What a layer whose weight is shared cannot take (:mod:`~autocompress.compress._ties`):
+    a layer that follows ``owner`` every knob that changes its weight; the owner factorizing
+    and channel cuts."""
+    if owner is not None:
+        return [Refusal(knob, None, f"its weight is {owner}'s (tied): compressed as {owner} is")
+                for knob in WEIGHT_KNOBS]
+    if not layer.shared_with:
+        return []
+    return [Refusal(knob, value, f"its weight is also {', '.join(layer.shared_with)}'s (tied): "
+                                 f"{doing} would untie it") for knob, value, doing in UNTYING]
 
 
 def check_plan(plan: Plan, layers: list[LayerInfo]) -> None:
@@ -130,6 +153,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any,
             cannot do (a method's limits, or a failure while applying it).
     """
     check_plan(plan, describe_layers(model, example_inputs))
+    ties = weight_ties(model)
     unknown = set(methods or ()) - set(_METHODS)
     if unknown:
         raise PlanError(f"unknown compression method {sorted(unknown)[0]!r}; "
@@ -139,6 +163,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any,
     for name in list_methods():
         if methods is None or name in methods:
             _METHODS[name].transform(new, plan, example_inputs)
+    retie(new, ties)
     return new
 
 

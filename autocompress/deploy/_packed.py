@@ -9,9 +9,10 @@ Layout (little-endian)::
     b"ACPK" | u8 format version | u32 header length | header (zlib-compressed JSON) | payload
 
 Format version 2 added tensor encodings (fp16/bf16 and pow2 weights), version 3 the delta
-(relative-index) layout of sparse tensors. A file is written as the oldest version that has
-what it uses (one without them is version 1, byte for byte what earlier releases wrote), so
-older readers still read it; this reader reads all three.
+(relative-index) layout of sparse tensors, version 4 ties (a tensor that several modules
+share). A file is written as the oldest version that has what it uses (one without them is
+version 1, byte for byte what earlier releases wrote), so older readers still read it; this
+reader reads all four.
 
 The header describes the architecture without pickle, as data only:
 
@@ -31,6 +32,10 @@ The header describes the architecture without pickle, as data only:
   carries ``[shape, is_param]``). The encoding is the bit-width for fp32 (32) and uniform
   integer levels (2..8), as in version 1; ``"fp16"``, ``"bf16"`` or ``"pow2:<bits>"``
   (version 2). The layout is 0 (dense), 1 (bitmap) or ``[width, entries]`` (delta, version 3).
+- ``ties`` (version 4, only when the model shares a tensor, e.g. tied embeddings: the output
+  layer's weight is the token embedding's): ``[name, stored name]`` pairs. A shared tensor is
+  stored once (as ``size_bytes`` counts it: :func:`~autocompress.compress._ties.tensor_aliases`),
+  under the first of its names the forward uses, and the loaded model shares it again.
 
 The payload holds each tensor exactly as :mod:`autocompress.measure.size` counts it (the same
 rows of :func:`~autocompress.measure.size.size_report`, so the same bits, format choice and
@@ -89,6 +94,7 @@ from autocompress.compress._formats import (
     pow2_codes,
     pow2_from_codes,
 )
+from autocompress.compress._ties import tensor_aliases
 from autocompress.deploy._architecture import (
     LEAF_TYPES,
     PackedFormatError,
@@ -101,7 +107,7 @@ from autocompress.deploy._architecture import (
 from autocompress.measure.size import INDEX_WIDTHS, Layout, TensorSize, gaps_of, size_report
 
 MAGIC = b"ACPK"
-FORMAT_VERSION = 3  # what this reader reads (and older); a file is written as the oldest that reads it
+FORMAT_VERSION = 4  # what this reader reads (and older); a file is written as the oldest that reads it
 _V1_ENCODINGS = ("fp32", "uniform")
 _PREFIX = struct.Struct("<4sBI")  # magic, format version, header length
 
@@ -307,12 +313,18 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
                for n in graph.nodes if n.op == "call_module"}
     attrs = {n.target for n in graph.nodes if n.op == "get_attr"}
     qweights = quantized_weights(model)
+    names: dict[str, list[str]] = {}  # stored name -> all its names (ties)
+    for alias, first in tensor_aliases(model).items():
+        names.setdefault(first, [first]).append(alias)
 
-    entries, chunks = [], []
+    entries, chunks, ties = [], [], []
     for row in size_report(model):
         owner, _, attr = row.name.rpartition(".")
-        if owner not in modules and row.name not in attrs:
+        used = [n for n in names.get(row.name, [row.name])
+                if n.rpartition(".")[0] in modules or n in attrs]
+        if not used:
             continue  # not used by the forward
+        ties += [[alias, used[0]] for alias in used[1:]]
         if attr == _QPARAMS:
             values = torch.stack([baked.get_buffer(f"{owner}.lo"), baked.get_buffer(f"{owner}.hi")]).numpy()
         elif _scaled(row.encoding):
@@ -330,17 +342,20 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
         if _scaled(row.encoding):
             chunk += scale.astype("<f4").tobytes()
         chunks.append(chunk)
-        entry: list[Any] = [row.name, _token(row), _layout_token(row.layout)]
-        if row.name in attrs:  # not owned by a leaf module: its shape is not implied
+        entry: list[Any] = [used[0], _token(row), _layout_token(row.layout)]
+        if used[0] in attrs:  # not owned by a leaf module: its shape is not implied
             entry += [list(baked.get_parameter(row.name).shape if row.is_param
                            else baked.get_buffer(row.name).shape), int(row.is_param)]
         entries.append(entry)
 
-    header = zlib.compress(json.dumps(
-        {"modules": modules, "graph": encode_graph(graph), "tensors": entries},
-        separators=(",", ":"), allow_nan=False).encode(), 9)
+    described: dict[str, Any] = {"modules": modules, "graph": encode_graph(graph),
+                                 "tensors": entries}
+    if ties:
+        described["ties"] = ties
+    header = zlib.compress(json.dumps(described, separators=(",", ":"),
+                                      allow_nan=False).encode(), 9)
     payload = b"".join(chunks)
-    version = max((_version_of(e) for e in entries), default=1)
+    version = max([_version_of(e) for e in entries] + [4 if ties else 1])
     path = Path(path)
     with open(path, "wb") as f:
         f.write(_PREFIX.pack(MAGIC, version, len(header)))
@@ -392,13 +407,41 @@ def load_packed(path: str | Path) -> nn.Module:
 
     model = fx.GraphModule(root, graph, class_name="PackedModel")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked") and k not in root]
+    tied = _tie(model, header.get("ties", []), Path(path))
+    missing = [k for k in missing
+               if not k.endswith("num_batches_tracked") and k not in root and k not in tied]
     if missing or unexpected:
         raise PackedFormatError(f"{path}: tensors do not match the architecture "
                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def _tie(model: nn.Module, ties: Any, path: Path) -> set[str]:
+    """Makes each ``[name, stored name]`` of the header's ``ties`` the stored tensor again
+    (after it is loaded); returns the tied names."""
+    if not isinstance(ties, list):
+        raise PackedFormatError(f"{path}: damaged header: ties is not a list")
+    for pair in ties:
+        try:
+            name, stored = pair
+            owner, _, attr = name.rpartition(".")
+            old, new = _tensor(model, name), _tensor(model, stored)
+            if new.shape != old.shape:
+                raise ValueError(f"shapes {tuple(old.shape)} and {tuple(new.shape)}")
+            setattr(model.get_submodule(owner), attr, new)
+        except (AttributeError, TypeError, ValueError) as e:
+            raise PackedFormatError(f"{path}: damaged header: bad tie {pair!r}: {e}") from None
+    return {pair[0] for pair in ties}
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer ``name`` of ``model``."""
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return model.get_buffer(name)
 
 
 def _read(path: Path) -> tuple[dict, memoryview]:

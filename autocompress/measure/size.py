@@ -25,8 +25,12 @@ activation quantizer costs 8 bytes (fp32 scale + int32 zero point), a dynamic on
 "dynamic"``) nothing: it computes its range from each input at run time. Its layer's 8-bit
 weight is counted like any other (8 bits per value, one fp32 scale per output channel: what
 ONNX Runtime's ``quantize_dynamic`` stores, plus a zero point per channel that is always 0).
-Not counted: the architecture description (layer names and shapes, each delta tensor's ``w``
-and ``E``: a few hundred bytes) and ``num_batches_tracked``.
+A tensor that several modules share (tied weights: a decoder's token embedding and output
+layer) is stored once and counted once, under its first name
+(:func:`~autocompress.compress._ties.tensor_aliases`); compressed, it stays shared only as long
+as every module holding it computes it alike (one mask, one quantizer: ``apply`` keeps ties so),
+else each stored version counts. Not counted: the architecture description (layer names and
+shapes, each delta tensor's ``w`` and ``E``: a few hundred bytes) and ``num_batches_tracked``.
 
 Before a model exists (planning), :func:`tensor_bytes` prices ``nnz`` non-zeros at random
 positions: the delta layout's expected ``E`` for independent positions.
@@ -44,6 +48,7 @@ from torch.nn.utils import parametrize
 
 from autocompress.compress._fold import find_folds, folded
 from autocompress.compress._modules import ActFakeQuant, WeightCompression, find_weight_compression
+from autocompress.compress._ties import tensor_aliases
 
 ACT_QUANT_BYTES = 8
 
@@ -159,7 +164,8 @@ def tensor_bytes(numel: int, nnz: int, bits: int = 32, scales: int = 0,
 
 def size_report(model: nn.Module) -> list[TensorSize]:
     """Per-tensor storage of ``model`` (compressed or not), BatchNorms folded where they can be
-    (:mod:`autocompress.compress._fold`)."""
+    (:mod:`autocompress.compress._fold`), each shared tensor once (under its first name)."""
+    aliases = tensor_aliases(model)
     folds = find_folds(model)
     folded_bns = {f.batchnorm for f in folds}
     bn_of = {f.conv: model.get_submodule(f.batchnorm) for f in folds}
@@ -185,6 +191,8 @@ def size_report(model: nn.Module) -> list[TensorSize]:
                 tensors["weight"] = (weight, wc, True)
             tensors["bias"] = (bias, None, True)
         for n, (t, wc, is_param) in tensors.items():
+            if prefix + n in aliases:
+                continue  # stored under its first name
             gaps = gaps_of(t)
             bits, scaled = weight_storage(wc.bits if wc else None)
             scales = t.shape[0] if scaled else 0
