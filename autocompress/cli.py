@@ -43,6 +43,7 @@ def _target(args: argparse.Namespace):
 
 def cmd_layers(args: argparse.Namespace) -> int:
     from autocompress.compress._registry import describe_layers
+    from autocompress.measure.size import size_and_params
     from autocompress.tasks import load_task
 
     task = load_task(args.task, seed=args.seed)
@@ -53,6 +54,11 @@ def cmd_layers(args: argparse.Namespace) -> int:
     rows = [(la.name, la.type + (f" ({la.cls})" if la.cls else ""), "x".join(map(str, la.shape)),
              f"{la.params:,}", f"{la.macs:,}", _layer_notes(la)) for la in layers]
     _print_table(("name", "type", "shape", "params", "macs", ""), rows)
+    size, params, _ = size_and_params(task.model)
+    tied = sum(1 for la in layers if la.shared_with) // 2
+    stored = f"{size / 2**20:,.1f} MiB" if size >= 2**20 else f"{size / 1024:,.1f} KiB"
+    print(f"{len(layers)} layers; the model stores {params:,} parameters, {stored}"
+          f"{f' (each tied weight once: {tied} shared)' if tied else ''}")
     return 0
 
 
@@ -82,9 +88,12 @@ def _layer_notes(layer) -> str:
     notes = ["output"] if layer.is_output else []
     if not layer.used:
         notes.append("never runs in the forward: not searched")
-    notes += [f"no {r.knob}{'=' + str(r.value) if r.value is not None else ''} ({r.reason})"
-              for r in layer.refusals
-              if not (layer.is_output and (r.knob, r.value) == ("structure", "channel"))]  # said
+    knobs_by_reason: dict[str, list[str]] = {}  # one reason, said once
+    for r in layer.refusals:
+        if not (layer.is_output and (r.knob, r.value) == ("structure", "channel")):  # said
+            knobs_by_reason.setdefault(r.reason, []).append(
+                f"{r.knob}{'=' + str(r.value) if r.value is not None else ''}")
+    notes += [f"no {', '.join(knobs)} ({reason})" for reason, knobs in knobs_by_reason.items()]
     return "; ".join(notes)
 
 

@@ -15,6 +15,7 @@ from autocompress.finetune import FinetuneConfig
 from autocompress.measure import Target
 from autocompress.tasks import Task
 from autocompress.tune._trial import run_trial
+from tests.models import tiny_task
 
 TASK = "tests.models:tiny_task"
 PLAN = {"version": 1, "layers": {"net.0": {"sparsity": 0.5, "structure": "channel"},
@@ -38,7 +39,11 @@ def test_layers_table(capsys) -> None:
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["name", "type", "shape", "params", "macs"]
     assert out[1].split()[:5] == ["net.0", "Linear", "32x16", "544", "512"]
-    assert out[-1].split()[5].rstrip(";") == "output"  # then what it refuses
+    assert out[-2].split()[5].rstrip(";") == "output"  # then what it refuses
+    model = tiny_task(train=False).model
+    params = sum(p.numel() for p in model.parameters())
+    size = sum(p.numel() * 4 for p in model.parameters()) / 1024
+    assert out[-1] == f"4 layers; the model stores {params:,} parameters, {size:.1f} KiB"
 
 
 def test_trial_json(capsys, tmp_path: Path) -> None:

@@ -173,3 +173,27 @@ def test_packed_refuses_a_damaged_tie(tmp_path) -> None:
     path.write_bytes(data[:5] + struct.pack("<I", len(damaged)) + damaged + data[9 + header_len:])
     with pytest.raises(PackedFormatError, match="bad tie"):
         load_packed(path)
+
+
+def tied_task():
+    """``autocompress layers --task tests.test_tied:tied_task``."""
+    from autocompress import Task
+
+    model, _, _ = tied_plain()
+    ids = torch.randint(0, VOCAB, (4, 6))
+    batches = [(ids, torch.zeros(4, 6, VOCAB))]
+    return Task(model=model, train_loader=batches, val_loader=batches, example_inputs=ids)
+
+
+def test_layers_counts_a_tied_matrix_once_and_says_why_once(capsys) -> None:
+    from autocompress.cli import main
+
+    assert main(["layers", "--task", "tests.test_tied:tied_task"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    model = tied_plain()[0]
+    unique = sum(p.numel() for p in model.parameters())  # parameters() yields a tie once
+    assert unique < sum(p.numel() for m in model.modules() for p in m.parameters(recurse=False))
+    assert out[-1].startswith(f"3 layers; the model stores {unique:,} parameters,")
+    assert out[-1].endswith("(each tied weight once: 1 shared)")
+    head = next(line for line in out if line.startswith("head "))
+    assert head.count("(tied)") == 1 and "no sparsity, bits, rank (its weight is embed's" in head

@@ -215,6 +215,7 @@ def first_trials(exp: Experiment, task: Any, space: Any, layers: list, tracker: 
     """The search's first trials, in order: the warm-start points, then uniform recipes and
     sensitivity-optimal allocations (:mod:`autocompress.tune._seeds`), together at most a third
     of the trials. The sensitivity profile is logged to the parent run (``sensitivity.csv``)."""
+    from autocompress.compress._ties import weight_ties
     from autocompress.tune._seeds import seed_points
     from autocompress.tune._sensitivity import profile
 
@@ -225,7 +226,9 @@ def first_trials(exp: Experiment, task: Any, space: Any, layers: list, tracker: 
         if sens.cached:
             echo(f"sensitivity: {len(sens.probes)} probes from the cache")
         tracker.client.log_text(tracker.parent_run_id, sens.to_csv(), "sensitivity.csv")
-        shapes = {la.name: la.shape for la in layers}
+        # A tied layer that follows its owner's compression costs nothing of its own.
+        follows = weight_ties(task.model)
+        shapes = {la.name: la.shape for la in layers if la.name not in follows}
         points += [p for p in seed_points(space, sens, shapes, budget) if p not in points]
         echo(f"first trials: {len(points)} (warm start, uniform recipes, sensitivity-optimal "
              f"allocations), then sampler {exp.search.sampler}")
