@@ -101,6 +101,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     from autocompress.compress import apply
     from autocompress.finetune import FinetuneConfig
     from autocompress.measure import measure
+    from autocompress.measure.latency import PairedMeasurer
     from autocompress.tasks import load_task
     from autocompress.tune._trial import run_trial
 
@@ -117,9 +118,10 @@ def cmd_trial(args: argparse.Namespace) -> int:
         raise ConfigError(str(e), file=args.plan) from None
     log = _progress()
     log(f"task {task.name}: measuring the baseline on {target.runtime}/{target.device}")
-    baseline = measure(task.model, task, target)
+    measurer = PairedMeasurer(target)  # the compressed model is timed paired with the baseline
+    baseline = measure(task.model, task, target, measurer.reference)
     log(f"applying plan: {plan.summary()}")
-    result = run_trial(task, plan, ft, target, seed=args.seed,
+    result = run_trial(task, plan, ft, target, seed=args.seed, measurer=measurer,
                        on_epoch=lambda e, m: log(f"  epoch {e + 1}/{ft.epochs}: metric {m:.4f}"))
     compressed = {**result.metrics.to_dict(), **result.metrics.relative_to(baseline)}
     if args.json:

@@ -126,3 +126,29 @@ def test_plots_are_redrawn_at_most_every_plots_every_s_and_at_the_end(tmp_path: 
     assert drawn == [1, 4, 4]
     names = {a.path for a in client.list_artifacts(tracker.parent_run_id)}
     assert {"pareto.html", "trials.csv", "pareto.csv"} <= names
+
+
+def test_each_trial_says_how_its_latency_was_paired(tmp_path: Path) -> None:
+    """The trials' pairings go to the parent run's ``latency_pairs.csv`` (how fast the machine
+    was at each measurement) and to their tags; a retimed measurement says so."""
+    import pandas as pd
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lines: list[str] = []
+    tracker = SearchTracker.start(uri, "pairs", {"task": "t"}, BASELINE, OBJECTIVES,
+                                  echo=lines.append)
+    for i, (reference, retries, drift) in enumerate([(1.0, 0, 0.01), (1.4, 2, 0.22)]):
+        tracker.trial_started(f"t{i}", {})
+        latency = {"speedup": 2.0, "reference_ms": reference, "measured_ms": reference / 2,
+                   "drift": drift, "retries": retries, "measured_at": 1e9 + i, "cached": False}
+        tracker.trial_finished(f"t{i}", _metrics(0.9, 500.0), "plan", latency=latency)
+    tracker.finish()
+    client = MlflowClient(uri)
+    pairs = pd.read_csv(client.download_artifacts(tracker.parent_run_id, "latency_pairs.csv",
+                                                  str(tmp_path)))
+    assert pairs["reference_ms"].tolist() == [1.0, 1.4] and pairs["retries"].tolist() == [0, 2]
+    run = read_trials(client, tracker.parent_run_id)[1]
+    assert run.data.tags["autocompress.latency.reference_ms"] == "1.4"
+    assert run.data.tags["autocompress.latency.retries"] == "2"
+    assert "timed 3x: the machine drifted 22%" in lines[-1]
+    assert "timed" not in lines[-2]

@@ -259,13 +259,19 @@ def _time_artifact(rebuilt: Rebuilt, fmt: str, loaded: nn.Module):
     """``(latency on the experiment's target, latency of the artifact on its own runtime)``.
 
     Both are measured now: the latency cache is bypassed (it would return the search's number
-    for the same graph). The second is None where the artifact's runtime cannot run on the
-    target's device (TorchScript or packed on a remote ONNX Runtime agent).
+    for the same graph). The first is timed paired with the baseline, on the clock of the
+    search's logged baseline latency (as the search timed it): its speed-up is the paired
+    ratio. The second is None where the artifact's runtime cannot run on the target's device
+    (TorchScript or packed on a remote ONNX Runtime agent).
     """
     from autocompress.measure import measure_latency
+    from autocompress.measure.latency import PairedMeasurer, prepare
 
     target, x = rebuilt.target, rebuilt.task.example_inputs
-    latency = measure_latency(rebuilt.model, x, target, use_cache=False)
+    paired = PairedMeasurer(target)
+    paired.set_reference(prepare(rebuilt.task.model, x, target),
+                         latency_ms=rebuilt.baseline.get("latency_ms"))
+    latency = paired.measure(prepare(rebuilt.model, x, target), use_cache=False)
     if RUNTIMES[fmt] == target.runtime:
         # for onnx: the same graph was timed (calibrated on the example inputs instead of the
         # calibration batches, so only the ranges between act_bits 8 layers differ)

@@ -30,6 +30,19 @@ class LatencyResult:
     cpu: str = ""
     cached: bool = False  # taken from the latency cache (autocompress.measure.cache)
     gpu: str = ""  # the CUDA device's name with device: cuda
+    # Paired with a reference (autocompress.measure._paired; nan when timed alone): the
+    # reference's time / this model's, timed interleaved; ``latency_ms`` (and p90, IQR and the
+    # interval) are then on the reference's clock: its latency when it was first timed / speedup.
+    speedup: float = math.nan
+    reference_ms: float = math.nan  # the reference's median in the same window
+    measured_ms: float = math.nan  # this model's own median in that window
+    drift: float = math.nan  # how much the reference moved while timing (relative)
+    retries: int = 0  # times it was timed again because the reference drifted
+    measured_at: float = 0.0  # when it was timed (Unix time; a cached result: when it was)
+
+    @property
+    def paired(self) -> bool:
+        return not math.isnan(self.speedup)
 
     def to_dict(self) -> dict:
         return asdict(self)

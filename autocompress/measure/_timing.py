@@ -91,7 +91,7 @@ class Timing:
     runs: int
     ci_low_ms: float  # 95% confidence interval of the median (nan when too few runs)
     ci_high_ms: float
-    stopped: str  # "ci" | "budget" | "max_runs"
+    stopped: str  # "ci" | "budget" | "max_runs" | "paired"
 
 
 @lru_cache(maxsize=4096)
@@ -182,8 +182,12 @@ def time_runs(run: Callable[[], object], settings: TimingSettings, *,
         if t1 - start > budget_s:
             stopped = "budget"
             break
-    times.sort()
-    arr = np.asarray(times)
-    q25, q50, q75, q90 = np.percentile(arr, [25, 50, 75, 90])
+    return summarize(times, stopped)
+
+
+def summarize(times_ms: list[float], stopped: str) -> Timing:
+    """The :class:`Timing` of a series of run times (milliseconds, any order)."""
+    times = sorted(times_ms)
+    q25, q50, q75, q90 = np.percentile(np.asarray(times), [25, 50, 75, 90])
     lo, hi = median_ci(times)
     return Timing(float(q50), float(q90), float(q75 - q25), len(times), float(lo), float(hi), stopped)

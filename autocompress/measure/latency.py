@@ -13,14 +13,24 @@ recorded with it.
 
 With ``device: remote`` the exported ONNX model is sent to a device agent
 (``autocompress agent``, see :mod:`autocompress.agent`) which runs the same protocol there.
+
+A search (and ``autocompress trial`` and ``export``) times every model **paired** with the
+baseline (:class:`PairedMeasurer`, :mod:`autocompress.measure._paired`): the speed-up is the
+ratio of medians timed interleaved in one window, and ``latency_ms`` is the baseline's latency
+when the search first timed it divided by that ratio, so that no number carries the machine's
+drift between two measurements. The latency cache then stores ratios to the baseline, and a hit
+is put on the current baseline's clock.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +40,15 @@ from autocompress._inputs import repeat_to
 from autocompress.compress._bake import bake, export_onnx
 from autocompress.measure import cache as latency_cache
 from autocompress.measure._machine import machine_facts
+from autocompress.measure._paired import PairedTiming, time_paired_steady
 from autocompress.measure._results import LatencyResult, Prepared
+from autocompress.measure.runtimes._base import Runtime
 from autocompress.measure.runtimes._remote import target_facts
 from autocompress.measure.runtimes._table import get_runtime
 from autocompress.measure.target import Target
 
-__all__ = ["LatencyResult", "Prepared", "check_target", "machine_facts", "measure_latency",
-           "measure_prepared", "prepare", "target_facts"]
+__all__ = ["LatencyResult", "PairedMeasurer", "Prepared", "check_target", "machine_facts",
+           "measure_latency", "measure_prepared", "prepare", "target_facts"]
 
 
 def prepare(model: nn.Module, example_inputs: Any, target: Target) -> Prepared:
@@ -78,7 +90,7 @@ def measure_prepared(prepared: Prepared, target: Target, use_cache: bool = True,
     if hit is not None:
         return hit
     with while_timing():
-        result = get_runtime(target).measure(prepared, target)
+        result = replace(get_runtime(target).measure(prepared, target), measured_at=time.time())
     if use_cache:
         latency_cache.store(str(prepared.key), result.to_dict())
     return result
@@ -116,3 +128,99 @@ def check_target(target: Target) -> None:
     """
     get_runtime(target).check(target)
 
+
+
+Timed = Callable[[], AbstractContextManager]
+
+
+class PairedMeasurer:
+    """Times models paired with a reference model (the baseline), see the module docstring.
+
+    Until :meth:`set_reference` is called, and on runtimes that time elsewhere (the remote
+    device agent), it measures unpaired (:func:`measure_prepared`). Called like a
+    :data:`~autocompress.measure.metrics.Measurer`; :meth:`reference` is the measurer of the
+    baseline itself.
+
+    Args:
+        target: The target every measurement is for.
+    """
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.runtime = get_runtime(target)
+        self.reference_ms: float | None = None  # the reference's clock
+        self._reference: Callable[[], object] | None = None
+        self._reference_key: str | None = None
+
+    def set_reference(self, prepared: Prepared, latency_ms: float | None = None,
+                      while_timing: Timed = nullcontext) -> LatencyResult | None:
+        """Makes ``prepared`` the reference, kept loaded, and its latency the clock
+        ``latency_ms`` is given on: ``latency_ms`` (a resumed search's, an export's logged
+        baseline), or else timed alone now (never from the cache: it is the clock) and returned.
+        """
+        check_target(self.target)
+        result = None
+        if latency_ms is None:
+            with while_timing():
+                result = replace(self.runtime.measure(prepared, self.target), measured_at=time.time())
+            latency_ms = result.latency_ms
+        self.reference_ms = latency_ms
+        if type(self.runtime).runner is not Runtime.runner:  # it times here: it can pair
+            self._reference = self.runtime.runner(prepared, self.target)
+            self._reference_key = prepared.key
+        return result
+
+    def measure(self, prepared: Prepared, use_cache: bool = True,
+                while_timing: Timed = nullcontext) -> LatencyResult:
+        """Times ``prepared`` interleaved with the reference (or takes the ratio from the
+        cache), or unpaired without one."""
+        if self._reference is None or self.reference_ms is None:
+            return measure_prepared(prepared, self.target, use_cache, while_timing)
+        key = self._pair_key(prepared) if use_cache else None
+        hit = latency_cache.lookup(key) if key else None
+        if hit is not None and not math.isnan(hit.get("speedup", math.nan)):
+            return self._on_clock(hit, cached=True)
+        with while_timing():
+            t = time_paired_steady(self._reference, self.runtime.runner(prepared, self.target),
+                                   self.target.timing)
+        result = self._result(t)
+        if key:
+            latency_cache.store(key, result.to_dict())
+        return result
+
+    def __call__(self, model: nn.Module, example_inputs: Any, target: Target) -> LatencyResult:
+        return self.measure(prepare(model, example_inputs, target))
+
+    def reference(self, model: nn.Module, example_inputs: Any, target: Target) -> LatencyResult:
+        """Sets ``model`` as the reference, timing it now; a measurer (for the baseline)."""
+        result = self.set_reference(prepare(model, example_inputs, target))
+        assert result is not None
+        return result
+
+    def _pair_key(self, prepared: Prepared) -> str | None:
+        if prepared.key is None or self._reference_key is None:
+            return None
+        return hashlib.sha256(f"paired:{prepared.key}:{self._reference_key}".encode()).hexdigest()
+
+    def _result(self, t: PairedTiming) -> LatencyResult:
+        facts = self.runtime.facts(self.target)
+        c = t.candidate
+        on_clock = LatencyResult(
+            c.latency_ms, c.p90_ms, c.iqr_ms, c.runs, self.target.runtime, self.target.device,
+            self.target.threads, self.target.batch_size, c.ci_low_ms, c.ci_high_ms, c.stopped,
+            facts.get("runtime_version", ""), facts.get("cpu", ""), gpu=facts.get("gpu", ""),
+            speedup=t.speedup, reference_ms=t.reference.latency_ms, measured_ms=c.latency_ms,
+            drift=t.drift, retries=t.retries, measured_at=time.time())
+        return self._on_clock(on_clock.to_dict())
+
+    def _on_clock(self, timed: dict[str, Any], cached: bool = False) -> LatencyResult:
+        """A paired result with its times on the reference's clock: latency = the reference's
+        latency / speedup; p90, IQR and the interval scaled alike."""
+        assert self.reference_ms is not None
+        known = {f.name for f in fields(LatencyResult)}
+        r = LatencyResult(**{k: v for k, v in timed.items() if k in known})
+        latency = self.reference_ms / r.speedup
+        scale = latency / r.latency_ms
+        return replace(r, latency_ms=latency, p90_ms=r.p90_ms * scale, iqr_ms=r.iqr_ms * scale,
+                       ci_low_ms=r.ci_low_ms * scale, ci_high_ms=r.ci_high_ms * scale,
+                       cached=cached)

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress.measure.latency import LatencyResult, Prepared, measure_prepared, prepare
+from autocompress.measure.latency import LatencyResult, PairedMeasurer, Prepared, prepare
 from autocompress.measure.target import Target
 
 
@@ -267,6 +267,7 @@ class MeasurementService:
                                      None if isolation == "core"
                                      else max(1, len(cores) // max(1, math.ceil(trial_cpus))))
         torch.set_num_threads(target.threads)
+        self.timer = PairedMeasurer(target)
 
     def close(self) -> None:
         """Removes the gate's lock files (the service is done)."""
@@ -285,14 +286,22 @@ class MeasurementService:
                 "gate_slots": self.gate.slots if self.gate else None, "pid": os.getpid(),
                 "affinity": affinity, "measured": self.measured, "cache_hits": self.cache_hits}
 
+    def set_reference(self, prepared: Prepared, latency_ms: float | None = None) -> LatencyResult | None:
+        """Makes ``prepared`` (the baseline) the model every later one is timed paired with
+        (:class:`~autocompress.measure.latency.PairedMeasurer`); timed now unless its
+        ``latency_ms`` is given (a resumed search's)."""
+        return self.timer.set_reference(prepared, latency_ms, self._while_timing())
+
     def measure(self, prepared: Prepared, use_cache: bool = True) -> LatencyResult:
-        """Times ``prepared`` (or takes it from the cache); one call at a time, with training
-        on this node paused (``target.pause_training``)."""
-        result = measure_prepared(prepared, self.target, use_cache,
-                                  self.gate.measuring if self.gate else contextlib.nullcontext)
+        """Times ``prepared`` paired with the reference (or takes it from the cache); one call
+        at a time, with training on this node paused (``target.pause_training``)."""
+        result = self.timer.measure(prepared, use_cache, self._while_timing())
         self.cache_hits += result.cached
         self.measured += not result.cached
         return result
+
+    def _while_timing(self) -> Any:
+        return self.gate.measuring if self.gate else contextlib.nullcontext
 
 
 START_TIMEOUT_S = 120.0  # to get the service's CPU (and GPU) on the driver's node
@@ -364,3 +373,17 @@ class ServiceMeasurer:
         import ray
 
         return ray.get(self.actor.measure.remote(prepare(model, example_inputs, target)))
+
+    def reference(self, model: nn.Module, example_inputs: Any, target: Target) -> LatencyResult:
+        """Makes ``model`` the service's reference, timed now (the baseline's measurer)."""
+        import ray
+
+        return ray.get(self.actor.set_reference.remote(prepare(model, example_inputs, target)))
+
+    def keep_reference(self, model: nn.Module, example_inputs: Any, target: Target,
+                       latency_ms: float) -> None:
+        """Makes ``model`` the reference on the clock of its ``latency_ms`` (a resumed search's
+        logged baseline), without timing it again."""
+        import ray
+
+        ray.get(self.actor.set_reference.remote(prepare(model, example_inputs, target), latency_ms))

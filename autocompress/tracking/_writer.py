@@ -58,6 +58,7 @@ class TrialRecord:
     pareto: bool = False
     feasible: bool = True
     node: str = ""
+    latency: dict[str, Any] = field(default_factory=dict)  # LatencyResult.to_dict()
 
 
 class SearchTracker:
@@ -200,7 +201,7 @@ class SearchTracker:
             self.trial_failed(key, f"the trial produced no value for objective(s) {missing}")
             return
         rec.metrics = {k: float(metrics[k]) for k in TRIAL_METRICS if k in metrics}
-        rec.summary = summary
+        rec.summary, rec.latency = summary, dict(latency or {})
         rec.feasible = (self.max_accuracy_drop is None
                         or rec.metrics.get("accuracy_drop", 0.0) <= self.max_accuracy_drop + 1e-12)
         steps = int(metrics.get("epochs", 0))
@@ -314,6 +315,7 @@ class SearchTracker:
             table.to_csv(out / "trials.csv", index=False)
             front = self.front()
             front.to_csv(out / "pareto.csv", index=False)
+            self._pairs().to_csv(out / "latency_pairs.csv", index=False)
             finished = table[table["status"] == "FINISHED"]
             if len(finished) and plots:
                 write_plots(finished, self.baseline, out)
@@ -337,13 +339,27 @@ class SearchTracker:
                 f"running, {int(counts.get('FAILED', 0))} failed"
                 f"{f', {pruned} pruned' if pruned else ''}]")
 
+    def _pairs(self) -> pd.DataFrame:
+        """How each finished trial's latency was timed: when, the baseline's median timed in
+        the same window (how fast the machine was then), the trial's own, their ratio, how
+        much the baseline drifted while timing and how often that retimed it
+        (``latency_pairs.csv``; see :mod:`autocompress.measure._paired`)."""
+        columns = ["measured_at", "reference_ms", "measured_ms", "speedup", "drift", "retries",
+                   "cached"]
+        rows = [{"trial": r.name, **{c: r.latency.get(c) for c in columns}}
+                for r in self.trials.values() if r.status == "FINISHED" and r.latency]
+        return pd.DataFrame(rows, columns=["trial", *columns])
+
     def _report(self, rec: TrialRecord) -> None:
         m = rec.metrics
         front = sum(r.pareto for r in self.trials.values())
+        retries = int(rec.latency.get("retries") or 0)
+        retimed = (f", timed {retries + 1}x: the machine drifted "
+                   f"{100 * rec.latency.get('drift', 0):.0f}%" if retries else "")
         self.echo(f"{self._progress()} {rec.name}: accuracy {m.get('accuracy', float('nan')):.4f} "
                   f"size {m.get('size_bytes', 0) / 1024:.1f} KiB ({m.get('compression_ratio', 0):.1f}x) "
                   f"latency {m.get('latency_ms', 0):.4f} ms ({m.get('speedup', 0):.2f}x"
-                  f"{', cached' if m.get('latency_cache_hit') else ''})"
+                  f"{', cached' if m.get('latency_cache_hit') else ''}{retimed})"
                   f"{'' if rec.feasible else ' [infeasible]'}{' *front*' if rec.pareto else ''}"
                   f"  front: {front} | {rec.summary}")
 

@@ -23,7 +23,8 @@ def _start(exp: Experiment, task: Any, tracking_uri: str, echo: Callable[[str], 
     from autocompress.measure.runtimes._table import get_runtime
 
     echo(f"measuring the baseline on {exp.target.runtime}/{exp.target.device}")
-    baseline = measure(task.model, task, exp.target, measurer).to_dict()
+    measured = measure(task.model, task, exp.target, measurer.reference)
+    baseline = measured.to_dict()
     baseline.pop("latency_cache_hit", None)
     echo(f"baseline: accuracy {baseline['accuracy']:.4f}, size {baseline['size_bytes'] / 1024:.1f} "
          f"KiB, latency {baseline['latency_ms']:.4f} ms")
@@ -32,6 +33,7 @@ def _start(exp: Experiment, task: Any, tracking_uri: str, echo: Callable[[str], 
         [(o.metric, str(o.mode)) for o in exp.objectives],
         max_accuracy_drop=exp.constraints.max_accuracy_drop,
         facts={**machine_facts(), **target_facts(exp.target),
+               "baseline.latency_measured_at": _when(measured.latency),
                "target.integer_kernels": get_runtime(exp.target).integer_kernels(exp.target) or "yes",
                "finetune.distill_loss": distill_loss_name(exp.finetune, task)},
         echo=echo, total=exp.search.trials,
@@ -41,6 +43,14 @@ def _start(exp: Experiment, task: Any, tracking_uri: str, echo: Callable[[str], 
     tracker.client.set_tag(tracker.parent_run_id, "autocompress.study", f"{storage}#{study_name}")
     return tracker, storage, study_name
 
+
+
+def _when(latency: Any) -> str:
+    """When a latency was timed, as a UTC timestamp ("" if unknown)."""
+    import time
+
+    at = getattr(latency, "measured_at", 0.0)
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at)) if at else ""
 
 
 # Keys whose change makes finished trials incomparable with new ones.

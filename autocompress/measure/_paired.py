@@ -1,0 +1,127 @@
+"""Paired latency: a candidate timed in the same window as a reference, so that a speed-up
+carries none of the machine's drift.
+
+On a shared machine the same model times 6.4 ms in one hour and 9.4 ms in the next; dividing a
+baseline timed once by candidates timed later ranks models by the hour they were timed in. So
+the search times every candidate interleaved with its reference (the baseline model, kept
+loaded): rounds of a block of reference runs and a block of candidate runs, the order
+alternating (A B, B A, ...) so that a steady drift weighs on both alike. Each round gives the
+ratio of the two blocks' medians; the **speed-up is the median of these ratios** (Ratios of
+paired medians are what side-by-side benchmarks report; a median over rounds also ignores a
+round that one hiccup of the machine spoiled).
+
+The pair shares one timing budget (``TimingSettings``): ``min_runs``, ``budget_s`` and
+``max_runs`` count the runs of both models, and the interval that stops timing early is the
+ratio's; so pairing costs the reference's warm-up runs and nothing more than the unpaired
+protocol did.
+
+**Drift.** The reference's block medians of the first and the second half of the rounds are
+compared; when they differ by more than :data:`DRIFT_LIMIT` (the machine sped up or slowed down
+while timing), the pair is timed again, at most :data:`RETRIES` times, and the attempt with the
+least drift is kept; the result says how much the machine moved and how many times it was
+retimed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from autocompress.measure._timing import Timing, TimingSettings, ci_is_tight, median_ci, summarize
+
+ROUNDS_MIN = 6  # rounds always timed (the ratio's interval needs six)
+ROUNDS_TARGET = 10  # rounds the budget is planned for (sets the block length)
+DRIFT_LIMIT = 0.10  # relative change of the reference within a measurement that retimes it
+RETRIES = 2  # retimings after a drift, at most
+
+
+@dataclass(frozen=True)
+class PairedTiming:
+    """A candidate and its reference timed in one window.
+
+    Attributes:
+        candidate: The candidate's runs.
+        reference: The reference's runs, interleaved with the candidate's.
+        speedup: Median over rounds of reference block median / candidate block median.
+        ci_low: 95% confidence interval of that median (nan with fewer than 6 rounds).
+        ci_high: Its upper end.
+        rounds: Rounds timed.
+        drift: ``|first half / second half - 1|`` of the reference's block medians.
+        retries: Times the pair was timed again because the reference drifted.
+    """
+
+    candidate: Timing
+    reference: Timing
+    speedup: float
+    ci_low: float
+    ci_high: float
+    rounds: int
+    drift: float
+    retries: int = 0
+
+
+def time_paired(run_reference: Callable[[], object], run_candidate: Callable[[], object],
+                settings: TimingSettings, *,
+                clock: Callable[[], float] = time.perf_counter) -> PairedTiming:
+    """Times the two, interleaved, by the protocol in the module docstring (``clock`` is for
+    tests); one attempt, no retiming (see :func:`time_paired_steady`)."""
+    runs = (run_reference, run_candidate)
+    for _ in range(settings.warmup):
+        for run in runs:
+            run()
+    # One run of each sets the block length: ROUNDS_TARGET rounds fill the budget.
+    once = []
+    for run in runs:
+        t0 = clock()
+        run()
+        once.append(clock() - t0)
+    block = max(1, min(int(settings.budget_s / (2 * ROUNDS_TARGET) / max(max(once), 1e-9)),
+                       settings.max_runs // (2 * ROUNDS_TARGET)))
+    times: tuple[list[float], list[float]] = ([], [])
+    medians: tuple[list[float], list[float]] = ([], [])
+    ratios: list[float] = []
+    start = clock()
+    while True:
+        r = len(ratios)
+        for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+            block_times = []
+            for _ in range(block):
+                t0 = clock()
+                runs[side]()
+                block_times.append((clock() - t0) * 1e3)
+            times[side].extend(block_times)
+            medians[side].append(float(np.median(block_times)))
+        ratios.append(medians[0][-1] / max(medians[1][-1], 1e-12))
+        done = len(times[0]) + len(times[1])
+        elapsed = clock() - start
+        if len(ratios) < ROUNDS_MIN or done < settings.min_runs:
+            continue
+        if done >= settings.max_runs or elapsed > settings.budget_s:
+            break
+        if elapsed >= settings.min_time_s and ci_is_tight(sorted(ratios), settings.rel_ci):
+            break
+    half = len(ratios) // 2
+    first, second = np.median(medians[0][:half]), max(np.median(medians[0][half:]), 1e-12)
+    low, high = median_ci(sorted(ratios))
+    return PairedTiming(summarize(times[1], "paired"), summarize(times[0], "paired"),
+                        float(np.median(ratios)),
+                        low, high, len(ratios), float(abs(first / second - 1)))
+
+
+def time_paired_steady(run_reference: Callable[[], object], run_candidate: Callable[[], object],
+                       settings: TimingSettings, *,
+                       clock: Callable[[], float] = time.perf_counter) -> PairedTiming:
+    """:func:`time_paired`, timed again (at most :data:`RETRIES` times) while the reference
+    drifts by more than :data:`DRIFT_LIMIT`; the attempt with the least drift, with the
+    number of retimings."""
+    best = time_paired(run_reference, run_candidate, settings, clock=clock)
+    retries = 0
+    while best.drift > DRIFT_LIMIT and retries < RETRIES:
+        retries += 1
+        timing = time_paired(run_reference, run_candidate, settings, clock=clock)
+        best = min(best, timing, key=lambda t: t.drift)
+    return replace(best, retries=retries)
+
