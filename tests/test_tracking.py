@@ -150,5 +150,5 @@ def test_each_trial_says_how_its_latency_was_paired(tmp_path: Path) -> None:
     run = read_trials(client, tracker.parent_run_id)[1]
     assert run.data.tags["autocompress.latency.reference_ms"] == "1.4"
     assert run.data.tags["autocompress.latency.retries"] == "2"
-    assert "timed 3x: the machine drifted 22%" in lines[-1]
+    assert "timed 3x: the machine drifted more than 10% while timing" in lines[-1]
     assert "timed" not in lines[-2]

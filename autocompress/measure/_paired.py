@@ -33,7 +33,6 @@ import numpy as np
 from autocompress.measure._timing import Timing, TimingSettings, ci_is_tight, median_ci, summarize
 
 ROUNDS_MIN = 6  # rounds always timed (the ratio's interval needs six)
-ROUNDS_TARGET = 10  # rounds the budget is planned for (sets the block length)
 DRIFT_LIMIT = 0.10  # relative change of the reference within a measurement that retimes it
 RETRIES = 2  # retimings after a drift, at most
 
@@ -72,14 +71,16 @@ def time_paired(run_reference: Callable[[], object], run_candidate: Callable[[],
     for _ in range(settings.warmup):
         for run in runs:
             run()
-    # One run of each sets the block length: ROUNDS_TARGET rounds fill the budget.
+    # One run of each sets the block length: the first ROUNDS_MIN rounds fill the minimum
+    # time (the budget where there is none), as long as the unpaired protocol would time.
     once = []
     for run in runs:
         t0 = clock()
         run()
         once.append(clock() - t0)
-    block = max(1, min(int(settings.budget_s / (2 * ROUNDS_TARGET) / max(max(once), 1e-9)),
-                       settings.max_runs // (2 * ROUNDS_TARGET)))
+    planned = settings.min_time_s or settings.budget_s
+    block = max(1, min(int(planned / (2 * ROUNDS_MIN) / max(max(once), 1e-9)),
+                       settings.max_runs // (2 * ROUNDS_MIN)))
     times: tuple[list[float], list[float]] = ([], [])
     medians: tuple[list[float], list[float]] = ([], [])
     ratios: list[float] = []

@@ -374,16 +374,11 @@ class ServiceMeasurer:
 
         return ray.get(self.actor.measure.remote(prepare(model, example_inputs, target)))
 
-    def reference(self, model: nn.Module, example_inputs: Any, target: Target) -> LatencyResult:
-        """Makes ``model`` the service's reference, timed now (the baseline's measurer)."""
+    def reference(self, model: nn.Module, example_inputs: Any, target: Target,
+                  latency_ms: float | None = None) -> LatencyResult | None:
+        """Makes ``model`` the service's reference (the baseline), timed now; or, given its
+        ``latency_ms`` (a resumed search's logged baseline), on that clock without timing it."""
         import ray
 
-        return ray.get(self.actor.set_reference.remote(prepare(model, example_inputs, target)))
-
-    def keep_reference(self, model: nn.Module, example_inputs: Any, target: Target,
-                       latency_ms: float) -> None:
-        """Makes ``model`` the reference on the clock of its ``latency_ms`` (a resumed search's
-        logged baseline), without timing it again."""
-        import ray
-
-        ray.get(self.actor.set_reference.remote(prepare(model, example_inputs, target), latency_ms))
+        return ray.get(self.actor.set_reference.remote(prepare(model, example_inputs, target),
+                                                       latency_ms))

@@ -24,6 +24,7 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from autocompress.measure._paired import DRIFT_LIMIT
 from autocompress.tracking._names import (
     ERROR,
     FEASIBLE,
@@ -354,8 +355,8 @@ class SearchTracker:
         m = rec.metrics
         front = sum(r.pareto for r in self.trials.values())
         retries = int(rec.latency.get("retries") or 0)
-        retimed = (f", timed {retries + 1}x: the machine drifted "
-                   f"{100 * rec.latency.get('drift', 0):.0f}%" if retries else "")
+        retimed = (f", timed {retries + 1}x: the machine drifted more than "
+                   f"{100 * DRIFT_LIMIT:.0f}% while timing" if retries else "")
         self.echo(f"{self._progress()} {rec.name}: accuracy {m.get('accuracy', float('nan')):.4f} "
                   f"size {m.get('size_bytes', 0) / 1024:.1f} KiB ({m.get('compression_ratio', 0):.1f}x) "
                   f"latency {m.get('latency_ms', 0):.4f} ms ({m.get('speedup', 0):.2f}x"

@@ -109,8 +109,8 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
                                                     study_storage))
         baseline = tracker.baseline
         if previous:  # trials go on being timed against the baseline, on its logged clock
-            measurer.keep_reference(task.model, task.example_inputs, exp.target,
-                                    baseline["latency_ms"])
+            measurer.reference(task.model, task.example_inputs, exp.target,
+                               latency_ms=baseline["latency_ms"])
         remaining = exp.search.trials - tracker.finished_count()
         ended_before, started_before = tracker.ended_count(), len(tracker.trials)
         cap = 4 * remaining + 8  # trials in all, pruned ones replaced
