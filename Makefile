@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 LOCK := requirements.lock
 export AUTOCOMPRESS_CACHE ?= $(CURDIR)/.autocompress/cache
 
-.PHONY: setup lock test-latest demo demo-minilm test test-fast lint bench bench-isolation bench-cache bench-parallel bench-search clean
+.PHONY: setup lock test-latest demo demo-minilm test test-fast lint bench bench-isolation bench-cache bench-paired bench-parallel bench-search clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/catalogue.py
 	$(BIN)/python bench/decompose.py
+
+bench-paired: $(STAMP)
+	$(BIN)/python bench/paired.py
 
 bench-parallel: $(STAMP)
 	$(BIN)/python bench/parallel.py
