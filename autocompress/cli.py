@@ -258,7 +258,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {r['trial']} (run {r['run_id']}) of {r['experiment']!r} as {r['format']}: "
           f"{_relative(r['path'])} ({r['file_bytes']:,} bytes on disk)")
     print(f"verified: its accuracy is within {r['tolerance']} of the logged one; 're-measured' "
-          "was measured now, 'logged' is what the search recorded\n")
+          "was measured now (latencies paired with the baseline, on the clock of its logged "
+          "latency), 'logged' is what the search recorded\n")
     artifact = f"the {r['format']} file on {r['artifact_runtime']}"
     rows = [("accuracy", f"{r['accuracy']:.4f}", f"{r['logged_accuracy']:.4f}",
              f"{artifact}, {r['validation_samples']} validation samples"),

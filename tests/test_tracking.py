@@ -152,3 +152,6 @@ def test_each_trial_says_how_its_latency_was_paired(tmp_path: Path) -> None:
     assert run.data.tags["autocompress.latency.retries"] == "2"
     assert "timed 3x: the machine drifted more than 10% while timing" in lines[-1]
     assert "timed" not in lines[-2]
+    # A resumed search keeps the earlier trials' pairs (from their tags).
+    resumed = SearchTracker.resume(uri, tracker.parent_run_id, OBJECTIVES, echo=lines.append)
+    assert resumed._pairs()["reference_ms"].astype(float).tolist() == [1.0, 1.4]

@@ -28,10 +28,15 @@ with the search's protocol (comparable with the logged value and the baseline), 
 batch size (for ``onnx`` on an ``onnxruntime`` target both are one timing: ``measure_latency``
 exports the same graph; with ``act_bits: 8`` layers only the calibrated ranges of the tensors
 between them differ, as the artifact is calibrated on the task's calibration batches). The
-latency cache is bypassed, so these are new timings, not the search's looked up again. Every
-number printed and written to ``export.json`` is measured here; the search's appear only as
-``logged_*``. ``export.json`` describes the latest export into its directory: export each
-format into its own directory.
+latency cache is bypassed, so these are new timings, not the search's looked up again. The
+target's timing is paired with the baseline, as the search's were: ``latency_ms`` is on the
+clock of the search's logged baseline latency (the baseline's logged latency / the speed-up
+measured now), so it and ``speedup`` compare with the logged ones whatever the machine's
+speed today; the raw medians of this timing are ``measured_ms`` (the model) and
+``reference_ms`` (the baseline, in the same window), and an artifact timed on another runtime
+is put on the same clock. Every other number printed and written to ``export.json`` is
+measured here; the search's appear only as ``logged_*``. ``export.json`` describes the latest
+export into its directory: export each format into its own directory.
 
 The artifact and ``export.json`` are written to a temporary directory inside ``out_dir`` and
 moved into place only after verification (and registration) succeeded, so a failed export
@@ -233,7 +238,13 @@ def _fmt(value: float | None) -> str:
 def _timings(rebuilt: Rebuilt, fmt: str, loaded: nn.Module) -> dict[str, Any]:
     target = rebuilt.target
     latency, artifact = _time_artifact(rebuilt, fmt, loaded)
+    if artifact is not None and artifact is not latency and latency.paired:
+        clock = latency.latency_ms / latency.measured_ms  # timed alone: onto the same clock
+        artifact = replace(artifact, latency_ms=artifact.latency_ms * clock,
+                           p90_ms=artifact.p90_ms * clock)
     return {"latency_ms": latency.latency_ms, "p90_ms": latency.p90_ms,
+            "measured_ms": latency.measured_ms, "reference_ms": latency.reference_ms,
+            "paired_speedup": latency.speedup,
             "logged_latency_ms": rebuilt.metrics.get("latency_ms"),
             "latency_target": f"{target.runtime}/{target.device}, {target.threads} thread(s), "
                               f"batch {target.batch_size}",

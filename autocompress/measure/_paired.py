@@ -11,7 +11,8 @@ paired medians are what side-by-side benchmarks report; a median over rounds als
 round that one hiccup of the machine spoiled).
 
 The pair shares one timing budget (``TimingSettings``): ``min_runs``, ``budget_s`` and
-``max_runs`` count the runs of both models, the blocks are sized so that the first 6 rounds
+``max_runs`` count the runs of both models (at least 6 rounds are always timed, so a
+``max_runs`` below 12 is exceeded), the blocks are sized so that the first 6 rounds
 fill ``min_time_s``, and timing stops early, as the unpaired protocol does, once both medians'
 intervals are within ``rel_ci`` (the interval of the ratio over a few rounds is wider: asking
 it to be that tight ran every MiniLM pair to the budget, twice the time of an unpaired
@@ -65,13 +66,14 @@ class PairedTiming:
 
 
 def time_paired(run_reference: Callable[[], object], run_candidate: Callable[[], object],
-                settings: TimingSettings, *,
+                settings: TimingSettings, *, reference_warm: bool = False,
                 clock: Callable[[], float] = time.perf_counter) -> PairedTiming:
     """Times the two, interleaved, by the protocol in the module docstring (``clock`` is for
-    tests); one attempt, no retiming (see :func:`time_paired_steady`)."""
+    tests); one attempt, no retiming (see :func:`time_paired_steady`). ``reference_warm``:
+    the reference already ran its warm-up (a loaded baseline timed before) and skips it."""
     runs = (run_reference, run_candidate)
     for _ in range(settings.warmup):
-        for run in runs:
+        for run in runs[1:] if reference_warm else runs:
             run()
     # One run of each sets the block length: the first ROUNDS_MIN rounds fill the minimum
     # time (the budget where there is none), as long as the unpaired protocol would time.
@@ -83,6 +85,7 @@ def time_paired(run_reference: Callable[[], object], run_candidate: Callable[[],
     planned = settings.min_time_s or settings.budget_s
     block = max(1, min(int(planned / (2 * ROUNDS_MIN) / max(max(once), 1e-9)),
                        settings.max_runs // (2 * ROUNDS_MIN)))
+    stopped = "max_runs"
     times: tuple[list[float], list[float]] = ([], [])
     medians: tuple[list[float], list[float]] = ([], [])
     ratios: list[float] = []
@@ -100,32 +103,39 @@ def time_paired(run_reference: Callable[[], object], run_candidate: Callable[[],
         ratios.append(medians[0][-1] / max(medians[1][-1], 1e-12))
         done = len(times[0]) + len(times[1])
         elapsed = clock() - start
+        block = max(1, min(block, (settings.max_runs - done) // 2))  # max_runs bounds the pair
         if len(ratios) < ROUNDS_MIN or done < settings.min_runs:
             continue
-        if done >= settings.max_runs or elapsed > settings.budget_s:
+        if done + 2 > settings.max_runs:
+            break
+        if elapsed > settings.budget_s:
+            stopped = "budget"
             break
         if elapsed >= settings.min_time_s and all(ci_is_tight(sorted(t), settings.rel_ci)
                                                   for t in times):
+            stopped = "ci"
             break
     half = len(ratios) // 2
     first, second = np.median(medians[0][:half]), max(np.median(medians[0][half:]), 1e-12)
     low, high = median_ci(sorted(ratios))
-    return PairedTiming(summarize(times[1], "paired"), summarize(times[0], "paired"),
+    return PairedTiming(summarize(times[1], stopped), summarize(times[0], stopped),
                         float(np.median(ratios)),
                         low, high, len(ratios), float(abs(first / second - 1)))
 
 
 def time_paired_steady(run_reference: Callable[[], object], run_candidate: Callable[[], object],
-                       settings: TimingSettings, *,
+                       settings: TimingSettings, *, reference_warm: bool = False,
                        clock: Callable[[], float] = time.perf_counter) -> PairedTiming:
-    """:func:`time_paired`, timed again (at most :data:`RETRIES` times) while the reference
-    drifts by more than :data:`DRIFT_LIMIT`; the attempt with the least drift, with the
-    number of retimings."""
-    best = time_paired(run_reference, run_candidate, settings, clock=clock)
+    """:func:`time_paired`, timed again (at most :data:`RETRIES` times, both warm) while the
+    reference drifts by more than :data:`DRIFT_LIMIT`; the attempt with the least drift, with
+    the number of retimings."""
+    best = time_paired(run_reference, run_candidate, settings, reference_warm=reference_warm,
+                       clock=clock)
     retries = 0
     while best.drift > DRIFT_LIMIT and retries < RETRIES:
         retries += 1
-        timing = time_paired(run_reference, run_candidate, settings, clock=clock)
+        timing = time_paired(run_reference, run_candidate, settings, reference_warm=True,
+                             clock=clock)
         best = min(best, timing, key=lambda t: t.drift)
     return replace(best, retries=retries)
 

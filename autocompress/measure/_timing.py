@@ -91,7 +91,7 @@ class Timing:
     runs: int
     ci_low_ms: float  # 95% confidence interval of the median (nan when too few runs)
     ci_high_ms: float
-    stopped: str  # "ci" | "budget" | "max_runs" | "paired"
+    stopped: str  # "ci" | "budget" | "max_runs"
 
 
 @lru_cache(maxsize=4096)

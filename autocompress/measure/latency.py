@@ -40,7 +40,7 @@ from autocompress._inputs import repeat_to
 from autocompress.compress._bake import bake, export_onnx
 from autocompress.measure import cache as latency_cache
 from autocompress.measure._machine import machine_facts
-from autocompress.measure._paired import PairedTiming, time_paired_steady
+from autocompress.measure._paired import DRIFT_LIMIT, PairedTiming, time_paired_steady
 from autocompress.measure._results import LatencyResult, Prepared
 from autocompress.measure.runtimes._base import Runtime
 from autocompress.measure.runtimes._remote import target_facts
@@ -151,6 +151,7 @@ class PairedMeasurer:
         self.reference_ms: float | None = None  # the reference's clock
         self._reference: Callable[[], object] | None = None
         self._reference_key: str | None = None
+        self._warm = False
 
     def set_reference(self, prepared: Prepared, latency_ms: float | None = None,
                       while_timing: Timed = nullcontext) -> LatencyResult | None:
@@ -160,15 +161,24 @@ class PairedMeasurer:
         """
         check_target(self.target)
         result = None
-        if latency_ms is None:
+        if latency_ms is None and not self.can_pair:  # as unpaired as the trials: the cache too
+            result = measure_prepared(prepared, self.target, True, while_timing)
+        elif latency_ms is None:
             with while_timing():
                 result = replace(self.runtime.measure(prepared, self.target), measured_at=time.time())
-            latency_ms = result.latency_ms
-        self.reference_ms = latency_ms
-        if type(self.runtime).runner is not Runtime.runner:  # it times here: it can pair
+        self.reference_ms = result.latency_ms if result is not None else latency_ms
+        if self.can_pair:
             self._reference = self.runtime.runner(prepared, self.target)
             self._reference_key = prepared.key
+            self._warm = False
         return result
+
+    @property
+    def can_pair(self) -> bool:
+        """Whether the runtime times in this process (the remote agent times one model per
+        request elsewhere: its measurements are not paired)."""
+        cls = type(self.runtime)
+        return cls.runner is not Runtime.runner and cls.measure is Runtime.measure
 
     def measure(self, prepared: Prepared, use_cache: bool = True,
                 while_timing: Timed = nullcontext) -> LatencyResult:
@@ -182,9 +192,13 @@ class PairedMeasurer:
             return self._on_clock(hit, cached=True)
         with while_timing():
             t = time_paired_steady(self._reference, self.runtime.runner(prepared, self.target),
-                                   self.target.timing)
+                                   self.target.timing, reference_warm=self._warm)
+        self._warm = True  # the reference stays loaded, and warm, between measurements
+        if not (t.speedup > 0 and t.candidate.latency_ms > 0):
+            raise RuntimeError(f"paired timing gave no usable ratio ({t.reference.latency_ms} ms "
+                               f"against {t.candidate.latency_ms} ms): is the clock running?")
         result = self._result(t)
-        if key:
+        if key and t.drift <= DRIFT_LIMIT:  # a ratio the machine moved under is not kept
             latency_cache.store(key, result.to_dict())
         return result
 

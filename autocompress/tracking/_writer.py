@@ -29,6 +29,7 @@ from autocompress.tracking._names import (
     ERROR,
     FEASIBLE,
     LATENCY_FACTS,
+    LATENCY_PREFIX,
     NODE,
     PARETO,
     PRUNED,
@@ -145,7 +146,9 @@ class SearchTracker:
                 key, run.info.run_name, run.info.run_id, status,
                 {k: v for k, v in run.data.metrics.items() if k in TRIAL_METRICS},
                 tags.get(SUMMARY, ""), tags.get(ERROR, ""), tags.get(PARETO) == "true",
-                tags.get(FEASIBLE, "true") == "true")
+                tags.get(FEASIBLE, "true") == "true",
+                latency={k.removeprefix(LATENCY_PREFIX): v for k, v in tags.items()
+                         if k.startswith(LATENCY_PREFIX)})
         client.update_run(parent_run_id, status="RUNNING")
         return tracker
 
@@ -354,7 +357,7 @@ class SearchTracker:
     def _report(self, rec: TrialRecord) -> None:
         m = rec.metrics
         front = sum(r.pareto for r in self.trials.values())
-        retries = int(rec.latency.get("retries") or 0)
+        retries = 0 if m.get("latency_cache_hit") else int(rec.latency.get("retries") or 0)
         retimed = (f", timed {retries + 1}x: the machine drifted more than "
                    f"{100 * DRIFT_LIMIT:.0f}% while timing" if retries else "")
         self.echo(f"{self._progress()} {rec.name}: accuracy {m.get('accuracy', float('nan')):.4f} "

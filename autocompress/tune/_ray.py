@@ -171,7 +171,8 @@ def _measurement_service(exp: Experiment, echo: Callable[[str], None]) -> tuple[
     service, reserved = start_service(exp.target, isolation, exp.search.cpus_per_trial)
     keep_off(reserved)
     if exp.target.device == "remote":
-        echo(f"latency: measured by the device agent at {exp.target.url}, one at a time")
+        echo(f"latency: measured by the device agent at {exp.target.url}, one at a time, not "
+             f"paired with the baseline (the agent times one model per request)")
     elif reserved.core is None and reserved.gate_dir is not None:
         echo(f"latency: measured one at a time on a core freed for it (no core is spare: the "
              f"trials share them all, and while a model is timed at most "
