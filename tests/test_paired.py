@@ -200,3 +200,18 @@ def test_a_remote_agent_is_not_paired() -> None:
     remote = PairedMeasurer(Target(device="remote", url="http://127.0.0.1:1", token_env="T"))
     assert not remote.can_pair
     assert PairedMeasurer(Target()).can_pair
+
+
+def test_a_reference_slower_than_usual_is_retimed() -> None:
+    """A busy core slows both models, unequally: a pair timed while the reference runs more
+    than DRIFT_LIMIT slower than it usually does is timed again (at most RETRIES times)."""
+    busy = Machine(lambda now: 1.3 if now < 0.4 else 1.0)  # busy for the first 0.4 s
+    t = time_paired_steady(busy.model(0.010), busy.model(0.004), SETTINGS, usual_ms=10.0,
+                           clock=busy.clock)
+    assert t.retries >= 1 and t.slowdown <= DRIFT_LIMIT  # a later attempt ran at the usual speed
+    steady = Machine(lambda now: 1.3)  # slower for good: nothing better to wait for
+    t = time_paired_steady(steady.model(0.010), steady.model(0.004), SETTINGS, usual_ms=10.0,
+                           clock=steady.clock)
+    assert t.retries == RETRIES and t.slowdown == pytest.approx(0.3)
+    assert time_paired_steady(steady.model(0.010), steady.model(0.004), SETTINGS, usual_ms=13.0,
+                              clock=steady.clock).retries == 0

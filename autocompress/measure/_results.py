@@ -37,7 +37,8 @@ class LatencyResult:
     reference_ms: float = math.nan  # the reference's median in the same window
     measured_ms: float = math.nan  # this model's own median in that window
     drift: float = math.nan  # how much the reference moved while timing (relative)
-    retries: int = 0  # times it was timed again because the reference drifted
+    slowdown: float = math.nan  # how much slower than usual the reference ran (relative)
+    retries: int = 0  # times it was timed again because the reference drifted or was slow
     measured_at: float = 0.0  # when it was timed (Unix time; a cached result: when it was)
 
     @property

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import statistics
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import fields, replace
@@ -131,6 +133,7 @@ def check_target(target: Target) -> None:
 
 
 Timed = Callable[[], AbstractContextManager]
+USUAL_AFTER = 3  # measurements of the reference before its usual speed is known
 
 
 class PairedMeasurer:
@@ -152,6 +155,9 @@ class PairedMeasurer:
         self._reference: Callable[[], object] | None = None
         self._reference_key: str | None = None
         self._warm = False
+        # The reference's medians of the last measurements: how fast it usually runs now (a
+        # rolling window, so a machine that is slower for good is soon the usual).
+        self._recent: deque[float] = deque(maxlen=5)
 
     def set_reference(self, prepared: Prepared, latency_ms: float | None = None,
                       while_timing: Timed = nullcontext) -> LatencyResult | None:
@@ -171,6 +177,7 @@ class PairedMeasurer:
             self._reference = self.runtime.runner(prepared, self.target)
             self._reference_key = prepared.key
             self._warm = False
+            self._recent.clear()
         return result
 
     @property
@@ -190,15 +197,17 @@ class PairedMeasurer:
         hit = latency_cache.lookup(key) if key else None
         if hit is not None and not math.isnan(hit.get("speedup", math.nan)):
             return self._on_clock(hit, cached=True)
+        usual = statistics.median(self._recent) if len(self._recent) >= USUAL_AFTER else None
         with while_timing():
             t = time_paired_steady(self._reference, self.runtime.runner(prepared, self.target),
-                                   self.target.timing, reference_warm=self._warm)
+                                   self.target.timing, reference_warm=self._warm, usual_ms=usual)
         self._warm = True  # the reference stays loaded, and warm, between measurements
+        self._recent.append(t.reference.latency_ms)
         if not (t.speedup > 0 and t.candidate.latency_ms > 0):
             raise RuntimeError(f"paired timing gave no usable ratio ({t.reference.latency_ms} ms "
                                f"against {t.candidate.latency_ms} ms): is the clock running?")
         result = self._result(t)
-        if key and t.drift <= DRIFT_LIMIT:  # a ratio the machine moved under is not kept
+        if key and t.unsteadiness <= DRIFT_LIMIT:  # a ratio timed on a busy machine: not kept
             latency_cache.store(key, result.to_dict())
         return result
 
@@ -224,7 +233,7 @@ class PairedMeasurer:
             self.target.threads, self.target.batch_size, c.ci_low_ms, c.ci_high_ms, c.stopped,
             facts.get("runtime_version", ""), facts.get("cpu", ""), gpu=facts.get("gpu", ""),
             speedup=t.speedup, reference_ms=t.reference.latency_ms, measured_ms=c.latency_ms,
-            drift=t.drift, retries=t.retries, measured_at=time.time())
+            drift=t.drift, slowdown=t.slowdown, retries=t.retries, measured_at=time.time())
         return self._on_clock(on_clock.to_dict())
 
     def _on_clock(self, timed: dict[str, Any], cached: bool = False) -> LatencyResult:

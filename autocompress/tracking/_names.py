@@ -18,4 +18,4 @@ TRIAL_METRICS = trial_metrics()  # every registered metric; a finished trial log
 # Facts of a trial's latency measurement, logged as tags autocompress.latency.<key>.
 LATENCY_FACTS = ("runs", "stopped", "ci_low_ms", "ci_high_ms", "runtime", "runtime_version", "device",
                  "threads", "batch_size", "cpu", "gpu", "cached", "speedup", "reference_ms",
-                 "measured_ms", "drift", "retries", "measured_at")
+                 "measured_ms", "drift", "slowdown", "retries", "measured_at")

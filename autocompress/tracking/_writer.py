@@ -348,8 +348,8 @@ class SearchTracker:
         the same window (how fast the machine was then), the trial's own, their ratio, how
         much the baseline drifted while timing and how often that retimed it
         (``latency_pairs.csv``; see :mod:`autocompress.measure._paired`)."""
-        columns = ["measured_at", "reference_ms", "measured_ms", "speedup", "drift", "retries",
-                   "cached"]
+        columns = ["measured_at", "reference_ms", "measured_ms", "speedup", "drift", "slowdown",
+                   "retries", "cached"]
         rows = [{"trial": r.name, **{c: r.latency.get(c) for c in columns}}
                 for r in self.trials.values() if r.status == "FINISHED" and r.latency]
         return pd.DataFrame(rows, columns=["trial", *columns])
@@ -358,8 +358,8 @@ class SearchTracker:
         m = rec.metrics
         front = sum(r.pareto for r in self.trials.values())
         retries = 0 if m.get("latency_cache_hit") else int(rec.latency.get("retries") or 0)
-        retimed = (f", timed {retries + 1}x: the machine drifted more than "
-                   f"{100 * DRIFT_LIMIT:.0f}% while timing" if retries else "")
+        retimed = (f", timed {retries + 1}x: the machine drifted, or ran slower than usual, by "
+                   f"more than {100 * DRIFT_LIMIT:.0f}% while timing" if retries else "")
         self.echo(f"{self._progress()} {rec.name}: accuracy {m.get('accuracy', float('nan')):.4f} "
                   f"size {m.get('size_bytes', 0) / 1024:.1f} KiB ({m.get('compression_ratio', 0):.1f}x) "
                   f"latency {m.get('latency_ms', 0):.4f} ms ({m.get('speedup', 0):.2f}x"
