@@ -45,8 +45,8 @@ def test_latency_is_sane(runtime: str, plan: str) -> None:
     assert set(result.to_dict()) == {"latency_ms", "p90_ms", "iqr_ms", "runs", "runtime",
                                      "device", "threads", "batch_size", "ci_low_ms", "ci_high_ms",
                                      "stopped", "runtime_version", "cpu", "cached", "gpu",
-                                     "speedup", "reference_ms", "measured_ms", "drift", "retries",
-                                     "measured_at"}
+                                     "speedup", "reference_ms", "measured_ms", "drift", "slowdown",
+                                     "retries", "measured_at"}
     assert not result.paired and result.measured_at > 0  # timed alone, now
     assert result.cpu == machine_facts()["cpu"]
     assert result.runtime_version == machine_facts()[runtime]
