@@ -449,3 +449,21 @@ def test_a_group_search_past_its_budget_stops() -> None:
     with time_limit(30), pytest.raises(_OverBudget, match="grew past"):
         graph.group(q)
     assert len(graph.group(model.model.layers[0].mlp.gate_proj)) > 0  # others still build
+
+
+@pytest.mark.parametrize("ratios", [
+    {"features.3": 0.75, "features.7": 0.75},
+    {"features.0": 0.75, "features.7": 0.8},
+    {"features.0": 0.75, "features.3": 0.75, "classifier.1": 0.75, "features.7": 0.5},
+], ids=["3-7", "0-7", "all"])
+def test_the_budget_lets_a_channel_become_many_through_a_flatten(ratios) -> None:
+    """A conv's channel is H x W inputs of the linear after a flatten: the group of a cut is
+    that much wider than the channels cut, and its bound must allow it (the digits demo's
+    75%-channel plans failed with the bound counted in channels)."""
+    from autocompress.compress.prune import prune_channels
+    from autocompress.tasks.digits import DigitsCNN
+
+    model, x = DigitsCNN().eval(), torch.randn(1, 1, 8, 8)
+    prune_channels(model, ratios, x)
+    assert model.features[7].out_channels == 64 - round(ratios["features.7"] * 64)
+    assert model(x).shape == (1, 10)

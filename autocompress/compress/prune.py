@@ -282,8 +282,11 @@ class _Graph:
         self._root(layer)
         n_out = self.dg.get_out_channels(layer)
         idxs = list(range(n_out)) if idxs is None else idxs
-        items = 8 * len(self.component(layer).pairs) + 64
-        with _bounded(items, items * max(len(idxs), 1), GROUP_SECONDS):
+        component = self.component(layer)
+        items = 8 * len(component.pairs) + 64
+        # A channel may become many through a flatten (a conv's channel: H x W inputs of the
+        # next linear): the index bound scales with the widest layer of the component.
+        with _bounded(items, items * max(len(idxs), component.width, 1), GROUP_SECONDS):
             return self.dg.get_pruning_group(layer, self.dg.get_pruner_of_module(layer)
                                              .prune_out_channels, idxs=idxs)
 
@@ -305,7 +308,8 @@ class _Graph:
         targets = list(dict.fromkeys(n.module for n, _ in pairs))
         outputs = {n.module for n, f in pairs if isinstance(n.module, _PRUNABLE)
                    and self.dg.is_out_channel_pruning_fn(f)}
-        found = _Component(pairs, outputs, self._coupling_problem(targets))
+        width = max((self.side(n.module, f) or 0 for n, f in pairs), default=0)
+        found = _Component(pairs, outputs, self._coupling_problem(targets), width)
         for pair in pairs:  # coupling is symmetric: every pair of it has this component
             self._components.setdefault(pair, found)
         return found
@@ -352,12 +356,16 @@ class _Graph:
 
     def channels(self, dep: tp.Dependency) -> int | None:
         """How many channels the layer ``dep`` cuts has on the side it cuts (None: no layer)."""
-        module = dep.target.module
+        return self.side(dep.target.module, dep.handler)
+
+    def side(self, module: Any, fn: Any) -> int | None:
+        """How many channels ``module`` has on the side pruning function ``fn`` cuts (None:
+        not a layer, or a side without a count)."""
         if module not in self.names or self.dg.get_pruner_of_module(module) is None:
             return None
-        if self.dg.is_out_channel_pruning_fn(dep.handler):
+        if self.dg.is_out_channel_pruning_fn(fn):
             return self.dg.get_out_channels(module)
-        return self.dg.get_in_channels(module) if self.dg.is_in_channel_pruning_fn(dep.handler) else None
+        return self.dg.get_in_channels(module) if self.dg.is_in_channel_pruning_fn(fn) else None
 
     def is_attention(self, group: tp.Group) -> bool:
         """Whether ``group`` runs through an attention product (its channels are heads)."""
@@ -493,11 +501,13 @@ class _Component:
         pairs: The graph's (node, pruning function) pairs it reaches.
         outputs: The conv/linear layers whose output channels it cuts.
         problem: Why none of them may be cut (:meth:`_Graph._coupling_problem`), or None.
+        width: The most channels one of its layers has on the side it cuts.
     """
 
     pairs: set[tuple[Any, Any]]
     outputs: set[nn.Module]
     problem: str | None
+    width: int = 0
 
 
 class _OverBudget(RuntimeError):
