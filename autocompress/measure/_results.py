@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from autocompress.measure._timing import Timing
+    from autocompress.measure.target import Target
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,21 @@ class LatencyResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def of(cls, t: Timing, target: Target, facts: dict[str, str], **extra: Any) -> LatencyResult:
+        """The result of timing ``t`` on ``target``, measured on the machine ``facts`` describe
+        (a runtime's facts), with ``extra`` fields (the pairing's)."""
+        return cls(t.latency_ms, t.p90_ms, t.iqr_ms, t.runs, target.runtime, target.device,
+                   target.threads, target.batch_size, t.ci_low_ms, t.ci_high_ms, t.stopped,
+                   facts.get("runtime_version", ""), facts.get("cpu", ""),
+                   gpu=facts.get("gpu", ""), **extra)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **changes: Any) -> LatencyResult:
+        """A result from its :meth:`to_dict` (the cache's), keys it does not know left out."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in data.items() if k in known}, **changes})
 
 
 

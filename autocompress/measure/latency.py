@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +103,7 @@ def cached_result(prepared: Prepared) -> LatencyResult | None:
     hit = latency_cache.lookup(str(prepared.key)) if prepared.key is not None else None
     if hit is None:
         return None
-    known = {f.name for f in fields(LatencyResult)}
-    return LatencyResult(**{**{k: v for k, v in hit.items() if k in known}, "cached": True})
+    return LatencyResult.from_dict(hit, cached=True)
 
 
 def measure_latency(model: nn.Module, example_inputs: Any, target: Target,
@@ -226,22 +225,17 @@ class PairedMeasurer:
         return hashlib.sha256(f"paired:{prepared.key}:{self._reference_key}".encode()).hexdigest()
 
     def _result(self, t: PairedTiming) -> LatencyResult:
-        facts = self.runtime.facts(self.target)
-        c = t.candidate
-        on_clock = LatencyResult(
-            c.latency_ms, c.p90_ms, c.iqr_ms, c.runs, self.target.runtime, self.target.device,
-            self.target.threads, self.target.batch_size, c.ci_low_ms, c.ci_high_ms, c.stopped,
-            facts.get("runtime_version", ""), facts.get("cpu", ""), gpu=facts.get("gpu", ""),
-            speedup=t.speedup, reference_ms=t.reference.latency_ms, measured_ms=c.latency_ms,
+        timed = LatencyResult.of(
+            t.candidate, self.target, self.runtime.facts(self.target), speedup=t.speedup,
+            reference_ms=t.reference.latency_ms, measured_ms=t.candidate.latency_ms,
             drift=t.drift, slowdown=t.slowdown, retries=t.retries, measured_at=time.time())
-        return self._on_clock(on_clock.to_dict())
+        return self._on_clock(timed.to_dict())
 
     def _on_clock(self, timed: dict[str, Any], cached: bool = False) -> LatencyResult:
         """A paired result with its times on the reference's clock: latency = the reference's
         latency / speedup; p90, IQR and the interval scaled alike."""
         assert self.reference_ms is not None
-        known = {f.name for f in fields(LatencyResult)}
-        r = LatencyResult(**{k: v for k, v in timed.items() if k in known})
+        r = LatencyResult.from_dict(timed)
         latency = self.reference_ms / r.speedup
         scale = latency / r.latency_ms
         return replace(r, latency_ms=latency, p90_ms=r.p90_ms * scale, iqr_ms=r.iqr_ms * scale,

@@ -64,12 +64,8 @@ class Runtime:
         from autocompress.measure._results import LatencyResult
         from autocompress.measure._timing import time_runs
 
-        t = time_runs(self.runner(prepared, target), target.timing)
-        facts = self.facts(target)
-        return LatencyResult(t.latency_ms, t.p90_ms, t.iqr_ms, t.runs, target.runtime, target.device,
-                             target.threads, target.batch_size, t.ci_low_ms, t.ci_high_ms, t.stopped,
-                             facts.get("runtime_version", ""), facts.get("cpu", ""),
-                             gpu=facts.get("gpu", ""))
+        return LatencyResult.of(time_runs(self.runner(prepared, target), target.timing), target,
+                                self.facts(target))
 
 
 class LocalRuntime(Runtime):
