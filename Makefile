@@ -36,12 +36,17 @@ demo: $(STAMP)
 demo-minilm: $(STAMP)
 	$(BIN)/autocompress search experiments/minilm.yaml
 
+# The suite runs on TEST_JOBS pytest-xdist workers (one test file per worker at a time:
+# module fixtures such as a Ray cluster are set up once per file). TEST_JOBS=0 runs serially.
+TEST_JOBS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile
+
 test: $(STAMP)
 	$(BIN)/ruff check autocompress tests bench
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check autocompress tests bench
