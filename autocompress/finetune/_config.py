@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["AUTO", "DEVICES", "DISTILL_LOSSES", "LR_CANDIDATES", "OPTIMIZERS", "SCHEDULES",
            "SGD_MOMENTUM", "FinetuneConfig"]
@@ -81,7 +81,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0:
             raise ValueError(f"finetune.epochs={self.epochs!r}; allowed: an integer >= 0")
-        if self.lr != AUTO and (not _number(self.lr) or not 0 < self.lr < math.inf):
+        if self.lr != AUTO and (not _number(self.lr) or not 0 < cast(float, self.lr) < math.inf):
             raise ValueError(f"finetune.lr={self.lr!r}; allowed: a number > 0 or {AUTO!r}")
         if not isinstance(self.distill, bool):
             raise ValueError(f"finetune.distill={self.distill!r}; allowed: true or false")

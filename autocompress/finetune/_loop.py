@@ -258,7 +258,7 @@ def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.d
         # the constraint there will end below it (on mnist1d, 2 epochs, the metric after the
         # first epoch does not tell the trials that end 4 pt down from those that end 7 pt
         # down).
-        halfway = per_epoch // 2 if stop is not None and (per_epoch or 0) >= 2 else None
+        halfway = (per_epoch or 0) // 2 if stop is not None and (per_epoch or 0) >= 2 else None
         for epoch in range(config.epochs):
             model.train()
             for i, (x, y) in enumerate(task.train_loader):

@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -35,12 +35,15 @@ def lr_factor(config: FinetuneConfig, total: int) -> Callable[[int], float]:
 
 
 def make_optimizer(config: FinetuneConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer of ``config`` over ``params`` (``config.lr`` a number: ``auto`` is chosen
+    before)."""
+    lr = cast(float, config.lr)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=SGD_MOMENTUM,
+        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM,
                                weight_decay=config.weight_decay)
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
 
 
 @dataclass(frozen=True)

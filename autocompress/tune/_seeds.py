@@ -115,14 +115,17 @@ def _idle_modifier(lp: LayerPlan) -> bool:
 def _predicted_damage(sens: Sensitivity, layer: str, lp: LayerPlan) -> float | None:
     """The sum of the probes' distortions of the allocated knobs ``lp`` sets (each looked up
     with its ``probe_across`` knob at ``lp``'s value), or None if one was not probed."""
-    parts = []
+    parts: list[float] = []
     for spec in KNOB_TABLE.values():
         value = getattr(lp, spec.name)
         if not (spec.probed and spec.allocated) or same(value, spec.default):
             continue
         across = {spec.probe_across: getattr(lp, spec.probe_across)} if spec.probe_across else {}
-        parts.append(sens.distortion(layer, spec.name, value, **across))
-    return None if any(p is None for p in parts) else float(sum(parts))
+        part = sens.distortion(layer, spec.name, value, **across)
+        if part is None:
+            return None
+        parts.append(part)
+    return float(sum(parts))
 
 
 def allocate(options: Mapping[str, list[Option]], budget: int) -> dict[str, Option] | None:
