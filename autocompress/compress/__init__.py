@@ -13,7 +13,7 @@ _EXPORTS = {
     "_knobs": ("KNOBS", "KNOB_TABLE", "KNOB_RULES", "KnobRule", "KnobSpec", "Heat", "reconcile",
                "same", "seed_knob", "why_refused"),
     "_plan": ("Plan", "LayerPlan", "PlanError"),
-    "_layers": ("LayerInfo", "find_layers", "count_macs"),
+    "_layers": ("LayerInfo", "find_layers", "count_macs", "output_tensors"),
     "_modules": ("ActFakeQuant", "LowRank", "Regrowth", "WeightCompression"),
     "_registry": ("apply", "list_methods", "register_method"),
     "_bake": ("bake", "export_onnx"),

@@ -207,7 +207,7 @@ def _outputs(model: Any, subset: list) -> list[Any]:
     import torch
 
     from autocompress._inputs import run
-    from autocompress.compress._layers import output_tensors
+    from autocompress.compress import output_tensors
 
     with torch.no_grad():
         return [torch.cat([t.detach().float().flatten() for t in output_tensors(run(model, x))
@@ -223,7 +223,7 @@ def _distortion(outputs: list[Any], reference: list[Any]) -> float:
 def _metric(task: Any, model: Any, subset: list) -> float:
     import torch
 
-    from autocompress.measure.metrics import top1_accuracy
+    from autocompress.measure import top1_accuracy
 
     with torch.no_grad():
         return float((task.metric or top1_accuracy)(model, subset))
