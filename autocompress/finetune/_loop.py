@@ -173,6 +173,7 @@ class _Stepper:
     @classmethod
     def build(cls, model: nn.Module, task: Task, config: FinetuneConfig, device: torch.device,
               teacher: nn.Module | None) -> _Stepper:
+        """The step of ``config`` for ``model`` on ``device`` (``teacher``: distil from it)."""
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(config, params)
         per_epoch = _steps_per_epoch(task.train_loader)

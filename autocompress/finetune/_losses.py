@@ -13,7 +13,7 @@ from autocompress.finetune._config import FinetuneConfig
 if TYPE_CHECKING:
     from autocompress.tasks import Task
 
-__all__ = ["distill_loss_name", "output_tensor"]
+__all__ = ["distill_fn", "distill_loss_name", "output_tensor"]
 
 
 def distill_loss_name(config: FinetuneConfig, task: Task) -> str:

@@ -17,7 +17,7 @@ from autocompress.finetune._config import LR_CANDIDATES, SGD_MOMENTUM, FinetuneC
 if TYPE_CHECKING:
     from autocompress.tasks import Task
 
-__all__ = ["LrChoice", "choose_lr"]
+__all__ = ["LrChoice", "choose_lr", "lr_factor", "make_optimizer"]
 
 
 def lr_factor(config: FinetuneConfig, total: int) -> Callable[[int], float]:
