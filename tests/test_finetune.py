@@ -115,7 +115,7 @@ def test_pruned_weights_regrow_in_the_first_part_of_training_only(tiny: Task,
 
 
 def test_masks_are_rechosen_at_most_max_refreshes_times(tiny: Task, monkeypatch) -> None:
-    import autocompress.finetune as ft
+    import autocompress.finetune._loop as ft
 
     monkeypatch.setattr(ft, "MAX_REFRESHES", 2)
     model = apply(tiny.model, Plan({"net.0": LayerPlan(sparsity=0.8)}), tiny.example_inputs)
@@ -154,7 +154,7 @@ def test_lr_auto_fine_tunes_a_copy_per_candidate_and_keeps_the_best(tiny: Task) 
 
 
 def test_lr_auto_without_epochs_chooses_nothing(tiny: Task, monkeypatch) -> None:
-    import autocompress.finetune as ft
+    import autocompress.finetune._loop as ft
 
     monkeypatch.setattr(ft, "choose_lr", lambda *a, **k: pytest.fail("nothing to choose"))
     assert finetune(copy.deepcopy(tiny.model), tiny, FinetuneConfig(epochs=0, lr="auto")) == []
@@ -464,7 +464,7 @@ def test_embedding_distillation_pulls_the_student_to_the_teacher(tiny: Task, los
 def test_kl_on_logits_matches_hinton(tiny: Task) -> None:
     """``kl`` is T^2 * KL(softmax(t/T) || softmax(s/T)), per sample; (N, L, C) logits count every
     position as a sample."""
-    from autocompress.finetune import _distill_fn
+    from autocompress.finetune._losses import distill_fn as _distill_fn
 
     fn = _distill_fn(FinetuneConfig(temperature=2.0, distill_loss="kl"), tiny)
     s, t = torch.randn(6, 4), torch.randn(6, 4)
@@ -627,7 +627,7 @@ class Moves(nn.Module):
 def test_model_and_teacher_end_on_the_cpu(tiny: Task, monkeypatch: pytest.MonkeyPatch,
                                           diverge: bool) -> None:
     """Both go to the training device and back to the CPU, even when training fails."""
-    import autocompress.finetune as ft
+    import autocompress.finetune._loop as ft
 
     monkeypatch.setattr(ft, "resolve_device", lambda device: torch.device("cpu"))
     student, teacher = Moves(copy.deepcopy(tiny.model)), Moves(tiny.model)

@@ -10,10 +10,11 @@ Names are imported on first use, so the plan (torch-free) loads without torch.
 from autocompress._lazy import lazy_exports
 
 _EXPORTS = {
-    "_knobs": ("KNOBS", "KNOB_TABLE", "KnobSpec", "Heat"),
+    "_knobs": ("KNOBS", "KNOB_TABLE", "KNOB_RULES", "KnobRule", "KnobSpec", "Heat", "reconcile",
+               "same", "seed_knob", "why_refused"),
     "_plan": ("Plan", "LayerPlan", "PlanError"),
-    "_layers": ("LayerInfo", "find_layers", "count_macs"),
-    "_modules": ("ActFakeQuant", "LowRank", "WeightCompression"),
+    "_layers": ("LayerInfo", "find_layers", "count_macs", "output_tensors"),
+    "_modules": ("ActFakeQuant", "LowRank", "Regrowth", "WeightCompression"),
     "_registry": ("apply", "list_methods", "register_method"),
     "_bake": ("bake", "export_onnx"),
 }

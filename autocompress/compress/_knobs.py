@@ -5,8 +5,14 @@ values it takes, how a search space may give its domain (a range or only choices
 is the mildest (the warm-start trial), how a sampled value becomes a plan value, which values a
 given layer cannot take, its token in the one-line plan summary, whether rebuilding a trial
 must restore masks for it, and its heat map in the report. The plan, the search space, the
-report and rebuild all read this table; a new knob is one ``LayerPlan`` field plus one entry
-here (``rank`` is the one to copy).
+report and rebuild all read this table. Its policy fields say what the search does with the
+knob: whether the sensitivity profile probes it (and with what), whether the first trials'
+size allocation spends it, whether it buys speed only (left out when no objective measures
+speed), and its role in the first trials' recipes. Combinations of values that are each valid
+but not together are :data:`KNOB_RULES`, one :class:`KnobRule` each, read both by
+:meth:`LayerPlan.check_combination` (refuse) and :func:`reconcile` (repair). A new knob is one
+``LayerPlan`` field plus one entry here (``rank`` is the one to copy), and a rule if it clashes
+with another knob.
 
 Torch-free: reading a config does not import torch. A search space's domains are read through
 the :class:`Knob` protocol, so this module imports no config.
@@ -14,61 +20,30 @@ the :class:`Knob` protocol, so this module imports no config.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+from autocompress.compress._knob_values import (
+    FLOAT_FORMATS,
+    HEAT_BITS,
+    POW2_BITS,
+    POW2_INT8_BITS,
+    Knob,
+    act_token,
+    bits_cell,
+    first_of,
+    integer_bits,
+    is_number,
+    mildest_bits,
+    mildest_rank,
+    mildest_sparsity,
+    same,
+)
 
-class Knob(Protocol):
-    """What the table reads of a search space's domain (:class:`autocompress.config.Knob`)."""
-
-    @property
-    def kind(self) -> str: ...  # "range", "choice" or "fixed"
-
-    @property
-    def choices(self) -> tuple[Any, ...]: ...
-
-    @property
-    def value(self) -> Any: ...
-
-    def bounds(self) -> tuple[float, float]: ...
-
-    def snap(self, value: Any) -> Any: ...
-
-    def contains(self, value: Any) -> bool: ...
-
-__all__ = ["FLOAT_FORMATS", "KNOBS", "KNOB_TABLE", "POW2_BITS", "POW2_INT8_BITS", "Heat", "KnobSpec",
-           "act_bits_fit", "heat_maps", "integer_bits", "needs_masks", "reconcile", "same",
-           "summary_tokens", "why_refused"]
-
-FLOAT_FORMATS = ("fp16", "bf16")  # the non-integer weight formats of ``bits`` (compress/_formats.py)
-POW2_BITS = range(3, 7)  # ``scheme: pow2`` bit-widths: 2 bits is ternary either way; 7+ would
-# reach exponents (2**-62 ...) that no weight needs
-POW2_INT8_BITS = 4  # pow2 integers (up to 2**(2**(b-1) - 2)) fit int8 up to 4 bits (64)
-
-
-def integer_bits(bits: Any) -> bool:
-    """Whether a ``bits`` plan value is an integer bit-width (not fp16/bf16, not None)."""
-    return type(bits) is int
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
-
-
-def _numbers(knob: Knob) -> list[Any]:
-    return [c for c in knob.choices if _number(c)]
-
-
-def _first_of(knob: Knob, preferred: list[Any]) -> Any:
-    """The first of ``preferred`` among ``knob``'s choices, else its first choice."""
-    return next((p for p in preferred if any(same(p, c) for c in knob.choices)), knob.choices[0])
-
-
-def same(a: Any, b: Any) -> bool:
-    """Equal and of the same kind (0.0 is not False, 8 is not 8.0 for an integer knob)."""
-    return a == b and isinstance(a, bool) == isinstance(b, bool)
+__all__ = ["FLOAT_FORMATS", "KNOBS", "KNOB_RULES", "KNOB_TABLE", "POW2_BITS", "POW2_INT8_BITS", "Heat",
+           "Knob", "KnobRule", "KnobSpec", "broken_rule", "heat_maps", "integer_bits", "needs_masks",
+           "reconcile", "same", "seed_knob", "summary_tokens", "why_refused"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +88,28 @@ class KnobSpec:
         masks: Whether a layer with this plan entry keeps a sparsity mask that rebuilding the
             trial must restore from the logged zeros.
         heat: The report's heat map of this knob, or None.
+        modifies: The knob whose effect this one qualifies (``structure`` says how
+            ``sparsity`` is spent), or None. While that knob is at its default, this one
+            changes nothing: the first trials do not spend it there.
+        probed: The sensitivity profile (``tune/_sensitivity.py``) compresses each layer by
+            each of this knob's values alone.
+        probe_with: Other knobs' values every probe of this knob sets too (``act_bits``
+            runs with 8-bit weights), as ``(knob, value)`` pairs.
+        probe_across: A knob whose values (its default included) each probe is repeated over
+            (``sparsity`` over ``structure``); predictions look the probe up by it.
+        allocated: The first trials' size allocation (``tune/_seeds.py``) spends it: it
+            changes the stored weight bytes.
+        speed_only: It buys speed only (the same weights, some accuracy): the search leaves
+            it out when no objective measures latency.
+        integer_kernels: It only pays on a runtime with integer kernels: the search leaves
+            it out where the target's runtime has none.
+        about: The knob in words, for messages (``quantized activations``).
+        seed: Its role in the first trials' recipes (``tune/_seeds.py``): ``"width"`` (the
+            bits each weight takes: swept by the uniform recipes, near 4 in the channel
+            recipes), ``"amount"`` (the fraction removed: swept by the uniform recipes, set
+            per recipe in the channel and calibration recipes) or ``"cut"`` (how it is
+            removed: ``seed_value`` in the channel recipes); None: left at its mildest.
+        seed_value: The value of a ``"cut"`` knob that the channel recipes set.
     """
 
     name: str
@@ -127,6 +124,16 @@ class KnobSpec:
     token: Callable[[Any], str] = lambda lp: ""
     masks: Callable[[Any], bool] = lambda lp: False
     heat: Heat | None = None
+    modifies: str | None = None
+    probed: bool = False
+    probe_with: tuple[tuple[str, Any], ...] = ()
+    probe_across: str | None = None
+    allocated: bool = False
+    speed_only: bool = False
+    integer_kernels: bool = False
+    about: str = ""
+    seed: str | None = None
+    seed_value: Any = None
 
     def mildest_value(self, knob: Knob) -> Any:
         """The mildest value of ``knob``'s domain."""
@@ -138,49 +145,10 @@ class KnobSpec:
 # --- the knobs -------------------------------------------------------------------------------
 
 
-def _mildest_sparsity(knob: Knob) -> Any:
-    return knob.snap(knob.bounds()[0]) if knob.kind == "range" else _first_of(knob, sorted(_numbers(knob)))
-
-
-def _mildest_bits(knob: Knob) -> Any:
-    if knob.kind == "range":
-        low, high = knob.bounds()
-        return int(high) if high < 8 else 8 if knob.contains(8) else int(low)
-    # 8 first (the warm start stores int8), then fewer bits, then the 16-bit floats, then fp32.
-    return _first_of(knob, [8, *sorted(_numbers(knob), reverse=True), *FLOAT_FORMATS, None])
-
-
-def _mildest_rank(knob: Knob) -> Any:
-    if knob.kind == "range":
-        return knob.snap(knob.bounds()[1])
-    return _first_of(knob, [None, *sorted(_numbers(knob), reverse=True)])
-
-
-def _act_token(act_bits: Any) -> str:
-    """``a8`` (observed range) or ``adyn`` (ONNX Runtime's dynamic quantization)."""
-    return "adyn" if act_bits == "dynamic" else f"a{act_bits}"
-
-
-# Where the non-integer formats sit on the report's bit-width colour scale (after 8).
-_HEAT_BITS: dict[Any, int] = {"fp16": 9, "bf16": 10, None: 11}
-
-
-def _bits_cell(knobs: dict[str, Any]) -> tuple[float, str]:
-    """The bit-width heat map's cell: position on the scale, and e.g. ``4 pow2 a8``."""
-    bits: Any = knobs.get("bits")
-    text = "fp32" if bits is None else str(bits)
-    if knobs.get("scheme", "uniform") != "uniform" and integer_bits(bits):
-        text += f" {knobs['scheme']}"
-    if knobs.get("act_bits"):
-        text += f" {_act_token(knobs['act_bits'])}"
-    position: float = _HEAT_BITS[bits] if bits in _HEAT_BITS else bits
-    return position, text
-
-
 KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
     KnobSpec(
-        "sparsity", 0.0, "a number in [0, 1)", lambda v: _number(v) and 0.0 <= v < 1.0,
-        rangeable=True, mildest=_mildest_sparsity,
+        "sparsity", 0.0, "a number in [0, 1)", lambda v: is_number(v) and 0.0 <= v < 1.0,
+        rangeable=True, mildest=mildest_sparsity,
         token=lambda lp: f"s{lp.sparsity:.2f}{'ch' if lp.structure == 'channel' else ''}"
         if lp.sparsity else "",
         masks=lambda lp: lp.sparsity > 0 and lp.structure == "unstructured",
@@ -188,66 +156,168 @@ KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
                   lambda k: (k.get("sparsity", 0.0), f"{k['sparsity']:.2f}"
                              f"{'ch' if k.get('structure') == 'channel' else ''}"
                              if k.get("sparsity") else "0"),
-                  "Oranges", {"zmin": 0, "zmax": 1})),
+                  "Oranges", {"zmin": 0, "zmax": 1}),
+        probed=True, probe_across="structure", allocated=True, seed="amount"),
     KnobSpec(
         # The output layer keeps its channels: they are the model's outputs (the classes).
         "structure", "unstructured", "one of ['unstructured', 'channel']",
         lambda v: v in ("unstructured", "channel"),
-        mildest=lambda knob: _first_of(knob, ["unstructured"]),
+        mildest=lambda knob: first_of(knob, ["unstructured"]),
         refuses=lambda value, layer: "it produces the model output (its channels are the outputs)"
-        if value == "channel" and layer.is_output else None),
+        if value == "channel" and layer.is_output else None,
+        modifies="sparsity", allocated=True, seed="cut", seed_value="channel"),
     KnobSpec(
         # Integers: per-output-channel integer levels (``scheme``); "fp16"/"bf16": the weight
         # rounded to a 16-bit float (compress/_formats.py). A range is over the integers only.
         "bits", None, "an integer in 2..8, 'fp16', 'bf16' or null",
         lambda v: v is None or v in FLOAT_FORMATS or (integer_bits(v) and 2 <= v <= 8),
-        integer=True, rangeable=True, mildest=_mildest_bits,
+        integer=True, rangeable=True, mildest=mildest_bits,
         token=lambda lp: "" if lp.bits is None else lp.bits if lp.bits in FLOAT_FORMATS
         else f"b{lp.bits}",
-        heat=Heat("weight bits", _bits_cell,
-                  "Blues_r", {"zmin": 2, "zmax": _HEAT_BITS[None],
-                              "colorbar": {"tickvals": [2, 4, 6, 8, *_HEAT_BITS.values()],
+        heat=Heat("weight bits", bits_cell,
+                  "Blues_r", {"zmin": 2, "zmax": HEAT_BITS[None],
+                              "colorbar": {"tickvals": [2, 4, 6, 8, *HEAT_BITS.values()],
                                            "ticktext": ["2", "4", "6", "8", "fp16", "bf16",
-                                                        "fp32"]}})),
+                                                        "fp32"]}}),
+        probed=True, allocated=True, seed="width"),
     KnobSpec(
         # How integer bits are spent: "uniform" levels or "pow2" (0 and signed powers of two
-        # times a calibrated per-channel scale; bits 3..6, LayerPlan checks it). No token (and
-        # no change) without integer bits.
+        # times a calibrated per-channel scale; bits 3..6, KNOB_RULES). No token (and no
+        # change) without integer bits.
         "scheme", "uniform", "one of ['uniform', 'pow2']",
         lambda v: isinstance(v, str) and v in ("uniform", "pow2"),
-        mildest=lambda knob: _first_of(knob, ["uniform"]),
-        token=lambda lp: "pow2" if lp.scheme == "pow2" and integer_bits(lp.bits) else ""),
+        mildest=lambda knob: first_of(knob, ["uniform"]),
+        token=lambda lp: "pow2" if lp.scheme == "pow2" and integer_bits(lp.bits) else "",
+        modifies="bits"),
     KnobSpec(
         # Full rank is no factorization: a full-rank factorization stores more weights than the
         # layer it replaces.
         "rank", None, "a number in (0, 1] or null",
-        lambda v: v is None or (_number(v) and 0.0 < v <= 1.0),
-        rangeable=True, mildest=_mildest_rank,
+        lambda v: v is None or (is_number(v) and 0.0 < v <= 1.0),
+        rangeable=True, mildest=mildest_rank,
         to_plan=lambda v: None if v == 1.0 else v,
         token=lambda lp: "" if lp.rank is None else f"r{lp.rank:.2f}",
         heat=Heat("kept rank",
                   lambda k: (1.0 if k.get("rank") is None else k["rank"],
                              "full" if k.get("rank") is None else f"{k['rank']:.2f}"),
-                  "Greens_r", {"zmin": 0, "zmax": 1})),
+                  "Greens_r", {"zmin": 0, "zmax": 1}),
+        probed=True, allocated=True),
     KnobSpec(
         # How a layer with a rank is factorized (lowrank.py); no token (and no change) without
         # a rank. Linear, Embedding, 1x1 and grouped convs refuse tucker and cp (lowrank's limits).
         "decomposition", "svd", "one of ['svd', 'tucker', 'cp']",
         lambda v: isinstance(v, str) and v in ("svd", "tucker", "cp"),
-        mildest=lambda knob: _first_of(knob, ["svd"]),
-        token=lambda lp: "" if lp.rank is None or lp.decomposition == "svd" else lp.decomposition),
+        mildest=lambda knob: first_of(knob, ["svd"]),
+        token=lambda lp: "" if lp.rank is None or lp.decomposition == "svd" else lp.decomposition,
+        modifies="rank"),
     KnobSpec(
         # 8: a fixed range observed during calibration and fine-tuning, deployed on ONNX
         # Runtime's QLinear kernels; needs integer weights (bits). "dynamic": each
         # input's own range at run time, deployed as ONNX Runtime's dynamic quantization
-        # (DynamicQuantizeLinear + MatMulInteger); needs bits=8 (LayerPlan checks it) and a
+        # (DynamicQuantizeLinear + MatMulInteger); needs bits=8 (KNOB_RULES) and a
         # Linear (quantize.py refuses the rest). Not ``integer``: a string is a valid value.
+        # Probed with 8-bit weights (what both take); not allocated: it buys speed, not size.
         "act_bits", None, "'dynamic', 8 or null",
         lambda v: v is None or v == "dynamic" or (type(v) is int and v == 8),
-        mildest=lambda knob: _first_of(knob, [None]),
-        token=lambda lp: "" if lp.act_bits is None else _act_token(lp.act_bits)),
+        mildest=lambda knob: first_of(knob, [None]),
+        token=lambda lp: "" if lp.act_bits is None else act_token(lp.act_bits),
+        probed=True, probe_with=(("bits", 8),), speed_only=True, integer_kernels=True,
+        about="quantized activations"),
 )}
 KNOBS: tuple[str, ...] = tuple(KNOB_TABLE)
+
+
+def seed_knob(role: str) -> KnobSpec:
+    """The knob of a role in the first trials' recipes (:attr:`KnobSpec.seed`)."""
+    return next(spec for spec in KNOB_TABLE.values() if spec.seed == role)
+
+
+# --- the rules across knobs ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KnobRule:
+    """Knob values that are each valid but not together: the one place a rule is written.
+
+    :meth:`LayerPlan.check_combination` refuses a plan entry that breaks a rule, with the
+    rule's message; :func:`reconcile` (a sampled entry) repairs it by setting the rule's knob
+    back to its default. Rules are checked and repaired in order, each on the values the
+    earlier ones repaired.
+
+    Attributes:
+        knob: The knob whose value the rule is about; ``applies`` holds only while it is off
+            its default, and repairing sets it back to its default.
+        applies: ``applies(values) -> bool`` (every knob's value, defaults filled in).
+        needs: ``needs(values) -> bool``: whether the other knobs allow that value.
+        message: ``message(values) -> str``: why not, in words, for the error.
+        example: A plan entry (the knobs that differ from the defaults) that breaks the rule
+            and no earlier one (the tests check it).
+    """
+
+    knob: str
+    applies: Callable[[Mapping[str, Any]], bool]
+    needs: Callable[[Mapping[str, Any]], bool]
+    message: Callable[[Mapping[str, Any]], str]
+    example: Mapping[str, Any]
+
+    def broken(self, values: Mapping[str, Any]) -> bool:
+        """Whether ``values`` (every knob's value) break the rule."""
+        return self.applies(values) and not self.needs(values)
+
+
+_POW2_RANGE = f"{POW2_BITS.start}..{POW2_BITS.stop - 1}"
+
+KNOB_RULES: tuple[KnobRule, ...] = (
+    KnobRule(
+        "scheme", lambda v: v["scheme"] == "pow2",
+        lambda v: integer_bits(v["bits"]) and v["bits"] in POW2_BITS,
+        lambda v: f"scheme='pow2' needs integer bits in {_POW2_RANGE} (a sign and an exponent "
+                  f"code per weight), got bits={v['bits']!r}",
+        {"bits": 8, "scheme": "pow2"}),
+    KnobRule(
+        # ONNX Runtime's integer MatMul takes int8 weights (8-bit, one scale per channel).
+        "act_bits", lambda v: v["act_bits"] == "dynamic",
+        lambda v: v["bits"] == 8 and v["scheme"] == "uniform",
+        lambda v: f"act_bits='dynamic' needs bits=8 (ONNX Runtime's integer MatMul takes int8 "
+                  f"weights), got bits={v['bits']!r}",
+        {"bits": 4, "act_bits": "dynamic"}),
+    KnobRule(
+        # QLinearConv/QLinearMatMul take integer weights (2-8 bits are stored as int8).
+        "act_bits", lambda v: v["act_bits"] == 8, lambda v: integer_bits(v["bits"]),
+        lambda v: f"act_bits=8 needs integer weights (bits 2..8): ONNX Runtime's QLinear "
+                  f"kernels take int8 weights, got bits={v['bits']!r}",
+        {"bits": "fp16", "act_bits": 8}),
+    KnobRule(
+        "act_bits",
+        lambda v: v["act_bits"] == 8 and v["scheme"] == "pow2" and integer_bits(v["bits"]),
+        lambda v: v["bits"] <= POW2_INT8_BITS,
+        lambda v: f"act_bits=8 with scheme='pow2' needs bits <= {POW2_INT8_BITS}: ONNX Runtime's "
+                  f"QLinear kernels take int8 weights, and pow2 levels fit int8 only up to "
+                  f"{POW2_INT8_BITS} bits, got bits={v['bits']!r}",
+        {"bits": 6, "scheme": "pow2", "act_bits": 8}),
+)
+
+
+def _filled(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: values.get(name, spec.default) for name, spec in KNOB_TABLE.items()}
+
+
+def broken_rule(values: Mapping[str, Any]) -> KnobRule | None:
+    """The first rule of :data:`KNOB_RULES` that ``values`` (knobs not given are at their
+    defaults) break, or None."""
+    filled = _filled(values)
+    return next((rule for rule in KNOB_RULES if rule.broken(filled)), None)
+
+
+def reconcile(values: dict[str, Any]) -> dict[str, Any]:
+    """One layer's sampled plan values made consistent across knobs: each rule of
+    :data:`KNOB_RULES` that they break (in order, on the values the earlier rules repaired)
+    sets its knob back to its default (``scheme: pow2`` without bits in 3..6 becomes
+    ``uniform``; ``act_bits`` the weights cannot run with becomes null)."""
+    for rule in KNOB_RULES:
+        if rule.broken(_filled(values)):
+            values = {**values, rule.knob: KNOB_TABLE[rule.knob].default}
+    return values
 
 
 def summary_tokens(lp: Any) -> str:
@@ -263,32 +333,6 @@ def needs_masks(lp: Any) -> bool:
 def heat_maps() -> list[Heat]:
     """The report's heat maps, in knob order."""
     return [spec.heat for spec in KNOB_TABLE.values() if spec.heat is not None]
-
-
-def reconcile(values: dict[str, Any]) -> dict[str, Any]:
-    """One layer's sampled plan values made consistent across knobs (the combinations
-    :meth:`LayerPlan.check_combination` refuses): ``scheme: pow2`` needs integer ``bits`` in
-    3..6, so otherwise it falls back to ``uniform``; ``act_bits: dynamic`` runs the layer on
-    ONNX Runtime's integer MatMul, which takes 8-bit weights, so with other ``bits`` it falls
-    back to null; ``act_bits: 8`` runs it on QLinearConv/QLinearMatMul, which take int8
-    weights, so without integer weights (fp32, fp16, bf16) or with pow2 weights that do not
-    fit int8 (over 4 bits) it falls back to null too."""
-    bits = values.get("bits")
-    if values.get("scheme") == "pow2" and not (integer_bits(bits) and bits in POW2_BITS):
-        values = {**values, "scheme": "uniform"}
-    if not act_bits_fit(values.get("act_bits"), bits, values.get("scheme", "uniform")):
-        values = {**values, "act_bits": None}
-    return values
-
-
-def act_bits_fit(act_bits: Any, bits: Any, scheme: str) -> bool:
-    """Whether a layer with weights at ``bits``/``scheme`` can take ``act_bits`` (ONNX
-    Runtime's integer kernels take int8 weights; the dynamic MatMul takes 8-bit ones)."""
-    if act_bits == "dynamic":
-        return bits == 8 and scheme == "uniform"
-    if act_bits == 8:
-        return integer_bits(bits) and (scheme == "uniform" or bits <= POW2_INT8_BITS)
-    return True
 
 
 def why_refused(spec: KnobSpec, value: Any, layer: Any) -> str | None:

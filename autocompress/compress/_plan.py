@@ -15,14 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from autocompress._errors import did_you_mean
-from autocompress.compress._knobs import (
-    KNOB_TABLE,
-    POW2_BITS,
-    POW2_INT8_BITS,
-    act_bits_fit,
-    integer_bits,
-    summary_tokens,
-)
+from autocompress.compress._knobs import KNOB_TABLE, broken_rule, summary_tokens
 
 PLAN_VERSION = 1
 
@@ -74,34 +67,22 @@ class LayerPlan:
             _check(spec.valid(value), spec.name, value, spec.allowed)
 
     def check_combination(self) -> None:
-        """Refuses knob values that are each valid but not together.
+        """Refuses knob values that are each valid but not together (the first rule of
+        :data:`~autocompress.compress._knobs.KNOB_RULES` they break).
 
         Not in ``__post_init__``: ``compress.check_plan`` builds entries with one knob reset
         to its default (to see whether that knob changes anything), which may be such a
         combination. :class:`Plan` and :meth:`from_dict` call it.
 
         Raises:
-            PlanError: ``scheme='pow2'`` without integer ``bits`` in 3..6,
+            PlanError: E.g. ``scheme='pow2'`` without integer ``bits`` in 3..6,
                 ``act_bits='dynamic'`` without ``bits=8``, ``act_bits=8`` without integer
-                ``bits`` or with pow2 ``bits`` over 4.
+                ``bits`` or with pow2 ``bits`` over 4; the message says why.
         """
-        if self.scheme == "pow2" and not (integer_bits(self.bits) and self.bits in POW2_BITS):
-            raise PlanError(f"scheme='pow2' needs integer bits in {POW2_BITS.start}.."
-                            f"{POW2_BITS.stop - 1} (a sign and an exponent code per weight), got "
-                            f"bits={self.bits!r}")
-        if act_bits_fit(self.act_bits, self.bits, self.scheme):
-            return
-        if self.act_bits == "dynamic":
-            # ONNX Runtime's integer MatMul takes int8 weights (8-bit, one scale per channel).
-            raise PlanError(f"act_bits='dynamic' needs bits=8 (ONNX Runtime's integer MatMul "
-                            f"takes int8 weights), got bits={self.bits!r}")
-        if not integer_bits(self.bits):
-            # QLinearConv/QLinearMatMul take integer weights (2-8 bits are stored as int8).
-            raise PlanError(f"act_bits=8 needs integer weights (bits 2..8): ONNX Runtime's "
-                            f"QLinear kernels take int8 weights, got bits={self.bits!r}")
-        raise PlanError(f"act_bits=8 with scheme='pow2' needs bits <= {POW2_INT8_BITS}: ONNX "
-                        f"Runtime's QLinear kernels take int8 weights, and pow2 levels fit int8 "
-                        f"only up to {POW2_INT8_BITS} bits, got bits={self.bits!r}")
+        values = vars(self)
+        rule = broken_rule(values)
+        if rule is not None:
+            raise PlanError(rule.message(values))
 
     @property
     def is_identity(self) -> bool:

@@ -15,6 +15,6 @@ _EXPORTS = {
     "_space": ("SearchSpace", "Rule", "load_search_space", "LAYER_TYPES"),
     "_domain": ("Knob",),
     "_resolve": ("ResolvedSpace", "LayerSpace", "Slot"),
-    "autocompress.compress._knobs": ("KNOBS", "KNOB_TABLE", "KnobSpec"),  # what a space may search
+    "autocompress.compress": ("KNOBS", "KNOB_TABLE", "KnobSpec"),  # what a space may search
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -1,14 +1,17 @@
-"""The domain of one knob in a search space: a range, a list of choices or a fixed value."""
+"""The domain of one knob in a search space: a range, a list of choices or a fixed value, and
+how a rule's ``knobs:`` mapping is read into domains (checked against the knob table)."""
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
-from autocompress.compress._knobs import same
+from autocompress._errors import ConfigError
+from autocompress.compress import KNOB_TABLE, KNOBS, same
+from autocompress.config._checks import check_keys, type_name
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
@@ -134,3 +137,113 @@ class Knob:
         if self.kind == "choice":
             return {"kind": "choice", "choices": list(self.choices)}
         return {"kind": "fixed", "value": self.value}
+
+
+# --- reading domains ---------------------------------------------------------------------------
+
+_RANGE_KEYS = ("low", "high", "step", "log")
+_MAX_STEPS = 1_000_000
+
+
+def parse_knobs(raw: Any, where: str) -> dict[str, Knob]:
+    """A rule's ``knobs:`` mapping (at key ``where``) as knob name to domain.
+
+    Raises:
+        ConfigError: An unknown knob, a bad range, choice or value (naming the key).
+    """
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError(f"expected a mapping of knobs from {list(KNOBS)}, "
+                          f"got {type_name(raw)}", key=where)
+    check_keys(raw, KNOBS, where, what="knob")
+    return {name: _parse_knob(name, value, f"{where}.{name}") for name, value in raw.items()}
+
+
+def _parse_knob(name: str, raw: Any, where: str) -> Knob:
+    if isinstance(raw, Mapping):
+        return _parse_range(name, raw, where)
+    if isinstance(raw, list | tuple):
+        return _parse_choices(name, raw, where)
+    _check_value(name, raw, where)
+    return Knob("fixed", value=raw)
+
+
+def _parse_choices(name: str, raw: Sequence[Any], where: str) -> Knob:
+    if not raw:
+        raise ConfigError("empty list of choices; give at least one value", key=where)
+    for j, value in enumerate(raw):
+        _check_value(name, value, f"{where}[{j}]")
+        if any(same(value, earlier) for earlier in raw[:j]):
+            raise ConfigError(f"{value!r} is listed twice", key=f"{where}[{j}]")
+    return Knob("choice", choices=tuple(raw))
+
+
+def _parse_range(name: str, raw: Mapping[str, Any], where: str) -> Knob:
+    if not KNOB_TABLE[name].rangeable:
+        raise ConfigError(f"a range is not allowed for {name}; give a list of choices or one "
+                          f"value", key=where)
+    check_keys(raw, _RANGE_KEYS, where)
+    if "low" not in raw or "high" not in raw:
+        raise ConfigError("a range needs both 'low' and 'high'", key=where)
+    integer = KNOB_TABLE[name].integer
+    low, high = (_range_bound(name, raw[k], k, integer, where) for k in ("low", "high"))
+    if low > high:
+        raise ConfigError(f"low={low!r} > high={high!r}", key=where)
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"log={log!r}; expected true or false", key=where)
+    step = _range_step(raw.get("step"), integer, where)
+    if log and step not in (None, 1 if integer else None):
+        raise ConfigError("a range cannot have both a step and log=true", key=where)
+    if log and low <= 0:
+        raise ConfigError(f"log=true needs low > 0, got low={low!r}", key=where)
+    knob = Knob("range", low=low, high=high, step=step, log=log, integer=integer)
+    if step is not None:
+        _check_grid(knob, where)
+    return knob
+
+
+def _range_bound(name: str, value: Any, label: str, integer: bool, where: str) -> float:
+    kind = int if integer else int | float
+    if not isinstance(value, kind) or isinstance(value, bool):
+        expected = "an integer" if integer else "a number"
+        raise ConfigError(f"{label}={value!r}; expected {expected}", key=where)
+    _check_value(name, value, where, label=label)
+    return value if integer else float(value)
+
+
+def _range_step(step: Any, integer: bool, where: str) -> float | None:
+    if step is None:
+        return None
+    if integer:
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+            raise ConfigError(f"step={step!r}; allowed: an integer >= 1", key=where)
+        return step
+    if not isinstance(step, int | float) or isinstance(step, bool) or not 0 < step < float("inf"):
+        raise ConfigError(f"step={step!r}; allowed: a number > 0", key=where)
+    return float(step)
+
+
+def _check_grid(knob: Knob, where: str) -> None:
+    """``high - low`` must be a whole number of steps (Optuna would move ``high`` otherwise)."""
+    low, high = knob.bounds()
+    step = knob.step or 1
+    if (high - low) / step > _MAX_STEPS:
+        raise ConfigError(f"step={knob.step!r} gives more than {_MAX_STEPS} values", key=where)
+    span = Decimal(repr(high)) - Decimal(repr(low))
+    if span % Decimal(repr(step)) != 0:
+        raise ConfigError(f"high - low = {float(span)!r} is not a multiple of "
+                          f"step={knob.step!r}", key=where)
+
+
+def _check_value(name: str, value: Any, where: str, label: str | None = None) -> None:
+    """Checks one knob value against the knob table."""
+    spec = KNOB_TABLE[name]
+    shown = f"{label}={value!r}" if label else repr(value)
+    # A number of an integer knob must be an int (8.0 == 8); its strings (bits' fp16/bf16)
+    # are checked by the table.
+    wrong_type = isinstance(value, bool) or (
+        spec.integer and value is not None and not isinstance(value, int | str))
+    if wrong_type:
+        raise ConfigError(f"{shown} is not allowed; allowed: {spec.allowed}", key=where)
+    if (isinstance(value, float) and value != value) or not spec.valid(value):  # NaN too
+        raise ConfigError(f"{shown} is out of range; allowed: {spec.allowed}", key=where)

@@ -48,13 +48,11 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from autocompress._errors import ConfigError, did_you_mean
-from autocompress.compress._knobs import KNOB_TABLE, KNOBS, same
 from autocompress.config._checks import check_keys, compile_pattern, matches, type_name
-from autocompress.config._domain import Knob
+from autocompress.config._domain import Knob, parse_knobs
 from autocompress.config._yaml import read_yaml
 
 if TYPE_CHECKING:
@@ -70,9 +68,7 @@ SPACE_VERSION = 1
 LAYER_TYPES = ("Conv1d", "Conv2d", "Linear", "Embedding", "Conv1D")
 
 _RULE_KEYS = ("name", "match", "types", "exclude", "share", "knobs")
-_RANGE_KEYS = ("low", "high", "step", "log")
 _TOP_KEYS = ("version", "layers")
-_MAX_STEPS = 1_000_000
 _NAME_RE = re.compile(r"[A-Za-z_][\w.-]*")
 _RESERVED_NAME_RE = re.compile(r"rule\d+")
 
@@ -236,7 +232,7 @@ def _parse_rule(raw: Any, where: str) -> Rule:
     if not isinstance(share, bool):
         raise ConfigError(f"expected true or false, got {type_name(share)}", key=f"{where}.share")
     return Rule(
-        knobs=_parse_knobs(raw.get("knobs"), f"{where}.knobs"),
+        knobs=parse_knobs(raw.get("knobs"), f"{where}.knobs"),
         match=_parse_patterns(raw.get("match"), f"{where}.match", allow_empty=False),
         types=_parse_types(raw.get("types"), f"{where}.types"),
         exclude=_parse_patterns(raw.get("exclude"), f"{where}.exclude", allow_empty=True),
@@ -292,105 +288,6 @@ def _parse_types(raw: Any, where: str) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _parse_knobs(raw: Any, where: str) -> dict[str, Knob]:
-    if not isinstance(raw, Mapping) or not raw:
-        raise ConfigError(f"expected a mapping of knobs from {list(KNOBS)}, "
-                          f"got {type_name(raw)}", key=where)
-    check_keys(raw, KNOBS, where, what="knob")
-    return {name: _parse_knob(name, value, f"{where}.{name}") for name, value in raw.items()}
-
-
-def _parse_knob(name: str, raw: Any, where: str) -> Knob:
-    if isinstance(raw, Mapping):
-        return _parse_range(name, raw, where)
-    if isinstance(raw, list | tuple):
-        return _parse_choices(name, raw, where)
-    _check_value(name, raw, where)
-    return Knob("fixed", value=raw)
-
-
-def _parse_choices(name: str, raw: Sequence[Any], where: str) -> Knob:
-    if not raw:
-        raise ConfigError("empty list of choices; give at least one value", key=where)
-    for j, value in enumerate(raw):
-        _check_value(name, value, f"{where}[{j}]")
-        if any(same(value, earlier) for earlier in raw[:j]):
-            raise ConfigError(f"{value!r} is listed twice", key=f"{where}[{j}]")
-    return Knob("choice", choices=tuple(raw))
-
-
-def _parse_range(name: str, raw: Mapping[str, Any], where: str) -> Knob:
-    if not KNOB_TABLE[name].rangeable:
-        raise ConfigError(f"a range is not allowed for {name}; give a list of choices or one "
-                          f"value", key=where)
-    check_keys(raw, _RANGE_KEYS, where)
-    if "low" not in raw or "high" not in raw:
-        raise ConfigError("a range needs both 'low' and 'high'", key=where)
-    integer = KNOB_TABLE[name].integer
-    low, high = (_range_bound(name, raw[k], k, integer, where) for k in ("low", "high"))
-    if low > high:
-        raise ConfigError(f"low={low!r} > high={high!r}", key=where)
-    log = raw.get("log", False)
-    if not isinstance(log, bool):
-        raise ConfigError(f"log={log!r}; expected true or false", key=where)
-    step = _range_step(raw.get("step"), integer, where)
-    if log and step not in (None, 1 if integer else None):
-        raise ConfigError("a range cannot have both a step and log=true", key=where)
-    if log and low <= 0:
-        raise ConfigError(f"log=true needs low > 0, got low={low!r}", key=where)
-    knob = Knob("range", low=low, high=high, step=step, log=log, integer=integer)
-    if step is not None:
-        _check_grid(knob, where)
-    return knob
-
-
-def _range_bound(name: str, value: Any, label: str, integer: bool, where: str) -> float:
-    kind = int if integer else int | float
-    if not isinstance(value, kind) or isinstance(value, bool):
-        expected = "an integer" if integer else "a number"
-        raise ConfigError(f"{label}={value!r}; expected {expected}", key=where)
-    _check_value(name, value, where, label=label)
-    return value if integer else float(value)
-
-
-def _range_step(step: Any, integer: bool, where: str) -> float | None:
-    if step is None:
-        return None
-    if integer:
-        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-            raise ConfigError(f"step={step!r}; allowed: an integer >= 1", key=where)
-        return step
-    if not isinstance(step, int | float) or isinstance(step, bool) or not 0 < step < float("inf"):
-        raise ConfigError(f"step={step!r}; allowed: a number > 0", key=where)
-    return float(step)
-
-
-def _check_grid(knob: Knob, where: str) -> None:
-    """``high - low`` must be a whole number of steps (Optuna would move ``high`` otherwise)."""
-    low, high = knob.bounds()
-    step = knob.step or 1
-    if (high - low) / step > _MAX_STEPS:
-        raise ConfigError(f"step={knob.step!r} gives more than {_MAX_STEPS} values", key=where)
-    span = Decimal(repr(high)) - Decimal(repr(low))
-    if span % Decimal(repr(step)) != 0:
-        raise ConfigError(f"high - low = {float(span)!r} is not a multiple of "
-                          f"step={knob.step!r}", key=where)
-
-
-def _check_value(name: str, value: Any, where: str, label: str | None = None) -> None:
-    """Checks one knob value against the knob table."""
-    spec = KNOB_TABLE[name]
-    shown = f"{label}={value!r}" if label else repr(value)
-    # A number of an integer knob must be an int (8.0 == 8); its strings (bits' fp16/bf16)
-    # are checked by the table.
-    wrong_type = isinstance(value, bool) or (
-        spec.integer and value is not None and not isinstance(value, int | str))
-    if wrong_type:
-        raise ConfigError(f"{shown} is not allowed; allowed: {spec.allowed}", key=where)
-    if (isinstance(value, float) and value != value) or not spec.valid(value):  # NaN too
-        raise ConfigError(f"{shown} is out of range; allowed: {spec.allowed}", key=where)
-
-
 def _check_rule_names(rules: Sequence[Rule]) -> None:
     seen: set[str] = set()
     for i, rule in enumerate(rules):
@@ -398,9 +295,3 @@ def _check_rule_names(rules: Sequence[Rule]) -> None:
             raise ConfigError(f"rule name {rule.name!r} is used twice", key=f"layers[{i}].name")
         if rule.name is not None:
             seen.add(rule.name)
-
-
-# --- resolving -----------------------------------------------------------------------------
-
-
-# --- helpers -------------------------------------------------------------------------------

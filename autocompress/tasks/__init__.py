@@ -1,6 +1,13 @@
-"""Tasks: the model, data and metric a search works on; built-in tasks one module each."""
+"""Tasks: the model, data and metric a search works on; built-in tasks one module each.
 
-from autocompress.tasks._registry import cache_dir, list_tasks, load_task, register_task
-from autocompress.tasks._task import Task
+Names are imported on first use, so that ``import autocompress.tasks`` and the :class:`Task`
+contract import neither torch nor ONNX (the registry and the built-in tasks do).
+"""
 
-__all__ = ["Task", "cache_dir", "list_tasks", "load_task", "register_task"]
+from autocompress._lazy import lazy_exports
+
+_EXPORTS = {
+    "_task": ("Task",),
+    "_registry": ("cache_dir", "list_tasks", "load_task", "register_task"),
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -1,18 +1,19 @@
-"""The Task contract: a trained model, its data, its metric."""
+"""The Task contract: a trained model, its data, its metric.
+
+Imports neither torch nor ONNX when imported (a test checks it): the user's model brings
+torch; the default metric and loss are imported when first used.
+"""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from autocompress._inputs import check_inputs
-from autocompress.measure.metrics import top1_accuracy
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 CALIBRATION_BATCHES = 8  # batches whose activation ranges calibrate act_bits: 8
 
@@ -48,6 +49,10 @@ class Task:
     distill_loss: Callable[[Any, Any], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
+        from torch import nn
+
+        from autocompress._inputs import check_inputs
+
         if not isinstance(self.model, nn.Module):
             raise TypeError(f"Task.model must be an nn.Module, got {type(self.model).__name__}")
         check_inputs(self.example_inputs, "Task.example_inputs")
@@ -55,6 +60,8 @@ class Task:
 
     def evaluate(self, model: nn.Module) -> float:
         """The task metric of ``model`` on the validation data."""
+        from autocompress.measure import top1_accuracy
+
         return float((self.metric or top1_accuracy)(model, self.val_loader))
 
     def calibration_batches(self, count: int = CALIBRATION_BATCHES) -> Iterator[Any]:
@@ -66,4 +73,7 @@ class Task:
             yield inputs
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``loss_fn(outputs, targets)``, cross-entropy by default."""
+        import torch.nn.functional as F
+
         return (self.loss_fn or F.cross_entropy)(outputs, targets)

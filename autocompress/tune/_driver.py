@@ -297,24 +297,29 @@ def _not_run_yet(points: list[dict[str, Any]], storage: str, study_name: str) ->
 
 
 def _without_knobs_that_cannot_pay(space: Any, exp: Experiment, echo: Callable[[str], None]) -> Any:
-    """``space`` without ``act_bits`` where quantized activations cannot pay: when no
-    objective is ``latency_ms`` (they buy speed only: the same weights, 8 bytes more per layer,
-    some accuracy), or when the target's runtime has no integer kernels for them
-    (:meth:`Runtime.integer_kernels`). Said once, with the reason."""
-    from autocompress.measure.runtimes._table import get_runtime
+    """``space`` without the knobs the knob table marks ``speed_only`` (``act_bits``) where
+    they cannot pay: when no objective is ``latency_ms`` (they buy speed only: e.g. the same
+    weights, 8 bytes more per layer, some accuracy), or, for ``integer_kernels`` knobs, when
+    the target's runtime has no integer kernels for them (:meth:`Runtime.integer_kernels`).
+    Said once per knob, with the reason."""
+    from autocompress.compress import KNOB_TABLE
+    from autocompress.measure.runtimes import get_runtime
 
-    if not space.sets("act_bits"):
-        return space
-    if "latency_ms" not in exp.metrics:
-        echo(f"act_bits left out of the search: quantized activations buy speed only, and no "
-             f"objective measures it (objectives: {', '.join(exp.metrics)})")
-        return space.without("act_bits")
-    reason = get_runtime(exp.target).integer_kernels(exp.target)
-    if reason is None:
-        return space
-    echo(f"act_bits left out of the search: {reason} (target {exp.target.runtime}/"
-         f"{exp.target.device}); ONNX Runtime on a CPU runs them on integer kernels")
-    return space.without("act_bits")
+    for spec in KNOB_TABLE.values():
+        if not spec.speed_only or not space.sets(spec.name):
+            continue
+        if "latency_ms" not in exp.metrics:
+            echo(f"{spec.name} left out of the search: {spec.about or spec.name} buy speed only, "
+                 f"and no objective measures it (objectives: {', '.join(exp.metrics)})")
+            space = space.without(spec.name)
+            continue
+        reason = get_runtime(exp.target).integer_kernels(exp.target) if spec.integer_kernels else None
+        if reason is None:
+            continue
+        echo(f"{spec.name} left out of the search: {reason} (target {exp.target.runtime}/"
+             f"{exp.target.device}); ONNX Runtime on a CPU runs them on integer kernels")
+        space = space.without(spec.name)
+    return space
 
 
 def _check_finetune_device(exp: Experiment, address: str | None,

@@ -10,8 +10,9 @@ Before the sampler takes over, the search runs (after the warm-start points):
    fine-tuning recovers from it;
 2. **allocations**: for a ladder of size budgets (each uniform recipe's size, and smaller),
    the per-layer plan of least predicted damage within the budget: a
-   multiple-choice knapsack over each layer's options (every combination of its probed
-   ``sparsity``/``structure``, ``bits`` and ``rank`` values), solved exactly by dynamic
+   multiple-choice knapsack over each layer's options (every combination of the values of
+   the knobs the knob table marks ``allocated``: ``sparsity``/``structure``, ``bits`` and
+   ``rank``), solved exactly by dynamic
    programming over the budget in 1/2000ths of the baseline's weight bytes (costs rounded up,
    so a plan never exceeds its budget), as HAWQ-V3 does for bits with an integer program.
 
@@ -19,7 +20,8 @@ Predictions are additive: a layer's damage for a combination is the sum of its p
 output distortions (:mod:`autocompress.tune._sensitivity`; continuous, unlike a metric on a
 small subset), a plan's the sum over its layers; a layer's cost is the bytes of its weight as
 stored (:func:`autocompress.measure.size.tensor_bytes`). Points are Optuna parameter dicts of the
-resolved space, enqueued in order; duplicates are dropped.
+resolved space, enqueued in order; duplicates are dropped. Which knob plays which part (swept
+by the uniform recipes, cut by the channel recipes) is its ``seed`` role in the knob table.
 """
 
 from __future__ import annotations
@@ -32,13 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from autocompress.compress._knobs import KNOB_TABLE, reconcile, same
-from autocompress.compress._plan import LayerPlan
+from autocompress.compress import KNOB_TABLE, LayerPlan, reconcile, same, seed_knob
 from autocompress.measure.size import tensor_bytes, weight_storage
 from autocompress.tune._sensitivity import Sensitivity, _candidates
 
 _UNITS = 2000  # budget resolution of the knapsack
-_ALLOCATED = ("sparsity", "structure", "bits", "rank")  # act_bits buys speed, not size
+_UNIFORM = ("width", "amount")  # the seed roles the uniform recipes sweep, outer first
 CHANNEL_FRACTIONS = (0.75, 0.5, 0.25)  # of the output channels, in the channel recipes' order
 CHANNEL_BITS = 4  # their weights' bit-width (the nearest integer value a layer offers)
 CALIBRATION_SPARSITIES = (0.5, 0.75, 0.9)  # of the plans ``finetune.lr: auto`` may be chosen on
@@ -79,13 +80,16 @@ def weight_bytes(shape: Sequence[int], lp: LayerPlan) -> int:
 
 def layer_options(layer: Any, shape: Sequence[int], sens: Sensitivity) -> list[Option]:
     """The Pareto-optimal (damage, bytes) settings of one layer (``layer``: a ``LayerSpace``)."""
-    values = {k: _domain_values(k, slot.knob) for k, slot in layer.knobs.items() if k in _ALLOCATED}
-    values.setdefault("structure", ["unstructured"])
+    values = {k: _domain_values(k, slot.knob) for k, slot in layer.knobs.items()
+              if KNOB_TABLE[k].allocated}
+    for spec in KNOB_TABLE.values():  # the knobs probes were repeated over, at their default
+        if spec.allocated and spec.probe_across:
+            values.setdefault(spec.probe_across, [KNOB_TABLE[spec.probe_across].default])
     options = []
     for combo in itertools.product(*values.values()):
         knobs = reconcile(dict(zip(values, combo, strict=True)))
         lp = LayerPlan(**knobs)
-        if lp.sparsity == 0 and lp.structure != "unstructured":
+        if _idle_modifier(lp):
             continue
         damage = _predicted_damage(sens, layer.name, lp)
         if damage is not None:
@@ -99,15 +103,29 @@ def layer_options(layer: Any, shape: Sequence[int], sens: Sensitivity) -> list[O
     return front
 
 
+def _idle_modifier(lp: LayerPlan) -> bool:
+    """Whether an allocated knob that modifies another (``structure``) is off its default
+    while that one is at its default: the same plan as with the modifier at its default."""
+    return any(spec.allocated and spec.modifies is not None
+               and same(getattr(lp, spec.modifies), KNOB_TABLE[spec.modifies].default)
+               and not same(getattr(lp, spec.name), spec.default)
+               for spec in KNOB_TABLE.values())
+
+
 def _predicted_damage(sens: Sensitivity, layer: str, lp: LayerPlan) -> float | None:
-    parts = []
-    if lp.sparsity:
-        parts.append(sens.distortion(layer, "sparsity", lp.sparsity, structure=lp.structure))
-    if lp.bits is not None:
-        parts.append(sens.distortion(layer, "bits", lp.bits))
-    if lp.rank is not None:
-        parts.append(sens.distortion(layer, "rank", lp.rank))
-    return None if any(p is None for p in parts) else float(sum(parts))
+    """The sum of the probes' distortions of the allocated knobs ``lp`` sets (each looked up
+    with its ``probe_across`` knob at ``lp``'s value), or None if one was not probed."""
+    parts: list[float] = []
+    for spec in KNOB_TABLE.values():
+        value = getattr(lp, spec.name)
+        if not (spec.probed and spec.allocated) or same(value, spec.default):
+            continue
+        across = {spec.probe_across: getattr(lp, spec.probe_across)} if spec.probe_across else {}
+        part = sens.distortion(layer, spec.name, value, **across)
+        if part is None:
+            return None
+        parts.append(part)
+    return float(sum(parts))
 
 
 def allocate(options: Mapping[str, list[Option]], budget: int) -> dict[str, Option] | None:
@@ -176,15 +194,16 @@ def seed_points(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequence[int
 def _uniform_recipes(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequence[int]],
                      names: Sequence[str], count: int) -> list[dict[str, Option]]:
     """``count`` uniform recipes (the same bits and the same unstructured sparsity on every
-    layer whose domain has them), the best predicted for their size, spread evenly over the
-    sizes they span."""
+    layer whose domain has them: the knobs of seed roles :data:`_UNIFORM`), the best predicted
+    for their size, spread evenly over the sizes they span."""
+    swept = [seed_knob(role).name for role in _UNIFORM]
     grid: list[dict[str, Option]] = []
-    for bits, sparsity in itertools.product(*_uniform_values(space)):
+    for combo in itertools.product(*_uniform_values(space)):
         recipe = {}
         for ls in space.layers:
             if ls.name not in names:
                 continue
-            knobs = {k: v for k, v in (("bits", bits), ("sparsity", sparsity))
+            knobs = {k: v for k, v in zip(swept, combo, strict=True)
                      if k in ls.knobs and any(same(v, w) for w in _domain_values(k, ls.knobs[k].knob))}
             lp = LayerPlan(**knobs)
             damage = _predicted_damage(sens, ls.name, lp)
@@ -213,6 +232,7 @@ def _channel_recipes(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequenc
     bits. Not chosen by predicted damage: the profile measures damage before fine-tuning, and
     fine-tuning recovers from channel pruning far more than that predicts (digits, 2 epochs:
     50% of the channels at 4 bits loses nothing). None when no layer offers channels."""
+    amount, how = seed_knob("amount").name, seed_knob("cut")
     recipes: list[dict[str, Option]] = []
     for fraction in CHANNEL_FRACTIONS[:count]:
         recipe, cut = {}, False
@@ -220,12 +240,12 @@ def _channel_recipes(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequenc
             if ls.name not in names:
                 continue
             knobs = _near_4_bits(ls)
-            structures = (_domain_values("structure", ls.knobs["structure"].knob)
-                          if "structure" in ls.knobs else [])
-            if "channel" in structures and "sparsity" in ls.knobs:
-                level = _nearest("sparsity", ls.knobs["sparsity"].knob, fraction)
+            structures = (_domain_values(how.name, ls.knobs[how.name].knob)
+                          if how.name in ls.knobs else [])
+            if how.seed_value in structures and amount in ls.knobs:
+                level = _nearest(amount, ls.knobs[amount].knob, fraction)
                 if level:
-                    knobs["sparsity"], knobs["structure"], cut = level, "channel", True
+                    knobs[amount], knobs[how.name], cut = level, how.seed_value, True
             lp = LayerPlan(**knobs)
             recipe[ls.name] = Option(knobs, _predicted_damage(sens, ls.name, lp) or 0.0,
                                      weight_bytes(shapes[ls.name], lp))
@@ -241,13 +261,14 @@ def calibration_points(space: Any) -> list[dict[str, Any]]:
     dropped). The search takes the first that loses enough before fine-tuning
     (:func:`autocompress.finetune.choose_lr` needs a plan fine-tuning must work to recover
     from)."""
+    amount = seed_knob("amount").name
     points: list[dict[str, Any]] = []
     for target in CALIBRATION_SPARSITIES:
         plan: dict[str, dict[str, Any]] = {}
         for ls in space.layers:
             knobs = _near_4_bits(ls)
-            if "sparsity" in ls.knobs:
-                knobs["sparsity"] = _nearest("sparsity", ls.knobs["sparsity"].knob, target)
+            if amount in ls.knobs:
+                knobs[amount] = _nearest(amount, ls.knobs[amount].knob, target)
             plan[ls.name] = knobs
         point = to_params(space, plan)
         if point not in points:
@@ -256,13 +277,15 @@ def calibration_points(space: Any) -> list[dict[str, Any]]:
 
 
 def _near_4_bits(ls: Any) -> dict[str, Any]:
-    """``{"bits": b}``, b the integer bit-width of layer space ``ls`` nearest
-    :data:`CHANNEL_BITS` (the smaller on ties), or ``{}`` when it offers none."""
-    if "bits" not in ls.knobs:
+    """``{"bits": b}`` (the knob of seed role ``width``), b the integer bit-width of layer
+    space ``ls`` nearest :data:`CHANNEL_BITS` (the smaller on ties), or ``{}`` when it offers
+    none."""
+    width = seed_knob("width").name
+    if width not in ls.knobs:
         return {}
-    ints = [v for v in _domain_values("bits", ls.knobs["bits"].knob)
+    ints = [v for v in _domain_values(width, ls.knobs[width].knob)
             if isinstance(v, int) and not isinstance(v, bool)]
-    return {"bits": min(ints, key=lambda b: (abs(b - CHANNEL_BITS), b))} if ints else {}
+    return {width: min(ints, key=lambda b: (abs(b - CHANNEL_BITS), b))} if ints else {}
 
 
 def _nearest(name: str, knob: Any, target: float) -> Any:
@@ -280,16 +303,19 @@ def _domain_values(name: str, knob: Any) -> list[Any]:
     return [KNOB_TABLE[name].default, *_candidates(name, knob)]
 
 
-def _uniform_values(space: Any) -> tuple[list[Any], list[Any]]:
-    """The ``bits`` and ``sparsity`` values some layer's domain offers (defaults included)."""
-    bits: list[Any] = [None]
-    sparsity: list[Any] = [0.0]
-    for ls in space.layers:
-        for name, target in (("bits", bits), ("sparsity", sparsity)):
-            if name in ls.knobs:
-                target += [v for v in _candidates(name, ls.knobs[name].knob)
+def _uniform_values(space: Any) -> list[list[Any]]:
+    """Per role of :data:`_UNIFORM` (``bits``, ``sparsity``), the values some layer's domain
+    offers for its knob (defaults included)."""
+    out = []
+    for role in _UNIFORM:
+        spec = seed_knob(role)
+        target: list[Any] = [spec.default]
+        for ls in space.layers:
+            if spec.name in ls.knobs:
+                target += [v for v in _candidates(spec.name, ls.knobs[spec.name].knob)
                            if not any(same(v, w) for w in target)]
-    return bits, sparsity
+        out.append(target)
+    return out
 
 
 def to_params(space: Any, plan: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -2,14 +2,15 @@
 fine-tuning, for each value its search space offers (HAWQ-V3, ModelOpt ``auto_quantize`` and
 NNCF's mixed precision steer per-layer choices the same way, with measured sensitivity).
 
-A *probe* compresses one layer by one knob value (``sparsity`` at a few strengths for each
-``structure`` the layer's domain has, each ``bits``, each ``rank``; ``act_bits`` with 8-bit
-weights), calibrates activation ranges, and measures on a subset of the validation data (the
-first ``batches`` batches) the task metric and the *distortion*: the squared error of the
-model's outputs against the uncompressed model's, relative to their squared norm. The metric
-is what a user reads; the distortion is what the seeding allocates with: it is continuous
-(a metric such as accuracy on a few hundred samples does not move for most single-layer
-changes, so many settings would look free) and adds up over layers for small changes, as
+A *probe* compresses one layer by one knob value (each knob the knob table marks ``probed``:
+``sparsity`` at a few strengths for each ``structure`` the layer's domain has, each ``bits``,
+each ``rank``; ``act_bits`` with 8-bit weights), calibrates activation ranges, and measures on
+a subset of the validation data (the first ``batches`` batches) the task metric and the
+*distortion*: the squared error of the model's outputs against the uncompressed model's,
+relative to their squared norm. The metric is what a user reads; the distortion is what the
+seeding allocates with: it is continuous (a metric such as accuracy on a few hundred samples
+does not move for most single-layer changes, so many settings would look free) and adds up
+over layers for small changes, as
 HAWQ's and ModelOpt's per-layer loss terms do. The profile is cached in
 ``$AUTOCOMPRESS_CACHE/sensitivity`` per task model (its weights' digest), search space and
 subset, so a second search of the same task pays nothing. :mod:`autocompress.tune._seeds`
@@ -31,8 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from autocompress.compress._knobs import KNOB_TABLE, reconcile, same
-from autocompress.compress._plan import LayerPlan, Plan
+from autocompress.compress import KNOB_TABLE, LayerPlan, Plan, reconcile, same
 
 SENSITIVITY_BATCHES = 8
 RANGE_POINTS = 4  # probes of a range domain: this many evenly spaced values above its low end
@@ -118,16 +118,24 @@ class Sensitivity:
 
 
 def probe_settings(slots: dict[str, Any]) -> list[dict[str, Any]]:
-    """The settings probed on one layer, from its search-space slots (``{knob: Slot}``)."""
+    """The settings probed on one layer, from its search-space slots (``{knob: Slot}``): each
+    value of each ``probed`` knob of the table, with its ``probe_with`` values, once per value
+    of its ``probe_across`` knob (that knob's default included), in table order."""
     values = {name: _candidates(name, slot.knob) for name, slot in slots.items()}
-    structures = ["unstructured", *values.get("structure", [])]  # the default is a structure too
     settings: list[dict[str, Any]] = []
-    for s in values.get("sparsity", []):
-        settings += [{"sparsity": s, "structure": st} for st in structures]
-    settings += [{"bits": b} for b in values.get("bits", [])]
-    settings += [{"rank": r} for r in values.get("rank", [])]
-    settings += [{"bits": 8, "act_bits": a} for a in values.get("act_bits", [])]
+    for name, spec in KNOB_TABLE.items():
+        if not spec.probed:
+            continue
+        across = spec.probe_across
+        extras = [{}] if across is None else [
+            {across: a} for a in [KNOB_TABLE[across].default, *values.get(across, [])]]
+        settings += [_in_table_order({name: v, **dict(spec.probe_with), **extra})
+                     for v in values.get(name, []) for extra in extras]
     return [s for s in settings if not LayerPlan(**reconcile(s)).is_identity]
+
+
+def _in_table_order(knobs: dict[str, Any]) -> dict[str, Any]:
+    return {name: knobs[name] for name in KNOB_TABLE if name in knobs}
 
 
 def _candidates(name: str, knob: Any) -> list[Any]:
@@ -199,7 +207,7 @@ def _outputs(model: Any, subset: list) -> list[Any]:
     import torch
 
     from autocompress._inputs import run
-    from autocompress.compress._layers import output_tensors
+    from autocompress.compress import output_tensors
 
     with torch.no_grad():
         return [torch.cat([t.detach().float().flatten() for t in output_tensors(run(model, x))
@@ -215,7 +223,7 @@ def _distortion(outputs: list[Any], reference: list[Any]) -> float:
 def _metric(task: Any, model: Any, subset: list) -> float:
     import torch
 
-    from autocompress.measure.metrics import top1_accuracy
+    from autocompress.measure import top1_accuracy
 
     with torch.no_grad():
         return float((task.metric or top1_accuracy)(model, subset))
