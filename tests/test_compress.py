@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from autocompress.compress import apply, list_methods
-from autocompress.compress._bake import bake, export_onnx
+from autocompress.compress import apply, bake, list_methods
 from autocompress.compress._plan import LayerPlan, Plan, PlanError
 from autocompress.measure import count_params, size_bytes
+from autocompress.onnxgraph import export_onnx
 from tests.models import MODELS, ModelSpec
 from tests.test_size import reference_bytes
 
@@ -377,7 +377,7 @@ def test_onnx_export_matches_torch(compressed, tmp_path: Path) -> None:
     with torch.no_grad():
         expected = new(x).numpy()
     # With act_bits 8 the deployed graph also rounds the tensors between quantized layers to
-    # 8 bits (calibrated ranges; see compress/_ort_quant.py), which the torch model does not.
+    # 8 bits (calibrated ranges; see onnxgraph/_ort_quant.py), which the torch model does not.
     static = any(lp.act_bits == 8 for lp in case.plan().values())
     atol = 0.01 * float(np.abs(expected).max()) if static else 1e-4
     np.testing.assert_allclose(run_onnx(path, x), expected, atol=atol, rtol=0)

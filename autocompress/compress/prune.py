@@ -152,20 +152,29 @@ def _prune(model: nn.Module, plan: Plan, example_inputs: Any) -> None:
 
 
 def mask_smallest(layer: nn.Module, sparsity: float) -> None:
-    """Masks the ``round(sparsity * numel)`` smallest-magnitude weights of ``layer``."""
+    """Masks the ``round(sparsity * numel)`` smallest-magnitude weights of ``layer``
+    (:func:`magnitude_mask`), on top of its mask."""
     wc = weight_compression(layer)
     w = cast(torch.Tensor, layer.weight).detach()
     k = round(sparsity * w.numel())
     if k == 0:
         return
-    cut = w.abs().flatten().kthvalue(k).values
-    # Ties at the threshold: keep exactly k masked by ranking, not by comparing to ``cut``.
-    order = w.abs().flatten().argsort(stable=True)[:k]
+    old = cast(torch.Tensor, wc.mask)
+    old.copy_(magnitude_mask(w, k) & old)
+
+
+def magnitude_mask(w: torch.Tensor, pruned: int) -> torch.Tensor:
+    """The mask of unstructured magnitude pruning: all but the ``pruned`` smallest-magnitude
+    entries of ``w`` (ties by position, a stable ranking: exactly ``pruned`` are masked).
+
+    The one rule: pruning applies it, and regrowth during fine-tuning
+    (:meth:`~autocompress.compress.WeightCompression.refresh`) re-applies it to the trained
+    weights, so a pattern a pruning method imposes is kept by regrowth.
+    """
+    order = w.abs().flatten().argsort(stable=True)[:pruned]
     mask = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
     mask[order] = False
-    assert (w.abs().flatten()[~mask] <= cut).all()
-    old = cast(torch.Tensor, wc.mask)
-    old.copy_(mask.view_as(w) & old)
+    return mask.view_as(w)
 
 
 def prune_channels(model: nn.Module, ratios: dict[str, float], example_inputs: Any) -> None:
