@@ -21,6 +21,7 @@ from autocompress.compress.formats._base import (
     compressed_value,
     format_name,
     per_row,
+    plan_values,
     quantize_weight,
     weight_format,
 )
@@ -37,5 +38,5 @@ from autocompress.compress.formats._pow2 import POW2_CANDIDATES, pow2_codes, pow
 __all__ = ["BUILTIN_FORMATS", "FLOAT_DTYPES", "FORMATS", "POW2_CANDIDATES", "InitializerSlot",
            "IntegerFormat", "OnnxNodes", "StoredWeight", "WeightFormat", "compressed_value",
            "float_bytes", "float_from_bytes", "format_name", "pack_bits", "per_row",
-           "pow2_codes", "pow2_from_codes", "quantize_weight", "round_to_float", "unpack_bits",
-           "weight_format"]
+           "plan_values", "pow2_codes", "pow2_from_codes", "quantize_weight", "round_to_float",
+           "unpack_bits", "weight_format"]

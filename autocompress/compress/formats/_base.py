@@ -26,8 +26,8 @@ import torch
 from autocompress._registry import Registry
 
 __all__ = ["BUILTIN_FORMATS", "FORMATS", "InitializerSlot", "OnnxNodes", "StoredWeight",
-           "WeightFormat", "compressed_value", "format_name", "per_row", "quantize_weight",
-           "weight_format"]
+           "WeightFormat", "compressed_value", "format_name", "per_row", "plan_values",
+           "quantize_weight", "weight_format"]
 
 _UNIFORM = "autocompress.compress.formats._uniform"
 _POW2 = "autocompress.compress.formats._pow2"
@@ -164,6 +164,18 @@ def format_name(bits: int | str | None, scheme: str = "uniform") -> str:
     if isinstance(bits, str):
         return bits
     return f"int{bits}" if scheme == "uniform" else f"{scheme}-{bits}"
+
+
+def plan_values(name: str) -> tuple[int | str | None, str]:
+    """The plan's ``(bits, scheme)`` of format ``name``: the inverse of :func:`format_name`."""
+    if name == "fp32":
+        return None, "uniform"
+    scheme, _, bits = name.rpartition("-")
+    if scheme:
+        return int(bits), scheme
+    if name.startswith("int") and name[3:].isdigit():
+        return int(name[3:]), "uniform"
+    return name, "uniform"
 
 
 def weight_format(bits: int | str | None, scheme: str = "uniform") -> WeightFormat:
