@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import torch
+from onnx import helper, numpy_helper
 
 from autocompress.compress.formats._base import (
     FORMATS,
@@ -25,6 +27,7 @@ from autocompress.compress.formats._base import (
 __all__ = ["FLOAT_DTYPES", "Float16Format", "float_bytes", "float_from_bytes", "round_to_float"]
 
 FLOAT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_ONNX_DTYPES = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
 
 
 def round_to_float(w: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -69,13 +72,10 @@ class Float16Format(WeightFormat):
         """A float16/bfloat16 initializer + Cast to float producing ``slot``'s initializer;
         BN-folded (``X != W``), a Mul by the per-channel ``k`` follows, so the 16-bit values
         stay exactly the trained ones."""
-        import onnx
-        from onnx import helper, numpy_helper
-
         init, fmt = slot.init.name, self.name
         w = np.ascontiguousarray(stored.values.T) if slot.transposed else stored.values
-        dtype = onnx.TensorProto.FLOAT16 if fmt == "fp16" else onnx.TensorProto.BFLOAT16
-        inits = [helper.make_tensor(f"{init}_{fmt}", dtype, w.shape, float_bytes(w, fmt), raw=True)]
+        inits = [helper.make_tensor(f"{init}_{fmt}", _ONNX_DTYPES[fmt], w.shape, float_bytes(w, fmt),
+                                    raw=True)]
         cast = f"{init}_cast"
         if np.array_equal(numpy_helper.to_array(slot.init), w):
             cast = init  # the common case: the initializer is the weight itself
