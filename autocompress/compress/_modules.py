@@ -34,8 +34,9 @@ class WeightCompression(nn.Module):
 
     While ``regrow`` is set (fine-tuning sets it for the first part of training, see
     :class:`Regrowth`), the gradient also passes through the mask to the pruned weights, and
-    :meth:`refresh` re-chooses the mask by the pruning method's rule
-    (:func:`~autocompress.compress.prune.magnitude_mask`), keeping its count of pruned
+    :meth:`refresh` re-chooses the mask by the rule of the pruning method that made it
+    (``mask_rule``, a name in :data:`~autocompress.compress.prune.MASK_RULES`; unstructured
+    pruning's :func:`~autocompress.compress.prune.magnitude_mask`), keeping its count of pruned
     weights: a pruned weight whose gradient makes it large comes back, the smallest kept one
     goes. This is dynamic pruning with feedback (Lin et al., 2020, "Dynamic Model Pruning
     with Feedback"; Guo et al., 2016, "Dynamic Network Surgery"): after one-shot pruning to 80%
@@ -54,6 +55,7 @@ class WeightCompression(nn.Module):
         self.bits = bits
         self.scheme = scheme
         self.regrow = False
+        self.mask_rule = "magnitude"  # the pruning method's rule (prune.MASK_RULES) refresh re-applies
 
     @property
     def format(self) -> WeightFormat:
@@ -73,16 +75,16 @@ class WeightCompression(nn.Module):
 
     @torch.no_grad()
     def refresh(self, w: torch.Tensor) -> None:
-        """Re-chooses the mask from ``w`` (the unmasked weight) by the pruning method's rule,
-        pruning as many weights as it prunes now."""
+        """Re-chooses the mask from ``w`` (the unmasked weight) by its pruning method's rule
+        (``mask_rule``), pruning as many weights as it prunes now."""
         # Deferred: prune.py builds on this module (the rule belongs to the pruning method).
-        from autocompress.compress.prune import magnitude_mask
+        from autocompress.compress.prune import MASK_RULES
 
         mask: torch.Tensor = self.mask  # type: ignore[assignment]
         pruned = mask.numel() - int(mask.sum())
         if pruned == 0:
             return
-        mask.copy_(magnitude_mask(w.detach(), pruned))
+        mask.copy_(MASK_RULES.get(self.mask_rule)(w.detach(), pruned))
 
     def extra_repr(self) -> str:
         scheme = f", scheme={self.scheme}" if self.scheme != "uniform" else ""

@@ -46,11 +46,13 @@ The dependency graph, its groups and attention heads are in
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 from torch import nn
 
+from autocompress._registry import Registry
 from autocompress.compress._channel_groups import _Graph, _Heads, _OverBudget
 from autocompress.compress._layers import LayerInfo, Refusal
 from autocompress.compress._modules import leaves, weight_compression
@@ -153,15 +155,23 @@ def mask_smallest(layer: nn.Module, sparsity: float) -> None:
         return
     old = cast(torch.Tensor, wc.mask)
     old.copy_(magnitude_mask(w, k) & old)
+    wc.mask_rule = "magnitude"
 
 
+#: ``{name: rule}``: a rule ``(weight, pruned count) -> mask`` (True: kept) of a pruning method;
+#: a weight's ``WeightCompression.mask_rule`` names the one regrowth re-applies.
+MASK_RULES: Registry[Callable[[torch.Tensor, int], torch.Tensor]] = Registry("mask rule")
+
+
+@MASK_RULES.register("magnitude")
 def magnitude_mask(w: torch.Tensor, pruned: int) -> torch.Tensor:
     """The mask of unstructured magnitude pruning: all but the ``pruned`` smallest-magnitude
     entries of ``w`` (ties by position, a stable ranking: exactly ``pruned`` are masked).
 
-    The one rule: pruning applies it, and regrowth during fine-tuning
+    The one rule of unstructured pruning: pruning applies it, and regrowth during fine-tuning
     (:meth:`~autocompress.compress.WeightCompression.refresh`) re-applies it to the trained
-    weights, so a pattern a pruning method imposes is kept by regrowth.
+    weights (``MASK_RULES.get("magnitude")``), so a pattern a pruning method imposes (an N:M rule
+    registered beside it) is kept by regrowth.
     """
     order = w.abs().flatten().argsort(stable=True)[:pruned]
     mask = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
