@@ -49,9 +49,14 @@ class InitializerSlot(Protocol):
     """Where a weight sits in an exported ONNX graph (``onnxgraph.WeightMatch``): initializer
     ``init`` holds ``w * k`` per output channel, transposed if ``transposed``."""
 
-    init: Any
-    k: np.ndarray
-    transposed: bool
+    @property
+    def init(self) -> Any: ...  # onnx.TensorProto
+
+    @property
+    def k(self) -> np.ndarray: ...
+
+    @property
+    def transposed(self) -> bool: ...
 
 
 def per_row(values: np.ndarray, ndim: int) -> np.ndarray:
