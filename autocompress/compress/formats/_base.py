@@ -83,7 +83,7 @@ class StoredWeight:
         """The fp32 values the weight computes with."""
         if self.scale is None:
             return self.values
-        return self.values.astype(np.float32) * per_row(self.scale, self.values.ndim)
+        return self.format.rescaled(self.values, self.scale, self.values.shape)
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,11 @@ class WeightFormat:
         return int(shape[0]) if self.scaled else 0
 
     def rescaled(self, values: np.ndarray, scale: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-        """Decoded ``values`` (flat) times their ``scale``s, as fp32 of ``shape``'s rows."""
-        return values.reshape(shape[0], -1).astype(np.float32) * scale[:, None]
+        """Codes ``values`` (any shape of ``shape``'s size) times their ``scale``s: fp32 of
+        ``shape``. One scale per output channel here; a grouped format overrides
+        :meth:`scales` and this."""
+        rows = values.reshape(shape[0], -1).astype(np.float32) * scale.reshape(-1, 1)
+        return rows.reshape(tuple(shape))
 
     def stored_bytes(self, shape: Sequence[int]) -> int:
         """Bytes of a dense tensor of ``shape``: values bit-packed, plus the scales."""
