@@ -44,11 +44,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int8 import onnx_accuracy  # noqa: E402  (bench/int8.py)
 from latency import resnet_model  # noqa: E402  (bench/latency.py)
 
-from autocompress.compress import apply, find_layers  # noqa: E402
-from autocompress.compress._bake import bake, export_onnx  # noqa: E402
+from autocompress.compress import (  # noqa: E402
+    apply,
+    bake,  # noqa: E402
+    find_layers,
+)
 from autocompress.compress._plan import LayerPlan, Plan  # noqa: E402
 from autocompress.finetune import FinetuneConfig, finetune  # noqa: E402
 from autocompress.measure import Target, measure_latency, size_bytes  # noqa: E402
+from autocompress.onnxgraph import export_onnx  # noqa: E402
 from autocompress.tasks import load_task  # noqa: E402
 
 TASKS = ("digits", "mnist1d")

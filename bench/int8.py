@@ -42,12 +42,12 @@ from latency import Config, Variant, run_benchmark  # noqa: E402
 
 from autocompress._inputs import to_numpy_feed  # noqa: E402
 from autocompress.compress import apply  # noqa: E402
-from autocompress.compress._bake import export_onnx  # noqa: E402
 from autocompress.compress._layers import count_macs, find_layers  # noqa: E402
 from autocompress.compress._plan import LayerPlan, Plan  # noqa: E402
 from autocompress.compress.quantize import calibrate  # noqa: E402
 from autocompress.finetune import FinetuneConfig, finetune  # noqa: E402
 from autocompress.measure import Target, count_params, size_bytes  # noqa: E402
+from autocompress.onnxgraph import export_onnx  # noqa: E402
 from autocompress.tasks import load_task  # noqa: E402
 
 REFERENCE = "ref: ort-static"

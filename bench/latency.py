@@ -53,7 +53,6 @@ from torch import nn
 
 from autocompress._inputs import repeat_to
 from autocompress.compress import apply
-from autocompress.compress._bake import export_onnx
 from autocompress.compress._layers import count_macs, find_layers
 from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.measure import (
@@ -66,6 +65,7 @@ from autocompress.measure import (
 )
 from autocompress.measure.latency import Prepared
 from autocompress.measure.runtimes import get_runtime
+from autocompress.onnxgraph import export_onnx
 from autocompress.tasks import load_task
 
 RUNTIMES = ("onnxruntime", "torch")

@@ -46,11 +46,12 @@ from autocompress._inputs import (
     repeat_to,
     to_numpy_feed,  # noqa: E402
 )
-from autocompress.compress import apply, export_onnx  # noqa: E402
+from autocompress.compress import apply  # noqa: E402
 from autocompress.finetune import FinetuneConfig, finetune  # noqa: E402
 from autocompress.measure import Target  # noqa: E402
 from autocompress.measure.latency import Prepared  # noqa: E402
 from autocompress.measure.runtimes import get_runtime  # noqa: E402
+from autocompress.onnxgraph import export_onnx  # noqa: E402
 from autocompress.tasks import load_task  # noqa: E402
 
 BLOCKS = 6

@@ -102,9 +102,9 @@ def side_by_side(models: dict[str, bytes], feed: dict[str, Any], threads: int, r
 def run(task: str, condition: str, trials: int, epochs: int, rounds: int,
         workdir: Path) -> list[dict[str, Any]]:
     from autocompress._inputs import to_numpy_feed
-    from autocompress.compress._bake import export_onnx
     from autocompress.config import load_experiment
     from autocompress.deploy import export_run
+    from autocompress.onnxgraph import export_onnx
     from autocompress.tasks import load_task
     from autocompress.tune import run_search
 

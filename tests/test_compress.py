@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from autocompress.compress import apply, list_methods
-from autocompress.compress._bake import bake, export_onnx
+from autocompress.compress import apply, bake, list_methods
 from autocompress.compress._plan import LayerPlan, Plan, PlanError
 from autocompress.measure import count_params, size_bytes
+from autocompress.onnxgraph import export_onnx
 from tests.models import MODELS, ModelSpec
 from tests.test_size import reference_bytes
 
@@ -377,7 +377,7 @@ def test_onnx_export_matches_torch(compressed, tmp_path: Path) -> None:
     with torch.no_grad():
         expected = new(x).numpy()
     # With act_bits 8 the deployed graph also rounds the tensors between quantized layers to
-    # 8 bits (calibrated ranges; see compress/_ort_quant.py), which the torch model does not.
+    # 8 bits (calibrated ranges; see onnxgraph/_ort_quant.py), which the torch model does not.
     static = any(lp.act_bits == 8 for lp in case.plan().values())
     atol = 0.01 * float(np.abs(expected).max()) if static else 1e-4
     np.testing.assert_allclose(run_onnx(path, x), expected, atol=atol, rtol=0)
@@ -555,3 +555,50 @@ def test_low_rank_of_a_grouped_conv_is_refused() -> None:
     model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Flatten(), nn.Linear(8 * 16, 2))
     with pytest.raises(PlanError, match="layer '0': .*grouped"):
         apply(model, Plan({"0": LayerPlan(rank=0.5)}), torch.randn(2, 4, 6, 6))
+
+
+# --- the mask rule: pruning's, re-applied by regrowth ----------------------------------------
+
+
+def test_regrowth_reapplies_the_magnitude_rule_of_unstructured_pruning() -> None:
+    from autocompress.compress._modules import Regrowth, weight_compression
+    from autocompress.compress.prune import magnitude_mask, mask_smallest
+
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    mask_smallest(layer, 0.5)
+    wc = weight_compression(layer)
+    original = layer.parametrizations.weight.original
+    assert torch.equal(wc.mask, magnitude_mask(original.detach(), 12))
+    with torch.no_grad():
+        original[~wc.mask] *= 100  # the pruned grow large: regrowth brings them back
+    with Regrowth(layer) as regrowth:
+        regrowth.refresh()
+    assert int(wc.mask.sum()) == 12
+    assert torch.equal(wc.mask, magnitude_mask(original.detach(), 12))
+
+
+def test_regrowth_keeps_the_pattern_of_the_rule_that_made_the_mask() -> None:
+    """A pruning method with its own pattern (as an N:M rule would be) names its rule on the
+    weight; regrowth re-applies that rule, not magnitude's."""
+    from autocompress.compress._modules import Regrowth, weight_compression
+    from autocompress.compress.prune import MASK_RULES
+
+    def first_of_each_row(w: torch.Tensor, pruned: int) -> torch.Tensor:
+        mask = torch.ones_like(w, dtype=torch.bool)
+        mask[:, : pruned // len(w)] = False
+        return mask
+
+    MASK_RULES.register("test-first-columns", first_of_each_row)
+    try:
+        layer = nn.Linear(6, 4)
+        wc = weight_compression(layer)
+        wc.mask.copy_(first_of_each_row(layer.weight.detach(), 8))
+        wc.mask_rule = "test-first-columns"
+        with torch.no_grad():
+            layer.parametrizations.weight.original[:, :2] = 100.0  # magnitude would keep them
+        with Regrowth(layer) as regrowth:
+            regrowth.refresh()
+        assert not wc.mask[:, :2].any() and wc.mask[:, 2:].all()
+    finally:
+        MASK_RULES.unregister("test-first-columns")

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autocompress.compress import LowRank, apply, count_macs
-from autocompress.compress._bake import bake, export_onnx
+from autocompress.compress import LowRank, apply, bake, count_macs
 from autocompress.compress._decompose import cp_als, cp_rank, tucker_ranks
 from autocompress.compress._plan import LayerPlan, Plan, PlanError
 from autocompress.compress._registry import describe_layers
@@ -27,6 +26,7 @@ from autocompress.config import load_search_space
 from autocompress.deploy._packed import load_packed, save_packed
 from autocompress.deploy._rebuild import load_baked_state
 from autocompress.measure import count_params, size_bytes
+from autocompress.onnxgraph import export_onnx
 from tests import real_models
 from tests.models import MODELS
 from tests.real_models import Conv2dSame

@@ -19,8 +19,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from autocompress._inputs import run
-from autocompress.compress import apply
-from autocompress.compress._bake import bake, dynamic_layers, export_onnx
+from autocompress.compress import apply, bake, dynamic_layers
 from autocompress.compress._knobs import KNOB_TABLE
 from autocompress.compress._modules import ActFakeQuant, dynamic_fake_quant, quantize_weight
 from autocompress.compress._plan import LayerPlan, Plan, PlanError
@@ -28,6 +27,7 @@ from autocompress.compress._registry import describe_layers
 from autocompress.deploy._packed import load_packed, save_packed
 from autocompress.measure import Target, measure_latency, size_bytes
 from autocompress.measure.runtimes._ort import has_activation_quant, session_options
+from autocompress.onnxgraph import export_onnx
 from tests.models import MODELS
 from tests.real_models import tokens_model, two_inputs
 

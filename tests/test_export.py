@@ -20,13 +20,13 @@ from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
 from autocompress import cli
-from autocompress.compress import apply
-from autocompress.compress._bake import bake, export_onnx, float_weights, quantized_weights
+from autocompress.compress import apply, bake, float_weights, quantized_weights
 from autocompress.compress._modules import ActFakeQuant, WeightCompression, quantize_weight
 from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.deploy._export import VerificationError, export_run
 from autocompress.deploy._rebuild import load_baked_state, rebuild_from_run
 from autocompress.measure import size_bytes
+from autocompress.onnxgraph import export_onnx
 from autocompress.tracking import read_front
 from tests.models import MODELS, ModelSpec, tiny_task
 

@@ -24,10 +24,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from autocompress.compress import apply
-from autocompress.compress._bake import bake, export_onnx
+from autocompress.compress import apply, bake
 from autocompress.compress._fold import find_folds, fold_into
-from autocompress.compress._formats import (
+from autocompress.compress._knobs import reconcile
+from autocompress.compress._modules import WeightCompression
+from autocompress.compress._plan import LayerPlan, Plan, PlanError
+from autocompress.compress.formats import (
     compressed_value,
     float_bytes,
     float_from_bytes,
@@ -36,11 +38,9 @@ from autocompress.compress._formats import (
     quantize_weight,
     round_to_float,
 )
-from autocompress.compress._knobs import reconcile
-from autocompress.compress._modules import WeightCompression
-from autocompress.compress._plan import LayerPlan, Plan, PlanError
 from autocompress.deploy._packed import PackedFormatError, load_packed, save_packed
 from autocompress.measure import size_bytes
+from autocompress.onnxgraph import export_onnx
 from tests.models import MODELS
 from tests.test_compress import run_onnx, train_steps
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from autocompress.compress import apply
-from autocompress.compress._bake import export_onnx
 from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.measure import Target, measure_latency
 from autocompress.measure.cache import graph_signature
+from autocompress.onnxgraph import export_onnx
 from tests.models import MODELS
 
 TARGET = Target(warmup=1, min_runs=3, max_runs=8, budget_s=0.05)

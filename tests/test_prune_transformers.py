@@ -20,10 +20,10 @@ import torch_pruning as tp
 from torch import nn
 
 from autocompress._inputs import to_numpy_feed
-from autocompress.compress import apply
-from autocompress.compress._bake import bake, export_onnx
+from autocompress.compress import apply, bake
 from autocompress.compress._plan import LayerPlan, Plan, PlanError
 from autocompress.compress._registry import describe_layers
+from autocompress.onnxgraph import export_onnx
 
 HEADS, HEAD_SIZE, HIDDEN, FFN = 4, 8, 32, 64
 SELF = "bert.encoder.layer.0.attention.self"

@@ -14,10 +14,11 @@ from torch import nn
 
 from autocompress import LayerPlan, Plan, PlanError
 from autocompress._inputs import run, to_numpy_feed
-from autocompress.compress import apply, export_onnx
+from autocompress.compress import apply
 from autocompress.compress._registry import describe_layers
 from autocompress.config import load_search_space
 from autocompress.measure import Target, measure_latency
+from autocompress.onnxgraph import export_onnx
 from tests import real_models
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from autocompress.compress import LayerPlan, Plan, apply
-from autocompress.compress._bake import export_onnx, static_layers
+from autocompress.compress import LayerPlan, Plan, apply, static_layers
 from autocompress.compress._knobs import reconcile
 from autocompress.compress._modules import ActFakeQuant, quantize_weight
 from autocompress.compress._plan import PlanError
@@ -25,6 +24,7 @@ from autocompress.measure import Target
 from autocompress.measure.cache import graph_signature
 from autocompress.measure.runtimes._ort import session_options
 from autocompress.measure.runtimes._table import get_runtime
+from autocompress.onnxgraph import export_onnx
 from tests.models import MODELS
 
 # Ops the CPU session runs a quantized weight-bearing layer as.

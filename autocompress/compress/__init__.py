@@ -4,7 +4,9 @@ Each method is a pure transform ``apply(model, plan, example_inputs)``;
 :func:`apply` runs all of them in a fixed order: low-rank -> prune -> quantize. To add a
 method, write one file with a function decorated by ``@register_method(name, order)`` and add
 its module name to ``BUILTIN_METHODS`` in ``_registry.py`` (``lowrank.py`` is the one to copy).
-Names are imported on first use, so the plan (torch-free) loads without torch.
+Names are imported on first use, so the plan (torch-free) loads without torch. What a
+compressed weight's values are is its format (:mod:`autocompress.compress.formats`); ONNX
+export is a package of its own, :mod:`autocompress.onnxgraph`.
 """
 
 from autocompress._lazy import lazy_exports
@@ -14,8 +16,13 @@ _EXPORTS = {
                "same", "seed_knob", "why_refused"),
     "_plan": ("Plan", "LayerPlan", "PlanError"),
     "_layers": ("LayerInfo", "find_layers", "count_macs", "output_tensors"),
-    "_modules": ("ActFakeQuant", "LowRank", "Regrowth", "WeightCompression"),
+    "_modules": ("ActFakeQuant", "LowRank", "Regrowth", "WeightCompression",
+                 "find_weight_compression"),
     "_registry": ("apply", "list_methods", "register_method"),
-    "_bake": ("bake", "export_onnx"),
+    "_bake": ("bake", "dynamic_layers", "float_weights", "quantized_weights", "static_layers",
+              "stored_weights"),
+    "_fold": ("find_folds", "fold_factors", "fold_into", "folded"),
+    "_ties": ("tensor_aliases",),
+    "formats": ("FORMATS", "StoredWeight", "WeightFormat", "weight_format"),
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

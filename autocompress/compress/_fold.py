@@ -17,7 +17,9 @@ folded), the BatchNorm exactly ``nn.BatchNorm1d/2d/3d`` with running statistics 
 may do more, e.g. an activation), its input an ``nn.Conv1d/2d/3d`` (channels on dimension 1,
 as the BatchNorm's; a ``Linear`` is not folded: its features are on the last dimension; nor a
 transposed conv: its weight holds output channels on dimension 1) whose output nothing else
-reads, and the weight not fp16/bf16 (rescaled values would round again).
+reads, and the weight's format one that folds (:attr:`WeightFormat.folds
+<autocompress.compress.formats.WeightFormat.folds>`: not fp16/bf16, whose rescaled values would
+round again).
 
 A conv may be a subclass (timm's ``Conv2dSame`` pads in its forward): the folded weight and
 bias go into the instance itself, so its forward still runs. A subclass that computes its own
@@ -91,7 +93,7 @@ def find_folds(model: nn.Module) -> list[Fold]:
         conv = model.get_submodule(src.target)
         wc = find_weight_compression(conv)
         if (isinstance(conv, CONVS) and conv.out_channels == bn.num_features
-                and not (wc is not None and isinstance(wc.bits, str)) and _folds_exactly(conv)):
+                and (wc is None or wc.format.folds) and _folds_exactly(conv)):
             folds.append(Fold(src.target, node.target))
     return folds
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from autocompress.compress._formats import compressed_value, quantize_weight
+from autocompress.compress.formats import WeightFormat, quantize_weight, weight_format
 
 __all__ = ["ActFakeQuant", "LowRank", "Regrowth", "WeightCompression", "act_quant_pre_hook",
            "dynamic_fake_quant", "leaves", "quantize_weight", "sparse_weights",
@@ -25,8 +25,8 @@ class LowRank(nn.Sequential):
 
 class WeightCompression(nn.Module):
     """Parametrization of a weight: a fixed sparsity mask, then per-output-channel fake
-    quantization (uniform or power-of-two integer levels) or rounding to fp16/bf16
-    (:mod:`~autocompress.compress._formats`), with a straight-through estimator (Bengio et
+    quantization (uniform or power-of-two integer levels) or rounding to fp16/bf16 (its
+    :class:`~autocompress.compress.formats.WeightFormat`), with a straight-through estimator (Bengio et
     al., 2013).
 
     The forward value is exactly the stored value (``v + (w - w.detach())``, not
@@ -34,9 +34,11 @@ class WeightCompression(nn.Module):
 
     While ``regrow`` is set (fine-tuning sets it for the first part of training, see
     :class:`Regrowth`), the gradient also passes through the mask to the pruned weights, and
-    :meth:`refresh` re-chooses the mask from the weights' magnitudes, keeping its count of
-    pruned weights: a pruned weight whose gradient makes it large comes back, the smallest kept
-    one goes. This is dynamic pruning with feedback (Lin et al., 2020, "Dynamic Model Pruning
+    :meth:`refresh` re-chooses the mask by the rule of the pruning method that made it
+    (``mask_rule``, a name in :data:`~autocompress.compress.prune.MASK_RULES`; unstructured
+    pruning's :func:`~autocompress.compress.prune.magnitude_mask`), keeping its count of pruned
+    weights: a pruned weight whose gradient makes it large comes back, the smallest kept one
+    goes. This is dynamic pruning with feedback (Lin et al., 2020, "Dynamic Model Pruning
     with Feedback"; Guo et al., 2016, "Dynamic Network Surgery"): after one-shot pruning to 80%
     or more, the mask chosen before training is rarely the best one.
 
@@ -53,30 +55,36 @@ class WeightCompression(nn.Module):
         self.bits = bits
         self.scheme = scheme
         self.regrow = False
+        self.mask_rule = "magnitude"  # the pruning method's rule (prune.MASK_RULES) refresh re-applies
+
+    @property
+    def format(self) -> WeightFormat:
+        """The stored format of the weight (``fp32`` without ``bits``)."""
+        return weight_format(self.bits, self.scheme)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         masked = w * self.mask
         if not self.regrow:
             if self.bits is None:
                 return masked
-            return compressed_value(masked.detach(), self.bits, self.scheme) + (
-                masked - masked.detach())
+            return self.format.fake_quant(masked.detach()) + (masked - masked.detach())
         value = masked.detach()
         if self.bits is not None:
-            value = compressed_value(value, self.bits, self.scheme)
+            value = self.format.fake_quant(value)
         return value + (w - w.detach())  # straight through the mask too
 
     @torch.no_grad()
     def refresh(self, w: torch.Tensor) -> None:
-        """Re-chooses the mask as the largest-magnitude weights of ``w`` (the unmasked
-        weight), as many as it keeps now."""
+        """Re-chooses the mask from ``w`` (the unmasked weight) by its pruning method's rule
+        (``mask_rule``), pruning as many weights as it prunes now."""
+        # Deferred: prune.py builds on this module (the rule belongs to the pruning method).
+        from autocompress.compress.prune import MASK_RULES
+
         mask: torch.Tensor = self.mask  # type: ignore[assignment]
-        keep = int(mask.sum())
-        if keep == mask.numel():
+        pruned = mask.numel() - int(mask.sum())
+        if pruned == 0:
             return
-        fresh = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
-        fresh[w.detach().abs().flatten().topk(keep, sorted=False).indices] = True
-        mask.copy_(fresh.view_as(mask))
+        mask.copy_(MASK_RULES.get(self.mask_rule)(w.detach(), pruned))
 
     def extra_repr(self) -> str:
         scheme = f", scheme={self.scheme}" if self.scheme != "uniform" else ""
@@ -146,7 +154,7 @@ class ActFakeQuant(nn.Module):
     - static (``dynamic=False``, the ``act_bits: 8`` plan value): a min/max observer. While
       ``calibrating`` it takes the range of all inputs; in training mode it tracks the range
       with an EMA; in eval mode the range is frozen. Deployed with that fixed range
-      (``compress._ort_quant``).
+      (``onnxgraph._ort_quant``).
     - dynamic (``dynamic=True``, ``act_bits: "dynamic"``): no state; every call quantizes
       with the range of the tensor it gets, exactly as ONNX Runtime's ``DynamicQuantizeLinear``
       does at run time (:func:`dynamic_fake_quant`). Exported by ``export_onnx`` as ONNX

@@ -2,12 +2,12 @@
 levels) or fp16/bf16 weights, 8-bit activations.
 
 During fine-tuning weights are fake-quantized with a straight-through estimator
-(:mod:`~autocompress.compress._formats` says what each format's values are); the deployable
-form (:func:`autocompress.compress.export_onnx`) stores integer levels that fit int8 as int8
+(:mod:`~autocompress.compress.formats` says what each format's values are); the deployable
+form (:func:`autocompress.onnxgraph.export_onnx`) stores integer levels that fit int8 as int8
 with one fp32 scale per output channel, fp16/bf16 weights as 16-bit initializers.
 Activations, where the plan quantizes them, are uint8 per tensor on the input of every
 weight-bearing module of the layer (both factors of a low-rank one), and the layer runs on
-ONNX Runtime's integer kernels (:mod:`autocompress.compress._ort_quant`):
+ONNX Runtime's integer kernels (:mod:`autocompress.onnxgraph._ort_quant`):
 
 - ``act_bits: 8`` (static): a fixed range, first the min/max over calibration batches
   (:func:`calibrate`), then an EMA while fine-tuning; deployed as a QDQ graph that ONNX Runtime

@@ -106,14 +106,14 @@ class _OnnxModule(nn.Module):
 
 
 def _write_onnx(rebuilt: Rebuilt, path: Path) -> None:
-    from autocompress.compress._bake import export_onnx
+    from autocompress.onnxgraph import export_onnx
 
     export_onnx(rebuilt.model, rebuilt.task.example_inputs, path,
                 calibration=rebuilt.task.calibration_batches())
 
 
 def _write_torchscript(rebuilt: Rebuilt, path: Path) -> None:
-    from autocompress.compress._bake import bake
+    from autocompress.compress import bake
 
     with warnings.catch_warnings():  # deprecation notice; tracer notes on frozen act ranges
         warnings.simplefilter("ignore")
@@ -298,7 +298,7 @@ def _max_output_diff(loaded: nn.Module, rebuilt: Rebuilt) -> float | None:
     """Largest ``|artifact output - trial model output|`` over the validation inputs (for the
     record; the pass/fail criterion is the metric). None for non-tensor outputs."""
     from autocompress._inputs import run
-    from autocompress.compress._bake import bake
+    from autocompress.compress import bake
 
     reference = bake(rebuilt.model)
     worst = 0.0

@@ -41,7 +41,7 @@ The payload holds each tensor exactly as :mod:`autocompress.measure.size` counts
 rows of :func:`~autocompress.measure.size.size_report`, so the same bits, format choice and
 byte count): ``bits``-wide values bit-packed (``numpy.packbits``, little-endian bit order;
 uniform integers stored offset by ``qmax`` so they are unsigned; pow2 integers as their
-sign + exponent codes, :func:`~autocompress.compress._formats.pow2_codes`): all of them
+sign + exponent codes, :func:`~autocompress.compress.formats.pow2_codes`): all of them
 (dense); a 1-bit-per-element presence bitmap followed by the non-zero values only (bitmap);
 or ``entries`` relative indexes of ``width`` bits (distance to the previous entry minus 1;
 a gap longer than ``2**width`` takes filler entries of value 0) followed by the entries'
@@ -73,7 +73,6 @@ Limits:
 from __future__ import annotations
 
 import json
-import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -85,16 +84,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from autocompress.compress._bake import bake, quantized_weights
-from autocompress.compress._fold import find_folds, fold_factors, fold_into
-from autocompress.compress._formats import (
-    FLOAT_DTYPES,
-    float_bytes,
-    float_from_bytes,
-    pow2_codes,
-    pow2_from_codes,
+from autocompress.compress import (
+    FORMATS,
+    bake,
+    find_folds,
+    fold_factors,
+    fold_into,
+    quantized_weights,
+    tensor_aliases,
 )
-from autocompress.compress._ties import tensor_aliases
 from autocompress.deploy._architecture import (
     LEAF_TYPES,
     PackedFormatError,
@@ -104,11 +102,21 @@ from autocompress.deploy._architecture import (
     encode_graph,
     module_spec,
 )
-from autocompress.measure.size import INDEX_WIDTHS, Layout, TensorSize, gaps_of, size_report
+from autocompress.deploy._packed_codec import (
+    decode_tensor,
+    encode_tensor,
+    format_token,
+    layout_token,
+    pack_bits,
+    parse_layout,
+    parse_token,
+    unpack_bits,
+    version_of,
+)
+from autocompress.measure import size_report
 
 MAGIC = b"ACPK"
 FORMAT_VERSION = 4  # what this reader reads (and older); a file is written as the oldest that reads it
-_V1_ENCODINGS = ("fp32", "uniform")
 _PREFIX = struct.Struct("<4sBI")  # magic, format version, header length
 
 
@@ -130,157 +138,6 @@ class PackedInfo:
     header_bytes: int
     payload_bytes: int
     file_bytes: int
-
-
-# --- bit packing ----------------------------------------------------------------------------
-
-def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Packs unsigned integers ``< 2**bits`` into ``ceil(len(values) * bits / 8)`` bytes."""
-    v = np.ascontiguousarray(values, dtype=np.uint16).ravel()
-    planes = (v[:, None] >> np.arange(bits, dtype=np.uint16)) & 1
-    return np.packbits(planes.astype(np.uint8).ravel(), bitorder="little").tobytes()
-
-
-def unpack_bits(buf: bytes, bits: int, count: int) -> np.ndarray:
-    """The inverse of :func:`pack_bits`: ``count`` unsigned integers of ``bits`` bits."""
-    planes = np.unpackbits(np.frombuffer(buf, np.uint8), count=count * bits, bitorder="little")
-    weights = (1 << np.arange(bits, dtype=np.int64))
-    return planes.reshape(count, bits).astype(np.int64) @ weights
-
-
-def _layout_split(values: np.ndarray, layout: Layout) -> tuple[bytes, np.ndarray]:
-    """The index bytes of ``layout`` and the values it stores, in order (see the module
-    docstring): none and all values (dense), the presence bitmap and the non-zeros (bitmap),
-    the relative indexes and the entries' values, fillers' zeros included (delta)."""
-    if layout.kind == "dense":
-        return b"", values
-    nonzero = values != 0
-    if layout.kind == "bitmap":
-        return np.packbits(nonzero, bitorder="little").tobytes(), values[nonzero]
-    gaps = gaps_of(nonzero)
-    span = 1 << layout.width
-    reps = ((gaps - 1) >> layout.width) + 1  # entries per non-zero: fillers, then itself
-    ends = np.cumsum(reps) - 1
-    if ends.size and ends[-1] + 1 != layout.entries:
-        raise PackedFormatError(f"the tensor has {ends[-1] + 1} delta entries, its size row "
-                                f"{layout.entries}: it changed after size_report")
-    dist = np.full(layout.entries, span, np.int64)
-    dist[ends] = gaps - (reps - 1) * span
-    stored = np.zeros(layout.entries, values.dtype)
-    stored[ends] = values[nonzero]
-    return pack_bits(dist - 1, layout.width), stored
-
-
-def _encode_values(values: np.ndarray, encoding: str, bits: int, layout: Layout) -> bytes:
-    """``values`` (flat: integers for ``uniform``/``pow2``, else float32) in ``layout``."""
-    prefix, values = _layout_split(values, layout)
-    if encoding == "fp32":
-        return prefix + values.astype("<f4").tobytes()
-    if encoding in FLOAT_DTYPES:
-        return prefix + float_bytes(values, encoding)
-    if encoding == "pow2":
-        return prefix + pack_bits(pow2_codes(values, bits), bits)
-    return prefix + pack_bits(values.astype(np.int32) + _qmax(bits), bits)
-
-
-def _qmax(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
-
-
-def _scaled(encoding: str) -> bool:
-    """Whether a tensor of ``encoding`` is followed by one fp32 scale per output channel."""
-    return encoding in ("uniform", "pow2")
-
-
-def _token(row: TensorSize) -> int | str:
-    """A tensor's encoding in the header (see the module docstring)."""
-    if row.encoding in _V1_ENCODINGS:
-        return row.bits
-    return f"pow2:{row.bits}" if row.encoding == "pow2" else row.encoding
-
-
-def _parse_token(token: Any, path: Path) -> tuple[str, int]:
-    """``(encoding, bits)`` of a header encoding."""
-    if isinstance(token, int) and not isinstance(token, bool) and 2 <= token <= 32:
-        return ("fp32" if token == 32 else "uniform"), token
-    if token in FLOAT_DTYPES:
-        return token, 16
-    if isinstance(token, str) and token.startswith("pow2:") and token[5:].isdigit():
-        return "pow2", int(token[5:])
-    raise PackedFormatError(f"{path}: unknown tensor encoding {token!r}")
-
-
-def _version_of(entry: list[Any]) -> int:
-    """The oldest format version that reads a header tensor entry."""
-    if isinstance(entry[2], list):
-        return 3
-    return 1 if isinstance(entry[1], int) else 2
-
-
-def _take(buf: memoryview, offset: int, nbytes: int) -> bytes:
-    raw = bytes(buf[offset:offset + nbytes])
-    if len(raw) != nbytes:
-        raise PackedFormatError("packed file is truncated")
-    return raw
-
-
-def _decode_positions(buf: memoryview, offset: int, numel: int,
-                      layout: Layout) -> tuple[np.ndarray | None, int, int]:
-    """Reads the index of a tensor in ``layout`` at ``offset``: the flat positions of its
-    stored values (None: all, dense), how many values follow, and the offset after the index."""
-    if layout.kind == "dense":
-        return None, numel, offset
-    if layout.kind == "bitmap":
-        nbytes = math.ceil(numel / 8)
-        mask = np.unpackbits(np.frombuffer(_take(buf, offset, nbytes), np.uint8), count=numel,
-                             bitorder="little").astype(bool)
-        return np.flatnonzero(mask), int(mask.sum()), offset + nbytes
-    nbytes = math.ceil(layout.entries * layout.width / 8)
-    dist = unpack_bits(_take(buf, offset, nbytes), layout.width, layout.entries) + 1
-    positions = np.cumsum(dist) - 1
-    if positions.size and positions[-1] >= numel:
-        raise PackedFormatError("packed file is damaged: a relative index runs past its tensor")
-    return positions, layout.entries, offset + nbytes
-
-
-def _decode_values(buf: memoryview, offset: int, numel: int, encoding: str, bits: int,
-                   layout: Layout) -> tuple[np.ndarray, int]:
-    """Reads one tensor's values at ``offset``; returns them (flat) and the next offset."""
-    positions, count, offset = _decode_positions(buf, offset, numel, layout)
-    nbytes = math.ceil(count * bits / 8)
-    raw = _take(buf, offset, nbytes)
-    if encoding == "fp32":
-        vals = np.frombuffer(raw, "<f4")
-    elif encoding in FLOAT_DTYPES:
-        vals = float_from_bytes(raw, encoding)
-    elif encoding == "pow2":
-        vals = pow2_from_codes(unpack_bits(raw, bits, count), bits)
-    else:
-        vals = unpack_bits(raw, bits, count) - _qmax(bits)
-    if positions is not None:
-        out = np.zeros(numel, vals.dtype)
-        out[positions] = vals
-        vals = out
-    return vals, offset + nbytes
-
-
-def _layout_token(layout: Layout) -> int | list[int]:
-    """A tensor's layout in the header: 0 dense, 1 bitmap, ``[width, entries]`` delta."""
-    return [layout.width, layout.entries] if layout.kind == "delta" else int(layout.kind == "bitmap")
-
-
-def _parse_layout(token: Any, path: Path) -> Layout:
-    """The :class:`Layout` of a header layout token (bytes are not needed to read it)."""
-    if token in (0, 1) and not isinstance(token, bool):
-        return Layout("bitmap" if token else "dense", 0)
-    if (isinstance(token, list) and len(token) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in token)
-            and token[0] in INDEX_WIDTHS and token[1] >= 0):
-        return Layout("delta", 0, token[0], token[1])
-    raise PackedFormatError(f"{path}: unknown tensor layout {token!r}")
-
-
-# --- the architecture -----------------------------------------------------------------------
 
 
 # --- save / load ----------------------------------------------------------------------------
@@ -317,7 +174,7 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
     for alias, first in tensor_aliases(model).items():
         names.setdefault(first, [first]).append(alias)
 
-    entries, chunks, ties = [], [], []
+    entries, chunks, ties, version = [], [], [], 1
     for row in size_report(model):
         owner, _, attr = row.name.rpartition(".")
         used = [n for n in names.get(row.name, [row.name])
@@ -325,9 +182,10 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
         if not used:
             continue  # not used by the forward
         ties += [[alias, used[0]] for alias in used[1:]]
+        fmt, scale = FORMATS.get(row.format), None
         if attr == _QPARAMS:
             values = torch.stack([baked.get_buffer(f"{owner}.lo"), baked.get_buffer(f"{owner}.hi")]).numpy()
-        elif _scaled(row.encoding):
+        elif fmt.scaled:
             q, scale = qweights[row.name]
             values = q.ravel()
             if row.name in factors:  # a folded BatchNorm rescales the channels: same codes
@@ -338,11 +196,9 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
                 raise PackedFormatError(f"tensor {row.name!r} is {t.dtype}; the packed format "
                                         "stores float32 tensors")
             values = t.detach().cpu().numpy().ravel()
-        chunk = _encode_values(values, row.encoding, row.bits, row.layout)
-        if _scaled(row.encoding):
-            chunk += scale.astype("<f4").tobytes()
-        chunks.append(chunk)
-        entry: list[Any] = [used[0], _token(row), _layout_token(row.layout)]
+        chunks.append(encode_tensor(values, fmt, row.layout, scale))
+        version = max(version, version_of(fmt, row.layout))
+        entry: list[Any] = [used[0], format_token(fmt), layout_token(row.layout)]
         if used[0] in attrs:  # not owned by a leaf module: its shape is not implied
             entry += [list(baked.get_parameter(row.name).shape if row.is_param
                            else baked.get_buffer(row.name).shape), int(row.is_param)]
@@ -355,7 +211,7 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
     header = zlib.compress(json.dumps(described, separators=(",", ":"),
                                       allow_nan=False).encode(), 9)
     payload = b"".join(chunks)
-    version = max([_version_of(e) for e in entries] + [4 if ties else 1])
+    version = max(version, 4 if ties else 1)
     path = Path(path)
     with open(path, "wb") as f:
         f.write(_PREFIX.pack(MAGIC, version, len(header)))
@@ -380,7 +236,7 @@ def load_packed(path: str | Path) -> nn.Module:
 
     state, offset = {}, 0
     for name, token, layout, *extra in header["tensors"]:
-        encoding, bits = _parse_token(token, Path(path))
+        fmt = parse_token(token, Path(path))
         owner, _, attr = name.rpartition(".")
         if extra:
             shape = tuple(extra[0])
@@ -388,13 +244,8 @@ def load_packed(path: str | Path) -> nn.Module:
             shape = (2,)
         else:
             shape = tuple(getattr(root[owner], attr).shape)
-        vals, offset = _decode_values(payload, offset, math.prod(shape), encoding, bits,
-                                      _parse_layout(layout, Path(path)))
-        if _scaled(encoding):
-            scale = np.frombuffer(_take(payload, offset, 4 * shape[0]), "<f4")
-            offset += 4 * shape[0]
-            vals = vals.reshape(shape[0], -1).astype(np.float32) * scale[:, None]
-        t = torch.from_numpy(np.array(vals, np.float32).reshape(shape))
+        vals, offset = decode_tensor(payload, offset, shape, fmt, parse_layout(layout, Path(path)))
+        t = torch.from_numpy(vals)
         if attr == _QPARAMS:
             state.update({f"{owner}.lo": t[0], f"{owner}.hi": t[1],
                           f"{owner}.initialized": torch.tensor(True)})

@@ -11,8 +11,8 @@ from autocompress._lazy import lazy_exports
 _EXPORTS = {
     "latency": ("LatencyResult", "machine_facts", "measure_latency"),
     "metrics": ("Metrics", "measure", "top1_accuracy"),
-    "size": ("TensorSize", "count_params", "size_bytes", "size_report", "tensor_bytes",
-             "weight_storage"),
+    "size": ("TensorSize", "count_params", "planned_weight_bytes", "size_bytes", "size_report",
+             "tensor_bytes", "weight_storage"),
     "target": ("Target",),
     "_timing": ("TimingSettings",),
     "_registry": ("METRIC_TABLE", "MetricSpec", "register_metric", "relative_metrics"),

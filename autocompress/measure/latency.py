@@ -39,7 +39,7 @@ from typing import Any
 from torch import nn
 
 from autocompress._inputs import repeat_to
-from autocompress.compress._bake import bake, export_onnx
+from autocompress.compress import bake
 from autocompress.measure import cache as latency_cache
 from autocompress.measure._machine import machine_facts
 from autocompress.measure._paired import DRIFT_LIMIT, PairedTiming, time_paired_steady
@@ -48,6 +48,7 @@ from autocompress.measure.runtimes._base import Runtime
 from autocompress.measure.runtimes._remote import target_facts
 from autocompress.measure.runtimes._table import get_runtime
 from autocompress.measure.target import Target
+from autocompress.onnxgraph import export_onnx
 
 __all__ = ["LatencyResult", "PairedMeasurer", "Prepared", "check_target", "machine_facts",
            "measure_latency", "measure_prepared", "prepare", "target_facts"]

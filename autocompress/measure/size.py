@@ -3,7 +3,8 @@
 Every stored tensor costs the smallest of three layouts of its ``b``-bit values, plus its
 quantization scales:
 
-- ``dense  = ceil(numel * b / 8)``: all values bit-packed at ``b`` bits (``b`` = the layer's
+- ``dense  = ceil(numel * b / 8)``: all values bit-packed at ``b`` bits (``b`` = the bits
+  per value of the weight's format, :class:`~autocompress.compress.formats.WeightFormat`: the
   integer bit-width, uniform or pow2 alike; 16 for fp16/bf16 weights; 32 for fp32);
 - ``bitmap = ceil(nnz * b / 8) + ceil(numel / 8)``: only the ``nnz`` non-zero values, plus a
   1-bit-per-element presence bitmap;
@@ -13,8 +14,8 @@ quantization scales:
   value 0), so ``E = sum(ceil(d / 2^w))`` over the non-zeros, fillers included. ``w`` is
   chosen per tensor (1..16) to minimise the bytes. Beyond ~75% sparsity it is smaller than
   the bitmap, which costs 1 bit per element however sparse the tensor is;
-- ``scales = 4 * out_channels`` for a weight with integer bits (one fp32 scale per output
-  channel); fp16/bf16 weights have none.
+- ``scales = 4 * format.scales(shape)``: one fp32 scale per output channel for a weight with
+  integer bits; fp16/bf16 weights have none.
 
 Zeros and their positions are those of the weight as it will be stored (after masking and
 quantization). A BatchNorm that only normalizes a convolution's output is stored folded into
@@ -39,6 +40,7 @@ positions: the delta layout's expected ``E`` for independent positions.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,9 +48,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from autocompress.compress._fold import find_folds, folded
-from autocompress.compress._modules import ActFakeQuant, WeightCompression, find_weight_compression
-from autocompress.compress._ties import tensor_aliases
+from autocompress.compress import (
+    ActFakeQuant,
+    LayerPlan,
+    WeightCompression,
+    WeightFormat,
+    find_folds,
+    find_weight_compression,
+    folded,
+    tensor_aliases,
+    weight_format,
+)
 
 ACT_QUANT_BYTES = 8
 
@@ -77,8 +87,10 @@ class Layout:
 class TensorSize:
     """Storage of one tensor: ``bytes`` = its layout's bytes + scales.
 
-    ``encoding`` is what its ``bits``-wide values are: ``fp32``, ``uniform`` or ``pow2``
-    integer levels (with ``scales``), ``fp16`` or ``bf16``; ``layout`` how they are stored.
+    ``encoding`` is what its ``bits``-wide values are (its format's family): ``fp32``,
+    ``uniform`` or ``pow2`` integer levels (with ``scales``), ``fp16`` or ``bf16``; ``format``
+    its format's name (:data:`~autocompress.compress.formats.FORMATS`); ``layout`` how they
+    are stored.
     """
 
     name: str
@@ -90,6 +102,7 @@ class TensorSize:
     is_param: bool = True
     encoding: str = "fp32"
     layout: Layout = Layout("dense", 0)
+    format: str = "fp32"
 
     @property
     def sparse(self) -> bool:
@@ -97,15 +110,13 @@ class TensorSize:
         return self.layout.kind != "dense"
 
 
-def weight_storage(bits: int | str | None) -> tuple[int, bool]:
+def weight_storage(bits: int | str | None, scheme: str = "uniform") -> tuple[int, bool]:
     """``(bits per stored value, whether one fp32 scale per output channel is stored)`` of a
-    weight at plan value ``bits``: ``(b, True)`` for an integer ``b`` (uniform and pow2
-    alike), ``(16, False)`` for ``"fp16"``/``"bf16"``, ``(32, False)`` for None (fp32)."""
-    if bits is None:
-        return 32, False
-    if isinstance(bits, str):
-        return 16, False
-    return bits, True
+    weight at plan values ``bits``/``scheme`` (its :func:`weight_format`): ``(b, True)`` for
+    an integer ``b`` (uniform and pow2 alike), ``(16, False)`` for ``"fp16"``/``"bf16"``,
+    ``(32, False)`` for None (fp32)."""
+    fmt = weight_format(bits, scheme)
+    return fmt.bits, fmt.scaled
 
 
 def gaps_of(values: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -187,25 +198,48 @@ def size_report(model: nn.Module) -> list[TensorSize]:
         if (bn := bn_of.get(mod_name)) is not None:  # stored with the BatchNorm folded in
             wc = tensors["weight"][1]
             weight, bias = folded(mod, bn)
-            if wc is None or wc.bits is None:  # fp32: w * f (integer codes keep their zeros)
+            if not _format(wc).scaled:  # fp32: w * f (integer codes keep their zeros)
                 tensors["weight"] = (weight, wc, True)
             tensors["bias"] = (bias, None, True)
-        for n, (t, wc, is_param) in tensors.items():
-            if prefix + n in aliases:
-                continue  # stored under its first name
-            gaps = gaps_of(t)
-            bits, scaled = weight_storage(wc.bits if wc else None)
-            scales = t.shape[0] if scaled else 0
-            layout = best_layout(t.numel(), gaps.size, bits, gaps)
-            rows.append(TensorSize(prefix + n, t.numel(), gaps.size, bits, scales,
-                                   layout.bytes + 4 * scales, is_param, _encoding(wc), layout))
+        rows += [_row(prefix + n, t, _format(wc), is_param) for n, (t, wc, is_param)
+                 in tensors.items() if prefix + n not in aliases]  # else: under its first name
     return rows
 
 
-def _encoding(wc: WeightCompression | None) -> str:
-    if wc is None or wc.bits is None:
-        return "fp32"
-    return wc.bits if isinstance(wc.bits, str) else wc.scheme
+def _format(wc: WeightCompression | None) -> WeightFormat:
+    return weight_format(None) if wc is None else wc.format
+
+
+def _row(name: str, t: torch.Tensor, fmt: WeightFormat, is_param: bool) -> TensorSize:
+    """The size row of tensor ``t`` stored in ``fmt``."""
+    gaps = gaps_of(t)
+    scales = fmt.scales(t.shape)
+    layout = best_layout(t.numel(), gaps.size, fmt.bits, gaps)
+    return TensorSize(name, t.numel(), gaps.size, fmt.bits, scales, layout.bytes + 4 * scales,
+                      is_param, fmt.family, layout, fmt.name)
+
+
+def planned_weight_bytes(shape: Sequence[int], lp: LayerPlan) -> int:
+    """Bytes of a layer's weight of ``shape`` stored under ``lp``, before the model exists
+    (planning): the two factors of a rank, the output channels left by channel pruning, the
+    non-zeros of unstructured sparsity at random positions (:func:`tensor_bytes`), in the
+    plan's weight format (its bits per value and scales)."""
+    out, fan_in = shape[0], math.prod(shape[1:])
+    if lp.rank is not None:
+        r = max(1, round(lp.rank * min(out, fan_in)))
+        tensors = [(r, fan_in), (out, r)]
+    else:
+        tensors = [(out, fan_in)]
+    rows, cols = tensors[-1]
+    if lp.sparsity and lp.structure == "channel":
+        tensors[-1] = (rows - round(lp.sparsity * rows), cols)
+    fmt = weight_format(lp.bits, lp.scheme)
+    total = 0
+    for rows, cols in tensors:
+        numel = rows * cols
+        nnz = numel - round(lp.sparsity * numel) if lp.structure == "unstructured" else numel
+        total += tensor_bytes(numel, nnz, fmt.bits, fmt.scales((rows, cols)))[0]
+    return total
 
 
 def size_bytes(model: nn.Module) -> int:

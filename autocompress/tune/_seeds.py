@@ -19,9 +19,10 @@ Before the sampler takes over, the search runs (after the warm-start points):
 Predictions are additive: a layer's damage for a combination is the sum of its probes'
 output distortions (:mod:`autocompress.tune._sensitivity`; continuous, unlike a metric on a
 small subset), a plan's the sum over its layers; a layer's cost is the bytes of its weight as
-stored (:func:`autocompress.measure.size.tensor_bytes`). Points are Optuna parameter dicts of the
-resolved space, enqueued in order; duplicates are dropped. Which knob plays which part (swept
-by the uniform recipes, cut by the channel recipes) is its ``seed`` role in the knob table.
+stored (:func:`autocompress.measure.size.planned_weight_bytes`). Points are Optuna parameter
+dicts of the resolved space, enqueued in order; duplicates are dropped. Which knob plays which
+part (swept by the uniform recipes, cut by the channel recipes) is its ``seed`` role in the knob
+table.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from autocompress.compress import KNOB_TABLE, LayerPlan, reconcile, same, seed_knob
-from autocompress.measure.size import tensor_bytes, weight_storage
+from autocompress.measure import planned_weight_bytes
 from autocompress.tune._sensitivity import Sensitivity, _candidates
 
 _UNITS = 2000  # budget resolution of the knapsack
@@ -56,26 +57,9 @@ class Option:
 
 
 def weight_bytes(shape: Sequence[int], lp: LayerPlan) -> int:
-    """Bytes of a layer's weight of ``shape`` stored under ``lp`` (see ``measure/size.py``):
-    the two factors of a rank, the output channels left by channel pruning, the non-zeros of
-    unstructured sparsity, at ``bits`` with one fp32 scale per output channel (16 bits and no
-    scale for ``fp16``/``bf16``)."""
-    out, fan_in = shape[0], math.prod(shape[1:])
-    if lp.rank is not None:
-        r = max(1, round(lp.rank * min(out, fan_in)))
-        tensors = [(r, fan_in), (out, r)]
-    else:
-        tensors = [(out, fan_in)]
-    rows, cols = tensors[-1]
-    if lp.sparsity and lp.structure == "channel":
-        tensors[-1] = (rows - round(lp.sparsity * rows), cols)
-    total = 0
-    for rows, cols in tensors:
-        numel = rows * cols
-        nnz = numel - round(lp.sparsity * numel) if lp.structure == "unstructured" else numel
-        bits, scaled = weight_storage(lp.bits)
-        total += tensor_bytes(numel, nnz, bits, rows if scaled else 0)[0]
-    return total
+    """Bytes of a layer's weight of ``shape`` stored under ``lp``: the size model's
+    :func:`~autocompress.measure.size.planned_weight_bytes`."""
+    return planned_weight_bytes(shape, lp)
 
 
 def layer_options(layer: Any, shape: Sequence[int], sens: Sensitivity) -> list[Option]:

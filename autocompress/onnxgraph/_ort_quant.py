@@ -11,7 +11,7 @@ nodes to quantize and with which numbers, so it stores what fine-tuning saw (rea
   (``quant_utils.ONNX_INT_TYPE_SYMMETRIC_RANGE``), zero point 0, scale ``max|w| / 127``,
   rounding half to even; ``per_channel=True`` with the default ``axis=-1`` of a MatMul's
   ``(in, out)`` weight is one scale per output channel. That is
-  :func:`~autocompress.compress._modules.quantize_weight` at 8 bits, so re-quantizing our
+  :func:`~autocompress.compress.formats.quantize_weight` at 8 bits, so re-quantizing our
   already-quantized fp32 weight gives back the same int8 values. ``reduce_range=False`` (True
   would quantize weights to 7 bits; ONNX Runtime suggests it only for CPUs without VNNI).
   In dynamic mode the quantizer first rewrites *every* Gemm as MatMul (+ Add), naming the
@@ -51,7 +51,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["StaticLayer", "match_weight", "quantize_dynamic_layers", "quantize_static_layers"]
+__all__ = ["StaticLayer", "WeightMatch", "dynamic_nodes", "match_weight", "quantize_dynamic_layers",
+           "quantize_static_layers"]
 
 _WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
 # quantize_static removes these after a quantized op: the output's QuantizeLinear clamps.

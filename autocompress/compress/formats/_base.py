@@ -1,0 +1,210 @@
+"""The weight format record, the registry of formats and the lookup from plan values.
+
+A :class:`WeightFormat` says everything the rest of the package needs to know about how a
+compressed weight is stored: its bits per value, how it quantizes (fake quantization during
+fine-tuning, the stored codes and scales at export), how its values are bit-packed in the
+packed file, how it becomes an ONNX initializer, whether a BatchNorm folds into it and how many
+bytes it stores. Size accounting (``measure/size.py``), the packed format
+(``deploy/_packed*.py``), ONNX export (``onnxgraph``), BatchNorm folding (``compress/_fold.py``)
+and fake quantization (``compress/_modules.py``) ask the format instead of branching on it.
+
+To add a format: write one module that registers it (``_pow2.py`` is the one to copy) and name
+it in :data:`BUILTIN_FORMATS` below (plus, if the ``bits``/``scheme`` knobs must offer it, its
+value in ``compress/_knobs.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from autocompress._registry import Registry
+
+__all__ = ["BUILTIN_FORMATS", "FORMATS", "InitializerSlot", "OnnxNodes", "StoredWeight",
+           "WeightFormat", "compressed_value", "format_name", "per_row", "plan_values",
+           "quantize_weight", "weight_format"]
+
+_UNIFORM = "autocompress.compress.formats._uniform"
+_POW2 = "autocompress.compress.formats._pow2"
+_FLOAT16 = "autocompress.compress.formats._float16"
+
+#: ``{name: module that registers it}``: names are known without importing torch-heavy code.
+BUILTIN_FORMATS: dict[str, str] = {
+    "fp32": "autocompress.compress.formats._fp32",
+    **{f"int{b}": _UNIFORM for b in range(2, 9)},
+    **{f"pow2-{b}": _POW2 for b in range(3, 7)},
+    "fp16": _FLOAT16,
+    "bf16": _FLOAT16,
+}
+
+OnnxNodes = tuple[list[Any], list[Any]]  # (initializers, nodes): onnx TensorProto / NodeProto
+
+
+class InitializerSlot(Protocol):
+    """Where a weight sits in an exported ONNX graph (``onnxgraph.WeightMatch``): initializer
+    ``init`` holds ``w * k`` per output channel, transposed if ``transposed``."""
+
+    @property
+    def init(self) -> Any: ...  # onnx.TensorProto
+
+    @property
+    def k(self) -> np.ndarray: ...
+
+    @property
+    def transposed(self) -> bool: ...
+
+
+def per_row(values: np.ndarray, ndim: int) -> np.ndarray:
+    """``values`` (one per output channel) shaped to broadcast over a tensor of ``ndim`` dims."""
+    return values.reshape(-1, *([1] * (ndim - 1)))
+
+
+@dataclass(frozen=True)
+class StoredWeight:
+    """A weight as its format stores it.
+
+    Attributes:
+        format: The format.
+        values: Integer codes (int32) of a scaled format, else the fp32 values (exactly
+            representable in the format).
+        scale: fp32 scales of a scaled format (one per output channel), else None.
+    """
+
+    format: WeightFormat
+    values: np.ndarray
+    scale: np.ndarray | None = None
+
+    def dequantized(self) -> np.ndarray:
+        """The fp32 values the weight computes with."""
+        if self.scale is None:
+            return self.values
+        return self.format.rescaled(self.values, self.scale, self.values.shape)
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How one kind of weight is stored (module docstring). Subclasses implement
+    :meth:`quantize`, :meth:`pack` and :meth:`unpack`; the rest has defaults.
+
+    Attributes:
+        name: Registry name (``"int4"``, ``"pow2-4"``, ``"fp16"``).
+        bits: Bits per stored value.
+        family: What the values are, as size reports name it (``"uniform"``, ``"pow2"``,
+            ``"fp16"``, ...).
+        token: The tensor encoding of the packed file's header.
+        packed_version: The oldest packed format version that reads it.
+        scaled: Whether fp32 scales are stored with the codes (one per output channel).
+        folds: Whether a BatchNorm after the layer may be folded into the stored weight.
+    """
+
+    name: str
+    bits: int
+    family: str
+    token: int | str
+    packed_version: int = 1
+    scaled: bool = False
+    folds: bool = True
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(codes, scale)`` of a scaled format (``codes * scale`` approximates ``w``,
+        ``scale`` broadcastable to it), else ``(value, None)``."""
+        raise NotImplementedError
+
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        """The value ``w`` is stored as (and computed with during fine-tuning)."""
+        q, scale = self.quantize(w)
+        return q if scale is None else q * scale
+
+    def store(self, w: torch.Tensor) -> StoredWeight:
+        """``w`` (already on the format's grid, or not) as stored."""
+        with torch.no_grad():
+            q, scale = self.quantize(w)
+        if scale is None:
+            return StoredWeight(self, q.detach().float().numpy())
+        return StoredWeight(self, q.to(torch.int32).numpy(), scale.flatten().float().numpy())
+
+    def pack(self, values: np.ndarray) -> bytes:
+        """Flat stored values (codes of a scaled format, else fp32) as ``bits``-wide bytes."""
+        raise NotImplementedError
+
+    def unpack(self, raw: bytes, count: int) -> np.ndarray:
+        """The inverse of :meth:`pack`: ``count`` values."""
+        raise NotImplementedError
+
+    def scales(self, shape: Sequence[int]) -> int:
+        """How many fp32 scales a tensor of ``shape`` stores."""
+        return int(shape[0]) if self.scaled else 0
+
+    def rescaled(self, values: np.ndarray, scale: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """Codes ``values`` (any shape of ``shape``'s size) times their ``scale``s: fp32 of
+        ``shape``. One scale per output channel here; a grouped format overrides
+        :meth:`scales` and this."""
+        rows = values.reshape(shape[0], -1).astype(np.float32) * scale.reshape(-1, 1)
+        return rows.reshape(tuple(shape))
+
+    def stored_bytes(self, shape: Sequence[int]) -> int:
+        """Bytes of a dense tensor of ``shape``: values bit-packed, plus the scales."""
+        return math.ceil(math.prod(shape) * self.bits / 8) + 4 * self.scales(shape)
+
+    def onnx_stores(self, stored: StoredWeight) -> bool:
+        """Whether the ONNX export stores the weight in this format (else as fp32)."""
+        return False
+
+    def to_onnx(self, stored: StoredWeight, slot: InitializerSlot, name: str) -> OnnxNodes:
+        """The initializers and nodes that compute ``slot.init`` from the stored weight."""
+        raise NotImplementedError(f"weight format {self.name!r} has no ONNX form")
+
+
+FORMATS: Registry[WeightFormat] = Registry("weight format", BUILTIN_FORMATS)
+
+
+def format_name(bits: int | str | None, scheme: str = "uniform") -> str:
+    """The format name of plan values ``bits``/``scheme``: ``None`` is ``"fp32"``, a string
+    names itself (``"fp16"``), an integer is ``"int<bits>"`` (``scheme: uniform``) or
+    ``"<scheme>-<bits>"`` (``"pow2-4"``)."""
+    if bits is None:
+        return "fp32"
+    if isinstance(bits, str):
+        return bits
+    return f"int{bits}" if scheme == "uniform" else f"{scheme}-{bits}"
+
+
+def plan_values(name: str) -> tuple[int | str | None, str]:
+    """The plan's ``(bits, scheme)`` of format ``name``: the inverse of :func:`format_name`."""
+    if name == "fp32":
+        return None, "uniform"
+    scheme, _, bits = name.rpartition("-")
+    if scheme:
+        return int(bits), scheme
+    if name.startswith("int") and name[3:].isdigit():
+        return int(name[3:]), "uniform"
+    return name, "uniform"
+
+
+def weight_format(bits: int | str | None, scheme: str = "uniform") -> WeightFormat:
+    """The format that stores a weight at plan values ``bits``/``scheme``.
+
+    Raises:
+        UnknownNameError: No format has those values.
+    """
+    return FORMATS.get(format_name(bits, scheme), key="bits")
+
+
+def compressed_value(w: torch.Tensor, bits: int | str, scheme: str = "uniform") -> torch.Tensor:
+    """The value a weight is stored as (and computed with) at plan values ``bits``/``scheme``."""
+    return weight_format(bits, scheme).fake_quant(w)
+
+
+def quantize_weight(w: torch.Tensor, bits: int,
+                    scheme: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` of an integer format: integer-valued ``q`` (as float) and ``scale``
+    broadcastable to ``w``, so that ``q * scale`` approximates ``w``."""
+    q, scale = weight_format(bits, scheme).quantize(w)
+    if scale is None:
+        raise ValueError(f"bits={bits!r} is not an integer format")
+    return q, scale

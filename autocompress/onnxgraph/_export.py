@@ -1,0 +1,116 @@
+"""ONNX export of a (compressed) model: the fp32 graph from ``torch.onnx``, then each
+compressed weight rewritten as its format stores it (:mod:`~autocompress.onnxgraph._weights`)
+and the layers with quantized activations handed to ONNX Runtime's integer kernels
+(:mod:`~autocompress.onnxgraph._ort_quant`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from autocompress._inputs import as_args, input_names, run, take, tensors_of, to_numpy_feed
+from autocompress.compress import bake, dynamic_layers, static_layers, stored_weights
+from autocompress.onnxgraph._ort_quant import (
+    StaticLayer,
+    quantize_dynamic_layers,
+    quantize_static_layers,
+)
+from autocompress.onnxgraph._weights import store_weights
+
+__all__ = ["ONNX_OPSET", "export_onnx"]
+
+ONNX_OPSET = 17
+
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
+                dynamic_sequence: bool = False, calibration: Iterable[Any] | None = None) -> Path:
+    """Writes a self-contained ONNX model; quantized weights are stored as int8 + scales.
+
+    Weight-only quantized layers get an int8 initializer feeding a per-channel
+    ``DequantizeLinear`` (ONNX Runtime folds it into fp32 at load time: size, not speed);
+    pow2 weights over 4 bits, whose integers do not fit int8, stay fp32 initializers (their
+    exact values). fp16/bf16 weights get a float16/bfloat16 initializer feeding a ``Cast`` to
+    float (also folded at load time).
+    Layers with quantized activations are exported in fp32 without their fake-quant and then
+    handed to ONNX Runtime's own tools with our numbers (:mod:`~autocompress.onnxgraph._ort_quant`):
+    ``act_bits: 8`` (:func:`static_layers`) becomes a QDQ graph that runs QLinearConv /
+    QLinearMatMul with the trained input ranges, ``act_bits: "dynamic"``
+    (:func:`dynamic_layers`) DynamicQuantizeLinear + MatMulInteger.
+
+    Args:
+        model: The (compressed) model.
+        example_inputs: A tensor, a tuple or a dict of tensors (``autocompress._inputs``);
+            the ONNX inputs are named ``input`` (one tensor), ``input_<i>`` (a tuple) or by the
+            dict's keys, the outputs ``output`` (one tensor) or ``output_<i>``.
+        path: The file to write.
+        dynamic_sequence: Also make axis 1 of integer inputs (token ids) and of the inputs of
+            the same shape (attention masks) dynamic, for a deployable model; latency is timed
+            at the example's shape, with only the batch axis dynamic.
+        calibration: Input batches (of ``example_inputs``' form) that calibrate the ranges of
+            the tensors between ``act_bits: 8`` layers (their own inputs keep the trained
+            ranges); default (or when it yields nothing): ``example_inputs``. Only the ranges
+            depend on them, not the graph, so latency is the same whatever they are.
+    """
+    path = Path(path)
+    baked = bake(model)
+    dynamic, static = dynamic_layers(model), static_layers(model)
+    acts = {name: baked.get_submodule(name).act_quant.qparams() for name in static}
+    for name in dynamic + static:  # ONNX Runtime's tools add the quantization of their inputs
+        baked.get_submodule(name).act_quant = nn.Identity()
+    _torch_export(baked, take(example_inputs, 1), path, dynamic_sequence)
+    stored = stored_weights(model)
+    if dynamic:  # first: quantize_dynamic rewrites every Gemm as MatMul + Add
+        quantize_dynamic_layers(path, {name: baked.get_parameter(f"{name}.weight").numpy()
+                                       for name in dynamic})
+    if static:
+        feeds = [to_numpy_feed(b) for b in calibration or ()] or [to_numpy_feed(example_inputs)]
+        quantize_static_layers(path, {name: StaticLayer(
+            baked.get_parameter(f"{name}.weight").numpy(), stored[f"{name}.weight"].scale,
+            *acts[name]) for name in static}, feeds)
+    todo = {k: s for k, s in stored.items()
+            if k.removesuffix(".weight") not in dynamic + static and s.format.onnx_stores(s)}
+    if todo:
+        proto = onnx.load(str(path))
+        store_weights(proto, todo)
+        onnx.save(proto, str(path))
+    return path
+
+
+def _torch_export(baked: nn.Module, inputs: Any, path: Path, dynamic_sequence: bool) -> None:
+    """``torch.onnx.export`` of the baked model at one example (batch axis dynamic)."""
+    names = input_names(inputs)
+    with torch.no_grad():
+        out = run(baked, inputs)
+    outputs = ["output"] if isinstance(out, torch.Tensor) else [
+        f"output_{i}" for i in range(len(out if isinstance(out, tuple | list) else out.values()))]
+    axes = {name: {0: "batch"} for name in [*names, *outputs]}
+    if dynamic_sequence:
+        for name, axis in _sequence_inputs(inputs, names):
+            axes[name][axis] = "sequence"
+    # nn.TransformerEncoderLayer's eval "fast path" is one fused op that ONNX has no export for.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                baked, as_args(inputs), str(path), dynamo=False, opset_version=ONNX_OPSET,
+                input_names=names, output_names=outputs, dynamic_axes=axes,
+            )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _sequence_inputs(inputs: Any, names: list[str]) -> list[tuple[str, int]]:
+    """``(name, 1)`` of integer inputs with a second axis and of inputs of the same shape."""
+    tensors = dict(zip(names, tensors_of(inputs), strict=True))
+    token_shapes = {tuple(t.shape) for t in tensors.values()
+                    if t.dim() >= 2 and not t.is_floating_point()}
+    return [(n, 1) for n, t in tensors.items() if tuple(t.shape) in token_shapes]
