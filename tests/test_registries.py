@@ -105,7 +105,7 @@ def test_relative_metrics_are_ratios_and_differences() -> None:
 
 
 def test_a_metric_is_registered_once_and_checked() -> None:
-    with pytest.raises(RuntimeError, match="already registered"):
+    with pytest.raises(ValueError, match="already registered"):
         register_metric(METRIC_TABLE["accuracy"])
     with pytest.raises(ValueError, match="direction"):
         MetricSpec("x", "up", "", "measure", "x")

@@ -48,7 +48,7 @@ from autocompress.config._checks import (
 from autocompress.config._space import SearchSpace, load_search_space
 from autocompress.config._yaml import read_yaml
 from autocompress.finetune import FinetuneConfig
-from autocompress.measure._registry import objective_metrics
+from autocompress.measure import OBJECTIVES
 from autocompress.measure.target import Target
 from autocompress.tune._samplers import sampler_names
 
@@ -63,8 +63,8 @@ __all__ = [
 ]
 
 EXPERIMENT_VERSION = 1
-# Objective metrics and the only sensible direction for each (from the metric registry).
-METRICS: dict[str, str] = objective_metrics()
+# Objective metrics and the only sensible direction for each: the metric registry, read live.
+METRICS: Mapping[str, str] = OBJECTIVES
 SAMPLERS = sampler_names()  # nsga2, tpe, mutation, random: the registry in tune/_samplers.py
 MAX_OBJECTIVES = 3
 IN_MEMORY_PREFIX = "<in-memory:"  # the logged reference of a Task object

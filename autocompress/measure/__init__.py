@@ -15,7 +15,9 @@ _EXPORTS = {
              "weight_storage"),
     "target": ("Target",),
     "_timing": ("TimingSettings",),
-    "_registry": ("METRIC_TABLE", "MetricSpec", "register_metric", "relative_metrics"),
+    "_registry": ("METRICS", "METRIC_TABLE", "OBJECTIVES", "TRIAL_METRICS", "MetricSpec",
+                  "get_metric", "objective_metrics", "register_metric", "relative_metrics",
+                  "trial_metrics"),
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
