@@ -50,7 +50,7 @@ from autocompress.config._yaml import read_yaml
 from autocompress.finetune import FinetuneConfig
 from autocompress.measure import OBJECTIVES
 from autocompress.measure.target import Target
-from autocompress.tune._samplers import sampler_names
+from autocompress.config._samplers import SAMPLERS
 
 __all__ = [
     "METRICS",
@@ -65,7 +65,7 @@ __all__ = [
 EXPERIMENT_VERSION = 1
 # Objective metrics and the only sensible direction for each: the metric registry, read live.
 METRICS: Mapping[str, str] = OBJECTIVES
-SAMPLERS = sampler_names()  # nsga2, tpe, mutation, random: the registry in tune/_samplers.py
+# SAMPLERS (imported above): nsga2, tpe, mutation, random and any registered later, read live.
 MAX_OBJECTIVES = 3
 IN_MEMORY_PREFIX = "<in-memory:"  # the logged reference of a Task object
 _TASK_RE = re.compile(r"[A-Za-z_]\w*|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
