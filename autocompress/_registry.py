@@ -111,11 +111,17 @@ class Registry(Generic[T]):
             if name not in self._entries:
                 raise RuntimeError(f"{self._lazy[name]} did not register {self.kind} {name!r}")
         if name not in self._entries:
-            names = self.names()
-            raise UnknownNameError(f"unknown {self.kind} {name!r}{did_you_mean(name, names)}; "
-                                   f"allowed: {', '.join(map(str, names)) or '(none)'}",
-                                   file=file, key=key)
+            raise self.unknown(name, file=file, key=key)
         return self._entries[name]
+
+    def unknown(self, name: object, *, file: str | os.PathLike | None = None,
+                key: str | None = None) -> UnknownNameError:
+        """The error :meth:`get` raises for ``name`` (the closest name and the allowed), for
+        callers that check with ``in`` and raise their own type."""
+        names = self.names()
+        return UnknownNameError(f"unknown {self.kind} {name!r}{did_you_mean(name, names)}; "
+                                f"allowed: {', '.join(map(str, names)) or '(none)'}",
+                                file=file, key=key)
 
     def load_all(self) -> dict[str, T]:
         """Every entry, by name, in :meth:`names` order (imports every built-in)."""

@@ -89,3 +89,11 @@ def test_mapping_views_keep_declaration_order(monkeypatch):
         reg["d"]
     reg.unregister("a")
     assert reg.names() == ("b", "c")
+
+
+def test_unknown_builds_the_error_get_raises():
+    reg = Registry("method")
+    reg.register("prune", 1)
+    err = reg.unknown("prnue", key="methods")
+    assert isinstance(err, UnknownNameError)
+    assert str(err) == "methods: unknown method 'prnue' (did you mean 'prune'?); allowed: prune"

@@ -45,12 +45,12 @@ from autocompress.config._checks import (
     is_number,
     type_name,
 )
+from autocompress.config._samplers import SAMPLERS
 from autocompress.config._space import SearchSpace, load_search_space
 from autocompress.config._yaml import read_yaml
 from autocompress.finetune import FinetuneConfig
 from autocompress.measure import OBJECTIVES
 from autocompress.measure.target import Target
-from autocompress.config._samplers import SAMPLERS
 
 __all__ = [
     "METRICS",

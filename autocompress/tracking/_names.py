@@ -3,6 +3,9 @@ holds"). The metric names come from the metric registry (:mod:`autocompress.meas
 
 from autocompress.measure import TRIAL_METRICS
 
+__all__ = ["ERROR", "FEASIBLE", "LATENCY_FACTS", "LATENCY_PREFIX", "NODE", "PARENT", "PARETO",
+           "PRUNED", "ROLE", "STUDY", "SUMMARY", "TRIAL_KEY", "TRIAL_METRICS"]
+
 ROLE = "autocompress.role"  # "search" on a parent run, "trial" on a child run
 PARENT = "mlflow.parentRunId"
 PARETO = "autocompress.pareto"  # "true" | "false", kept current as the front changes
