@@ -31,7 +31,7 @@ SETTINGS: dict[str, tuple[type, float, float]] = {
 
 
 def _defaults() -> dict[str, Any]:
-    from autocompress.measure._timing import TimingSettings
+    from autocompress.measure import TimingSettings
 
     return {"threads": 1, "batch_size": 1, "fold_weight_qdq": 0,
             **{k: min(v, SETTINGS[k][2]) for k, v in TimingSettings().to_dict().items()}}
@@ -69,7 +69,7 @@ def parse_settings(query: str) -> dict[str, Any]:
         if not low <= value <= high:  # also refuses NaN
             raise BadRequest(f"{key}={raw!r}; allowed: from {low:g} to {high:g}")
         out[key] = value
-    from autocompress.measure._timing import TimingSettings
+    from autocompress.measure import TimingSettings
 
     try:
         TimingSettings.from_mapping(out)  # the protocol's own checks (max_runs >= min_runs, ...)
@@ -83,7 +83,7 @@ def device_facts() -> dict[str, Any]:
     import numpy as np
     import onnxruntime as ort
 
-    from autocompress.measure._machine import cpu_model
+    from autocompress.measure import cpu_model
 
     cpu = cpu_model()
     try:
@@ -131,8 +131,8 @@ def measure(model: bytes, settings: dict[str, Any], timeout_s: float) -> dict[st
     """Times the ONNX ``model`` bytes with ``settings`` (TimeoutError past ``timeout_s``)."""
     import onnxruntime as ort
 
-    from autocompress.measure._timing import TimingSettings, time_runs
-    from autocompress.measure.runtimes._ort import session_options
+    from autocompress.measure import TimingSettings, time_runs
+    from autocompress.measure.runtimes import session_options
 
     opts = session_options(settings["threads"], bool(settings["fold_weight_qdq"]))
     try:

@@ -14,7 +14,7 @@ _EXPORTS = {
     "_plan": ("Plan", "LayerPlan", "PlanError"),
     "_layers": ("LayerInfo", "find_layers", "count_macs"),
     "_modules": ("ActFakeQuant", "LowRank", "WeightCompression"),
-    "_registry": ("apply", "list_methods", "register_method"),
+    "_registry": ("METHODS", "apply", "describe_layers", "list_methods", "register_method"),
     "_bake": ("bake", "export_onnx"),
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

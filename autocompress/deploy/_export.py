@@ -62,10 +62,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress.deploy._export_formats import EXPORT_FORMATS, ExportFormat
+from autocompress.deploy._export_formats import DEFAULT_TOLERANCE, EXPORT_FORMATS, ExportFormat
 from autocompress.deploy._rebuild import Rebuilt, rebuild_from_run
 
-DEFAULT_TOLERANCE = 0.005
 METRIC_TAGS = ("accuracy", "accuracy_drop", "size_bytes", "compression_ratio", "latency_ms",
                "speedup", "file_bytes")
 

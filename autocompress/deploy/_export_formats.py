@@ -23,7 +23,11 @@ from typing import Any
 
 from autocompress._registry import Registry
 
-__all__ = ["EXPORT_FORMATS", "FORMATS", "ExportFormat"]
+__all__ = ["DEFAULT_TOLERANCE", "EXPORT_FORMATS", "FORMATS", "ExportFormat"]
+
+# Largest allowed |artifact metric - logged metric| when an export is verified (half a point of
+# accuracy for a metric that is a fraction; why not zero: autocompress.deploy._export).
+DEFAULT_TOLERANCE = 0.005
 
 
 @dataclass(frozen=True)
