@@ -4,6 +4,8 @@ an unknown name gets the closest one ("did you mean") and the allowed ones."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import autocompress
 from autocompress import cli
 from autocompress._registry import UnknownNameError
 from autocompress.compress import METHODS, LayerPlan, Plan, PlanError, apply, list_methods, register_method
@@ -24,6 +27,15 @@ from autocompress.tasks import TASKS, list_tasks, load_task, register_task
 from autocompress.tracking import TRIAL_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _everything_imported() -> None:
+    """Every module of the package (every built-in registered), before any late registration:
+    nothing may have taken a snapshot of a registry's names."""
+    for module in pkgutil.walk_packages(autocompress.__path__, "autocompress."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
 
 
 def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
