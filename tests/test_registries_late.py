@@ -68,6 +68,22 @@ def test_a_late_metric_is_an_objective_a_logged_metric_and_in_the_help(late, cap
         register_metric(spec)
 
 
+def test_a_late_plotted_metric_gets_its_plot(late, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from autocompress.tracking import write_plots
+
+    register_metric(MetricSpec("energy_mj", "min", "mJ", "trial", "Energy.", label="energy (mJ)",
+                               objective=True, plotted=True))
+    late.added.append((METRICS, "energy_mj"))
+    trials = pd.DataFrame({"accuracy": [0.9, 0.8], "size_bytes": [10, 5], "latency_ms": [1.0, 0.5],
+                           "energy_mj": [2.0, 1.0], "pareto": [True, True], "trial": ["a", "b"],
+                           "summary": ["x", "y"]})
+    paths = write_plots(trials, {"accuracy": 1.0, "energy_mj": 3.0}, tmp_path)
+    assert tmp_path / "pareto_energy_mj.png" in paths
+    assert "energy (mJ)" in (tmp_path / "pareto.html").read_text()
+
+
 def test_an_unknown_metric_says_the_closest() -> None:
     with pytest.raises(UnknownNameError, match=r"unknown metric 'acuracy' \(did you mean 'accuracy'\?\)"):
         get_metric("acuracy")

@@ -17,7 +17,7 @@ _EXPORTS = {
     "_timing": ("TimingSettings", "time_runs"),
     "_machine": ("cpu_model",),
     "_registry": ("METRICS", "METRIC_TABLE", "OBJECTIVES", "TRIAL_METRICS", "MetricSpec", "front_columns",
-                  "get_metric", "objective_metrics", "register_metric", "relative_metrics",
+                  "get_metric", "objective_metrics", "plotted_metrics", "register_metric", "relative_metrics",
                   "trial_metrics"),
 }
 
