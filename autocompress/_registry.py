@@ -60,6 +60,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
         self._lazy: dict[str, str] = dict(builtins or {})
+        self._order: dict[str, None] = dict.fromkeys(self._lazy)  # names, as declared
 
     @overload
     def register(self, name: str) -> Callable[[T], T]: ...
@@ -80,16 +81,18 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = entry
         self._lazy.pop(name, None)
+        self._order.setdefault(name)
         return entry
 
     def unregister(self, name: str) -> None:
         """Removes ``name`` (tests, and a user replacing an entry)."""
         self._entries.pop(name, None)
         self._lazy.pop(name, None)
+        self._order.pop(name, None)
 
     def names(self) -> tuple[str, ...]:
         """Every name, registered or declared built-in, in declaration order; imports nothing."""
-        return tuple(dict.fromkeys([*self._lazy, *self._entries]))
+        return tuple(self._order)
 
     def get(self, name: str, *, file: str | os.PathLike | None = None,
             key: str | None = None) -> T:
@@ -108,17 +111,32 @@ class Registry(Generic[T]):
             if name not in self._entries:
                 raise RuntimeError(f"{self._lazy[name]} did not register {self.kind} {name!r}")
         if name not in self._entries:
-            names = self.names()
-            raise UnknownNameError(f"unknown {self.kind} {name!r}{did_you_mean(name, names)}; "
-                                   f"allowed: {', '.join(map(str, names)) or '(none)'}",
-                                   file=file, key=key)
+            raise self.unknown(name, file=file, key=key)
         return self._entries[name]
 
+    def unknown(self, name: object, *, file: str | os.PathLike | None = None,
+                key: str | None = None) -> UnknownNameError:
+        """The error :meth:`get` raises for ``name`` (the closest name and the allowed), for
+        callers that check with ``in`` and raise their own type."""
+        names = self.names()
+        return UnknownNameError(f"unknown {self.kind} {name!r}{did_you_mean(name, names)}; "
+                                f"allowed: {', '.join(map(str, names)) or '(none)'}",
+                                file=file, key=key)
+
     def load_all(self) -> dict[str, T]:
-        """Every entry, by name (imports every built-in)."""
-        for name in list(self._lazy):
-            self.get(name)
-        return dict(self._entries)
+        """Every entry, by name, in :meth:`names` order (imports every built-in)."""
+        return dict(self.items())
+
+    def values(self) -> list[T]:
+        """Every entry, in :meth:`names` order (imports every built-in)."""
+        return [self.get(name) for name in self.names()]
+
+    def items(self) -> list[tuple[str, T]]:
+        """``(name, entry)`` pairs, in :meth:`names` order (imports every built-in)."""
+        return [(name, self.get(name)) for name in self.names()]
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries or name in self._lazy

@@ -342,7 +342,7 @@ def test_the_verifier_runs_the_onnx_file_as_the_task_calls_its_model(build: str,
     tuple, a dict of token ids and mask) must run too, giving the torch model's outputs, and
     so must the recorded largest output difference."""
     from autocompress._inputs import run
-    from autocompress.deploy._export import _OnnxModule
+    from autocompress.deploy._artifacts import _OnnxModule
     from tests import real_models
 
     model, inputs = getattr(real_models, build)()
@@ -368,7 +368,7 @@ def test_torchscript_export_traces_every_input_form(build: str, tmp_path: Path) 
     import warnings
 
     from autocompress._inputs import run
-    from autocompress.deploy._export import _trace_inputs
+    from autocompress.deploy._artifacts import _trace_inputs
     from tests import real_models
 
     model, inputs = getattr(real_models, build)()

@@ -20,7 +20,7 @@ from autocompress.measure._registry import (
     trial_metrics,
 )
 from autocompress.tracking import TRIAL_METRICS
-from autocompress.tracking._plots import PAIRS
+from autocompress.tracking._plots import pairs
 from autocompress.tune import TrialResult
 
 # --- knobs -------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def test_every_registered_metric_is_produced() -> None:
 def test_objectives_plots_and_tables_read_the_registry() -> None:
     assert METRICS == objective_metrics()
     assert all(METRIC_TABLE[m].objective for m in METRICS)
-    assert [x for x, _ in PAIRS] == [m.name for m in METRIC_TABLE.values() if m.plotted]
+    assert [x for x, _ in pairs()] == [m.name for m in METRIC_TABLE.values() if m.plotted]
     assert [name for name, _, _ in front_columns()] == [
         "accuracy", "accuracy_drop", "size_bytes", "compression_ratio", "latency_ms", "speedup"]
 
@@ -105,7 +105,7 @@ def test_relative_metrics_are_ratios_and_differences() -> None:
 
 
 def test_a_metric_is_registered_once_and_checked() -> None:
-    with pytest.raises(RuntimeError, match="already registered"):
+    with pytest.raises(ValueError, match="already registered"):
         register_metric(METRIC_TABLE["accuracy"])
     with pytest.raises(ValueError, match="direction"):
         MetricSpec("x", "up", "", "measure", "x")

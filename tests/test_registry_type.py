@@ -71,3 +71,29 @@ def test_builtin_module_that_does_not_register_is_an_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "fake_ghost_module", types.ModuleType("fake_ghost_module"))
     with pytest.raises(RuntimeError, match="did not register task 'ghost'"):
         reg.get("ghost")
+
+
+def test_mapping_views_keep_declaration_order(monkeypatch):
+    reg = Registry("task", builtins={"b": "fake_b", "a": "fake_a"})
+
+    def fake_import(name):
+        reg.register(name[len("fake_"):], name.upper())
+
+    monkeypatch.setattr("importlib.import_module", fake_import)
+    assert reg["a"] == "FAKE_A" and reg.names() == ("b", "a")  # loading does not reorder
+    reg.register("c", "C")
+    assert reg.values() == ["FAKE_B", "FAKE_A", "C"]
+    assert reg.items() == [("b", "FAKE_B"), ("a", "FAKE_A"), ("c", "C")]
+    assert reg.load_all() == {"b": "FAKE_B", "a": "FAKE_A", "c": "C"}
+    with pytest.raises(UnknownNameError):
+        reg["d"]
+    reg.unregister("a")
+    assert reg.names() == ("b", "c")
+
+
+def test_unknown_builds_the_error_get_raises():
+    reg = Registry("method")
+    reg.register("prune", 1)
+    err = reg.unknown("prnue", key="methods")
+    assert isinstance(err, UnknownNameError)
+    assert str(err) == "methods: unknown method 'prnue' (did you mean 'prune'?); allowed: prune"

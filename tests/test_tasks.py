@@ -23,7 +23,8 @@ def test_user_task_reference() -> None:
 
 
 @pytest.mark.parametrize(("ref", "pattern"), [
-    pytest.param("imagenet", r"unknown task 'imagenet'; built-in tasks: \['digits', 'minilm', 'mnist1d'\]",
+    pytest.param("imagenet", r"unknown task 'imagenet'; allowed: digits, minilm, mnist1d; "
+                             r"or give 'package.module:function'",
                  id="unknown-builtin"),
     pytest.param("tests.no_such_module:fn",
                  r"cannot import task module 'tests.no_such_module': ModuleNotFoundError",

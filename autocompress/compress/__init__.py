@@ -18,7 +18,7 @@ _EXPORTS = {
     "_layers": ("LayerInfo", "find_layers", "count_macs", "output_tensors"),
     "_modules": ("ActFakeQuant", "LowRank", "Regrowth", "WeightCompression",
                  "find_weight_compression"),
-    "_registry": ("apply", "list_methods", "register_method"),
+    "_registry": ("METHODS", "apply", "describe_layers", "list_methods", "register_method"),
     "_bake": ("bake", "dynamic_layers", "float_weights", "quantized_weights", "static_layers",
               "stored_weights"),
     "_fold": ("find_folds", "fold_factors", "fold_into", "folded"),

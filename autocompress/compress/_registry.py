@@ -16,8 +16,6 @@ are computed from the weights that remain.
 from __future__ import annotations
 
 import copy
-import functools
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autocompress._registry import Registry
 from autocompress.compress._knobs import KNOB_TABLE, summary_tokens, why_refused
 from autocompress.compress._layers import LayerInfo, Refusal, find_layers
 from autocompress.compress._plan import Plan, PlanError
@@ -45,16 +44,16 @@ class Method:
     limits: Limits | None = None
 
 
-_METHODS: dict[str, Method] = {}
 # The built-in methods, one module each, imported on first use. A new method is one file with
 # a ``@register_method`` function, plus its module name here.
 BUILTIN_METHODS = ("lowrank", "prune", "quantize")
+METHODS: Registry[Method] = Registry("compression method", builtins={
+    name: f"autocompress.compress.{name}" for name in BUILTIN_METHODS})
 
 
-@functools.cache
-def _load_builtin_methods() -> None:
-    for module in BUILTIN_METHODS:
-        importlib.import_module(f"autocompress.compress.{module}")
+def _in_order() -> list[Method]:
+    """Every method (built-ins imported), in the order :func:`apply` runs them."""
+    return sorted(METHODS.values(), key=lambda m: m.order)
 
 
 def register_method(name: str, order: int,
@@ -66,12 +65,13 @@ def register_method(name: str, order: int,
         order: Its place in :func:`apply` (low-rank 10, pruning 20, quantization 30).
         limits: ``limits(model, example_inputs, layers) -> {layer: [Refusal]}``: the knob
             values this method cannot apply to a layer (a search never samples them).
+
+    Returns:
+        A decorator; it raises ValueError for a name already registered.
     """
 
     def deco(fn: Transform) -> Transform:
-        if name in _METHODS:
-            raise RuntimeError(f"compression method {name!r} is already registered")
-        _METHODS[name] = Method(name, order, fn, limits)
+        METHODS.register(name, Method(name, order, fn, limits))
         return fn
 
     return deco
@@ -81,10 +81,9 @@ def describe_layers(model: nn.Module, example_inputs: Any) -> list[LayerInfo]:
     """The compressible layers (:func:`find_layers`) with the refusals of every method's limits
     and of tied weights (what ``autocompress layers`` shows and what a search space leaves
     out)."""
-    _load_builtin_methods()
     layers = find_layers(model, example_inputs)
     found: dict[str, list[Refusal]] = {}
-    for method in sorted(_METHODS.values(), key=lambda m: m.order):
+    for method in _in_order():
         if method.limits is not None:
             for name, refusals in method.limits(model, example_inputs, layers).items():
                 found.setdefault(name, []).extend(refusals)
@@ -134,8 +133,7 @@ def check_plan(plan: Plan, layers: list[LayerInfo]) -> None:
 
 def list_methods() -> list[str]:
     """Names of the registered methods, in the order they are applied."""
-    _load_builtin_methods()
-    return [m.name for m in sorted(_METHODS.values(), key=lambda m: m.order)]
+    return [m.name for m in _in_order()]
 
 
 def apply(model: nn.Module, plan: Plan, example_inputs: Any,
@@ -152,17 +150,16 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any,
         PlanError: The plan names an unknown or unused layer or asks for something a layer
             cannot do (a method's limits, or a failure while applying it).
     """
+    for name in methods or ():
+        if name not in METHODS:  # the registry's message: the closest name and the allowed
+            raise PlanError(METHODS.unknown(name).message)
     check_plan(plan, describe_layers(model, example_inputs))
     ties = weight_ties(model)
-    unknown = set(methods or ()) - set(_METHODS)
-    if unknown:
-        raise PlanError(f"unknown compression method {sorted(unknown)[0]!r}; "
-                        f"registered: {list_methods()}")
     new = copy.deepcopy(model)
     linearize(new, plan)
-    for name in list_methods():
-        if methods is None or name in methods:
-            _METHODS[name].transform(new, plan, example_inputs)
+    for method in _in_order():
+        if methods is None or method.name in methods:
+            method.transform(new, plan, example_inputs)
     retie(new, ties)
     return new
 

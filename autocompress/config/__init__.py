@@ -10,8 +10,9 @@ _EXPORTS = {
     "_yaml": ("read_yaml",),
     "_experiment": (
         "Experiment", "Objective", "SearchSettings", "Constraints", "load_experiment",
-        "EXPERIMENT_VERSION", "SAMPLERS", "METRICS", "MAX_OBJECTIVES",
+        "EXPERIMENT_VERSION", "METRICS", "MAX_OBJECTIVES",
     ),
+    "_samplers": ("SAMPLERS", "SamplerBuilder"),
     "_space": ("SearchSpace", "Rule", "load_search_space", "LAYER_TYPES"),
     "_domain": ("Knob",),
     "_resolve": ("ResolvedSpace", "LayerSpace", "Slot"),

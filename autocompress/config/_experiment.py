@@ -45,12 +45,12 @@ from autocompress.config._checks import (
     is_number,
     type_name,
 )
+from autocompress.config._samplers import SAMPLERS
 from autocompress.config._space import SearchSpace, load_search_space
 from autocompress.config._yaml import read_yaml
 from autocompress.finetune import FinetuneConfig
-from autocompress.measure._registry import objective_metrics
+from autocompress.measure import OBJECTIVES
 from autocompress.measure.target import Target
-from autocompress.tune._samplers import sampler_names
 
 __all__ = [
     "METRICS",
@@ -63,9 +63,9 @@ __all__ = [
 ]
 
 EXPERIMENT_VERSION = 1
-# Objective metrics and the only sensible direction for each (from the metric registry).
-METRICS: dict[str, str] = objective_metrics()
-SAMPLERS = sampler_names()  # nsga2, tpe, mutation, random: the registry in tune/_samplers.py
+# Objective metrics and the only sensible direction for each: the metric registry, read live.
+METRICS: Mapping[str, str] = OBJECTIVES
+# SAMPLERS (imported above): nsga2, tpe, mutation, random and any registered later, read live.
 MAX_OBJECTIVES = 3
 IN_MEMORY_PREFIX = "<in-memory:"  # the logged reference of a Task object
 _TASK_RE = re.compile(r"[A-Za-z_]\w*|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
@@ -207,15 +207,7 @@ class Experiment:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"name={self.name!r}; allowed: a non-empty string")
-        if not isinstance(self.task, str):
-            from autocompress.tasks._task import Task
-
-            if not isinstance(self.task, Task):
-                raise ValueError(f"task={type(self.task).__name__}; allowed: an autocompress.Task, "
-                                 f"a built-in task name (e.g. digits) or 'package.module:function'")
-        elif not _TASK_RE.fullmatch(self.task):
-            raise ValueError(f"task={self.task!r}; allowed: a built-in task name (e.g. digits) "
-                             f"or 'package.module:function'")
+        self._check_task()
         if not 1 <= len(self.objectives) <= MAX_OBJECTIVES:
             raise ValueError(f"objectives: {len(self.objectives)} given; allowed: 1 to "
                              f"{MAX_OBJECTIVES}")
@@ -227,6 +219,19 @@ class Experiment:
                 not isinstance(self.tracking_uri, str) or not self.tracking_uri.strip()):
             raise ValueError(f"tracking_uri={self.tracking_uri!r}; allowed: a non-empty string "
                              f"or null")
+
+    def _check_task(self) -> None:
+        """A Task object, a task's name or ``"package.module:function"`` (not imported here:
+        an unknown name is refused, with the closest registered one, when it is loaded)."""
+        if not isinstance(self.task, str):
+            from autocompress.tasks import Task
+
+            if not isinstance(self.task, Task):
+                raise ValueError(f"task={type(self.task).__name__}; allowed: an autocompress.Task, "
+                                 f"a built-in task name (e.g. digits) or 'package.module:function'")
+        elif not _TASK_RE.fullmatch(self.task):
+            raise ValueError(f"task={self.task!r}; allowed: a built-in task name (e.g. digits) "
+                             f"or 'package.module:function'")
 
     @property
     def task_ref(self) -> str:

@@ -5,7 +5,8 @@ from autocompress._lazy import lazy_exports
 
 _EXPORTS = {
     "_rebuild": ("Rebuilt", "rebuild_from_run"),
-    "_export": ("export_run", "VerificationError", "FORMATS"),
+    "_export": ("export_run", "VerificationError"),
+    "_export_formats": ("DEFAULT_TOLERANCE", "EXPORT_FORMATS", "FORMATS", "ExportFormat"),
     "_packed": ("save_packed", "load_packed"),
     "_report": ("write_report",),
 }

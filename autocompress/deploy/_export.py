@@ -1,14 +1,10 @@
 """Exporting a trial: a deployable artifact, verified against what the trial logged.
 
 ``export_run(run_id, fmt, out_dir, tracking_uri)`` rebuilds the trial's model from MLflow
-(:mod:`autocompress.rebuild`), writes one artifact and checks it with its own runtime:
-
-- ``onnx``: ``model.onnx`` from ``compress.deploy.export_onnx`` (int8 weights +
-  DequantizeLinear, BatchNorm folded), loaded by a plain ``onnxruntime.InferenceSession``;
-- ``torchscript``: ``model.pt``, ``torch.jit.trace`` of the baked model, loaded by
-  ``torch.jit.load``;
-- ``packed``: ``model.acpk`` (:mod:`autocompress.packed`), loaded by
-  ``autocompress.load_packed``.
+(:mod:`autocompress.deploy._rebuild`), writes one artifact and checks it with its own
+runtime; what each format writes, loads and runs on is its record in the export-format
+registry (:mod:`~autocompress.deploy._export_formats`; the built-ins, ``onnx``, ``torchscript``
+and ``packed``, are in :mod:`~autocompress.deploy._artifacts`).
 
 Verification: the task's metric is computed from the loaded artifact's outputs on the task's
 validation data and compared with the metric logged for the trial; a difference larger than
@@ -59,8 +55,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
-from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -68,89 +62,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress._catalog import EXPORT_FILES
+from autocompress.deploy._export_formats import DEFAULT_TOLERANCE, EXPORT_FORMATS, ExportFormat
 from autocompress.deploy._rebuild import Rebuilt, rebuild_from_run
 
-FILES = EXPORT_FILES
-FORMATS = tuple(FILES)
-RUNTIMES = {"onnx": "onnxruntime", "torchscript": "torch", "packed": "torch"}
-DEFAULT_TOLERANCE = 0.005
 METRIC_TAGS = ("accuracy", "accuracy_drop", "size_bytes", "compression_ratio", "latency_ms",
                "speedup", "file_bytes")
 
 
 class VerificationError(RuntimeError):
     """The exported artifact does not reproduce the trial's logged results."""
-
-
-class _OnnxModule(nn.Module):
-    """An ONNX Runtime session behind an ``nn.Module`` interface, so the task's own metric
-    function can evaluate the exported file."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.inputs = {i.name for i in self.session.get_inputs()}
-
-    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-        """Called as the task calls its model (``model(x)``, ``model(*x)``, ``model(**x)``);
-        the ONNX inputs are named as :func:`autocompress._inputs.input_names` names them (an
-        input the exporter dropped, e.g. an unused mask, is left out of the feed)."""
-        from autocompress._inputs import to_numpy_feed
-
-        inputs = kwargs or (args[0] if len(args) == 1 else args)
-        feed = {k: v for k, v in to_numpy_feed(inputs).items() if k in self.inputs}
-        return torch.from_numpy(self.session.run(None, feed)[0])
-
-
-def _write_onnx(rebuilt: Rebuilt, path: Path) -> None:
-    from autocompress.onnxgraph import export_onnx
-
-    export_onnx(rebuilt.model, rebuilt.task.example_inputs, path,
-                calibration=rebuilt.task.calibration_batches())
-
-
-def _write_torchscript(rebuilt: Rebuilt, path: Path) -> None:
-    from autocompress.compress import bake
-
-    with warnings.catch_warnings():  # deprecation notice; tracer notes on frozen act ranges
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(bake(rebuilt.model), **_trace_inputs(rebuilt.task.example_inputs))
-        torch.jit.save(traced, str(path))
-
-
-def _trace_inputs(inputs: Any) -> dict[str, Any]:
-    """``torch.jit.trace``'s example arguments for inputs of any form: a dict is keyword
-    arguments (given as ``example_inputs`` it would be one positional argument)."""
-    if isinstance(inputs, Mapping):
-        return {"example_kwarg_inputs": dict(inputs)}
-    return {"example_inputs": inputs}
-
-
-def _write_packed(rebuilt: Rebuilt, path: Path) -> None:
-    from autocompress.deploy._packed import save_packed
-
-    save_packed(rebuilt.model, path)
-
-
-def _load_torchscript(path: Path) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.jit.load(str(path)).eval()
-
-
-def _load_packed(path: Path) -> nn.Module:
-    from autocompress.deploy._packed import load_packed
-
-    return load_packed(path)
-
-
-WRITERS: dict[str, Callable[[Rebuilt, Path], None]] = {
-    "onnx": _write_onnx, "torchscript": _write_torchscript, "packed": _write_packed}
-LOADERS: dict[str, Callable[[Path], nn.Module]] = {
-    "onnx": _OnnxModule, "torchscript": _load_torchscript, "packed": _load_packed}
 
 
 def export_run(run_id: str, fmt: str, out_dir: str | os.PathLike, tracking_uri: str,
@@ -160,7 +80,7 @@ def export_run(run_id: str, fmt: str, out_dir: str | os.PathLike, tracking_uri: 
 
     Args:
         run_id: A finished trial run (``autocompress pareto`` lists the front's).
-        fmt: ``onnx``, ``torchscript`` or ``packed``.
+        fmt: A registered export format: ``onnx``, ``torchscript``, ``packed``.
         out_dir: Directory for the artifact and ``export.json`` (created if needed).
         tracking_uri: The MLflow store the search logged to.
         register: Register the artifact as a new version of this MLflow registered model.
@@ -173,13 +93,11 @@ def export_run(run_id: str, fmt: str, out_dir: str | os.PathLike, tracking_uri: 
         ``register``).
 
     Raises:
-        ConfigError: Unknown format, unknown run id, or a run that is not a finished trial.
+        ConfigError: Unknown format (``UnknownNameError``, with did-you-mean), unknown run
+            id, or a run that is not a finished trial.
         VerificationError: The artifact's metric or size differs from the logged one.
     """
-    from autocompress._errors import ConfigError
-
-    if fmt not in FILES:
-        raise ConfigError(f"unknown export format {fmt!r}; allowed: {list(FORMATS)}", key="--format")
+    spec = EXPORT_FORMATS.get(fmt, key="--format")
     rebuilt = rebuild_from_run(run_id, tracking_uri, task)
     out_dir = Path(out_dir)
     created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # removed on failure
@@ -187,20 +105,20 @@ def export_run(run_id: str, fmt: str, out_dir: str | os.PathLike, tracking_uri: 
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     done = False
     try:
-        path = tmp / FILES[fmt]
-        WRITERS[fmt](rebuilt, path)
-        loaded = LOADERS[fmt](path)
+        path = tmp / spec.file
+        spec.write(rebuilt, path)
+        loaded = spec.load(path)
         result = _verify(rebuilt, fmt, loaded, tolerance)
-        result.update(_timings(rebuilt, fmt, loaded))
-        result.update({"path": str((out_dir / FILES[fmt]).resolve()), "format": fmt,
+        result.update(_timings(rebuilt, spec, loaded))
+        result.update({"path": str((out_dir / spec.file).resolve()), "format": fmt,
                        "file_bytes": path.stat().st_size})
         result = {**{k: result[k] for k in ("path", "format")}, **_derived(rebuilt, result), **result,
                   **_provenance(rebuilt)}
         if register:
-            result["registered"] = register_artifact(register, path, fmt, loaded, rebuilt, result,
+            result["registered"] = register_artifact(register, path, spec, loaded, rebuilt, result,
                                                      tracking_uri)
         (tmp / "export.json").write_text(json.dumps(result, indent=2))
-        for name in (FILES[fmt], "export.json"):  # the artifact first: export.json vouches for it
+        for name in (spec.file, "export.json"):  # the artifact first: export.json vouches for it
             os.replace(tmp / name, out_dir / name)
         done = True
         return result
@@ -235,9 +153,9 @@ def _fmt(value: float | None) -> str:
     return "nothing" if value is None else f"{value:.4f}" if value < 1 else f"{value:,.0f}"
 
 
-def _timings(rebuilt: Rebuilt, fmt: str, loaded: nn.Module) -> dict[str, Any]:
+def _timings(rebuilt: Rebuilt, spec: ExportFormat, loaded: nn.Module) -> dict[str, Any]:
     target = rebuilt.target
-    latency, artifact = _time_artifact(rebuilt, fmt, loaded)
+    latency, artifact = _time_artifact(rebuilt, spec, loaded)
     if artifact is not None and artifact is not latency and latency.paired:
         clock = latency.latency_ms / latency.measured_ms  # timed alone: onto the same clock
         artifact = replace(artifact, latency_ms=artifact.latency_ms * clock,
@@ -248,7 +166,7 @@ def _timings(rebuilt: Rebuilt, fmt: str, loaded: nn.Module) -> dict[str, Any]:
             "logged_latency_ms": rebuilt.metrics.get("latency_ms"),
             "latency_target": f"{target.runtime}/{target.device}, {target.threads} thread(s), "
                               f"batch {target.batch_size}",
-            "latency_runtime": target.runtime, "artifact_runtime": RUNTIMES[fmt],
+            "latency_runtime": target.runtime, "artifact_runtime": spec.runtime,
             "artifact_latency_ms": artifact and artifact.latency_ms,
             "artifact_p90_ms": artifact and artifact.p90_ms}
 
@@ -266,7 +184,7 @@ def _provenance(rebuilt: Rebuilt) -> dict[str, Any]:
             "plan": rebuilt.plan.to_dict()}
 
 
-def _time_artifact(rebuilt: Rebuilt, fmt: str, loaded: nn.Module):
+def _time_artifact(rebuilt: Rebuilt, spec: ExportFormat, loaded: nn.Module):
     """``(latency on the experiment's target, latency of the artifact on its own runtime)``.
 
     Both are measured now: the latency cache is bypassed (it would return the search's number
@@ -283,14 +201,15 @@ def _time_artifact(rebuilt: Rebuilt, fmt: str, loaded: nn.Module):
     paired.set_reference(prepare(rebuilt.task.model, x, target),
                          latency_ms=rebuilt.baseline.get("latency_ms"))
     latency = paired.measure(prepare(rebuilt.model, x, target), use_cache=False)
-    if RUNTIMES[fmt] == target.runtime:
+    if spec.runtime == target.runtime:
         # for onnx: the same graph was timed (calibrated on the example inputs instead of the
         # calibration batches, so only the ranges between act_bits 8 layers differ)
         return latency, latency
     if target.device == "remote":
         return latency, None
-    own = replace(target, runtime=RUNTIMES[fmt])
-    return latency, measure_latency(rebuilt.model if fmt == "onnx" else loaded, x, own, use_cache=False)
+    own = replace(target, runtime=spec.runtime)
+    return latency, measure_latency(rebuilt.model if spec.times_model else loaded, x, own,
+                                    use_cache=False)
 
 
 @torch.no_grad()
@@ -317,46 +236,26 @@ def _count_samples(loader) -> int | None:
         return None
 
 
-def register_artifact(name: str, path: Path, fmt: str, loaded: nn.Module, rebuilt: Rebuilt,
-                      result: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
+def register_artifact(name: str, path: Path, spec: ExportFormat, loaded: nn.Module,
+                      rebuilt: Rebuilt, result: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
     """Logs ``path`` as an MLflow model of the trial and registers it as a new version of ``name``.
 
     Returns:
         ``{name, version, run_id, model_id, model_uri}`` of the new version.
     """
-    import mlflow
     from mlflow.entities import LoggedModelOutput
     from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
-    import autocompress
-
+    fmt = spec.name
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     x = rebuilt.task.example_inputs
     with torch.no_grad():
         signature = infer_signature(x.numpy(), loaded(x).numpy())
-    torch_req = f"torch=={torch.__version__.split('+')[0]}"
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model"
-        if fmt == "onnx":
-            import onnx
-            import onnxruntime
-
-            providers = ["CPUExecutionProvider"]
-            if rebuilt.target.device == "cuda":
-                providers.insert(0, "CUDAExecutionProvider")
-            mlflow.onnx.save_model(onnx.load(str(path)), str(local), signature=signature,
-                                   save_as_external_data=False, onnx_execution_providers=providers,
-                                   pip_requirements=[f"onnx=={onnx.__version__}",
-                                                     f"onnxruntime=={onnxruntime.__version__}"])
-        else:
-            reqs = [torch_req] + ([f"autocompress=={autocompress.__version__}"]
-                                  if fmt == "packed" else [])
-            # "pickle": MLflow's "pt2" default refuses TorchScript and needs an input example.
-            mlflow.pytorch.save_model(loaded, str(local), signature=signature, pip_requirements=reqs,
-                                      serialization_format="pickle",
-                                      extra_files=[str(path)] if fmt == "packed" else None)
+        spec.save_mlflow(loaded, path, local, signature, rebuilt)
         experiment_id = client.get_run(rebuilt.run_id).info.experiment_id
         logged_model = client.create_logged_model(
             experiment_id, name=f"{rebuilt.trial}-{fmt}", source_run_id=rebuilt.run_id,

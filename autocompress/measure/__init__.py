@@ -9,13 +9,16 @@ the remote device agent) import without torch.
 from autocompress._lazy import lazy_exports
 
 _EXPORTS = {
-    "latency": ("LatencyResult", "machine_facts", "measure_latency"),
+    "latency": ("LatencyResult", "PairedMeasurer", "check_target", "machine_facts", "measure_latency"),
     "metrics": ("Metrics", "measure", "top1_accuracy"),
-    "size": ("TensorSize", "count_params", "planned_weight_bytes", "size_bytes", "size_report",
-             "tensor_bytes", "weight_storage"),
-    "target": ("Target",),
-    "_timing": ("TimingSettings",),
-    "_registry": ("METRIC_TABLE", "MetricSpec", "register_metric", "relative_metrics"),
+    "size": ("TensorSize", "count_params", "planned_weight_bytes", "size_and_params", "size_bytes",
+             "size_report", "tensor_bytes", "weight_storage"),
+    "target": ("DEVICES", "Target"),
+    "_timing": ("TimingSettings", "time_runs"),
+    "_machine": ("cpu_model",),
+    "_registry": ("METRICS", "METRIC_TABLE", "OBJECTIVES", "TRIAL_METRICS", "MetricSpec",
+                  "front_columns", "get_metric", "objective_metrics", "plotted_metrics",
+                  "register_metric", "relative_metrics", "trial_metrics"),
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

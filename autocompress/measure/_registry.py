@@ -4,14 +4,15 @@ A :class:`MetricSpec` says what a metric is (direction, unit, description), who 
 (``measure``: :class:`~autocompress.measure.Metrics` of a model; ``relative``: computed
 against the baseline's metrics; ``trial``: the trial's own bookkeeping), whether it may be a
 search objective, and how it is shown (Pareto plots, front tables). Objectives, MLflow logging,
-the plots, the command line's tables and the report all read this table; a name that is not
-here is not a metric. A new metric is one entry here plus its producer (a ``Metrics`` field, a
+the plots, the command line's tables and the report all read this table, at call time (a metric
+registered after import is an objective, a logged metric and a ``--help`` entry alike); a name
+that is not here is not a metric. A new metric is one entry here plus its producer (a ``Metrics`` field, a
 ``relative`` rule, or a key the trial reports); a test checks that every entry is produced.
 
 Torch-free: reading a config does not import torch.
 
 Example:
-    >>> METRIC_TABLE["latency_ms"].direction
+    >>> METRICS.get("latency_ms").direction
     'min'
     >>> relative_metrics({"size_bytes": 100}, {"size_bytes": 400})["compression_ratio"]
     4.0
@@ -19,14 +20,15 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
-from autocompress._errors import did_you_mean
+from autocompress._registry import Registry
 
-__all__ = ["METRIC_TABLE", "MetricSpec", "front_columns", "get_metric", "objective_metrics",
-           "plotted_metrics", "register_metric", "relative_metrics", "trial_metrics"]
+__all__ = ["METRICS", "METRIC_TABLE", "OBJECTIVES", "TRIAL_METRICS", "MetricSpec", "front_columns",
+           "get_metric", "objective_metrics", "plotted_metrics", "register_metric",
+           "relative_metrics", "trial_metrics"]
 
 PRODUCERS = ("measure", "relative", "trial")
 
@@ -69,47 +71,92 @@ class MetricSpec:
             raise ValueError(f"metric {self.name!r}: a relative metric needs relative=(metric, kind)")
 
 
-METRIC_TABLE: dict[str, MetricSpec] = {}
+METRICS: Registry[MetricSpec] = Registry("metric")
+METRIC_TABLE = METRICS  # the older name of the same registry
 
 
 def register_metric(spec: MetricSpec) -> MetricSpec:
-    """Adds ``spec`` to the registry; a name can be registered once."""
-    if spec.name in METRIC_TABLE:
-        raise RuntimeError(f"metric {spec.name!r} is already registered")
-    METRIC_TABLE[spec.name] = spec
-    return spec
+    """Adds ``spec`` to the registry.
+
+    Raises:
+        ValueError: A metric of that name is already registered.
+    """
+    return METRICS.register(spec.name, spec)
 
 
-def get_metric(name: str) -> MetricSpec:
+def get_metric(name: str, *, file: Any = None, key: str | None = None) -> MetricSpec:
     """The spec of metric ``name``.
 
     Raises:
-        KeyError: Unknown name (the message lists the registered ones).
+        UnknownNameError: Unknown name (a KeyError; the message has the closest and the allowed).
     """
-    if name not in METRIC_TABLE:
-        raise KeyError(f"unknown metric {name!r}{did_you_mean(name, METRIC_TABLE)}; "
-                       f"metrics: {list(METRIC_TABLE)}")
-    return METRIC_TABLE[name]
+    return METRICS.get(name, file=file, key=key)
 
 
 def objective_metrics() -> dict[str, str]:
-    """Metrics a search may optimize, with their direction."""
-    return {m.name: m.direction for m in METRIC_TABLE.values() if m.objective}
+    """Metrics a search may optimize, with their direction (read now)."""
+    return {m.name: m.direction for m in METRICS.values() if m.objective}
 
 
 def trial_metrics() -> tuple[str, ...]:
-    """Every metric a finished trial logs, in registry order."""
-    return tuple(METRIC_TABLE)
+    """Every metric a finished trial logs, in registry order (read now)."""
+    return METRICS.names()
 
 
 def plotted_metrics() -> list[MetricSpec]:
     """Metrics the search draws a Pareto plot of accuracy against."""
-    return [m for m in METRIC_TABLE.values() if m.plotted]
+    return [m for m in METRICS.values() if m.plotted]
 
 
 def front_columns() -> list[tuple[str, str, Callable[[float], str]]]:
     """``(metric, header, format)`` of the metric columns of front tables, in order."""
-    return [(m.name, *m.column) for m in METRIC_TABLE.values() if m.column is not None]
+    return [(m.name, *m.column) for m in METRICS.values() if m.column is not None]
+
+
+class _Objectives(Mapping[str, str]):
+    """``{objective metric: direction}``, read from the registry on every use (a live
+    :func:`objective_metrics`)."""
+
+    def __getitem__(self, name: str) -> str:
+        return objective_metrics()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(objective_metrics())
+
+    def __len__(self) -> int:
+        return len(objective_metrics())
+
+    def __repr__(self) -> str:
+        return repr(objective_metrics())
+
+
+class _TrialMetrics(Sequence[str]):
+    """Every metric name, read from the registry on every use (a live :func:`trial_metrics`)."""
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, i: Any) -> Any:
+        return trial_metrics()[i]
+
+    def __len__(self) -> int:
+        return len(trial_metrics())
+
+    def __contains__(self, name: object) -> bool:
+        return name in METRICS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(trial_metrics())
+
+    def __repr__(self) -> str:
+        return repr(trial_metrics())
+
+
+OBJECTIVES: Mapping[str, str] = _Objectives()
+TRIAL_METRICS: Sequence[str] = _TrialMetrics()
 
 
 def relative_metrics(metrics: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[str, float | None]:

@@ -44,9 +44,9 @@ from autocompress.measure import cache as latency_cache
 from autocompress.measure._machine import machine_facts
 from autocompress.measure._paired import DRIFT_LIMIT, PairedTiming, time_paired_steady
 from autocompress.measure._results import LatencyResult, Prepared
+from autocompress.measure.runtimes import get_runtime
 from autocompress.measure.runtimes._base import Runtime
 from autocompress.measure.runtimes._remote import target_facts
-from autocompress.measure.runtimes._table import get_runtime
 from autocompress.measure.target import Target
 from autocompress.onnxgraph import export_onnx
 

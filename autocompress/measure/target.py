@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from autocompress._errors import did_you_mean
 from autocompress.measure._timing import TimingSettings
-from autocompress.measure.runtimes._table import devices_of, runtime_names
+from autocompress.measure.runtimes import RUNTIMES, devices_of, runtime_names
 
 DEVICES = ("cpu", "cuda", "remote")
 
@@ -49,8 +50,9 @@ class Target:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"target.device={self.device!r}; allowed: {list(DEVICES)}")
-        if self.runtime not in runtime_names():
-            raise ValueError(f"target.runtime={self.runtime!r}; allowed: {runtime_names()}")
+        if self.runtime not in RUNTIMES:  # the registry, read now: late registrations count
+            raise ValueError(f"target.runtime={self.runtime!r}"
+                             f"{did_you_mean(self.runtime, RUNTIMES)}; allowed: {runtime_names()}")
         for key in ("threads", "batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

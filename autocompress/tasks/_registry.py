@@ -1,8 +1,14 @@
-"""Built-in tasks, user tasks from ``"package.module:function"``, and the baseline cache."""
+"""The task registry (built-in and registered tasks), user tasks from
+``"package.module:function"``, and the baseline cache.
+
+Torch-free at import: the names of the built-in tasks are known without importing them (the
+command line's ``--help`` lists them without torch). A new built-in task is one module with a
+``@register_task`` function (``digits.py`` is the one to copy) plus its name in ``TASKS``'s
+``builtins``; a user's task registered with ``@register_task`` is seen from then on.
+"""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
 import inspect
@@ -11,40 +17,36 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-import autocompress
-from autocompress._catalog import BUILTIN_TASKS
 from autocompress._errors import ConfigError
-from autocompress.tasks._task import Task
+from autocompress._registry import Registry, UnknownNameError
 
-_TASKS: dict[str, Callable[..., Task]] = {}
+if TYPE_CHECKING:
+    from torch import nn
+
+    from autocompress.tasks._task import Task
+
+TaskFactory = Callable[..., "Task"]  # fn(seed: int = 0) -> Task
+
+# The built-in tasks, one module each (imported on first use), so that adding or editing one
+# does not invalidate the others' cached baselines.
+TASKS: Registry[TaskFactory] = Registry("task", builtins={
+    name: f"autocompress.tasks.{name}" for name in ("digits", "minilm", "mnist1d")})
 
 
-@functools.cache
-def _load_builtin_tasks() -> None:
-    for module in BUILTIN_TASKS:
-        importlib.import_module(f"autocompress.tasks.{module}")
+def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
+    """Registers a task factory ``fn(seed: int = 0) -> Task`` as ``name``.
 
-
-def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
-    """Registers a built-in task factory ``fn(seed: int = 0) -> Task``."""
-
-    def deco(fn: Callable[..., Task]) -> Callable[..., Task]:
-        if name in _TASKS:
-            raise RuntimeError(f"task {name!r} is already registered")
-        _TASKS[name] = fn
-        return fn
-
-    return deco
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+    return TASKS.register(name)
 
 
 def list_tasks() -> list[str]:
-    """The names of the built-in (registered) tasks."""
-    _load_builtin_tasks()
-    return sorted(_TASKS)
+    """The names of the built-in and registered tasks, sorted (imports none of them)."""
+    return sorted(TASKS.names())
 
 
 def load_task(ref: str | Task, seed: int = 0) -> Task:
@@ -55,13 +57,17 @@ def load_task(ref: str | Task, seed: int = 0) -> Task:
         ConfigError: Unknown built-in name, module or function that cannot be imported, or a
             function that does not return a Task.
     """
+    from autocompress.tasks._task import Task
+
     if isinstance(ref, Task):
         return ref
-    if ref in list_tasks():
-        return _TASKS[ref](seed=seed)
     if ":" not in ref:
-        raise ConfigError(f"unknown task {ref!r}; built-in tasks: {list_tasks()}, "
-                          "or give 'package.module:function'", key="task")
+        try:
+            factory = TASKS.get(ref, key="task")
+        except UnknownNameError as e:
+            raise UnknownNameError(f"{e.message}; or give 'package.module:function'",
+                                   key="task") from None
+        return factory(seed=seed)
     module_name, _, fn_name = ref.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like uvicorn: "app:make" resolves from the cwd
@@ -110,6 +116,10 @@ def cached_baseline(name: str, seed: int, model: nn.Module, train: Callable[[nn.
     Returns:
         ``(model, was_cached)``.
     """
+    import torch
+
+    import autocompress
+
     digest = hashlib.sha256((autocompress.__version__ + inspect.getsource(code)).encode())
     path = cache_dir() / "baselines" / f"{name}-seed{seed}-{digest.hexdigest()[:12]}.pt"
     if path.exists():

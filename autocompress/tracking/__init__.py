@@ -15,5 +15,6 @@ _EXPORTS = {
         "pareto_front",
     ),
     "_plots": ("write_plots",),
+    "_ui": ("serve_ui",),
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -1,7 +1,10 @@
 """Names in the MLflow store: the tags autocompress writes and reads (DESIGN.md, "what MLflow
 holds"). The metric names come from the metric registry (:mod:`autocompress.measure`)."""
 
-from autocompress.measure._registry import trial_metrics
+from autocompress.measure import TRIAL_METRICS
+
+__all__ = ["ERROR", "FEASIBLE", "LATENCY_FACTS", "LATENCY_PREFIX", "NODE", "PARENT", "PARETO",
+           "PRUNED", "ROLE", "STUDY", "SUMMARY", "TRIAL_KEY", "TRIAL_METRICS"]
 
 ROLE = "autocompress.role"  # "search" on a parent run, "trial" on a child run
 PARENT = "mlflow.parentRunId"
@@ -14,7 +17,8 @@ PRUNED = "autocompress.pruned"  # why a trial was stopped early (it cannot meet 
 TRIAL_KEY = "autocompress.trial_key"
 STUDY = "autocompress.study"  # "<optuna storage>#<study name>" on a parent run
 LATENCY_PREFIX = "autocompress.latency."
-TRIAL_METRICS = trial_metrics()  # every registered metric; a finished trial logs them all
+# TRIAL_METRICS (imported above): every registered metric, read live; a finished trial logs
+# them all.
 # Facts of a trial's latency measurement, logged as tags autocompress.latency.<key>.
 LATENCY_FACTS = ("runs", "stopped", "ci_low_ms", "ci_high_ms", "runtime", "runtime_version", "device",
                  "threads", "batch_size", "cpu", "gpu", "cached", "speedup", "reference_ms",

@@ -6,11 +6,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from autocompress.measure._registry import METRIC_TABLE, plotted_metrics
+from autocompress.measure import METRICS, plotted_metrics
 
-# (x, y) of each plot: accuracy against every metric the registry marks as plotted.
-PAIRS = tuple((m.name, "accuracy") for m in plotted_metrics())
-LABELS = {m.name: m.label or m.name for m in METRIC_TABLE.values()}
+
+def pairs() -> tuple[tuple[str, str], ...]:
+    """``(x, y)`` of each plot: accuracy against every metric the registry marks as plotted
+    (read now: a metric registered after import is plotted too)."""
+    return tuple((m.name, "accuracy") for m in plotted_metrics())
+
+
+def _label(name: str) -> str:
+    spec = METRICS.get(name)
+    return spec.label or spec.name
 
 
 def write_plots(trials: pd.DataFrame, baseline: dict[str, float], out_dir: Path) -> list[Path]:
@@ -29,7 +36,7 @@ def write_plots(trials: pd.DataFrame, baseline: dict[str, float], out_dir: Path)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for x, y in PAIRS:
+    for x, y in pairs():
         fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
         rest, front = trials[~trials["pareto"]], trials[trials["pareto"]].sort_values(x)
         ax.scatter(rest[x], rest[y], s=18, c="#9aa5b1", label="trial")
@@ -38,11 +45,11 @@ def write_plots(trials: pd.DataFrame, baseline: dict[str, float], out_dir: Path)
             ax.scatter([baseline[x]], [baseline[y]], marker="*", s=160, c="#1c7ed6",
                        label="baseline", zorder=5)
         ax.set_xscale("log")
-        ax.set_xlabel(LABELS[x] + " (log scale)")
-        ax.set_ylabel(LABELS[y])
+        ax.set_xlabel(_label(x) + " (log scale)")
+        ax.set_ylabel(_label(y))
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
-        ax.set_title(f"{LABELS[y]} vs {LABELS[x]}  ({len(trials)} trials)", fontsize=10)
+        ax.set_title(f"{_label(y)} vs {_label(x)}  ({len(trials)} trials)", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"pareto_{x}.png"
         fig.savefig(path)
@@ -56,8 +63,10 @@ def _write_html(trials: pd.DataFrame, baseline: dict[str, float], path: Path) ->
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=[f"accuracy vs {LABELS[x]}" for x, _ in PAIRS])
-    for col, (x, y) in enumerate(PAIRS, start=1):
+    plots = pairs()
+    fig = make_subplots(rows=1, cols=len(plots),
+                        subplot_titles=[f"accuracy vs {_label(x)}" for x, _ in plots])
+    for col, (x, y) in enumerate(plots, start=1):
         for on_front, color, name in ((False, "#9aa5b1", "trial"), (True, "#d9480f", "Pareto front")):
             part = trials[trials["pareto"] == on_front].sort_values(x)
             fig.add_trace(go.Scatter(
@@ -70,8 +79,8 @@ def _write_html(trials: pd.DataFrame, baseline: dict[str, float], path: Path) ->
             fig.add_trace(go.Scatter(x=[baseline[x]], y=[baseline[y]], mode="markers",
                                      marker={"symbol": "star", "size": 14, "color": "#1c7ed6"},
                                      name="baseline", showlegend=col == 1), row=1, col=col)
-        fig.update_xaxes(type="log", title_text=LABELS[x], row=1, col=col)
-        fig.update_yaxes(title_text=LABELS[y], row=1, col=col)
+        fig.update_xaxes(type="log", title_text=_label(x), row=1, col=col)
+        fig.update_yaxes(title_text=_label(y), row=1, col=col)
     fig.update_layout(height=480, width=1100, template="plotly_white")
     fig.write_html(path, include_plotlyjs=True, full_html=True)
     return path

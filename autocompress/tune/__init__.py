@@ -10,6 +10,7 @@ _EXPORTS = {
     "_result": ("SearchResult",),
     "_trial": ("run_trial", "TrialResult"),
     "_samplers": ("make_sampler",),
+    "_sensitivity": ("profile",),
     "_remote": ("run_remote_search",),
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -1,7 +1,10 @@
 """Optuna glue: the define-by-run space, the sampler registry and the accuracy constraint.
 
-A new sampler is one ``@register_sampler`` function here (``_tpe`` is the one to copy); the
-experiment's ``search.sampler`` accepts every registered name. Optuna is imported on first use.
+A new sampler is one ``@register_sampler`` function (``_tpe`` is the one to copy); the
+experiment's ``search.sampler`` accepts every registered name. The registry itself is
+:data:`autocompress.config.SAMPLERS` (torch- and Optuna-free, so that validating a config
+imports no search); a built-in here is one more name in its ``builtins``. Optuna is imported
+on first use.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from autocompress.config import SAMPLERS, SamplerBuilder
 
 if TYPE_CHECKING:
     from autocompress.config._resolve import ResolvedSpace
@@ -53,28 +58,19 @@ class AccuracyDropConstraint:
 
 
 
-SamplerBuilder = Callable[[Any, Any], Any]
-_SAMPLERS: dict[str, SamplerBuilder] = {}
-
-
 def register_sampler(name: str) -> Callable[[SamplerBuilder], SamplerBuilder]:
-    """Registers ``fn(settings: SearchSettings, constraint) -> optuna sampler`` as ``name``.
+    """Registers ``fn(settings: SearchSettings, constraint) -> optuna sampler`` as ``name``
+    (``constraint``: an Optuna ``constraints_func``, or None, that the sampler should honour).
 
-    ``constraint`` is an Optuna ``constraints_func`` (or None) that the sampler should honour.
+    Raises:
+        ValueError: ``name`` is already registered.
     """
-
-    def deco(fn: SamplerBuilder) -> SamplerBuilder:
-        if name in _SAMPLERS:
-            raise RuntimeError(f"sampler {name!r} is already registered")
-        _SAMPLERS[name] = fn
-        return fn
-
-    return deco
+    return SAMPLERS.register(name)
 
 
 def sampler_names() -> tuple[str, ...]:
-    """The registered samplers (``search.sampler`` values)."""
-    return tuple(_SAMPLERS)
+    """The registered samplers (``search.sampler`` values), read now."""
+    return SAMPLERS.names()
 
 
 @register_sampler("nsga2")
@@ -124,7 +120,8 @@ def make_sampler(settings: Any, metrics: list[str], max_accuracy_drop: float | N
             :func:`plan_key` over it (parameters -> the plan they give, to tell plans apart).
 
     Raises:
-        KeyError: An unregistered sampler name (the experiment's validation refuses it first).
+        UnknownNameError: An unregistered sampler name (a KeyError; the experiment's
+            validation refuses it first).
     """
     # Optuna 5 deprecates constraints_func for trial.set_constraint, which needs the objective
     # function that Ray's OptunaSearch owns; it still works until Optuna 7.
@@ -133,9 +130,7 @@ def make_sampler(settings: Any, metrics: list[str], max_accuracy_drop: float | N
     if max_accuracy_drop is not None and "accuracy" in metrics:
         constraint = AccuracyDropConstraint(metrics.index("accuracy"), baseline_accuracy,
                                              max_accuracy_drop)
-    if settings.sampler not in _SAMPLERS:
-        raise KeyError(f"unknown sampler {settings.sampler!r}; registered: {list(_SAMPLERS)}")
-    sampler = _SAMPLERS[settings.sampler](settings, constraint)
+    sampler = SAMPLERS.get(settings.sampler, key="search.sampler")(settings, constraint)
     if space is not None and hasattr(sampler, "plan_key"):
         sampler.plan_key = functools.partial(plan_key, space)
     return sampler

@@ -1,7 +1,7 @@
 """The runtime interface: how a deployable model is built, run and described on a target.
 
 A runtime is one small class (Optuna's ``BaseSampler`` is the model: a few methods, sensible
-defaults) and one line in ``RUNTIMES`` (``_table.py``). It serves a ``target.runtime`` name
+defaults) and one registration in ``RUNTIMES`` (``_table.py``). It serves a ``target.runtime`` name
 on some ``target.device`` values:
 
 - :meth:`Runtime.check` refuses a target this machine cannot run (before anything starts);

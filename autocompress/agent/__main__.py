@@ -1,0 +1,5 @@
+import sys
+
+from autocompress.agent import main
+
+sys.exit(main())
