@@ -13,11 +13,11 @@ from autocompress._lazy import lazy_exports
 
 _EXPORTS = {
     "_knobs": ("KNOBS", "KNOB_TABLE", "KNOB_RULES", "KnobRule", "KnobSpec", "Heat", "reconcile",
-               "same", "seed_knob", "why_refused"),
+               "same", "seed_knob", "why_refused", "needs_masks", "heat_maps"),
     "_plan": ("Plan", "LayerPlan", "PlanError"),
     "_layers": ("LayerInfo", "find_layers", "count_macs", "output_tensors"),
     "_modules": ("ActFakeQuant", "LowRank", "Regrowth", "WeightCompression",
-                 "find_weight_compression"),
+                 "find_weight_compression", "act_quant_pre_hook", "leaves", "weight_compression"),
     "_registry": ("METHODS", "apply", "describe_layers", "list_methods", "register_method"),
     "_bake": ("bake", "dynamic_layers", "float_weights", "quantized_weights", "static_layers",
               "stored_weights"),

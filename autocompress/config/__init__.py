@@ -10,7 +10,7 @@ _EXPORTS = {
     "_yaml": ("read_yaml",),
     "_experiment": (
         "Experiment", "Objective", "SearchSettings", "Constraints", "load_experiment",
-        "EXPERIMENT_VERSION", "METRICS", "MAX_OBJECTIVES",
+        "EXPERIMENT_VERSION", "METRICS", "MAX_OBJECTIVES", "IN_MEMORY_PREFIX",
     ),
     "_samplers": ("SAMPLERS", "SamplerBuilder"),
     "_space": ("SearchSpace", "Rule", "load_search_space", "LAYER_TYPES"),

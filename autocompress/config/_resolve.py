@@ -12,15 +12,22 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from autocompress._errors import ConfigError, did_you_mean
-from autocompress.compress._knobs import KNOB_TABLE, KNOBS, KnobSpec, reconcile, why_refused
-from autocompress.compress._plan import LayerPlan, Plan
+from autocompress.compress import (
+    KNOB_TABLE,
+    KNOBS,
+    KnobSpec,
+    LayerPlan,
+    Plan,
+    reconcile,
+    why_refused,
+)
 from autocompress.config._checks import matches
 from autocompress.config._domain import Knob, TrialLike
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
 
-    from autocompress.compress._layers import LayerInfo
+    from autocompress.compress import LayerInfo
 
 
 def resolve(rules: Sequence[Any], layers: Sequence[LayerInfo]) -> ResolvedSpace:

@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import _get_qualified_name
 
-from autocompress.compress._modules import ActFakeQuant, act_quant_pre_hook
+from autocompress.compress import ActFakeQuant, act_quant_pre_hook
 
 _CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
          "padding_mode", "bias")

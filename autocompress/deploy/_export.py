@@ -173,7 +173,7 @@ def _timings(rebuilt: Rebuilt, spec: ExportFormat, loaded: nn.Module) -> dict[st
 
 def _derived(rebuilt: Rebuilt, m: dict[str, Any]) -> dict[str, float | None]:
     """``accuracy_drop``, ``compression_ratio`` and ``speedup`` of the re-measured values."""
-    from autocompress.measure._registry import relative_metrics
+    from autocompress.measure import relative_metrics
 
     return relative_metrics(m, rebuilt.baseline)
 

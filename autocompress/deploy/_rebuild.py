@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autocompress._errors import ConfigError
-from autocompress.compress._plan import Plan
+from autocompress.compress import Plan
 from autocompress.tracking import ROLE, SUMMARY, open_store
 
 PARENT = "mlflow.parentRunId"
@@ -128,9 +128,8 @@ def rebuild_from_run(run_id: str, tracking_uri: str, task: Any = None) -> Rebuil
             that cannot be loaded.
     """
     from autocompress.compress import apply
-    from autocompress.config._experiment import IN_MEMORY_PREFIX
-    from autocompress.tasks import load_task
-    from autocompress.tasks._registry import remembered_task
+    from autocompress.config import IN_MEMORY_PREFIX
+    from autocompress.tasks import load_task, remembered_task
 
     client = open_store(tracking_uri, must_exist=True)
     run = get_trial_run(client, run_id)
@@ -175,8 +174,7 @@ def load_baked_state(model: nn.Module, state: dict[str, torch.Tensor], plan: Pla
         RuntimeError: The weights do not fit the architecture (the task's model changed since
             the search).
     """
-    from autocompress.compress._knobs import needs_masks
-    from autocompress.compress._modules import leaves, weight_compression
+    from autocompress.compress import leaves, needs_masks, weight_compression
 
     masked = {id(leaf) for name, lp in plan.active().items()
               if needs_masks(lp) for leaf in leaves(model, name)}

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from autocompress.compress._knobs import heat_maps
+from autocompress.compress import heat_maps
 from autocompress.deploy._rebuild import download_text, quiet_downloads
-from autocompress.measure._registry import front_columns
+from autocompress.measure import front_columns
 from autocompress.tracking import (
     PARETO,
     TRIAL_METRICS,

@@ -16,6 +16,7 @@ _EXPORTS = {
     "target": ("DEVICES", "Target"),
     "_timing": ("TimingSettings", "time_runs"),
     "_machine": ("cpu_model",),
+    "_paired": ("DRIFT_LIMIT",),
     "_registry": ("METRICS", "METRIC_TABLE", "OBJECTIVES", "TRIAL_METRICS", "MetricSpec",
                   "front_columns", "get_metric", "objective_metrics", "plotted_metrics",
                   "register_metric", "relative_metrics", "trial_metrics"),

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from autocompress._inputs import take
-from autocompress.compress._layers import count_macs
+from autocompress.compress import count_macs
 from autocompress.measure._registry import relative_metrics
 from autocompress.measure.latency import LatencyResult, measure_latency
 from autocompress.measure.size import size_and_params

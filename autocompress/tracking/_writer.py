@@ -24,7 +24,7 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from autocompress.measure._paired import DRIFT_LIMIT
+from autocompress.measure import DRIFT_LIMIT
 from autocompress.tracking._names import (
     ERROR,
     FEASIBLE,
