@@ -2,10 +2,11 @@
 
 ``FORMATS`` is the registry (:class:`~autocompress._registry.Registry`) of
 :class:`WeightFormat` records: ``fp32``, ``int2`` .. ``int8`` (uniform), ``pow2-3`` ..
-``pow2-6`` (power-of-two levels), ``fp16`` and ``bf16``. :func:`weight_format` maps the plan's
-``bits``/``scheme`` values to one. Each format is applied as fake quantization during
-fine-tuning (:class:`~autocompress.compress.WeightCompression`: the rounded value forward, the
-gradient straight through), and says how it is packed, exported to ONNX, folded and sized.
+``pow2-6`` (power-of-two levels), ``fp16``, ``bf16`` and ``fp8`` (e4m3, per-channel scales).
+:func:`weight_format` maps the plan's ``bits``/``scheme`` values to one. Each format is applied
+as fake quantization during fine-tuning (:class:`~autocompress.compress.WeightCompression`: the
+rounded value forward, the gradient straight through), and says how it is packed, exported to
+ONNX, folded and sized.
 
 To add a format: one module registering it (copy ``_pow2.py``) and its name in
 ``BUILTIN_FORMATS`` (``_base.py``).
