@@ -33,11 +33,12 @@ from autocompress.compress.formats._float16 import (
     float_from_bytes,
     round_to_float,
 )
+from autocompress.compress.formats._fp8 import FP8_MAX, fp8_quantize
 from autocompress.compress.formats._integer import IntegerFormat
 from autocompress.compress.formats._pow2 import POW2_CANDIDATES, pow2_codes, pow2_from_codes
 
-__all__ = ["BUILTIN_FORMATS", "FLOAT_DTYPES", "FORMATS", "POW2_CANDIDATES", "InitializerSlot",
+__all__ = ["BUILTIN_FORMATS", "FLOAT_DTYPES", "FORMATS", "FP8_MAX", "POW2_CANDIDATES", "InitializerSlot",
            "IntegerFormat", "OnnxNodes", "StoredWeight", "WeightFormat", "compressed_value",
-           "float_bytes", "float_from_bytes", "format_name", "pack_bits", "per_row",
+           "float_bytes", "float_from_bytes", "format_name", "fp8_quantize", "pack_bits", "per_row",
            "plan_values", "pow2_codes", "pow2_from_codes", "quantize_weight", "round_to_float",
            "unpack_bits", "weight_format"]
