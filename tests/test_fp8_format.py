@@ -2,7 +2,8 @@
 (tests/test_weight_formats.py): 1 byte per weight + one fp32 scale per output channel, the
 relative error of e4m3 (``2**-4`` in the normal range), a scale that quantizing again gives
 back, the search space offering it, and its ONNX form (FLOAT8E4M3FN + DequantizeLinear, opset
-19) running in ONNX Runtime's CPU provider.
+19) running in ONNX Runtime's CPU provider (the exporter writes opset 17, so an exported model
+keeps fp8 weights as their fp32 values for now).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from autocompress.compress import KNOB_TABLE, LayerPlan, Plan, apply, weight_format
+from autocompress.compress._knob_values import bits_cell
 from autocompress.compress.formats import FORMATS
+from autocompress.config import load_search_space
 from autocompress.measure import size_report
 from autocompress.onnxgraph import WeightMatch
 
@@ -60,6 +63,10 @@ def test_fp8_is_a_bits_choice_of_the_search_space_and_plan() -> None:
     spec = KNOB_TABLE["bits"]
     assert spec.valid("fp8") and "'fp8'" in spec.allowed
     assert LayerPlan(bits="fp8").bits == "fp8"
+    assert spec.token(LayerPlan(bits="fp8")) == "fp8"
+    space = load_search_space({"layers": [{"knobs": {"bits": [4, "fp8", None]}}]})
+    assert "fp8" in space.rules[0].knobs["bits"].choices
+    assert bits_cell({"bits": "fp8"}) == (8.5, "fp8")  # between int8 and fp16 on the heat map
 
 
 def test_fp8_onnx_form_runs_in_onnx_runtime_at_opset_19() -> None:
