@@ -41,7 +41,6 @@ from autocompress.compress.formats._base import (
 __all__ = ["FP8_MAX", "Fp8Format", "fp8_bytes", "fp8_from_bytes", "fp8_quantize"]
 
 FP8_MAX = 448.0  # e4m3fn's largest finite value
-FP8_ONNX_OPSET = 19  # the first opset with float8 types (DequantizeLinear, Cast)
 
 
 def fp8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
