@@ -341,11 +341,11 @@ def test_an_unknown_encoding_is_refused(tmp_path: Path) -> None:
     data = save_packed(new, tmp_path / "m.acpk").path.read_bytes()
     length = int.from_bytes(data[5:9], "little")
     header = json.loads(zlib.decompress(data[9:9 + length]))
-    header["tensors"][0][1] = "fp8"
+    header["tensors"][0][1] = "fp4"
     new_header = zlib.compress(json.dumps(header).encode())
     bad = tmp_path / "bad.acpk"
     bad.write_bytes(data[:5] + len(new_header).to_bytes(4, "little") + new_header + data[9 + length:])
-    with pytest.raises(PackedFormatError, match="unknown tensor encoding 'fp8'"):
+    with pytest.raises(PackedFormatError, match="unknown tensor encoding 'fp4'"):
         load_packed(bad)
 
 

@@ -72,7 +72,7 @@ def test_the_documented_example_parses() -> None:
     ("bits", "8", "2..8"),
     ("bits", True, "2..8"),
     ("bits", 8.0, "2..8"),
-    ("bits", "fp8", "'fp16', 'bf16'"),
+    ("bits", "fp4", "'fp16', 'bf16', 'fp8'"),
     ("bits", "FP16", "'fp16', 'bf16'"),
     ("scheme", "log", "['uniform', 'pow2']"),
     ("scheme", None, "['uniform', 'pow2']"),

@@ -416,8 +416,9 @@ BAD_SPACES = {
                       "layers[0].knobs.structure[1]", "'filter' is out of range"),
     "bad-fixed": ("layers:\n  - knobs: {act_bits: 4}\n", "layers[0].knobs.act_bits",
                   "4 is out of range"),
-    "bits-fp8": ("layers:\n  - knobs: {bits: [4, fp8, null]}\n", "layers[0].knobs.bits[1]",
-                 "'fp8' is out of range; allowed: an integer in 2..8, 'fp16', 'bf16' or null"),
+    "bits-fp4": ("layers:\n  - knobs: {bits: [4, fp4, null]}\n", "layers[0].knobs.bits[1]",
+                 "'fp4' is out of range; allowed: an integer in 2..8, 'fp16', 'bf16', 'fp8' or "
+                 "null"),
     "bits-string-range": ("layers:\n  - knobs: {bits: {low: 4, high: fp16}}\n",
                           "layers[0].knobs.bits", "high='fp16'; expected an integer"),
     "bad-scheme": ("layers:\n  - knobs: {scheme: [uniform, log]}\n", "layers[0].knobs.scheme[1]",

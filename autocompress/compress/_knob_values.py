@@ -14,7 +14,8 @@ __all__ = ["FLOAT_FORMATS", "HEAT_BITS", "POW2_BITS", "POW2_INT8_BITS", "Knob", 
            "bits_cell", "first_of", "integer_bits", "is_number", "mildest_bits", "mildest_rank",
            "mildest_sparsity", "same"]
 
-FLOAT_FORMATS = ("fp16", "bf16")  # the non-integer weight formats of ``bits`` (compress/_formats.py)
+# The non-integer weight formats of ``bits`` (compress/formats/), mildest first.
+FLOAT_FORMATS = ("fp16", "bf16", "fp8")
 POW2_BITS = range(3, 7)  # ``scheme: pow2`` bit-widths: 2 bits is ternary either way; 7+ would
 # reach exponents (2**-62 ...) that no weight needs
 POW2_INT8_BITS = 4  # pow2 integers (up to 2**(2**(b-1) - 2)) fit int8 up to 4 bits (64)
@@ -40,7 +41,7 @@ class Knob(Protocol):
 
 
 def integer_bits(bits: Any) -> bool:
-    """Whether a ``bits`` plan value is an integer bit-width (not fp16/bf16, not None)."""
+    """Whether a ``bits`` plan value is an integer bit-width (not a float format, not None)."""
     return type(bits) is int
 
 
@@ -69,7 +70,8 @@ def mildest_sparsity(knob: Knob) -> Any:
 
 
 def mildest_bits(knob: Knob) -> Any:
-    """8 bits (the warm start stores int8), then fewer bits, then the 16-bit floats, then fp32."""
+    """8 bits (the warm start stores int8), then fewer bits, then the 16-bit floats, then fp8,
+    then fp32."""
     if knob.kind == "range":
         low, high = knob.bounds()
         return int(high) if high < 8 else 8 if knob.contains(8) else int(low)
@@ -88,8 +90,9 @@ def act_token(act_bits: Any) -> str:
     return "adyn" if act_bits == "dynamic" else f"a{act_bits}"
 
 
-# Where the non-integer formats sit on the report's bit-width colour scale (after 8).
-HEAT_BITS: dict[Any, int] = {"fp16": 9, "bf16": 10, None: 11}
+# Where the non-integer formats sit on the report's bit-width colour scale (fp8 between 8 and
+# the 16-bit floats).
+HEAT_BITS: dict[Any, float] = {"fp8": 8.5, "fp16": 9, "bf16": 10, None: 11}
 
 
 def bits_cell(knobs: dict[str, Any]) -> tuple[float, str]:

@@ -168,8 +168,9 @@ KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
         modifies="sparsity", allocated=True, seed="cut", seed_value="channel"),
     KnobSpec(
         # Integers: per-output-channel integer levels (``scheme``); "fp16"/"bf16": the weight
-        # rounded to a 16-bit float (compress/_formats.py). A range is over the integers only.
-        "bits", None, "an integer in 2..8, 'fp16', 'bf16' or null",
+        # rounded to a 16-bit float; "fp8": to e4m3 with per-channel scales (compress/formats/).
+        # A range is over the integers only.
+        "bits", None, f"an integer in 2..8, {', '.join(map(repr, FLOAT_FORMATS))} or null",
         lambda v: v is None or v in FLOAT_FORMATS or (integer_bits(v) and 2 <= v <= 8),
         integer=True, rangeable=True, mildest=mildest_bits,
         token=lambda lp: "" if lp.bits is None else lp.bits if lp.bits in FLOAT_FORMATS
@@ -177,8 +178,8 @@ KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
         heat=Heat("weight bits", bits_cell,
                   "Blues_r", {"zmin": 2, "zmax": HEAT_BITS[None],
                               "colorbar": {"tickvals": [2, 4, 6, 8, *HEAT_BITS.values()],
-                                           "ticktext": ["2", "4", "6", "8", "fp16", "bf16",
-                                                        "fp32"]}}),
+                                           "ticktext": ["2", "4", "6", "8",
+                                                        *(f or "fp32" for f in HEAT_BITS)]}}),
         probed=True, allocated=True, seed="width"),
     KnobSpec(
         # How integer bits are spent: "uniform" levels or "pow2" (0 and signed powers of two

@@ -10,9 +10,9 @@ Layout (little-endian)::
 
 Format version 2 added tensor encodings (fp16/bf16 and pow2 weights), version 3 the delta
 (relative-index) layout of sparse tensors, version 4 ties (a tensor that several modules
-share). A file is written as the oldest version that has what it uses (one without them is
-version 1, byte for byte what earlier releases wrote), so older readers still read it; this
-reader reads all four.
+share), version 5 fp8 weights. A file is written as the oldest version that has what it uses
+(one without them is version 1, byte for byte what earlier releases wrote), so older readers
+still read it; this reader reads all five.
 
 The header describes the architecture without pickle, as data only:
 
@@ -31,7 +31,8 @@ The header describes the architecture without pickle, as data only:
   from the modules; a tensor the forward reads directly, not through a leaf module, also
   carries ``[shape, is_param]``). The encoding is the bit-width for fp32 (32) and uniform
   integer levels (2..8), as in version 1; ``"fp16"``, ``"bf16"`` or ``"pow2:<bits>"``
-  (version 2). The layout is 0 (dense), 1 (bitmap) or ``[width, entries]`` (delta, version 3).
+  (version 2); ``"fp8"`` (version 5). The layout is 0 (dense), 1 (bitmap) or
+  ``[width, entries]`` (delta, version 3).
 - ``ties`` (version 4, only when the model shares a tensor, e.g. tied embeddings: the output
   layer's weight is the token embedding's): ``[name, stored name]`` pairs. A shared tensor is
   stored once (as ``size_bytes`` counts it: :func:`~autocompress.compress._ties.tensor_aliases`),
@@ -45,12 +46,12 @@ sign + exponent codes, :func:`~autocompress.compress.formats.pow2_codes`): all o
 (dense); a 1-bit-per-element presence bitmap followed by the non-zero values only (bitmap);
 or ``entries`` relative indexes of ``width`` bits (distance to the previous entry minus 1;
 a gap longer than ``2**width`` takes filler entries of value 0) followed by the entries'
-values (delta); then
-one fp32 scale per output channel for integer levels. fp32 tensors are raw float32, fp16 and
-bf16 weights raw 2-byte values (little-endian), so every value comes back exactly. An 8-bit activation
-quantizer is its observed range ``(lo, hi)`` as two fp32 (8 bytes); a dynamic one
-(``act_bits: "dynamic"``) has no state and is only its module entry (``dynamic: true``). So
-``file size = size_bytes + 9 + header``; the compressed header is a few hundred bytes to a
+values (delta); then one fp32 scale per output channel for integer levels and fp8 (raw e4m3
+bytes, one per value). fp32 tensors are raw float32, fp16 and bf16 weights raw 2-byte values
+(little-endian), so every value comes back exactly. An 8-bit activation quantizer is its
+observed range ``(lo, hi)`` as two fp32 (8 bytes); a dynamic one (``act_bits: "dynamic"``) has
+no state and is only its module entry (``dynamic: true``). So ``file size = size_bytes + 9 +
+header``; the compressed header is a few hundred bytes to a
 couple of KiB (it grows with the number of layers, not with their size).
 
 Limits:
@@ -116,7 +117,7 @@ from autocompress.deploy._packed_codec import (
 from autocompress.measure import size_report
 
 MAGIC = b"ACPK"
-FORMAT_VERSION = 4  # what this reader reads (and older); a file is written as the oldest that reads it
+FORMAT_VERSION = 5  # what this reader reads (and older); a file is written as the oldest that reads it
 _PREFIX = struct.Struct("<4sBI")  # magic, format version, header length
 
 

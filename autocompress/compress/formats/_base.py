@@ -40,6 +40,7 @@ BUILTIN_FORMATS: dict[str, str] = {
     **{f"pow2-{b}": _POW2 for b in range(3, 7)},
     "fp16": _FLOAT16,
     "bf16": _FLOAT16,
+    "fp8": "autocompress.compress.formats._fp8",
 }
 
 OnnxNodes = tuple[list[Any], list[Any]]  # (initializers, nodes): onnx TensorProto / NodeProto
@@ -70,8 +71,8 @@ class StoredWeight:
 
     Attributes:
         format: The format.
-        values: Integer codes (int32) of a scaled format, else the fp32 values (exactly
-            representable in the format).
+        values: Codes of a scaled format (int32 integers; fp8: the e4m3 values as float32),
+            else the fp32 values (exactly representable in the format).
         scale: fp32 scales of a scaled format (one per output channel), else None.
     """
 
