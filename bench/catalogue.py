@@ -50,13 +50,14 @@ from autocompress.compress import (  # noqa: E402
     find_layers,
 )
 from autocompress.compress._plan import LayerPlan, Plan  # noqa: E402
+from autocompress.compress.formats import float_format_names  # noqa: E402
 from autocompress.finetune import FinetuneConfig, finetune  # noqa: E402
 from autocompress.measure import Target, measure_latency, size_bytes  # noqa: E402
 from autocompress.onnxgraph import export_onnx  # noqa: E402
 from autocompress.tasks import load_task  # noqa: E402
 
 TASKS = ("digits", "mnist1d")
-FLOAT_FORMATS = ("fp16", "bf16")
+FLOAT_FORMATS = float_format_names()  # every built-in format `bits` names by a string
 SCHEMES = (("uniform", 4), ("pow2", 4), ("uniform", 3), ("pow2", 3))
 
 

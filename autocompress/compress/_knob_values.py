@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
+from autocompress.compress.formats._names import float_format_names
+
 __all__ = ["FLOAT_FORMATS", "HEAT_BITS", "POW2_BITS", "POW2_INT8_BITS", "Knob", "act_token",
            "bits_cell", "first_of", "integer_bits", "is_number", "mildest_bits", "mildest_rank",
            "mildest_sparsity", "same"]
 
-# The non-integer weight formats of ``bits`` (compress/formats/), mildest first.
-FLOAT_FORMATS = ("fp16", "bf16", "fp8")
+# The weight formats ``bits`` names by a string (compress/formats/: fp16, bf16, fp8), mildest
+# first: every built-in format whose plan value is a name.
+FLOAT_FORMATS = float_format_names()
 POW2_BITS = range(3, 7)  # ``scheme: pow2`` bit-widths: 2 bits is ternary either way; 7+ would
 # reach exponents (2**-62 ...) that no weight needs
 POW2_INT8_BITS = 4  # pow2 integers (up to 2**(2**(b-1) - 2)) fit int8 up to 4 bits (64)

@@ -117,7 +117,9 @@ from autocompress.deploy._packed_codec import (
 from autocompress.measure import size_report
 
 MAGIC = b"ACPK"
-FORMAT_VERSION = 5  # what this reader reads (and older); a file is written as the oldest that reads it
+# What this reader reads (and older): the newest a layout (4: ties) or a format needs. A file is
+# written as the oldest version that reads it.
+FORMAT_VERSION = max(4, *(fmt.packed_version for fmt in FORMATS.load_all().values()))
 _PREFIX = struct.Struct("<4sBI")  # magic, format version, header length
 
 

@@ -9,36 +9,20 @@ rounded value forward, the gradient straight through), and says how it is packed
 ONNX, folded and sized.
 
 To add a format: one module registering it (copy ``_pow2.py``) and its name in
-``BUILTIN_FORMATS`` (``_base.py``).
+``BUILTIN_FORMATS`` (``_names.py``).
 """
 
-from autocompress.compress.formats._base import (
-    BUILTIN_FORMATS,
-    FORMATS,
-    InitializerSlot,
-    OnnxNodes,
-    StoredWeight,
-    WeightFormat,
-    compressed_value,
-    format_name,
-    per_row,
-    plan_values,
-    quantize_weight,
-    weight_format,
-)
-from autocompress.compress.formats._bitpack import pack_bits, unpack_bits
-from autocompress.compress.formats._float16 import (
-    FLOAT_DTYPES,
-    float_bytes,
-    float_from_bytes,
-    round_to_float,
-)
-from autocompress.compress.formats._fp8 import FP8_MAX, fp8_quantize
-from autocompress.compress.formats._integer import IntegerFormat
-from autocompress.compress.formats._pow2 import POW2_CANDIDATES, pow2_codes, pow2_from_codes
+from autocompress._lazy import lazy_exports
 
-__all__ = ["BUILTIN_FORMATS", "FLOAT_DTYPES", "FORMATS", "FP8_MAX", "POW2_CANDIDATES", "InitializerSlot",
-           "IntegerFormat", "OnnxNodes", "StoredWeight", "WeightFormat", "compressed_value",
-           "float_bytes", "float_from_bytes", "format_name", "fp8_quantize", "pack_bits", "per_row",
-           "plan_values", "pow2_codes", "pow2_from_codes", "quantize_weight", "round_to_float",
-           "unpack_bits", "weight_format"]
+# Imported on first use: the names (``_names``) load without torch.
+_EXPORTS = {
+    "_names": ("BUILTIN_FORMATS", "FORMATS", "float_format_names", "format_name", "plan_values"),
+    "_base": ("InitializerSlot", "OnnxNodes", "StoredWeight", "WeightFormat", "compressed_value",
+              "per_row", "quantize_weight", "weight_format"),
+    "_bitpack": ("pack_bits", "unpack_bits"),
+    "_float16": ("FLOAT_DTYPES", "float_bytes", "float_from_bytes", "round_to_float"),
+    "_fp8": ("FP8_MAX", "fp8_quantize"),
+    "_integer": ("IntegerFormat",),
+    "_pow2": ("POW2_CANDIDATES", "pow2_codes", "pow2_from_codes"),
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -9,8 +9,9 @@ bytes it stores. Size accounting (``measure/size.py``), the packed format
 and fake quantization (``compress/_modules.py``) ask the format instead of branching on it.
 
 To add a format: write one module that registers it (``_pow2.py`` is the one to copy) and name
-it in :data:`BUILTIN_FORMATS` below (plus, if the ``bits``/``scheme`` knobs must offer it, its
-value in ``compress/_knobs.py``).
+it in :data:`~autocompress.compress.formats._names.BUILTIN_FORMATS`: the ``bits`` knob offers
+every format whose plan value is a name (``fp16``), the packed file's version follows the
+formats' ``packed_version``.
 """
 
 from __future__ import annotations
@@ -23,25 +24,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from autocompress._registry import Registry
+from autocompress.compress.formats._names import BUILTIN_FORMATS, FORMATS, format_name, plan_values
 
 __all__ = ["BUILTIN_FORMATS", "FORMATS", "InitializerSlot", "OnnxNodes", "StoredWeight",
            "WeightFormat", "compressed_value", "format_name", "per_row", "plan_values",
            "quantize_weight", "weight_format"]
-
-_UNIFORM = "autocompress.compress.formats._uniform"
-_POW2 = "autocompress.compress.formats._pow2"
-_FLOAT16 = "autocompress.compress.formats._float16"
-
-#: ``{name: module that registers it}``: names are known without importing torch-heavy code.
-BUILTIN_FORMATS: dict[str, str] = {
-    "fp32": "autocompress.compress.formats._fp32",
-    **{f"int{b}": _UNIFORM for b in range(2, 9)},
-    **{f"pow2-{b}": _POW2 for b in range(3, 7)},
-    "fp16": _FLOAT16,
-    "bf16": _FLOAT16,
-    "fp8": "autocompress.compress.formats._fp8",
-}
 
 OnnxNodes = tuple[list[Any], list[Any]]  # (initializers, nodes): onnx TensorProto / NodeProto
 
@@ -159,32 +146,6 @@ class WeightFormat:
     def to_onnx(self, stored: StoredWeight, slot: InitializerSlot, name: str) -> OnnxNodes:
         """The initializers and nodes that compute ``slot.init`` from the stored weight."""
         raise NotImplementedError(f"weight format {self.name!r} has no ONNX form")
-
-
-FORMATS: Registry[WeightFormat] = Registry("weight format", BUILTIN_FORMATS)
-
-
-def format_name(bits: int | str | None, scheme: str = "uniform") -> str:
-    """The format name of plan values ``bits``/``scheme``: ``None`` is ``"fp32"``, a string
-    names itself (``"fp16"``), an integer is ``"int<bits>"`` (``scheme: uniform``) or
-    ``"<scheme>-<bits>"`` (``"pow2-4"``)."""
-    if bits is None:
-        return "fp32"
-    if isinstance(bits, str):
-        return bits
-    return f"int{bits}" if scheme == "uniform" else f"{scheme}-{bits}"
-
-
-def plan_values(name: str) -> tuple[int | str | None, str]:
-    """The plan's ``(bits, scheme)`` of format ``name``: the inverse of :func:`format_name`."""
-    if name == "fp32":
-        return None, "uniform"
-    scheme, _, bits = name.rpartition("-")
-    if scheme:
-        return int(bits), scheme
-    if name.startswith("int") and name[3:].isdigit():
-        return int(name[3:]), "uniform"
-    return name, "uniform"
 
 
 def weight_format(bits: int | str | None, scheme: str = "uniform") -> WeightFormat:
