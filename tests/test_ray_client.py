@@ -33,7 +33,7 @@ import pytest
 from autocompress import cli
 from autocompress.config import ConfigError
 from autocompress.tracking import TRIAL_METRICS
-from autocompress.tune._remote import client_address, study_storage_for
+from autocompress.tune._ray_client import client_address, study_storage_for
 from tests.searches import free_ports, logged_search, mlflow_server, write_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
