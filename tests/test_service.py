@@ -45,8 +45,10 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory):
         ray.shutdown()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def service(ray_local):
+    """One service for the module's tests (starting one takes seconds); its teardown checks
+    that stopping it gives its core and CPU back."""
     import ray
 
     actor, reserved = start_service(TARGET)

@@ -81,6 +81,7 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
                                latency_ms=tracker.baseline["latency_ms"])
         echo(f"MLflow: {tracking_uri}, experiment {exp.name!r}, parent run {tracker.parent_run_id}")
         job = _job(exp, setup, tracker, storage, study_name, echo)
+        exp = job.exp  # with the chosen learning rate
         if job.remaining <= 0:
             echo(f"the search already has {tracker.finished_count()} finished trials; nothing to do")
         else:

@@ -83,7 +83,7 @@ class RayBackend:
             points_to_evaluate=job.first or None, storage=job.storage, trials=job.remaining)
         inbox = _artifact_inbox()
         trainable = tune.with_resources(
-            tune.with_parameters(_trainable, task=job.task, space=job.space, exp=exp,
+            tune.with_parameters(_trainable, trial=job.trial, task=job.task, space=job.space, exp=exp,
                                  baseline=job.baseline, inbox=inbox, book=_recovery_book(),
                                  service=self.service, reserved=self.reserved),
             {"cpu": exp.search.cpus_per_trial,
@@ -158,10 +158,11 @@ class _RemoteBook:
         self.actor.record.remote(checks, final, floor)
 
 
-def _trainable(config: dict, *, task: Any, space: Any, exp: Experiment, baseline: dict[str, float],
-               inbox: Any, book: Any, service: Any, reserved: Any) -> None:
-    """One Ray Tune trial: :func:`~autocompress.tune._trial.search_trial` with its events as
-    reports and its artifacts through the ``inbox``. Its latency is timed by the search's
+def _trainable(config: dict, *, trial: Any, task: Any, space: Any, exp: Experiment,
+               baseline: dict[str, float], inbox: Any, book: Any, service: Any,
+               reserved: Any) -> None:
+    """One Ray Tune trial: ``trial`` (:func:`~autocompress.tune._trial.search_trial`) with its
+    events as reports and its artifacts through the ``inbox``. Its latency is timed by the search's
     measurement ``service``, whose core (``reserved``) it keeps off. If it fails, its root
     cause on one line, then the whole traceback, go to the driver as :data:`ERROR_FILE` in the
     ``inbox`` (Ray's own error text starts with its header and wrappers, and ends with the
@@ -171,7 +172,7 @@ def _trainable(config: dict, *, task: Any, space: Any, exp: Experiment, baseline
     from ray import tune
 
     from autocompress.tune._service import ServiceMeasurer, keep_off, training_gate
-    from autocompress.tune._trial import TrialContext, search_trial
+    from autocompress.tune._trial import TrialContext
 
     trial_id = tune.get_context().get_trial_id()
     try:
@@ -181,7 +182,7 @@ def _trainable(config: dict, *, task: Any, space: Any, exp: Experiment, baseline
         node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()}"
         ctx = TrialContext(lambda event: tune.report(to_report(event)), ServiceMeasurer(service),
                            _RemoteBook(book), training_gate(reserved), node)
-        event = search_trial(config, ctx, task=task, space=space, exp=exp, baseline=baseline)
+        event = trial(config, ctx, task=task, space=space, exp=exp, baseline=baseline)
         if isinstance(event, TrialFinished):
             # Delivered before the final report, so the driver finds them when the trial completes.
             ray.get(inbox.put.remote(trial_id, event.files))
