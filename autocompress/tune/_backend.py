@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from autocompress._registry import Registry
-from autocompress.config._experiment import Experiment
+from autocompress.config import Experiment
 from autocompress.tune._samplers import SamplerFactory
 from autocompress.tune._trial import search_trial
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from autocompress.config._experiment import Experiment
+from autocompress.config import Experiment
 from autocompress.tune._backend import BACKENDS, SearchBackend, SearchJob
 from autocompress.tune._result import DEFAULT_TRACKING_URI, SearchResult
 from autocompress.tune._resume import _reopen, _resumable, _start

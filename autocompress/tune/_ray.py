@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from autocompress.config._experiment import Experiment
+from autocompress.config import Experiment
 from autocompress.tune._trial import RecoveryBook
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from autocompress._errors import root_cause, root_cause_of_text
-from autocompress.config._experiment import Experiment
+from autocompress.config import Experiment
 from autocompress.tune._backend import BACKENDS, Echo, SearchJob
 from autocompress.tune._events import EpochReport, TrialFinished, TrialPruned, from_report, record, to_report
 from autocompress.tune._ray import (

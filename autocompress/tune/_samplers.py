@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from autocompress.config._resolve import ResolvedSpace
+    from autocompress.config import ResolvedSpace
 
 
 class _DefineByRun:

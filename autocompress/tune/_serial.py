@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from autocompress._errors import ConfigError, root_cause
-from autocompress.config._experiment import Experiment
+from autocompress.config import Experiment
 from autocompress.tune._backend import BACKENDS, Echo, SearchJob
 from autocompress.tune._events import TrialFailed, TrialFinished, TrialPruned, record
 from autocompress.tune._samplers import VALUES_ATTR

@@ -12,11 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from autocompress.compress import apply
-from autocompress.compress._plan import Plan
+from autocompress.compress import Plan, apply
 from autocompress.compress.quantize import calibrate
-from autocompress.config._experiment import Experiment
-from autocompress.config._resolve import ResolvedSpace
+from autocompress.config import Experiment, ResolvedSpace
 from autocompress.finetune import FinetuneConfig, finetune
 from autocompress.measure import Metrics, Target, measure
 from autocompress.measure.metrics import Measurer
@@ -175,9 +173,9 @@ def search_trial(params: Mapping[str, Any], ctx: TrialContext, *, task: Any,
 
     import torch
 
-    from autocompress.compress._bake import bake
+    from autocompress.compress import bake
     from autocompress.finetune import TrainingStopped
-    from autocompress.measure._registry import relative_metrics
+    from autocompress.measure import relative_metrics
 
     plan = space.plan_from_params(params)
 
