@@ -90,3 +90,17 @@ def test_a_report_of_no_event() -> None:
     assert from_report({"training_iteration": 1}) is None
     assert from_report(None) is None
     assert TrialFailed("ValueError: x").details is None
+
+
+def test_an_unknown_backend_in_an_experiment_fails_before_anything_is_written(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from autocompress.config import load_experiment
+    from autocompress.tune import run_search
+
+    exp = load_experiment(write_experiment(tmp_path, "x"))
+    with pytest.raises(ConfigError, match="unknown search backend 'serail'") as e:
+        run_search(replace(exp, search=replace(exp.search, backend="serail")),
+                   tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert e.value.key == "search.backend"
+    assert not (tmp_path / "mlflow.db").exists()

@@ -138,8 +138,6 @@ class SearchSettings:
     backend: str = "ray"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.backend, str):
-            raise ValueError(f"backend={self.backend!r}; allowed: a backend name (ray, serial)")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler={self.sampler!r}{did_you_mean(self.sampler, SAMPLERS)}; "
                              f"allowed: {list(SAMPLERS)}")
