@@ -32,6 +32,7 @@ print(json.dumps({"first": len(first.trials), "front": len(first.front),
 """
 
 
+@pytest.mark.slow  # ~40 s: two small searches in a fresh interpreter
 def test_a_serial_search_logs_resumes_and_never_imports_ray(tmp_path: Path) -> None:
     path = write_experiment(tmp_path, "serial", trials=3, concurrency=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -248,6 +248,7 @@ def test_sensitivity_drop_is_none_for_an_unprobed_value() -> None:
     assert sens.drop("x", "bits", 4) is None
 
 
+@pytest.mark.slow
 def test_hopeless_trials_are_pruned_not_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 serial: dict) -> None:
     """Every plan destroys the tiny task (2-bit, 90% sparse): each is stopped after its first
@@ -287,6 +288,7 @@ def test_the_sensitivity_command_prints_the_profile(capsys, monkeypatch: pytest.
     assert any(line.startswith("net.6,bits=3,") for line in lines)
 
 
+@pytest.mark.slow
 def test_lr_auto_is_chosen_once_logged_and_used_by_every_trial(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               serial: dict) -> None:
