@@ -44,7 +44,9 @@ def search(task: Task | str | os.PathLike | Experiment, *,
 
     Everything an experiment file holds can be given as a keyword; the file's ``search:``
     settings (``trials``, ``concurrency``, ``sampler``, ``seed``, ``cpus_per_trial``,
-    ``warm_start``) are keywords of their own.
+    ``warm_start``, ``backend``) are keywords of their own. ``backend="serial"`` runs the
+    trials one at a time in this process, without Ray (fast tests, breakpoints, notebooks);
+    the default, ``"ray"``, runs them in parallel with Ray Tune.
 
     Args:
         task: What to compress: a :class:`~autocompress.Task` (an in-memory model; it runs
@@ -65,7 +67,8 @@ def search(task: Task | str | os.PathLike | Experiment, *,
             the whole search runs on the cluster; needs a tracking server).
         resume: Continue the latest search of this experiment name.
         echo: Progress output; default: lines on stderr.
-        **settings: ``search:`` settings, e.g. ``trials=24, concurrency=2, sampler="tpe"``.
+        **settings: ``search:`` settings, e.g. ``trials=24, concurrency=2, sampler="tpe"``,
+            ``backend="serial"``.
 
     Returns:
         The search's result: ``front`` (a DataFrame: ``run_id``, the metrics, the plan
@@ -87,15 +90,11 @@ def search(task: Task | str | os.PathLike | Experiment, *,
                       finetune=finetune, constraints=constraints, tracking_uri=tracking_uri,
                       settings=settings)
     uri = tracking_uri or exp.tracking_uri or DEFAULT_TRACKING_URI
-    from autocompress.tune._remote import client_address
+    from autocompress.tune import client_address, run_remote_search, run_search
 
     if client_address(address):  # ray://: the whole search runs on the cluster
-        from autocompress.tune._remote import run_remote_search
-
         result = run_remote_search(exp, tracking_uri=uri, address=address, resume=resume, echo=echo)
     else:
-        from autocompress.tune._driver import run_search
-
         result = run_search(exp, tracking_uri=uri, address=address, resume=resume, echo=echo)
     if not isinstance(exp.task, str):
         from autocompress.tasks._registry import remember_task

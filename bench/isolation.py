@@ -14,8 +14,8 @@ CPUs = cores + 1; the service reserves one). A "trainer" stands in for a search 
 actor training the residual CNN on random 3x32x32 batches of 32 (SGD, one thread) until
 stopped.
 
-- ``service``: the search's measurement service as a search runs it (``autocompress.measure.
-  service``: pinned to the reserved core, ``pause_training`` on), idle and while N trainers
+- ``service``: the search's measurement service as a search runs it (``autocompress.tune.
+  _service``: pinned to the reserved core, ``pause_training`` on), idle and while N trainers
   run that keep off the reserved core and step through the service's training gate, as
   search trials do;
 - ``core only``: a service pinned to the reserved core with ``pause_training: false``, idle
@@ -54,7 +54,7 @@ from latency import ResNetSmall, load_models  # noqa: E402  (bench/latency.py)
 
 from autocompress.measure import Target, machine_facts  # noqa: E402
 from autocompress.measure.latency import Prepared, measure_prepared, prepare  # noqa: E402
-from autocompress.measure.service import (  # noqa: E402
+from autocompress.tune._service import (  # noqa: E402
     Reservation,
     keep_off,
     start_service,

@@ -27,3 +27,10 @@ def tiny():
     from tests.models import tiny_task
 
     return tiny_task()
+
+
+@pytest.fixture
+def serial() -> dict[str, str]:
+    """Keyword arguments that run a search on the serial backend (in this process, no Ray):
+    ``ac.search(..., **serial)``. For tests of the search loop that do not test Ray itself."""
+    return {"backend": "serial"}

@@ -89,7 +89,7 @@ def test_search_refuses_a_store_without_its_driver_before_starting_ray(
     def no_ray(*_args, **_kwargs):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr("autocompress.tune._driver._connect_ray", no_ray)
+    monkeypatch.setattr("autocompress.tune._ray_backend._connect_ray", no_ray)
     monkeypatch.chdir(tmp_path)
     uri, package = MISSING
     exp = tmp_path / "exp.yaml"  # the tiny task builds in a second; digits trains a baseline

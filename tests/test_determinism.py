@@ -1,9 +1,12 @@
 """With a fixed seed and one trial at a time, a search is reproducible: the same plans, in the
 same order. NSGA-II breeds its second generation from the first one's results, so this also
-needs the trials' objective values (accuracy and size) to repeat exactly."""
+needs the trials' objective values (accuracy and size) to repeat exactly. (On the serial
+backend: the driver, sampler and trial are the same as on Ray, and one trial at a time is
+what the serial backend does.)"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -22,7 +25,8 @@ TRIALS = 6  # a population of 4, then NSGA-II offspring
 
 def _search(path: Path, uri: str) -> tuple[list[dict], list[dict], list[tuple]]:
     """One search; its child runs' params and metrics and its Optuna trials, in start order."""
-    result = run_search(load_experiment(path), tracking_uri=uri)
+    exp = load_experiment(path)
+    result = run_search(replace(exp, search=replace(exp.search, backend="serial")), tracking_uri=uri)
     runs = read_trials(MlflowClient(uri), result.parent_run_id)
     assert [r.info.status for r in runs] == ["FINISHED"] * TRIALS
     params = [r.data.params for r in runs]

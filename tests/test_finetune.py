@@ -696,7 +696,7 @@ def test_gpus_per_trial_needs_gpus_in_ray(tmp_path: Path, monkeypatch: pytest.Mo
 
     from autocompress._errors import ConfigError
     from autocompress.config import load_experiment
-    from autocompress.tune._driver import _check_gpus
+    from autocompress.tune._ray_backend import _check_gpus
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": float(ray_gpus)})
     exp = load_experiment(_experiment(tmp_path, {}, {"gpus_per_trial": 1}))

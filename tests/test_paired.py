@@ -175,7 +175,7 @@ def test_the_baseline_is_never_taken_from_the_cache(own_cache) -> None:
 def test_the_service_pairs_its_measurements(own_cache) -> None:
     from autocompress.measure import Target
     from autocompress.measure.latency import prepare
-    from autocompress.measure.service import MeasurementService
+    from autocompress.tune._service import MeasurementService
 
     base, pruned, x = _models()
     target = Target(**QUICK, pause_training=False)

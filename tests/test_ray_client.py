@@ -33,7 +33,7 @@ import pytest
 from autocompress import cli
 from autocompress.config import ConfigError
 from autocompress.tracking import TRIAL_METRICS
-from autocompress.tune._remote import client_address, study_storage_for
+from autocompress.tune._ray_client import client_address, study_storage_for
 from tests.searches import free_ports, logged_search, mlflow_server, write_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_missing_ray_client_names_the_extra(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_run_search_itself_still_refuses_ray_client_addresses() -> None:
-    from autocompress.tune._driver import _check_address
+    from autocompress.tune._ray import _check_address
 
     with pytest.raises(ConfigError) as e:
         _check_address("ray://head:10001")

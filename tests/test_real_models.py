@@ -164,7 +164,7 @@ def test_the_search_names_what_it_leaves_out() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenetish", "two_inputs", "vit", "bert", "gpt2"])
 def test_a_short_search_has_no_failed_trial(name: str, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                            monkeypatch: pytest.MonkeyPatch, serial: dict) -> None:
     import autocompress as ac
 
     model, x = build(name)
@@ -172,7 +172,8 @@ def test_a_short_search_has_no_failed_trial(name: str, tmp_path: Path,
     task = real_models.task_of(model, x, name=name)
     result = ac.search(task, space=str(ROOT / "search_spaces" / "default.yaml"),
                        objectives=["accuracy", "size_bytes"], trials=3, concurrency=1,
-                       finetune={"epochs": 1, "lr": 1e-4}, target=FAST, echo=lambda _: None)
+                       finetune={"epochs": 1, "lr": 1e-4}, target=FAST, echo=lambda _: None,
+                       **serial)
     statuses = result.trials["status"].tolist()
     assert statuses == ["FINISHED"] * 3, result.trials[["status", "error"]].to_string()
     assert len(result.front) >= 1

@@ -190,7 +190,7 @@ def test_every_searcher_pickles_and_comes_back_working(name: str, tmp_path) -> N
     its running trials and a sampler that suggests."""
     import ray.cloudpickle as cloudpickle
 
-    from autocompress.tune._samplers import _searcher_class
+    from autocompress.tune._ray_backend import _searcher_class
 
     def space(trial: optuna.Trial) -> None:
         for key, dist in SPACE.items():

@@ -249,7 +249,8 @@ def test_sensitivity_drop_is_none_for_an_unprobed_value() -> None:
 
 
 @pytest.mark.slow
-def test_hopeless_trials_are_pruned_not_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hopeless_trials_are_pruned_not_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                serial: dict) -> None:
     """Every plan destroys the tiny task (2-bit, 90% sparse): each is stopped after its first
     of two epochs, PRUNED in MLflow and in Optuna, and the search gives up after its cap."""
     import optuna
@@ -264,7 +265,7 @@ def test_hopeless_trials_are_pruned_not_counted(tmp_path: Path, monkeypatch: pyt
         {"knobs": {"bits": [2], "sparsity": [0.9]}}]}, objectives=["accuracy", "size_bytes"],
         trials=1, concurrency=1, warm_start=False, finetune={"epochs": 2},
         constraints={"max_accuracy_drop": 0.001}, tracking_uri=uri, echo=notes.append,
-        target={"threads": 1, "warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01})
+        target={"threads": 1, "warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01}, **serial)
     assert len(result.front) == 0 or all(result.front["trial"].isna())
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(result.experiment.name).experiment_id],
@@ -289,7 +290,8 @@ def test_the_sensitivity_command_prints_the_profile(capsys, monkeypatch: pytest.
 
 @pytest.mark.slow
 def test_lr_auto_is_chosen_once_logged_and_used_by_every_trial(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              serial: dict) -> None:
     from mlflow import MlflowClient
 
     import autocompress as ac
@@ -302,7 +304,7 @@ def test_lr_auto_is_chosen_once_logged_and_used_by_every_trial(tmp_path: Path,
         {"knobs": {"bits": [4, 8], "sparsity": [0.0, 0.5]}}]}, objectives=["accuracy", "size_bytes"],
         trials=2, concurrency=1, warm_start=False, finetune={"epochs": 1, "lr": "auto"},
         tracking_uri=uri, echo=notes.append,
-        target={"threads": 1, "warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01})
+        target={"threads": 1, "warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01}, **serial)
     chosen = result.experiment.finetune.lr
     assert chosen in LR_CANDIDATES
     assert any(n.startswith(f"finetune.lr: auto: lr {chosen:g} (") for n in notes), notes

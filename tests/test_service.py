@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from autocompress.measure.latency import prepare
-from autocompress.measure.service import (
+from autocompress.measure.target import Target
+from autocompress.tune._service import (
     Reservation,
     ServiceMeasurer,
     TrainingGate,
@@ -23,7 +24,6 @@ from autocompress.measure.service import (
     stop_service,
     training_gate,
 )
-from autocompress.measure.target import Target
 from tests.models import MODELS
 
 TARGET = Target(warmup=1, min_runs=3, max_runs=8, budget_s=0.05)
@@ -45,8 +45,10 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory):
         ray.shutdown()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def service(ray_local):
+    """One service for the module's tests (starting one takes seconds); its teardown checks
+    that stopping it gives its core and CPU back."""
     import ray
 
     actor, reserved = start_service(TARGET)
@@ -208,7 +210,7 @@ def test_a_measurement_slot_frees_a_whole_trial(monkeypatch, tmp_path: Path, cor
                                                 trial_cpus: float, slots: int) -> None:
     """Trials of several threads: one slot per ceil(cpus_per_trial) cores, so that the slot a
     measurement takes frees at least one core."""
-    from autocompress.measure.service import MeasurementService
+    from autocompress.tune._service import MeasurementService
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix: str(tmp_path))
@@ -223,7 +225,7 @@ def test_a_measurement_slot_frees_a_whole_trial(monkeypatch, tmp_path: Path, cor
 def test_without_affinity_the_cores_are_all_the_cores(monkeypatch) -> None:
     """Where the OS cannot say which cores a process may use (macOS), the policy and the gate
     count every core, not one."""
-    from autocompress.measure.service import usable_cores
+    from autocompress.tune._service import usable_cores
 
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 6)

@@ -124,6 +124,8 @@ class SearchSettings:
             that reserves none.
         warm_start: Make the first trial the search space's mildest plan with 8-bit weights
             (no pruning, no factorization), so the front starts from a known-safe model.
+        backend: What runs the trials: ``ray`` (Ray Tune, parallel) or ``serial`` (one at a
+            time in this process, no Ray); checked against the backends when the search starts.
     """
 
     sampler: str = "mutation"
@@ -133,6 +135,7 @@ class SearchSettings:
     cpus_per_trial: float = 1.0
     warm_start: bool = True
     gpus_per_trial: float = 0.0
+    backend: str = "ray"
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:

@@ -110,7 +110,7 @@ def finetune(
         seed: Seeds the data order and any randomness of the step.
         step_gate: Makes the context every training step and every evaluation runs in (a
             search passes its measurement service's gate, which holds them back while a
-            latency is being measured on this machine; see ``autocompress.measure.service``).
+            latency is being measured on this machine; see ``autocompress.tune._service``).
         stop: Early stopping (a search's pruning of hopeless trials): called with
             ``(epochs done, metric)`` before training (0), after every epoch but the last
             and, from the second epoch on, halfway through each epoch (1.5, 2.5, ...: the

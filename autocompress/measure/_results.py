@@ -73,7 +73,7 @@ class Prepared:
     """A model made ready to time on a target, without timing it yet.
 
     Built where the model lives (a trial); timed where the measurement runs (in-process, or
-    the search's measurement service, see :mod:`autocompress.measure.service`). Picklable.
+    the search's measurement service, see :mod:`autocompress.tune._service`). Picklable.
 
     Attributes:
         batch: The timed input batch (``target.batch_size`` rows).

@@ -92,7 +92,7 @@ def measure(model: nn.Module, task, target: Target, measurer: Measurer | None = 
 
     Args:
         measurer: Times the model (default :func:`measure_latency`, in this process; a search
-            passes its measurement service, :class:`~autocompress.measure.service.ServiceMeasurer`).
+            passes its measurement service, :class:`~autocompress.tune._service.ServiceMeasurer`).
     """
     accuracy = float(task.evaluate(model))
     latency = (measurer or measure_latency)(model, task.example_inputs, target)

@@ -1,4 +1,5 @@
-"""The search engine: Optuna samplers, the Ray Tune trial, the driver, resume and Ray Client.
+"""The search engine: Optuna samplers, the trial, the driver, the search backends (Ray Tune,
+serial), the measurement service, resume and Ray Client.
 
 (Not named ``search``: ``autocompress.search`` is the function of the Python API.)
 """
@@ -11,6 +12,8 @@ _EXPORTS = {
     "_trial": ("run_trial", "TrialResult"),
     "_samplers": ("make_sampler",),
     "_sensitivity": ("profile",),
-    "_remote": ("run_remote_search",),
+    "_backend": ("BACKENDS", "SearchBackend", "SearchJob"),
+    "_events": ("EpochReport", "TrialFinished", "TrialPruned", "TrialFailed"),
+    "_ray_client": ("run_remote_search", "client_address"),
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

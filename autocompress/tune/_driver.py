@@ -1,50 +1,51 @@
-"""The search: Ray Tune trials, sampled by Optuna (multi-objective), logged to MLflow.
+"""The search's driver: checks, the baseline and the parent run, the first trials, then a
+backend runs the trials (:mod:`autocompress.tune._backend`: Ray Tune or serial).
 
-The driver loads the task once (the baseline comes from the cache), measures the baseline,
-and ships task and search space to the trials through Ray's object store. Each trial turns
-its sampled parameters into a :class:`~autocompress.plan.Plan`, compresses, fine-tunes
-(reporting the metric per epoch), measures on the target and sends its plan and weights back
-to the driver through Ray (no checkpoint, so trials on other nodes of a cluster need no
-shared disk). A driver-side Ray Tune callback is the only MLflow writer
-(:mod:`autocompress.tracking`). The Optuna study lives in an SQLite file next to the MLflow
-store, so the front can be read back and a search resumed.
+The driver loads the task once (the baseline comes from the cache), measures the baseline
+with the backend's measurement service, opens the MLflow parent run and the Optuna study
+(in an SQLite file next to the MLflow store, so the front can be read back and a search
+resumed), chooses ``finetune.lr: auto`` and the first trials, and hands the rest to the
+backend as a :class:`~autocompress.tune._backend.SearchJob`. Each trial turns its sampled
+parameters into a :class:`~autocompress.plan.Plan`, compresses, fine-tunes (reporting the
+metric per epoch) and measures on the target (:func:`~autocompress.tune._trial.search_trial`);
+this process is the only MLflow writer (:mod:`autocompress.tracking`).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
-from autocompress.config._experiment import Experiment
-from autocompress.tune._ray import (
-    _artifact_inbox,
-    _callback,
-    _check_address,
-    _check_target,
-    _connect_ray,
-    _measurement_service,
-    _recovery_book,
-)
+from autocompress.config import Experiment
+from autocompress.tune._backend import BACKENDS, SearchBackend, SearchJob
 from autocompress.tune._result import DEFAULT_TRACKING_URI, SearchResult
 from autocompress.tune._resume import _reopen, _resumable, _start
-from autocompress.tune._samplers import SamplerFactory, _DefineByRun, _searcher_class
-from autocompress.tune._trial import _trainable
+
+
+@dataclass
+class _Setup:
+    """What a search checked and loaded before anything is written or started."""
+
+    task: Any
+    layers: list
+    space: Any
+    previous: Any  # the parent run to resume, or None
 
 
 def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
                address: str | None = None, num_cpus: int | None = None, resume: bool = False,
                echo: Callable[[str], None] | None = None,
                study_storage: str | None = None) -> SearchResult:
-    """Runs the search of ``exp`` and returns its trials and Pareto front.
+    """Runs the search of ``exp`` on its backend (``search.backend``) and returns its trials
+    and Pareto front.
 
     Everything that can be checked is checked before anything is written to MLflow: the task
-    (imported and built), the search space against the model's layers, the Ray address and,
-    with ``resume``, the search to resume. A :class:`ConfigError` therefore leaves no trace.
+    (imported and built), the search space against the model's layers, the backend and its
+    address and, with ``resume``, the search to resume. A :class:`ConfigError` therefore
+    leaves no trace.
 
     Args:
         exp: The validated experiment.
@@ -60,115 +61,38 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
             a resumed search uses the one recorded in its parent run.
 
     Raises:
-        ConfigError: Bad task, search space or Ray address; with ``resume``, no search to
-            resume or an experiment that changed since the search started.
+        ConfigError: Bad task, search space, backend or Ray address; with ``resume``, no search
+            to resume or an experiment that changed since the search started.
         KeyboardInterrupt: The search was interrupted (Ctrl-C); finished trials are kept and
             ``resume=True`` continues it.
     """
-    import optuna
-    import ray
-    from ray import tune
-
-    from autocompress._errors import ConfigError
-    from autocompress.compress._registry import describe_layers
-    from autocompress.measure.service import ServiceMeasurer, pin, stop_service
-    from autocompress.tasks import load_task
-    from autocompress.tracking._reader import check_store_driver
-
     echo = echo or (lambda msg: print(f"autocompress: {msg}", file=sys.stderr, flush=True))
-    check_store_driver(tracking_uri)  # e.g. mysql:// without its driver: before any training
+    backend: SearchBackend = BACKENDS.get(exp.search.backend, file=exp.path, key="search.backend")(
+        address=address, num_cpus=num_cpus)
+    setup = _prepare(exp, tracking_uri, address, resume, backend, echo)
+    tracker, status = None, "KILLED"
     try:
-        task = load_task(exp.task, seed=exp.search.seed or 0)
-    except ConfigError as e:
-        raise e.located(exp.path) from None
-    layers = describe_layers(task.model, task.example_inputs)
-    space = exp.search_space.resolve(layers)
-    previous = _resumable(exp, tracking_uri) if resume else None
-    _check_address(address)
-    _check_target(exp)
-    _check_finetune_device(exp, address, echo)
-    space = _without_knobs_that_cannot_pay(space, exp, echo)  # notes after every check
-    echo(f"task {task.name}: {len(space.layers)} layers, {len(space.params())} search parameters")
-    for line in _limits_summary(layers, space):
-        echo(line)
-
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # per-epoch reports
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "100")
-    started_ray = _connect_ray(exp, address, num_cpus)
-    tracker = None
-    status = "KILLED"
-    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    service = None
-    try:
-        _check_gpus(exp)
-        service, reserved = _measurement_service(exp, echo)
-        measurer = ServiceMeasurer(service)
-        tracker, storage, study_name = (_reopen(exp, tracking_uri, previous, echo) if previous
-                                        else _start(exp, task, tracking_uri, echo, measurer,
-                                                    study_storage))
-        baseline = tracker.baseline
-        if previous:  # trials go on being timed against the baseline, on its logged clock
-            measurer.reference(task.model, task.example_inputs, exp.target,
-                               latency_ms=baseline["latency_ms"])
-        remaining = exp.search.trials - tracker.finished_count()
-        ended_before, started_before = tracker.ended_count(), len(tracker.trials)
-        cap = 4 * remaining + 8  # trials in all, pruned ones replaced
+        measurer = backend.start(exp, echo)
+        tracker, storage, study_name = (
+            _reopen(exp, tracking_uri, setup.previous, echo) if setup.previous
+            else _start(exp, setup.task, tracking_uri, echo, measurer, study_storage))
+        if setup.previous:  # trials go on being timed against the baseline, on its logged clock
+            measurer.reference(setup.task.model, setup.task.example_inputs, exp.target,
+                               latency_ms=tracker.baseline["latency_ms"])
         echo(f"MLflow: {tracking_uri}, experiment {exp.name!r}, parent run {tracker.parent_run_id}")
-        if remaining <= 0:
+        job = _job(exp, setup, tracker, storage, study_name, echo)
+        exp = job.exp  # with the chosen learning rate
+        if job.remaining <= 0:
             echo(f"the search already has {tracker.finished_count()} finished trials; nothing to do")
-            status = "FINISHED"
-            return SearchResult(exp, tracker.parent_run_id, baseline, tracker.table(),
-                                tracker.front(), storage, study_name)
-        if address:
-            nodes = [n for n in ray.nodes() if n.get("Alive")]
-            echo(f"Ray cluster at {address}: {len(nodes)} nodes, "
-                 f"{ray.cluster_resources().get('CPU', 0):g} CPUs")
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        exp = _with_chosen_lr(exp, task, space, tracker, echo)
-        first = (first_trials(exp, task, space, layers, tracker, echo)
-                 if exp.search.warm_start else [])
-        first = _not_run_yet(first, storage, study_name) if tracker.trials else first
-        searcher = _searcher_class()(
-            space=_DefineByRun(space), metric=exp.metrics, mode=exp.modes,
-            sampler=SamplerFactory(exp.search, tuple(exp.metrics),
-                                   exp.constraints.max_accuracy_drop, baseline["accuracy"], space),
-            study_name=study_name, points_to_evaluate=first or None, storage=storage,
-            trials=remaining,
-        )
-        inbox = _artifact_inbox()
-        trainable = tune.with_resources(
-            tune.with_parameters(_trainable, task=task, space=space, exp=exp, baseline=baseline,
-                                 inbox=inbox, book=_recovery_book(), service=service,
-                                 reserved=reserved),
-            {"cpu": exp.search.cpus_per_trial,
-             **({"gpu": exp.search.gpus_per_trial} if exp.search.gpus_per_trial > 0 else {})},
-        )
-        tuner = tune.Tuner(
-            trainable,
-            # Reused trial processes skip seconds of start-up (Python, torch) per trial; each
-            # trial still seeds its own randomness (finetune), so results do not depend on it.
-            # The searcher ends the search once `remaining` trials ended; pruned ones are
-            # replaced, up to `cap` trials in all.
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=cap,
-                                        max_concurrent_trials=exp.search.concurrency,
-                                        reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(Path(".autocompress/ray").resolve()),
-                callbacks=[_callback(tracker, inbox)], verbose=0,
-                failure_config=tune.FailureConfig(max_failures=0),
-            ),
-        )
-        echo(f"searching: {remaining} trials, {exp.search.concurrency} at a time, "
-             f"sampler {exp.search.sampler}")
-        tuner.fit()
-        if tracker.ended_count() - ended_before < remaining:
-            if len(tracker.trials) - started_before < cap:
-                raise KeyboardInterrupt  # Ray Tune caught Ctrl-C and stopped early
-            echo(f"stopped after {cap} trials, {tracker.pruned_count()} of them pruned: the "
-                 f"constraint max_accuracy_drop={exp.constraints.max_accuracy_drop} is rarely "
-                 f"met in this space (narrow it, or allow a larger drop)")
+        else:
+            ended_before, started_before = tracker.ended_count(), len(tracker.trials)
+            backend.run(job, echo)
+            if tracker.ended_count() - ended_before < job.remaining:
+                if len(tracker.trials) - started_before < job.cap:
+                    raise KeyboardInterrupt  # the backend caught Ctrl-C and stopped early
+                echo(f"stopped after {job.cap} trials, {tracker.pruned_count()} of them pruned: "
+                     f"the constraint max_accuracy_drop={exp.constraints.max_accuracy_drop} is "
+                     f"rarely met in this space (narrow it, or allow a larger drop)")
         status = "FINISHED"
     except KeyboardInterrupt:
         where = f" {exp.path}" if exp.path else ""
@@ -179,14 +103,55 @@ def run_search(exp: Experiment, *, tracking_uri: str = DEFAULT_TRACKING_URI,
     finally:
         if tracker is not None:
             tracker.finish(status)
-        if service is not None:
-            stop_service(service)  # on a cluster that outlives the search, free its CPU
-        if started_ray:
-            ray.shutdown()
-        if affinity is not None:
-            pin(affinity)  # the driver was kept off the measurement core during the search
-    return SearchResult(exp, tracker.parent_run_id, baseline, tracker.table(), tracker.front(),
-                        storage, study_name)
+        backend.close()
+    return SearchResult(exp, tracker.parent_run_id, tracker.baseline, tracker.table(),
+                        tracker.front(), storage, study_name)
+
+
+def _prepare(exp: Experiment, tracking_uri: str, address: str | None, resume: bool,
+             backend: SearchBackend, echo: Callable[[str], None]) -> _Setup:
+    """Loads the task and resolves the space; checks the store, the backend, the target and
+    the search to resume. Writes and starts nothing."""
+    from autocompress._errors import ConfigError
+    from autocompress.compress._registry import describe_layers
+    from autocompress.tasks import load_task
+    from autocompress.tracking._reader import check_store_driver
+
+    check_store_driver(tracking_uri)  # e.g. mysql:// without its driver: before any training
+    try:
+        task = load_task(exp.task, seed=exp.search.seed or 0)
+    except ConfigError as e:
+        raise e.located(exp.path) from None
+    layers = describe_layers(task.model, task.example_inputs)
+    space = exp.search_space.resolve(layers)
+    previous = _resumable(exp, tracking_uri) if resume else None
+    backend.check(exp)
+    _check_target(exp)
+    _check_finetune_device(exp, address, echo)
+    space = _without_knobs_that_cannot_pay(space, exp, echo)  # notes after every check
+    echo(f"task {task.name}: {len(space.layers)} layers, {len(space.params())} search parameters")
+    for line in _limits_summary(layers, space):
+        echo(line)
+    return _Setup(task, layers, space, previous)
+
+
+def _job(exp: Experiment, setup: _Setup, tracker: Any, storage: str, study_name: str,
+         echo: Callable[[str], None]) -> SearchJob:
+    """The backend's job: the learning rate chosen, the first trials not yet run, the budget
+    (the trials still to end; pruned ones are replaced, up to ``cap`` trials in all)."""
+    import optuna
+
+    remaining = exp.search.trials - tracker.finished_count()
+    job = SearchJob(exp, setup.task, setup.space, tracker.baseline, tracker, storage, study_name,
+                    [], remaining, 4 * remaining + 8)
+    if remaining <= 0:
+        return job
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    job.exp = _with_chosen_lr(exp, setup.task, setup.space, tracker, echo)
+    first = (first_trials(job.exp, setup.task, setup.space, setup.layers, tracker, echo)
+             if exp.search.warm_start else [])
+    job.first = _not_run_yet(first, storage, study_name) if tracker.trials else first
+    return job
 
 
 def _limits_summary(layers: list, space: Any = None) -> list[str]:
@@ -351,25 +316,12 @@ def _check_finetune_device(exp: Experiment, address: str | None,
         echo("fine-tuning on the CPU: set search.gpus_per_trial (e.g. 1) to train on the GPU")
 
 
-
-def _check_gpus(exp: Experiment) -> None:
-    """Refuses ``search.gpus_per_trial`` that Ray's GPUs cannot serve (after Ray started).
-
-    A trial waits for its GPU forever where Ray has none, so this is an error, not a wait;
-    with ``target.device: cuda`` the measurement service holds one GPU of its own.
-    """
-    import ray
-
+def _check_target(exp: Experiment) -> None:
+    """Refuses a target this machine cannot measure on (e.g. ``device: cuda`` without CUDA)."""
     from autocompress._errors import ConfigError
+    from autocompress.measure.latency import check_target
 
-    gpus = exp.search.gpus_per_trial
-    if not gpus > 0:
-        return
-    have = ray.cluster_resources().get("GPU", 0)
-    service = 1 if exp.target.device == "cuda" else 0
-    if have < gpus + service:
-        held = " (one of them for the latency measurements of target.device 'cuda')" if service else ""
-        raise ConfigError(f"gpus_per_trial={gpus:g} needs {gpus + service:g} GPUs{held} but Ray "
-                          f"sees {have:g} (check CUDA_VISIBLE_DEVICES and torch.cuda, or start "
-                          f"Ray with --num-gpus); allowed: 0 (fine-tune on the CPU)",
-                          file=exp.path, key="search.gpus_per_trial")
+    try:
+        check_target(exp.target)
+    except ValueError as e:
+        raise ConfigError(str(e), file=exp.path, key="target.device") from None

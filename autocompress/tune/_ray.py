@@ -1,23 +1,18 @@
-"""Ray plumbing of a search: connecting, the artifact inbox, the MLflow callback and the
-measurement service."""
+"""Ray plumbing of a search: connecting, the address check, the artifact inbox, the recovery
+book and the measurement service (used by :mod:`autocompress.tune._ray_backend`)."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import socket
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from autocompress._errors import root_cause_of_text
-from autocompress.config._experiment import Experiment
-from autocompress.tracking._writer import SearchTracker
-from autocompress.tune._trial import ERROR_FILE, RecoveryBook
+from autocompress.config import Experiment
+from autocompress.tune._trial import RecoveryBook
 
 
 def _driver_actor(cls: type) -> Any:
@@ -58,60 +53,6 @@ def _recovery_book() -> Any:
     return _driver_actor(RecoveryBook)
 
 
-def _callback(tracker: SearchTracker, inbox: Any):
-    import ray
-    from ray.tune import Callback
-
-    class MlflowTrialCallback(Callback):
-        """Forwards Ray Tune trial events to the (single, driver-side) MLflow writer."""
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            tracker.trial_started(trial.trial_id, trial.config)
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if result.get("node"):
-                tracker.trial_node(trial.trial_id, str(result["node"]))
-            if not result.get("final") and "epoch_accuracy" in result:
-                tracker.trial_epoch(trial.trial_id, int(result["epoch"]), result["epoch_accuracy"])
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            result = trial.last_result or {}
-            files = ray.get(inbox.pop.remote(trial.trial_id))
-            if result.get("pruned"):
-                tracker.trial_pruned(trial.trial_id, str(result.get("prune_reason", "")),
-                                     math.ceil(result.get("epoch", 0)), result.get("epoch_accuracy"),
-                                     result.get("summary", ""))
-                return
-            if not result.get("final"):
-                tracker.trial_failed(trial.trial_id, "trial ended without a final result")
-                return
-            latency = json.loads(result.get("latency_info") or "{}")
-            if not files:
-                tracker.trial_finished(trial.trial_id, result, result.get("summary", ""),
-                                       latency=latency)
-                return
-            with tempfile.TemporaryDirectory() as tmp:
-                for name, data in files.items():
-                    (Path(tmp) / name).write_bytes(data)
-                tracker.trial_finished(trial.trial_id, result, result.get("summary", ""), Path(tmp),
-                                       latency=latency)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            # A trial that raised sent its root cause and traceback (ERROR_FILE); one whose
-            # process died left only Ray's error text. Its other files are dropped.
-            sent = (ray.get(inbox.pop.remote(trial.trial_id)) or {}).get(ERROR_FILE)
-            if sent:
-                text = sent.decode(errors="replace")
-                cause = text.split("\n", 1)[0]
-            else:
-                text = (trial.error_file and Path(trial.error_file).read_text(errors="replace")) or ""
-                cause = root_cause_of_text(text)
-            tracker.trial_failed(trial.trial_id, cause, details=text or None)
-
-    return MlflowTrialCallback()
-
-
-
 def _check_address(address: str | None) -> None:
     """Refuses a Ray address that cannot work, before anything starts.
 
@@ -129,7 +70,7 @@ def _check_address(address: str | None) -> None:
             f"of the cluster (it is the search's driver and MLflow writer); to search through "
             f"Ray Client, use the command line, which runs the whole search on the cluster: "
             f"autocompress search EXPERIMENT.yaml --address {address} --tracking-uri "
-            f"http://SERVER:5000 (or autocompress.remote_search.run_remote_search)",
+            f"http://SERVER:5000 (or autocompress.tune.run_remote_search)",
             key="--address")
     host, port = host_port(address)
     if not host or port is None:
@@ -150,22 +91,10 @@ def host_port(address: str) -> tuple[str, int | None]:
 
 
 
-def _check_target(exp: Experiment) -> None:
-    """Refuses a target this machine cannot measure on (e.g. ``device: cuda`` without CUDA)."""
-    from autocompress._errors import ConfigError
-    from autocompress.measure.latency import check_target
-
-    try:
-        check_target(exp.target)
-    except ValueError as e:
-        raise ConfigError(str(e), file=exp.path, key="target.device") from None
-
-
-
 def _measurement_service(exp: Experiment, echo: Callable[[str], None]) -> tuple[Any, Any]:
     """Starts the search's measurement service and keeps this (the driver's) process off its
-    core; see :mod:`autocompress.measure.service`."""
-    from autocompress.measure.service import isolation_for, keep_off, start_service
+    core; see :mod:`autocompress.tune._service`."""
+    from autocompress.tune._service import isolation_for, keep_off, start_service
 
     isolation = isolation_for(exp.target, exp.search.concurrency * exp.search.cpus_per_trial)
     service, reserved = start_service(exp.target, isolation, exp.search.cpus_per_trial)

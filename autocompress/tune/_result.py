@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from autocompress.config._experiment import Experiment
+from autocompress.config import Experiment
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from autocompress.config._experiment import Experiment
-from autocompress.tracking._writer import SearchTracker
+from autocompress.config import Experiment
+from autocompress.tracking import SearchTracker
 from autocompress.tune._result import study_storage_url
 
 
@@ -60,7 +60,7 @@ _RESUME_KEYS = ("task", "search_space", "objectives", "target", "finetune", "con
 def _with_defaults(key: str, logged: Any) -> Any:
     """A logged settings section with the defaults of settings added since it was logged (a
     search started by an older version resumes unless a setting really changed)."""
-    from autocompress.config._experiment import Constraints
+    from autocompress.config import Constraints
     from autocompress.finetune import FinetuneConfig
     from autocompress.measure.target import Target
 
@@ -79,7 +79,7 @@ def _resumable(exp: Experiment, tracking_uri: str) -> Any:
             changed since that search started.
     """
     from autocompress._errors import ConfigError
-    from autocompress.tracking._reader import latest_search, open_store
+    from autocompress.tracking import latest_search, open_store
 
     try:
         client = open_store(tracking_uri, must_exist=True)

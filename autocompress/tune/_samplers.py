@@ -13,13 +13,12 @@ import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autocompress.config import SAMPLERS, SamplerBuilder
 
 if TYPE_CHECKING:
-    from autocompress.config._resolve import ResolvedSpace
+    from autocompress.config import ResolvedSpace
 
 
 class _DefineByRun:
@@ -161,77 +160,3 @@ class SamplerFactory:
     def __call__(self) -> Any:
         return make_sampler(self.settings, list(self.metrics), self.max_accuracy_drop,
                             self.baseline_accuracy, self.space)
-
-
-def _searcher_class():
-    import optuna
-    from ray import cloudpickle
-    from ray.tune.search import Searcher as RaySearcher
-    from ray.tune.search.optuna import OptunaSearch
-
-    class Searcher(OptunaSearch):
-        """OptunaSearch that tells Optuna a failed trial FAILED and a pruned one PRUNED, and
-        stops suggesting once ``trials`` trials have finished (pruned ones do not count: the
-        search runs new trials in their place).
-
-        Ray's OptunaSearch passes the last (per-epoch) result of an errored multi-objective
-        trial as a list of Nones, which Optuna rejects, leaving the trial RUNNING in the study.
-
-        It takes a :class:`SamplerFactory` and a storage URL instead of live objects, and
-        pickles as those (plus the Optuna trial ids of the running trials): unpickling reopens
-        the study from its storage and builds a fresh sampler.
-        """
-
-        def __init__(self, *args: Any, sampler: SamplerFactory, storage: str,
-                     trials: int | None = None, **kwargs: Any) -> None:
-            self.sampler_factory, self.storage_url = sampler, storage
-            super().__init__(*args, sampler=sampler(), storage=optuna.storages.RDBStorage(storage),
-                             **kwargs)
-            self.wanted, self.ended, self.live = trials, 0, set()
-
-        def __getstate__(self) -> dict[str, Any]:
-            state = self.__dict__.copy()
-            state.update(_sampler=None, _storage=None, _ot_study=None,
-                         _ot_trials={k: t._trial_id for k, t in self._ot_trials.items()})
-            return state
-
-        def __setstate__(self, state: dict[str, Any]) -> None:
-            trial_ids = state.pop("_ot_trials")
-            self.__dict__.update(state)
-            self._sampler = self.sampler_factory()
-            self._storage = optuna.storages.RDBStorage(self.storage_url)
-            self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
-                                               sampler=self._sampler)
-            self._ot_trials = {k: optuna.Trial(self._ot_study, tid) for k, tid in trial_ids.items()}
-
-        # Ray's own save/restore pickle ``__dict__`` directly: the live sampler with it.
-        def save(self, checkpoint_path: str) -> None:
-            Path(checkpoint_path).write_bytes(cloudpickle.dumps(self.__getstate__()))
-
-        def restore(self, checkpoint_path: str) -> None:
-            self.__setstate__(cloudpickle.loads(Path(checkpoint_path).read_bytes()))
-
-        def suggest(self, trial_id: str) -> Any:
-            if self.wanted is not None and self.ended + len(self.live) >= self.wanted:
-                return RaySearcher.FINISHED if not self.live else None  # wait for the running
-            config = super().suggest(trial_id)
-            if isinstance(config, dict):
-                self.live.add(trial_id)
-            return config
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                              error: bool = False) -> None:
-            self.live.discard(trial_id)
-            if result and result.get("pruned"):
-                super().on_trial_complete(trial_id, None, False)  # no values, no error: PRUNED
-                return
-            self.ended += 1
-            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-            if error or not result or any(result.get(m) is None for m in metrics):
-                result, error = None, True
-            elif trial_id in self._ot_trials:  # for the constraint (AccuracyDropConstraint)
-                self._ot_trials[trial_id].set_user_attr(VALUES_ATTR,
-                                                        [float(result[m]) for m in metrics])
-            super().on_trial_complete(trial_id, result, error)
-
-    return Searcher

@@ -1,13 +1,10 @@
-"""One compress -> fine-tune -> measure cycle (``autocompress trial``), and the Ray Tune trial of a
-search that runs it."""
+"""One compress -> fine-tune -> measure cycle (``autocompress trial``), and the search trial that
+runs it on any backend (:func:`search_trial`)."""
 
 from __future__ import annotations
 
 import json
-import socket
 import time
-import traceback
-import warnings
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -15,16 +12,14 @@ from typing import Any
 
 from torch import nn
 
-from autocompress._errors import root_cause
-from autocompress.compress import apply
-from autocompress.compress._plan import Plan
+from autocompress.compress import Plan, apply
 from autocompress.compress.quantize import calibrate
-from autocompress.config._experiment import Experiment
-from autocompress.config._resolve import ResolvedSpace
+from autocompress.config import Experiment, ResolvedSpace
 from autocompress.finetune import FinetuneConfig, finetune
 from autocompress.measure import Metrics, Target, measure
 from autocompress.measure.metrics import Measurer
 from autocompress.tasks import Task
+from autocompress.tune._events import EpochReport, TrialFinished, TrialPruned
 
 
 @dataclass
@@ -145,56 +140,47 @@ class RecoveryBook:
         return max(gains) if len(gains) >= MIN_RECOVERIES else None
 
 
-ERROR_FILE = "error.txt"  # a failed trial's artifact: its root cause, then the traceback
+@dataclass
+class TrialContext:
+    """What a search trial gets from its backend.
+
+    Attributes:
+        report: Takes an :class:`~autocompress.tune._events.EpochReport` after each epoch.
+        measurer: Times the model (the search's measurement service).
+        recovery: The search's :class:`RecoveryBook` (or a stand-in with its methods).
+        step_gate: See :func:`~autocompress.finetune.finetune`; None: no gate.
+        node: Where the trial runs, for the record.
+    """
+
+    report: Callable[[EpochReport], None]
+    measurer: Measurer | None
+    recovery: Any
+    step_gate: Callable[[], AbstractContextManager] | None = None
+    node: str = ""
 
 
-def _trainable(config: dict, **kwargs: Any) -> None:
-    """One Ray Tune trial (:func:`_trial`); if it fails, its root cause on one line, then the
-    whole traceback, go to the driver as :data:`ERROR_FILE` in the ``inbox`` (Ray's own error
-    text starts with its header and wrappers, and ends with the outermost exception)."""
-    try:
-        _trial(config, **kwargs)
-    except Exception as e:
-        import ray
-        from ray import tune
+def search_trial(params: Mapping[str, Any], ctx: TrialContext, *, task: Any,
+                 space: ResolvedSpace, exp: Experiment,
+                 baseline: dict[str, float]) -> TrialFinished | TrialPruned:
+    """One trial of a search, on any backend: plan -> compress -> fine-tune (an
+    :class:`EpochReport` per epoch) -> measure.
 
-        text = f"{root_cause(e)}\n\n{''.join(traceback.format_exception(e))}"
-        ray.get(kwargs["inbox"].put.remote(tune.get_context().get_trial_id(),
-                                           {ERROR_FILE: text.encode()}))
-        raise
-
-
-def _trial(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment,
-           baseline: dict[str, float], inbox: Any, book: Any, service: Any,
-           reserved: Any) -> None:
-    """One Ray Tune trial: plan -> compress -> fine-tune (reports per epoch) -> measure.
-
-    The trial may run on any node of a cluster: its artifacts go to the driver through Ray
-    (``inbox``), not through a checkpoint on a disk the driver would have to share. Its latency
-    is timed by the search's measurement ``service``, whose core (``reserved``) it keeps off.
-    A trial that finishes tells the search's :class:`RecoveryBook` (``book``) how much it
-    gained after each epoch; a running one asks it before deciding to stop.
+    A trial that finishes tells the search's :class:`RecoveryBook` (``ctx.recovery``) how much
+    it gained after each epoch; a running one asks it before deciding to stop. Its artifacts
+    (plan, weights, metrics) travel in the returned :class:`TrialFinished`.
     """
     import io
 
-    import ray
     import torch
-    from ray import tune
 
-    from autocompress.compress._bake import bake
+    from autocompress.compress import bake
     from autocompress.finetune import TrainingStopped
-    from autocompress.measure._registry import relative_metrics
-    from autocompress.measure.service import ServiceMeasurer, keep_off, training_gate
-    from autocompress.tune._trial import run_trial
+    from autocompress.measure import relative_metrics
 
-    keep_off(reserved)
-    torch.set_num_threads(max(1, int(exp.search.cpus_per_trial)))
-    warnings.filterwarnings("ignore")
-    plan = space.plan_from_params(config)
-    node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()}"
+    plan = space.plan_from_params(params)
 
     def on_epoch(epoch: int, metric: float) -> None:
-        tune.report({"epoch": epoch + 1, "epoch_accuracy": metric, "node": node})
+        ctx.report(EpochReport(epoch + 1, metric, ctx.node))
 
     finetune_config = exp.finetune
     if finetune_config.device == "auto" and not exp.search.gpus_per_trial > 0:
@@ -208,30 +194,23 @@ def _trial(config: dict, *, task: Any, space: ResolvedSpace, exp: Experiment,
         if not 0 < done < epochs:
             return None
         return prune_reason(baseline["accuracy"], metric, max_drop, done, epochs,
-                            ray.get(book.largest.remote(done)))
+                            ctx.recovery.largest(done))
 
     try:
         # Without a constraint nothing is stopped: no checks (each one evaluates the model).
         result = run_trial(task, plan, finetune_config, exp.target, on_epoch=on_epoch,
-                           seed=exp.search.seed or 0, measurer=ServiceMeasurer(service),
-                           step_gate=training_gate(reserved),
-                           stop=stop if max_drop is not None else None)
+                           seed=exp.search.seed or 0, measurer=ctx.measurer,
+                           step_gate=ctx.step_gate, stop=stop if max_drop is not None else None)
     except TrainingStopped as stopped:
-        tune.report({"pruned": True, "final": True, "prune_reason": stopped.reason,
-                     "epoch": stopped.epochs, "epoch_accuracy": stopped.metric,
-                     "summary": plan.summary(), "node": node})
-        return
+        return TrialPruned(stopped.reason, stopped.epochs, stopped.metric, plan.summary(), ctx.node)
     metrics = result.metrics.to_dict()
     if max_drop is not None:
-        book.record.remote(checks, metrics["accuracy"], baseline["accuracy"] - max_drop)
+        ctx.recovery.record(checks, metrics["accuracy"], baseline["accuracy"] - max_drop)
     relative = relative_metrics(metrics, baseline)
     weights = io.BytesIO()
     torch.save(bake(result.model).state_dict(), weights)
     files = {"plan.json": plan.to_json(indent=2).encode(), "model.pt": weights.getvalue(),
              "metrics.json": json.dumps({**metrics, **relative}, indent=2).encode()}
-    # Delivered before the final report, so the driver finds them when the trial completes.
-    ray.get(inbox.put.remote(tune.get_context().get_trial_id(), files))
     latency = result.metrics.latency.to_dict() if result.metrics.latency else {}
-    tune.report({**metrics, **relative, **result.trial_metrics(), "epochs": len(result.history),
-                 "final": True, "summary": plan.summary(), "node": node,
-                 "latency_info": json.dumps(latency)})
+    return TrialFinished({**metrics, **relative, **result.trial_metrics(),
+                          "epochs": len(result.history)}, plan.summary(), ctx.node, latency, files)

@@ -1,5 +1,8 @@
 """The measurement service: a search's latencies, timed one at a time on a core no trial uses.
 
+(Search-only, so it lives in the search package; the Ray backend runs it as an actor, the
+serial backend in-process.)
+
 Timings taken while other trials train on the same cores are wrong (they measure the
 contention, not the model). So a search starts one :class:`MeasurementService` Ray actor per
 target, on the driver's node (the machine the search measures on). The actor reserves one

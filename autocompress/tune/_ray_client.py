@@ -50,7 +50,7 @@ from typing import Any
 import pandas as pd
 
 from autocompress._errors import ConfigError
-from autocompress.config._experiment import Experiment
+from autocompress.config import Experiment
 from autocompress.tune._ray import host_port
 from autocompress.tune._result import SearchResult
 from autocompress.tune._stream import Forward, Progress
