@@ -19,12 +19,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autocompress._errors import ConfigError
-from autocompress.config._experiment import Experiment, SearchSettings, load_experiment, parse_experiment
-from autocompress.config._space import SearchSpace
+from autocompress.config import (
+    Experiment,
+    SearchSettings,
+    SearchSpace,
+    load_experiment,
+    parse_experiment,
+)
 
 if TYPE_CHECKING:
-    from autocompress.tasks._task import Task
-    from autocompress.tune._result import SearchResult
+    from autocompress.tasks import Task
+    from autocompress.tune import SearchResult
 
 __all__ = ["export", "search"]
 
@@ -97,7 +102,7 @@ def search(task: Task | str | os.PathLike | Experiment, *,
     else:
         result = run_search(exp, tracking_uri=uri, address=address, resume=resume, echo=echo)
     if not isinstance(exp.task, str):
-        from autocompress.tasks._registry import remember_task
+        from autocompress.tasks import remember_task
 
         remember_task(result.parent_run_id, exp.task)  # export() in this session needs no task=
     return result
@@ -127,7 +132,7 @@ def export(run_id: str, format: str = "onnx", out: str | os.PathLike = "dist", *
         VerificationError: The exported model's metric or size differs from the logged one
             (nothing is written).
     """
-    from autocompress.deploy._export import DEFAULT_TOLERANCE, export_run
+    from autocompress.deploy import DEFAULT_TOLERANCE, export_run
 
     return export_run(run_id, format, out, tracking_uri, register=register,
                       tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance, task=task)

@@ -22,7 +22,7 @@ _EXPORTS = {
     "_bake": ("bake", "dynamic_layers", "float_weights", "quantized_weights", "static_layers",
               "stored_weights"),
     "_fold": ("find_folds", "fold_factors", "fold_into", "folded"),
-    "_ties": ("tensor_aliases",),
+    "_ties": ("tensor_aliases", "weight_ties"),
     "formats": ("FORMATS", "StoredWeight", "WeightFormat", "weight_format"),
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

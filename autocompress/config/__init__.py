@@ -9,7 +9,7 @@ _EXPORTS = {
     "autocompress._errors": ("ConfigError", "did_you_mean"),
     "_yaml": ("read_yaml",),
     "_experiment": (
-        "Experiment", "Objective", "SearchSettings", "Constraints", "load_experiment",
+        "Experiment", "Objective", "SearchSettings", "Constraints", "load_experiment", "parse_experiment",
         "EXPERIMENT_VERSION", "METRICS", "MAX_OBJECTIVES", "IN_MEMORY_PREFIX",
     ),
     "_samplers": ("SAMPLERS", "SamplerBuilder"),

@@ -124,8 +124,7 @@ class SearchSettings:
             that reserves none.
         warm_start: Make the first trial the search space's mildest plan with 8-bit weights
             (no pruning, no factorization), so the front starts from a known-safe model.
-        backend: What runs the trials: ``ray`` (Ray Tune, parallel) or ``serial`` (one at a
-            time in this process, no Ray); checked against the backends when the search starts.
+        backend: ``ray`` (Ray Tune: parallel, a cluster) or ``serial`` (in this process).
     """
 
     sampler: str = "mutation"

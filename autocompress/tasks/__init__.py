@@ -10,6 +10,6 @@ from autocompress._lazy import lazy_exports
 _EXPORTS = {
     "_task": ("Task",),
     "_registry": ("TASKS", "cache_dir", "list_tasks", "load_task", "register_task",
-                  "remembered_task"),
+                  "remembered_task", "remember_task"),
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -9,7 +9,7 @@ _EXPORTS = {
         "LATENCY_PREFIX", "TRIAL_METRICS", "LATENCY_FACTS",
     ),
     "_writer": ("SearchTracker",),
-    "_reader": ("open_store", "latest_search", "read_trials", "read_front"),
+    "_reader": ("open_store", "latest_search", "read_trials", "read_front", "check_store_driver"),
     "_pareto": (
         "non_dominated_mask", "non_dominated_rank", "hypervolume", "reference_point",
         "pareto_front",

@@ -113,9 +113,9 @@ def _prepare(exp: Experiment, tracking_uri: str, address: str | None, resume: bo
     """Loads the task and resolves the space; checks the store, the backend, the target and
     the search to resume. Writes and starts nothing."""
     from autocompress._errors import ConfigError
-    from autocompress.compress._registry import describe_layers
+    from autocompress.compress import describe_layers
     from autocompress.tasks import load_task
-    from autocompress.tracking._reader import check_store_driver
+    from autocompress.tracking import check_store_driver
 
     check_store_driver(tracking_uri)  # e.g. mysql:// without its driver: before any training
     try:
@@ -183,7 +183,7 @@ def first_trials(exp: Experiment, task: Any, space: Any, layers: list, tracker: 
     """The search's first trials, in order: the warm-start points, then uniform recipes and
     sensitivity-optimal allocations (:mod:`autocompress.tune._seeds`), together at most a third
     of the trials. The sensitivity profile is logged to the parent run (``sensitivity.csv``)."""
-    from autocompress.compress._ties import weight_ties
+    from autocompress.compress import weight_ties
     from autocompress.tune._seeds import seed_points
     from autocompress.tune._sensitivity import profile
 

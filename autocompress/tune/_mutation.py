@@ -46,7 +46,7 @@ from optuna.samplers._base import _CONSTRAINTS_KEY, _process_constraints_after_t
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from autocompress.tracking._pareto import non_dominated_mask
+from autocompress.tracking import non_dominated_mask
 
 _MUTATIONS = (1, 2, 3)
 _MUTATION_P = (0.5, 0.3, 0.2)

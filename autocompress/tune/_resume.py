@@ -20,7 +20,7 @@ def _start(exp: Experiment, task: Any, tracking_uri: str, echo: Callable[[str], 
     from autocompress.finetune import distill_loss_name
     from autocompress.measure import machine_facts, measure
     from autocompress.measure.latency import target_facts
-    from autocompress.measure.runtimes._table import get_runtime
+    from autocompress.measure.runtimes import get_runtime
 
     echo(f"measuring the baseline on {exp.target.runtime}/{exp.target.device}")
     measured = measure(task.model, task, exp.target, measurer.reference)
