@@ -39,7 +39,7 @@ class TorchRuntime(LocalRuntime):
         return (f"the {self.name} runtime runs the baked fp32 module (fake quantization folded "
                 "into fp32 weights and float Q/DQ ops), no integer kernels")
 
-    def compile(self, module: nn.Module, inputs: Any) -> Callable[..., Any]:
+    def compile(self, module: nn.Module, inputs: Any) -> nn.Module:
         """What is timed: ``module`` (baked, eval mode, on the target's device) made ready to
         run ``inputs`` (already on that device). Here: the eager module itself."""
         return module

@@ -8,13 +8,14 @@ prepared module, threads, ``inference_mode``, CUDA synchronization); only what r
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from autocompress._inputs import run as call
 from autocompress.measure.runtimes._torch import TorchRuntime
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 # The profiling executor specializes a traced graph on its first runs; they belong to loading
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 JIT_PROFILING_RUNS = 3
 
 
-def script(module: nn.Module, inputs: Any) -> Any:
+def script(module: nn.Module, inputs: Any) -> torch.jit.ScriptModule:
     """``module`` (baked, eval mode) traced on ``inputs`` (a dict: keyword arguments), frozen
     (parameters inlined as constants, BatchNorm folded into convolutions) and optimized for
     inference by ``torch.jit.optimize_for_inference``."""
@@ -46,5 +47,5 @@ class TorchScriptRuntime(TorchRuntime):
 
     name = "torchscript"
 
-    def compile(self, module: nn.Module, inputs: Any) -> Callable[..., Any]:
+    def compile(self, module: nn.Module, inputs: Any) -> nn.Module:
         return script(module, inputs)
