@@ -1,4 +1,5 @@
-"""Latency measurement: sane numbers on both runtimes, the run-count protocol, Target checks.
+"""Latency measurement: sane numbers on every local runtime (``tests/runtimes.py``: read from the
+registry), the run-count protocol, Target checks.
 
 Speed-ups are not asserted here (timings on a shared machine are noisy); that is what
 ``bench/latency.py`` is for.
@@ -14,7 +15,9 @@ import torch
 from autocompress.compress import apply
 from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.measure import Target, machine_facts, measure_latency
+from autocompress.measure.runtimes import get_runtime, runtime_names
 from tests.models import MODELS
+from tests.runtimes import CUDA_RUNTIMES, LOCAL_RUNTIMES, cuda_here
 
 PLANS = {
     "fp32": {},
@@ -29,7 +32,7 @@ def quick(**kw: object) -> Target:
     return Target(**{"warmup": 1, "min_runs": 3, "max_runs": 8, "budget_s": 0.05, **kw})
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("runtime", LOCAL_RUNTIMES)
 @pytest.mark.parametrize("plan", list(PLANS))
 def test_latency_is_sane(runtime: str, plan: str) -> None:
     spec = MODELS["conv2d"]
@@ -49,10 +52,11 @@ def test_latency_is_sane(runtime: str, plan: str) -> None:
                                      "retries", "measured_at"}
     assert not result.paired and result.measured_at > 0  # timed alone, now
     assert result.cpu == machine_facts()["cpu"]
-    assert result.runtime_version == machine_facts()[runtime]
+    facts = get_runtime(target).facts(target)
+    assert result.runtime_version == facts["runtime_version"] in machine_facts().values()
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("runtime", LOCAL_RUNTIMES)
 @pytest.mark.parametrize(("budget_s", "runs"), [
     pytest.param(1e-9, 3, id="budget-spent-stops-at-min-runs"),
     pytest.param(600.0, 8, id="budget-left-stops-at-max-runs"),
@@ -64,7 +68,7 @@ def test_run_count_follows_the_protocol(runtime: str, budget_s: float, runs: int
     assert result.runs == runs
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("runtime", LOCAL_RUNTIMES)
 def test_batch_larger_than_the_example(runtime: str) -> None:
     spec = MODELS["mlp"]
     result = measure_latency(spec.build(), spec.example_inputs(batch=2),
@@ -73,36 +77,32 @@ def test_batch_larger_than_the_example(runtime: str) -> None:
     assert result.latency_ms > 0
 
 
-def test_torch_threads_are_restored() -> None:
+@pytest.mark.parametrize("runtime", LOCAL_RUNTIMES)
+def test_torch_threads_are_restored(runtime: str) -> None:
     spec = MODELS["mlp"]
     before = torch.get_num_threads()
-    measure_latency(spec.build(), spec.example_inputs(), quick(runtime="torch", threads=2))
+    measure_latency(spec.build(), spec.example_inputs(), quick(runtime=runtime, threads=2))
     assert torch.get_num_threads() == before
 
 
-def _has_ort_cuda() -> bool:
-    import onnxruntime as ort
-
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+# Why a runtime refuses CUDA here, where known; any runtime's message names the key and itself.
+NO_CUDA_BECAUSE = {"onnxruntime": "no CUDAExecutionProvider", "torch": "torch sees no CUDA device"}
 
 
-CUDA_HERE = {"torch": torch.cuda.is_available(), "onnxruntime": _has_ort_cuda()}
-
-
-@pytest.mark.parametrize(("runtime", "why"), [("torch", "torch sees no CUDA device"),
-                                               ("onnxruntime", "no CUDAExecutionProvider")])
-def test_cuda_without_a_gpu_is_an_error(runtime: str, why: str) -> None:
-    if CUDA_HERE[runtime]:
+@pytest.mark.parametrize("runtime", CUDA_RUNTIMES)
+def test_cuda_without_a_gpu_is_an_error(runtime: str) -> None:
+    if cuda_here(runtime):
         pytest.skip("checks the no-GPU error")
+    why = NO_CUDA_BECAUSE.get(runtime, "")
     spec = MODELS["mlp"]
     with pytest.raises(ValueError, match=f"target.device='cuda' with runtime {runtime}: .*{why}"):
         measure_latency(spec.build(), spec.example_inputs(), quick(device="cuda", runtime=runtime))
 
 
-@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("runtime", CUDA_RUNTIMES)
 def test_cuda_latency(runtime: str) -> None:
     """Runs only where a CUDA device (and, for onnxruntime, onnxruntime-gpu) exists."""
-    if not CUDA_HERE[runtime]:
+    if not cuda_here(runtime):
         pytest.skip(f"no CUDA for {runtime} on this machine")
     spec = MODELS["residual"]
     model = spec.build()
@@ -115,7 +115,7 @@ def test_cuda_latency(runtime: str) -> None:
 
 @pytest.mark.parametrize(("field", "value", "allowed"), [
     ("device", "tpu", "['cpu', 'cuda', 'remote']"),
-    ("runtime", "tflite", "['onnxruntime', 'torch']"),
+    ("runtime", "tflite", str(runtime_names())),
     ("threads", 0, "an integer >= 1"),
     ("threads", 1.5, "an integer >= 1"),
     ("threads", True, "an integer >= 1"),

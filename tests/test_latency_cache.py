@@ -11,8 +11,10 @@ from autocompress.compress import apply
 from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.measure import Target, measure_latency
 from autocompress.measure.cache import graph_signature
+from autocompress.measure.latency import prepare
 from autocompress.onnxgraph import export_onnx
 from tests.models import MODELS
+from tests.runtimes import LOCAL_RUNTIMES
 
 TARGET = Target(warmup=1, min_runs=3, max_runs=8, budget_s=0.05)
 
@@ -35,9 +37,11 @@ def measure(model: torch.nn.Module, target: Target = TARGET):
     return measure_latency(model, MODELS["conv2d"].example_inputs(), target)
 
 
-def test_same_structure_different_weights_is_a_hit(own_cache: Path) -> None:
-    first = measure(build(0))
-    second = measure(build(1))
+@pytest.mark.parametrize("runtime", LOCAL_RUNTIMES)
+def test_same_structure_different_weights_is_a_hit(own_cache: Path, runtime: str) -> None:
+    target = Target(**{**TARGET.to_dict(), "runtime": runtime})
+    first = measure(build(0), target)
+    second = measure(build(1), target)
     assert not first.cached and second.cached and own_cache.exists()
     assert (second.latency_ms, second.runs, second.cpu) == (first.latency_ms, first.runs, first.cpu)
 
@@ -64,6 +68,17 @@ def test_different_target_is_a_miss() -> None:
                                         batch_size=2)).cached
     assert measure(build(2), Target(warmup=1, min_runs=3, max_runs=8, budget_s=0.05,
                                     batch_size=2)).cached
+
+
+def test_every_runtime_has_its_own_key() -> None:
+    """The same model on another runtime is another measurement."""
+    keys = {runtime: prepare(build(0), MODELS["conv2d"].example_inputs(),
+                             Target(**{**TARGET.to_dict(), "runtime": runtime})).key
+            for runtime in LOCAL_RUNTIMES}
+    assert None not in keys.values() and len(set(keys.values())) == len(LOCAL_RUNTIMES)
+    assert not measure(build(0)).cached and measure(build(1)).cached
+    for runtime in [r for r in LOCAL_RUNTIMES if r != TARGET.runtime]:
+        assert not measure(build(0), Target(**{**TARGET.to_dict(), "runtime": runtime})).cached
 
 
 def test_cache_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from autocompress.measure._paired import DRIFT_LIMIT, RETRIES, time_paired, time_paired_steady
 from autocompress.measure._timing import TimingSettings, time_runs
+from tests.runtimes import LOCAL_RUNTIMES
 
 SETTINGS = TimingSettings(warmup=2, min_runs=20, max_runs=5000, budget_s=1.0, rel_ci=0.01,
                           min_time_s=0.2)
@@ -115,12 +116,13 @@ def _models():
 QUICK = dict(warmup=2, min_runs=6, max_runs=4000, budget_s=0.2, min_time_s=0.05)
 
 
-def test_the_measurer_times_a_model_paired_with_the_baseline(own_cache) -> None:
+@pytest.mark.parametrize("runtime", LOCAL_RUNTIMES)
+def test_the_measurer_times_a_model_paired_with_the_baseline(own_cache, runtime: str) -> None:
     from autocompress.measure import Target
     from autocompress.measure.latency import PairedMeasurer
 
     base, pruned, x = _models()
-    target = Target(**QUICK)
+    target = Target(**QUICK, runtime=runtime)
     measurer = PairedMeasurer(target)
     unpaired = measurer(pruned, x, target)  # no reference yet: timed alone
     assert not unpaired.paired
@@ -199,7 +201,7 @@ def test_a_remote_agent_is_not_paired() -> None:
 
     remote = PairedMeasurer(Target(device="remote", url="http://127.0.0.1:1", token_env="T"))
     assert not remote.can_pair
-    assert PairedMeasurer(Target()).can_pair
+    assert all(PairedMeasurer(Target(runtime=runtime)).can_pair for runtime in LOCAL_RUNTIMES)
 
 
 def test_a_reference_slower_than_usual_is_retimed() -> None:

@@ -20,6 +20,7 @@ from autocompress.config import load_search_space
 from autocompress.measure import Target, measure_latency
 from autocompress.onnxgraph import export_onnx
 from tests import real_models
+from tests.runtimes import LOCAL_RUNTIMES
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"warmup": 1, "min_runs": 3, "max_runs": 10, "budget_s": 0.05, "min_time_s": 0.0}
@@ -124,7 +125,7 @@ def test_every_layer_compressed_exports_and_onnxruntime_agrees(name: str, knobs:
 
 
 @pytest.mark.parametrize("name", ["two_inputs", "tokens", "bert"])
-@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("runtime", LOCAL_RUNTIMES)
 def test_several_inputs_are_timed(name: str, runtime: str) -> None:
     model, x = build(name)
     result = measure_latency(model, x, Target(runtime=runtime, batch_size=3, **FAST), use_cache=False)

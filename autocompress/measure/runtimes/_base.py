@@ -69,13 +69,21 @@ class Runtime:
 
 
 class LocalRuntime(Runtime):
-    """A runtime that times in this process, on this machine's CPU or GPU."""
+    """A runtime that times in this process, on this machine's CPU or GPU.
+
+    Attributes:
+        library: The package that runs the model, whose version in
+            :func:`~autocompress.measure._machine.machine_facts` is the ``runtime_version``
+            (``torch`` for both eager PyTorch and TorchScript); None: the runtime's name.
+    """
+
+    library: ClassVar[str | None] = None
 
     def facts(self, target: Target) -> dict[str, str]:
         from autocompress.measure._machine import gpu_name, machine_facts
 
         facts = machine_facts()
-        out = {"cpu": facts["cpu"], "runtime_version": facts[self.name]}
+        out = {"cpu": facts["cpu"], "runtime_version": facts[self.library or self.name]}
         if target.device == "cuda":
             out["gpu"] = gpu_name()
         return out

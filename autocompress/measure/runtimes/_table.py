@@ -63,6 +63,8 @@ _ORT = "autocompress.measure.runtimes._ort:OnnxRuntime"
 RUNTIMES.register("onnxruntime", RuntimeEntry("onnxruntime", {
     "cpu": _ORT, "cuda": _ORT, "remote": "autocompress.measure.runtimes._remote:RemoteAgent"}))
 register_runtime("torch", ("cpu", "cuda"), "autocompress.measure.runtimes._torch:TorchRuntime")
+register_runtime("torchscript", ("cpu", "cuda"),
+                 "autocompress.measure.runtimes._torchscript:TorchScriptRuntime")
 
 
 def runtime_names() -> list[str]:
