@@ -1,4 +1,4 @@
-"""The built-in ``digits-resnet`` task: scikit-learn's 8x8 digits and a tiny ResNet.
+"""The built-in ``digits_resnet`` task: scikit-learn's 8x8 digits and a tiny ResNet.
 
 The same data, split, metric and example inputs as ``digits``; the model has what ``digits``'
 plain conv stack lacks: residual blocks, so that channel pruning meets convs coupled by a
@@ -54,10 +54,10 @@ class DigitsResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
 
 
-@register_task("digits-resnet")
+@register_task("digits_resnet")
 def digits_resnet(seed: int = 0) -> Task:
     """scikit-learn's 8x8 digits as in ``digits`` (inputs ``(N, 1, 8, 8)`` in [0, 1], the same
     fixed stratified 80/20 split); ``seed`` seeds the baseline."""
     torch.manual_seed(seed)
-    return build("digits-resnet", seed, DigitsResNet(), sklearn_digits(), epochs=20, lr=5e-3,
+    return build("digits_resnet", seed, DigitsResNet(), sklearn_digits(), epochs=20, lr=5e-3,
                  batch_size=64, code=sys.modules[__name__])
