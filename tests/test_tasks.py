@@ -173,8 +173,9 @@ def test_builtin_task_contract(name: str, builtin) -> None:
 
     train = {k for x, _ in task.train_loader for k in _samples(x)}
     val = [k for x, _ in task.val_loader for k in _samples(x)]
-    # Disjoint samples; identical inputs may still occur in both (digits repeats a few images).
-    assert sum(k in train for k in val) <= 0.01 * len(val)
+    # Disjoint samples, though equal inputs may occur in both: 9 of minilm's 256 validation
+    # sentences have the same 32 tokens as a training one (Python's help topics repeat text).
+    assert sum(k in train for k in val) <= 0.05 * len(val)
 
     assert _samples(again.example_inputs) == _samples(task.example_inputs)
     assert [k for x, _ in again.val_loader for k in _samples(x)] == val
