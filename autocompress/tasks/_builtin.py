@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from types import ModuleType
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -12,6 +13,19 @@ from torch.utils.data import DataLoader, TensorDataset
 from autocompress.finetune import FinetuneConfig, finetune
 from autocompress.tasks._registry import cached_baseline
 from autocompress.tasks._task import Task
+
+
+def sklearn_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits (1,797 images) as ``(x_train, y_train, x_val, y_val)``:
+    inputs ``(N, 1, 8, 8)`` float32 scaled to [0, 1] (pixels / 16), int64 labels, a fixed
+    stratified 80/20 split (the same for every seed and every task that uses it)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    xt, xv, yt, yv = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+    return torch.from_numpy(xt), torch.from_numpy(yt), torch.from_numpy(xv), torch.from_numpy(yv)
 
 
 def loaders(x_train, y_train, x_val, y_val, seed: int, batch_size: int):

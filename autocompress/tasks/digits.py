@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import torch
 from torch import nn
 
-from autocompress.tasks._builtin import build
+from autocompress.tasks._builtin import build, sklearn_digits
 from autocompress.tasks._registry import register_task
 from autocompress.tasks._task import Task
 
@@ -39,13 +38,6 @@ def digits(seed: int = 0) -> Task:
 
     A fixed stratified 80/20 split (independent of ``seed``); ``seed`` seeds the baseline.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    xt, xv, yt, yv = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
-    data = (torch.from_numpy(xt), torch.from_numpy(yt), torch.from_numpy(xv), torch.from_numpy(yv))
     torch.manual_seed(seed)
-    return build("digits", seed, DigitsCNN(), data, epochs=30, lr=2e-3, batch_size=64,
+    return build("digits", seed, DigitsCNN(), sklearn_digits(), epochs=30, lr=2e-3, batch_size=64,
                  code=sys.modules[__name__])
