@@ -120,6 +120,14 @@ def repeat_to(inputs: Inputs, n: int) -> Inputs:
     return map_tensors(inputs, lambda t: t.repeat(reps, *([1] * (t.dim() - 1)))[:n].contiguous())
 
 
+def trace_arguments(inputs: Inputs) -> dict[str, Any]:
+    """``torch.jit.trace``'s example arguments for inputs of any form: a dict is keyword
+    arguments (given as ``example_inputs`` it would be one positional argument)."""
+    if isinstance(inputs, Mapping):
+        return {"example_kwarg_inputs": dict(inputs)}
+    return {"example_inputs": inputs}
+
+
 def input_names(inputs: Inputs) -> list[str]:
     """ONNX input names: ``input`` for one tensor (as before), ``input_<i>`` for a tuple, the
     argument names for a dict."""

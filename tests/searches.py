@@ -25,11 +25,12 @@ FAST_TARGET = {"warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01}
 def write_experiment(directory: Path, name: str, *, task: str = "tests.models:tiny_task",
                      search_space: str | dict | None = None, sampler: str = "random",
                      trials: int = 4, concurrency: int = 2, seed: int = 0, epochs: int = 1,
-                     **extra: Any) -> Path:
+                     backend: str = "ray", **extra: Any) -> Path:
     """Writes ``<directory>/<name>.yaml``: a fast search, accuracy vs size, short timing.
 
     Args:
         search_space: A mapping, a path, or None for ``search_spaces/default.yaml``.
+        backend: ``search.backend``: ``ray`` or ``serial`` (in the test's process, no Ray).
         extra: Further top-level keys (e.g. ``constraints``), or replacements.
     """
     exp = {
@@ -37,7 +38,8 @@ def write_experiment(directory: Path, name: str, *, task: str = "tests.models:ti
         "search_space": search_space or str(ROOT / "search_spaces" / "default.yaml"),
         "objectives": [{"metric": "accuracy"}, {"metric": "size_bytes"}],
         "target": FAST_TARGET,
-        "search": {"sampler": sampler, "trials": trials, "concurrency": concurrency, "seed": seed},
+        "search": {"sampler": sampler, "trials": trials, "concurrency": concurrency, "seed": seed,
+                   "backend": backend},
         "finetune": {"epochs": epochs},
         **extra,
     }
@@ -74,7 +76,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path, timeout: float = 60) -> Iterator[str]:
+def mlflow_server(root: Path, timeout: float = 180) -> Iterator[str]:
     """A real ``mlflow server`` (SQLite backend, proxied artifacts under ``root``) on a free
     loopback port; yields its URL and stops it on exit."""
     port = free_port()

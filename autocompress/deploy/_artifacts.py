@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,20 +65,13 @@ def _save_onnx(loaded: nn.Module, path: Path, local: Path, signature: Any, rebui
 
 
 def _write_torchscript(rebuilt: Rebuilt, path: Path) -> None:
+    from autocompress._inputs import trace_arguments
     from autocompress.compress import bake
 
     with warnings.catch_warnings():  # deprecation notice; tracer notes on frozen act ranges
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(bake(rebuilt.model), **_trace_inputs(rebuilt.task.example_inputs))
+        traced = torch.jit.trace(bake(rebuilt.model), **trace_arguments(rebuilt.task.example_inputs))
         torch.jit.save(traced, str(path))
-
-
-def _trace_inputs(inputs: Any) -> dict[str, Any]:
-    """``torch.jit.trace``'s example arguments for inputs of any form: a dict is keyword
-    arguments (given as ``example_inputs`` it would be one positional argument)."""
-    if isinstance(inputs, Mapping):
-        return {"example_kwarg_inputs": dict(inputs)}
-    return {"example_inputs": inputs}
 
 
 def _load_torchscript(path: Path) -> nn.Module:

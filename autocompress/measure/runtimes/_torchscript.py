@@ -8,10 +8,10 @@ prepared module, threads, ``inference_mode``, CUDA synchronization); only what r
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from autocompress._inputs import run as call
+from autocompress._inputs import trace_arguments
 from autocompress.measure.runtimes._torch import TorchRuntime
 
 if TYPE_CHECKING:
@@ -29,12 +29,10 @@ def script(module: nn.Module, inputs: Any) -> torch.jit.ScriptModule:
     inference by ``torch.jit.optimize_for_inference``."""
     import torch
 
-    args = ({"example_kwarg_inputs": dict(inputs)} if isinstance(inputs, Mapping)
-            else {"example_inputs": inputs})
     with warnings.catch_warnings():  # tracer notes on frozen activation ranges, deprecation
         warnings.simplefilter("ignore")
         with torch.no_grad():
-            traced = torch.jit.trace(module, **args)
+            traced = torch.jit.trace(module, **trace_arguments(inputs))
             scripted = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
         with torch.inference_mode():
             for _ in range(JIT_PROFILING_RUNS):
