@@ -45,6 +45,7 @@ test: $(STAMP)
 	$(BIN)/ruff check autocompress tests bench
 	$(PYTEST)
 
+# The inner loop: no end-to-end searches, no Ray clusters.
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow"
 

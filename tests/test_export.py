@@ -367,14 +367,13 @@ def test_torchscript_export_traces_every_input_form(build: str, tmp_path: Path) 
     its model."""
     import warnings
 
-    from autocompress._inputs import run
-    from autocompress.deploy._artifacts import _trace_inputs
+    from autocompress._inputs import run, trace_arguments
     from tests import real_models
 
     model, inputs = getattr(real_models, build)()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, **_trace_inputs(inputs))
+        traced = torch.jit.trace(model, **trace_arguments(inputs))
     torch.jit.save(traced, str(tmp_path / "m.pt"))
     loaded = torch.jit.load(str(tmp_path / "m.pt"))
     with torch.no_grad():

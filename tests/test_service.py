@@ -63,6 +63,7 @@ def service(ray_local):
     assert ray.available_resources().get("CPU", 0) == pytest.approx(3)  # the reserved CPU is back
 
 
+@pytest.mark.slow  # a Ray cluster with the service (make test-fast skips it)
 @pytest.mark.skipif(not TWO_CORES, reason="needs two cores to reserve one")
 def test_service_pins_itself_to_a_reserved_core(service) -> None:
     import ray
@@ -77,6 +78,7 @@ def test_service_pins_itself_to_a_reserved_core(service) -> None:
     assert ray.available_resources().get("CPU", 0) == pytest.approx(2)
 
 
+@pytest.mark.slow  # a Ray cluster with the service (make test-fast skips it)
 @pytest.mark.skipif(not TWO_CORES, reason="needs two cores to reserve one")
 def test_trials_keep_off_the_reserved_core(service) -> None:
     import ray
@@ -97,6 +99,7 @@ def test_trials_keep_off_the_reserved_core(service) -> None:
     assert reserved.core in elsewhere
 
 
+@pytest.mark.slow  # a Ray cluster with the service (make test-fast skips it)
 def test_one_measurement_per_architecture_even_when_trials_finish_together(service) -> None:
     """Two trials send the same architecture (different weights) at once: the service measures
     it once and answers the other from the cache, because it handles one call at a time."""
@@ -117,6 +120,7 @@ def test_one_measurement_per_architecture_even_when_trials_finish_together(servi
     assert (after["measured"] - before["measured"], after["cache_hits"] - before["cache_hits"]) == (1, 1)
 
 
+@pytest.mark.slow  # a Ray cluster with the service (make test-fast skips it)
 def test_service_measurer_prepares_here_and_times_there(service) -> None:
     actor, _ = service
     spec = MODELS["mlp"]
@@ -125,6 +129,7 @@ def test_service_measurer_prepares_here_and_times_there(service) -> None:
     assert result.runtime == "onnxruntime" and result.cpu
 
 
+@pytest.mark.slow  # a Ray cluster with the service (make test-fast skips it)
 def test_torch_runtime_through_the_service(service) -> None:
 
     target = Target(runtime="torch", warmup=1, min_runs=3, max_runs=8, budget_s=0.05)
@@ -161,6 +166,7 @@ def test_a_measurement_waits_for_running_steps_and_holds_new_ones(tmp_path: Path
     assert events == ["step end", "measure start", "measure end", "next step"]
 
 
+@pytest.mark.slow  # a Ray cluster with the service (make test-fast skips it)
 def test_training_gate_only_on_the_service_node(service) -> None:
     import ray
 
@@ -180,12 +186,14 @@ def test_training_gate_only_on_the_service_node(service) -> None:
     assert ray.get(gate_kind.remote(no_pause)) == "no-op"
 
 
+@pytest.mark.slow  # a Ray cluster with the service (make test-fast skips it)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_a_cuda_service_without_a_gpu_is_refused_not_left_pending(ray_local) -> None:
     with pytest.raises(RuntimeError, match="Ray sees no GPU on this node"):
         start_service(Target(device="cuda"))
 
 
+@pytest.mark.slow  # a Ray cluster with the service (make test-fast skips it)
 @pytest.mark.skipif(not TWO_CORES, reason="needs two cores to share")
 def test_a_sharing_service_takes_no_core_and_no_ray_cpu(service) -> None:
     """``isolation="pause"``: unpinned, no Ray CPU, and a counting gate with a slot per core."""
