@@ -67,6 +67,7 @@ from autocompress.measure.latency import Prepared
 from autocompress.measure.runtimes import get_runtime
 from autocompress.onnxgraph import export_onnx
 from autocompress.tasks import load_task
+from autocompress.tasks.digits_resnet import BasicBlock  # the residual block of the built-in ResNet
 
 RUNTIMES = ("onnxruntime", "torch")
 REFERENCE = "ref: ort-static-int8"
@@ -76,26 +77,6 @@ QUICK_VARIANTS = ("baseline", "channel-50%", "lowrank-0.5", "unstructured-90%", 
 
 # --------------------------------------------------------------------------------------------
 # The residual model
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 conv+BN layers with a residual add (1x1 conv+BN shortcut when the shape changes)."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.shortcut(x))
 
 
 class ResNetSmall(nn.Module):

@@ -27,7 +27,7 @@ import torch
 from autocompress.compress.formats._names import BUILTIN_FORMATS, FORMATS, format_name, plan_values
 
 __all__ = ["BUILTIN_FORMATS", "FORMATS", "InitializerSlot", "OnnxNodes", "StoredWeight",
-           "WeightFormat", "compressed_value", "format_name", "per_row", "plan_values",
+           "WeightFormat", "codes_for_slot", "compressed_value", "format_name", "per_row", "plan_values",
            "quantize_weight", "weight_format"]
 
 OnnxNodes = tuple[list[Any], list[Any]]  # (initializers, nodes): onnx TensorProto / NodeProto
@@ -50,6 +50,16 @@ class InitializerSlot(Protocol):
 def per_row(values: np.ndarray, ndim: int) -> np.ndarray:
     """``values`` (one per output channel) shaped to broadcast over a tensor of ``ndim`` dims."""
     return values.reshape(-1, *([1] * (ndim - 1)))
+
+
+def codes_for_slot(q: np.ndarray, scale: np.ndarray, slot: InitializerSlot
+                   ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-channel codes ``q`` and scales placed in ``slot``'s initializer: ``(codes, scales,
+    DequantizeLinear axis)``. BN-folded, the codes stay, the scale becomes ``scale * |k|`` and
+    the sign moves into the codes (exact); transposed, dequantized along axis 1."""
+    if slot.transposed:
+        return np.ascontiguousarray(q.T), scale, 1
+    return q * per_row(np.where(slot.k < 0, -1, 1), q.ndim).astype(q.dtype), scale * np.abs(slot.k), 0
 
 
 @dataclass(frozen=True)

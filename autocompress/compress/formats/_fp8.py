@@ -35,7 +35,7 @@ from autocompress.compress.formats._base import (
     OnnxNodes,
     StoredWeight,
     WeightFormat,
-    per_row,
+    codes_for_slot,
 )
 
 __all__ = ["FP8_MAX", "Fp8Format", "fp8_bytes", "fp8_from_bytes", "fp8_quantize"]
@@ -97,14 +97,9 @@ class Fp8Format(WeightFormat):
         the sign moves into the codes (exact); transposed, dequantized along axis 1."""
         from onnx import TensorProto, helper, numpy_helper
 
-        q, scale = stored.values, stored.scale
-        assert scale is not None
+        assert stored.scale is not None
         init = slot.init.name
-        if slot.transposed:
-            q_new, scale_new, axis = np.ascontiguousarray(q.T), scale, 1
-        else:
-            q_new = q * per_row(np.where(slot.k < 0, -1, 1), q.ndim).astype(np.float32)
-            scale_new, axis = scale * np.abs(slot.k), 0
+        q_new, scale_new, axis = codes_for_slot(stored.values, stored.scale, slot)
         inits = [helper.make_tensor(f"{init}_fp8", TensorProto.FLOAT8E4M3FN, q_new.shape,
                                     fp8_bytes(q_new), raw=True),
                  numpy_helper.from_array(scale_new.astype(np.float32), f"{init}_scale")]

@@ -12,7 +12,7 @@ from autocompress.compress.formats._base import (
     OnnxNodes,
     StoredWeight,
     WeightFormat,
-    per_row,
+    codes_for_slot,
 )
 
 __all__ = ["IntegerFormat"]
@@ -35,14 +35,9 @@ class IntegerFormat(WeightFormat):
         transposed, dequantized along axis 1."""
         from onnx import helper, numpy_helper
 
-        q, scale = stored.values, stored.scale
-        assert scale is not None
+        assert stored.scale is not None
         init = slot.init.name
-        if slot.transposed:
-            q_new, scale_new, axis = np.ascontiguousarray(q.T), scale, 1
-        else:
-            q_new = q * per_row(np.where(slot.k < 0, -1, 1), q.ndim)
-            scale_new, axis = scale * np.abs(slot.k), 0
+        q_new, scale_new, axis = codes_for_slot(stored.values, stored.scale, slot)
         inits = [numpy_helper.from_array(q_new.astype(np.int8), f"{init}_quantized"),
                  numpy_helper.from_array(scale_new.astype(np.float32), f"{init}_scale"),
                  numpy_helper.from_array(np.zeros(scale_new.shape, np.int8), f"{init}_zero_point")]
