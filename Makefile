@@ -39,7 +39,7 @@ demo-minilm: $(STAMP)
 # The suite runs on TEST_JOBS pytest-xdist workers (one test file per worker at a time:
 # module fixtures such as a Ray cluster are set up once per file). TEST_JOBS=0 runs serially.
 TEST_JOBS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=15
 
 test: $(STAMP)
 	$(BIN)/ruff check autocompress tests bench

@@ -76,7 +76,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path, timeout: float = 180) -> Iterator[str]:
+def mlflow_server(root: Path, timeout: float = 300) -> Iterator[str]:
     """A real ``mlflow server`` (SQLite backend, proxied artifacts under ``root``) on a free
     loopback port; yields its URL and stops it on exit."""
     port = free_port()
