@@ -137,7 +137,8 @@ class Searched:
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory) -> Searched:
-    """A 3-trial, 2-concurrent search on ``tests.models:tiny_task``, and its validation data."""
+    """A 3-trial search on ``tests.models:tiny_task`` (serial backend: what is tested is the
+    export of its results; the Ray search is test_search_e2e's), and its validation data."""
     root = tmp_path_factory.mktemp("export-search")
     exp = {
         "name": "export-e2e", "task": "tests.models:tiny_task",
@@ -145,7 +146,7 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> Searched:
         "objectives": [{"metric": "accuracy", "mode": "max"}, {"metric": "size_bytes", "mode": "min"}],
         "target": {"runtime": "onnxruntime", "threads": 1, "batch_size": 1, "warmup": 2,
                    "min_runs": 5, "max_runs": 20, "budget_s": 0.05},
-        "search": {"sampler": "nsga2", "trials": 3, "concurrency": 2, "seed": 0},
+        "search": {"sampler": "nsga2", "trials": 3, "seed": 0, "backend": "serial"},
         "finetune": {"epochs": 1, "lr": 0.001, "distill": True},
         "constraints": {"max_accuracy_drop": 0.5},
     }

@@ -167,7 +167,8 @@ def test_the_static_range_always_includes_zero() -> None:
 
 
 @pytest.mark.slow
-def test_a_w8a8_search_result_exports_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_w8a8_search_result_exports_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              serial: dict) -> None:
     """Search (1 trial, every layer W8A8, 1 epoch) -> export: the deployed integer graph scores
     what the trial logged, within the export tolerance."""
     import autocompress as ac
@@ -178,7 +179,7 @@ def test_a_w8a8_search_result_exports_verified(tmp_path: Path, monkeypatch: pyte
         {"knobs": {"bits": [8], "act_bits": [8]}}]}, objectives=["accuracy", "latency_ms"],
         trials=1, concurrency=1, warm_start=False, finetune={"epochs": 1},
         target={"threads": 1, "warmup": 1, "min_runs": 3, "max_runs": 5, "budget_s": 0.01},
-        tracking_uri=uri, echo=lambda _: None)
+        tracking_uri=uri, echo=lambda _: None, **serial)
     assert len(result.front) == 1
     row = result.front.iloc[0]
     assert "a8" in row["summary"] and "adyn" not in row["summary"]
