@@ -23,6 +23,8 @@ _EXPORTS = {
               "stored_weights"),
     "_fold": ("find_folds", "fold_factors", "fold_into", "folded"),
     "_ties": ("tensor_aliases", "weight_ties"),
+    "_calibration": ("DEFAULT_SAMPLES", "Calibration", "InputStats", "calibration_problem", "input_rows",
+                     "input_stats", "output_error", "weight_matrix"),
     "formats": ("FORMATS", "StoredWeight", "WeightFormat", "weight_format"),
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -12,7 +12,8 @@ from typing import Any, Protocol
 
 from autocompress.compress.formats._names import float_format_names
 
-__all__ = ["FLOAT_FORMATS", "HEAT_BITS", "POW2_BITS", "POW2_INT8_BITS", "Knob", "act_token",
+__all__ = ["CALIBRATED", "DECOMPOSITIONS", "FLOAT_FORMATS", "GROUP_SIZES", "HEAT_BITS", "PRUNERS",
+           "QUANTIZERS", "STRUCTURES", "STRUCTURE_TOKENS", "POW2_BITS", "POW2_INT8_BITS", "Knob", "act_token",
            "bits_cell", "first_of", "integer_bits", "is_number", "mildest_bits", "mildest_rank",
            "mildest_sparsity", "same"]
 
@@ -21,6 +22,19 @@ __all__ = ["FLOAT_FORMATS", "HEAT_BITS", "POW2_BITS", "POW2_INT8_BITS", "Knob", 
 FLOAT_FORMATS = float_format_names()
 POW2_BITS = range(3, 7)  # ``scheme: pow2`` bit-widths: 2 bits is ternary either way; 7+ would
 # reach exponents (2**-62 ...) that no weight needs
+#: ``structure`` values: how a ``sparsity`` is spent (``2:4``: two of every four consecutive
+#: input weights, the N:M pattern of sparse tensor cores), and their summary tokens.
+STRUCTURES = ("unstructured", "channel", "2:4")
+STRUCTURE_TOKENS = {"unstructured": "", "channel": "ch", "2:4": "nm"}
+#: ``decomposition`` values (``whitened``: SVD of the weight times the Cholesky factor of its
+#: calibration inputs' Gram matrix, SVD-LLM; ``lowrank.py``).
+DECOMPOSITIONS = ("svd", "tucker", "cp", "whitened")
+PRUNERS = ("magnitude", "wanda", "sparsegpt")  # ``pruner`` values (how a sparsity is chosen)
+QUANTIZERS = ("rtn", "gptq", "awq")  # ``quantizer`` values (how integer weights are rounded)
+GROUP_SIZES = (32, 64, 128)  # ``group_size`` values (input columns sharing a scale)
+#: The knob values that need calibration data (``compress/_calibration.py``).
+CALIBRATED = {"pruner": ("wanda", "sparsegpt"), "quantizer": ("gptq", "awq"),
+              "decomposition": ("whitened",)}
 POW2_INT8_BITS = 4  # pow2 integers (up to 2**(2**(b-1) - 2)) fit int8 up to 4 bits (64)
 
 

@@ -24,11 +24,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from autocompress.compress._knob_rules import KNOB_RULES, KnobRule
 from autocompress.compress._knob_values import (
+    DECOMPOSITIONS,
     FLOAT_FORMATS,
+    GROUP_SIZES,
     HEAT_BITS,
     POW2_BITS,
     POW2_INT8_BITS,
+    PRUNERS,
+    QUANTIZERS,
+    STRUCTURE_TOKENS,
+    STRUCTURES,
     Knob,
     act_token,
     bits_cell,
@@ -145,23 +152,23 @@ class KnobSpec:
 # --- the knobs -------------------------------------------------------------------------------
 
 
-KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
+_SPECS: dict[str, KnobSpec] = {spec.name: spec for spec in (
     KnobSpec(
         "sparsity", 0.0, "a number in [0, 1)", lambda v: is_number(v) and 0.0 <= v < 1.0,
         rangeable=True, mildest=mildest_sparsity,
-        token=lambda lp: f"s{lp.sparsity:.2f}{'ch' if lp.structure == 'channel' else ''}"
+        token=lambda lp: f"s{lp.sparsity:.2f}{STRUCTURE_TOKENS[lp.structure]}"
         if lp.sparsity else "",
-        masks=lambda lp: lp.sparsity > 0 and lp.structure == "unstructured",
+        masks=lambda lp: lp.sparsity > 0 and lp.structure != "channel",
         heat=Heat("weight sparsity",
                   lambda k: (k.get("sparsity", 0.0), f"{k['sparsity']:.2f}"
-                             f"{'ch' if k.get('structure') == 'channel' else ''}"
+                             f"{STRUCTURE_TOKENS[k.get('structure', 'unstructured')]}"
                              if k.get("sparsity") else "0"),
                   "Oranges", {"zmin": 0, "zmax": 1}),
         probed=True, probe_across="structure", allocated=True, seed="amount"),
     KnobSpec(
         # The output layer keeps its channels: they are the model's outputs (the classes).
-        "structure", "unstructured", "one of ['unstructured', 'channel']",
-        lambda v: v in ("unstructured", "channel"),
+        "structure", "unstructured", f"one of {list(STRUCTURES)}",
+        lambda v: isinstance(v, str) and v in STRUCTURES,
         mildest=lambda knob: first_of(knob, ["unstructured"]),
         refuses=lambda value, layer: "it produces the model output (its channels are the outputs)"
         if value == "channel" and layer.is_output else None,
@@ -206,8 +213,8 @@ KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
     KnobSpec(
         # How a layer with a rank is factorized (lowrank.py); no token (and no change) without
         # a rank. Linear, Embedding, 1x1 and grouped convs refuse tucker and cp (lowrank's limits).
-        "decomposition", "svd", "one of ['svd', 'tucker', 'cp']",
-        lambda v: isinstance(v, str) and v in ("svd", "tucker", "cp"),
+        "decomposition", "svd", f"one of {list(DECOMPOSITIONS)}",
+        lambda v: isinstance(v, str) and v in DECOMPOSITIONS,
         mildest=lambda knob: first_of(knob, ["svd"]),
         token=lambda lp: "" if lp.rank is None or lp.decomposition == "svd" else lp.decomposition,
         modifies="rank"),
@@ -224,7 +231,46 @@ KNOB_TABLE: dict[str, KnobSpec] = {spec.name: spec for spec in (
         token=lambda lp: "" if lp.act_bits is None else act_token(lp.act_bits),
         probed=True, probe_with=(("bits", 8),), speed_only=True, integer_kernels=True,
         about="quantized activations"),
+    KnobSpec(
+        # How the weights of a sparsity are chosen (and the rest updated): "magnitude" (the
+        # smallest |w|, data-free), "wanda" (|w| x the input's L2 norm over the calibration
+        # set, Sun et al. 2023) or "sparsegpt" (second-order: the kept weights are updated to
+        # compensate, Frantar & Alistarh 2023; on ``structure: channel`` the next layer is
+        # refit by least squares on the calibration inputs). No token (and no change)
+        # without a sparsity. Calibrated pruners need a layer with inputs (prune.py's limits).
+        "pruner", "magnitude", f"one of {list(PRUNERS)}",
+        lambda v: isinstance(v, str) and v in PRUNERS,
+        mildest=lambda knob: first_of(knob, ["magnitude"]),
+        token=lambda lp: lp.pruner if lp.sparsity and lp.pruner != "magnitude" else "",
+        modifies="sparsity"),
+    KnobSpec(
+        # How integer weights are rounded: "rtn" (round to nearest), "gptq" (column by column,
+        # the rounding error compensated on the columns not yet rounded with the inverse
+        # Hessian of the layer's calibration inputs, Frantar et al. 2022) or "awq" (per input
+        # channel scales chosen on the calibration inputs so that salient channels lose
+        # least, then round to nearest; with ``act_bits`` the scales also smooth the
+        # activations as SmoothQuant does, Lin et al. 2023, Xiao et al. 2022). Integer uniform
+        # bits only (KNOB_RULES); calibrated, so a layer with inputs (quantize.py's limits).
+        "quantizer", "rtn", f"one of {list(QUANTIZERS)}",
+        lambda v: isinstance(v, str) and v in QUANTIZERS,
+        mildest=lambda knob: first_of(knob, ["rtn"]),
+        token=lambda lp: lp.quantizer if lp.quantizer != "rtn" and integer_bits(lp.bits) else "",
+        modifies="bits"),
+    KnobSpec(
+        # Input columns that share one scale per output channel (32, 64 or 128), or null: one
+        # scale per output channel (the whole row). Integer uniform bits only (KNOB_RULES);
+        # the layer's input width must be a multiple of it (quantize.py's limits).
+        "group_size", None, f"one of {list(GROUP_SIZES)} or null",
+        lambda v: v is None or (type(v) is int and v in GROUP_SIZES),
+        integer=True, mildest=lambda knob: first_of(knob, [None]),
+        token=lambda lp: f"g{lp.group_size}" if lp.group_size and integer_bits(lp.bits) else "",
+        modifies="bits"),
 )}
+# Table order is the order of the one-line summary, the search space's parameters and the
+# report: each knob after the one it modifies.
+KNOB_TABLE: dict[str, KnobSpec] = {name: _SPECS[name] for name in (
+    "sparsity", "structure", "pruner", "bits", "scheme", "quantizer", "group_size", "rank",
+    "decomposition", "act_bits")}
 KNOBS: tuple[str, ...] = tuple(KNOB_TABLE)
 
 
@@ -233,70 +279,7 @@ def seed_knob(role: str) -> KnobSpec:
     return next(spec for spec in KNOB_TABLE.values() if spec.seed == role)
 
 
-# --- the rules across knobs ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KnobRule:
-    """Knob values that are each valid but not together: the one place a rule is written.
-
-    :meth:`LayerPlan.check_combination` refuses a plan entry that breaks a rule, with the
-    rule's message; :func:`reconcile` (a sampled entry) repairs it by setting the rule's knob
-    back to its default. Rules are checked and repaired in order, each on the values the
-    earlier ones repaired.
-
-    Attributes:
-        knob: The knob whose value the rule is about; ``applies`` holds only while it is off
-            its default, and repairing sets it back to its default.
-        applies: ``applies(values) -> bool`` (every knob's value, defaults filled in).
-        needs: ``needs(values) -> bool``: whether the other knobs allow that value.
-        message: ``message(values) -> str``: why not, in words, for the error.
-        example: A plan entry (the knobs that differ from the defaults) that breaks the rule
-            and no earlier one (the tests check it).
-    """
-
-    knob: str
-    applies: Callable[[Mapping[str, Any]], bool]
-    needs: Callable[[Mapping[str, Any]], bool]
-    message: Callable[[Mapping[str, Any]], str]
-    example: Mapping[str, Any]
-
-    def broken(self, values: Mapping[str, Any]) -> bool:
-        """Whether ``values`` (every knob's value) break the rule."""
-        return self.applies(values) and not self.needs(values)
-
-
-_POW2_RANGE = f"{POW2_BITS.start}..{POW2_BITS.stop - 1}"
-
-KNOB_RULES: tuple[KnobRule, ...] = (
-    KnobRule(
-        "scheme", lambda v: v["scheme"] == "pow2",
-        lambda v: integer_bits(v["bits"]) and v["bits"] in POW2_BITS,
-        lambda v: f"scheme='pow2' needs integer bits in {_POW2_RANGE} (a sign and an exponent "
-                  f"code per weight), got bits={v['bits']!r}",
-        {"bits": 8, "scheme": "pow2"}),
-    KnobRule(
-        # ONNX Runtime's integer MatMul takes int8 weights (8-bit, one scale per channel).
-        "act_bits", lambda v: v["act_bits"] == "dynamic",
-        lambda v: v["bits"] == 8 and v["scheme"] == "uniform",
-        lambda v: f"act_bits='dynamic' needs bits=8 (ONNX Runtime's integer MatMul takes int8 "
-                  f"weights), got bits={v['bits']!r}",
-        {"bits": 4, "act_bits": "dynamic"}),
-    KnobRule(
-        # QLinearConv/QLinearMatMul take integer weights (2-8 bits are stored as int8).
-        "act_bits", lambda v: v["act_bits"] == 8, lambda v: integer_bits(v["bits"]),
-        lambda v: f"act_bits=8 needs integer weights (bits 2..8): ONNX Runtime's QLinear "
-                  f"kernels take int8 weights, got bits={v['bits']!r}",
-        {"bits": "fp16", "act_bits": 8}),
-    KnobRule(
-        "act_bits",
-        lambda v: v["act_bits"] == 8 and v["scheme"] == "pow2" and integer_bits(v["bits"]),
-        lambda v: v["bits"] <= POW2_INT8_BITS,
-        lambda v: f"act_bits=8 with scheme='pow2' needs bits <= {POW2_INT8_BITS}: ONNX Runtime's "
-                  f"QLinear kernels take int8 weights, and pow2 levels fit int8 only up to "
-                  f"{POW2_INT8_BITS} bits, got bits={v['bits']!r}",
-        {"bits": 6, "scheme": "pow2", "act_bits": 8}),
-)
+# --- the rules across knobs (_knob_rules.py) ----------------------------------------------
 
 
 def _filled(values: Mapping[str, Any]) -> dict[str, Any]:

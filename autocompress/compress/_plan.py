@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from autocompress._errors import did_you_mean
+from autocompress.compress._knob_values import CALIBRATED
 from autocompress.compress._knobs import KNOB_TABLE, broken_rule, summary_tokens
 
 PLAN_VERSION = 1
@@ -31,18 +32,30 @@ class LayerPlan:
     Attributes:
         sparsity: Fraction of weights (``unstructured``) or output channels (``channel``) to
             remove, in [0, 1).
-        structure: ``"unstructured"`` (magnitude masks) or ``"channel"`` (output channels
-            physically removed, with the matching inputs of every dependent layer).
+        structure: ``"unstructured"`` (a mask over single weights), ``"channel"`` (output
+            channels physically removed, with the matching inputs of every dependent layer) or
+            ``"2:4"`` (two of every four consecutive input weights masked, the N:M pattern;
+            needs ``sparsity: 0.5``).
+        pruner: How the pruned weights are chosen: ``"magnitude"`` (data-free),
+            ``"wanda"`` (weight magnitude times input norm on calibration data) or
+            ``"sparsegpt"`` (second-order, the kept weights updated to compensate; on
+            ``channel``, the next layer refit by least squares).
         bits: Weight bit-width in 2..8 (per-output-channel symmetric integer levels, as
             ``scheme`` says), ``"fp16"`` or ``"bf16"`` (the weight rounded to that 16-bit
             float, no scale), or None to keep fp32.
         scheme: How integer ``bits`` are spent: ``"uniform"`` (evenly spaced levels) or
             ``"pow2"`` (0 and signed powers of two times a calibrated per-channel scale:
             shift quantization; ``bits`` 3..6). ``compress/_formats.py`` has the details.
+        quantizer: How integer ``bits`` are rounded: ``"rtn"`` (to nearest), ``"gptq"``
+            (error compensation with the calibration inputs' Hessian) or ``"awq"``
+            (activation-aware per-input-channel scales, then to nearest).
+        group_size: Input columns sharing one scale (32, 64 or 128), or None: one scale per
+            output channel.
         rank: Kept fraction of full rank in (0, 1] for a low-rank factorization, or None.
         decomposition: How a layer with a ``rank`` is factorized: ``"svd"`` (truncated SVD,
             two layers; any layer), ``"tucker"`` (Tucker-2, three convs) or ``"cp"`` (CP,
-            four convs; three for a Conv1d); tucker and cp only on a conv with a spatial
+            four convs; three for a Conv1d) or ``"whitened"`` (SVD of the weight whitened by
+            its calibration inputs, SVD-LLM); tucker and cp only on a conv with a spatial
             kernel and ``groups=1`` (``lowrank.py`` says what ``rank`` means for each).
         act_bits: 8 to fake-quantize the layer's input activations to 8 bits with a range
             observed during calibration and fine-tuning (deployed on ONNX Runtime's QLinearConv
@@ -60,6 +73,9 @@ class LayerPlan:
     rank: float | None = None
     decomposition: str = "svd"
     act_bits: int | str | None = None
+    pruner: str = "magnitude"
+    quantizer: str = "rtn"
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         for spec in KNOB_TABLE.values():
@@ -145,6 +161,13 @@ class Plan:
     @property
     def is_identity(self) -> bool:
         return not self.active()
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether a knob of an entry that changes something is calibrated (``pruner: wanda``,
+        ``quantizer: gptq``, ``decomposition: whitened``, ...: :data:`CALIBRATED`)."""
+        return any(getattr(lp, knob) in values for lp in self.active().values()
+                   for knob, values in CALIBRATED.items())
 
     def validate(self, layer_names: Iterable[str]) -> None:
         """Raises PlanError if the plan names a layer that is not among ``layer_names``."""

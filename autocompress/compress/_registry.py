@@ -20,17 +20,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
 from torch import nn
 
 from autocompress._registry import Registry
+from autocompress.compress._calibration import Calibration
 from autocompress.compress._knobs import KNOB_TABLE, summary_tokens, why_refused
 from autocompress.compress._layers import LayerInfo, Refusal, find_layers
 from autocompress.compress._plan import Plan, PlanError
 from autocompress.compress._ties import UNTYING, WEIGHT_KNOBS, retie, weight_ties
 from autocompress.compress.conv1d import linearize
 
-Transform = Callable[[nn.Module, Plan, Any], None]
+# transform(model, plan, example_inputs), or with ``calibrated``:
+# transform(model, plan, example_inputs, calibration).
+Transform = Callable[..., None]
 # limits(model, example_inputs, layers) -> {layer name: [Refusal, ...]}: the knob values a
 # method cannot apply to a layer, known before any trial runs.
 Limits = Callable[[nn.Module, Any, list[LayerInfo]], dict[str, list[Refusal]]]
@@ -42,6 +44,7 @@ class Method:
     order: int
     transform: Transform
     limits: Limits | None = None
+    calibrated: bool = False
 
 
 # The built-in methods, one module each, imported on first use. A new method is one file with
@@ -56,8 +59,8 @@ def _in_order() -> list[Method]:
     return sorted(METHODS.values(), key=lambda m: m.order)
 
 
-def register_method(name: str, order: int,
-                    limits: Limits | None = None) -> Callable[[Transform], Transform]:
+def register_method(name: str, order: int, limits: Limits | None = None,
+                    calibrated: bool = False) -> Callable[[Transform], Transform]:
     """Registers ``fn(model, plan, example_inputs)``, which compresses ``model`` in place.
 
     Args:
@@ -65,13 +68,16 @@ def register_method(name: str, order: int,
         order: Its place in :func:`apply` (low-rank 10, pruning 20, quantization 30).
         limits: ``limits(model, example_inputs, layers) -> {layer: [Refusal]}``: the knob
             values this method cannot apply to a layer (a search never samples them).
+        calibrated: ``fn`` takes a fourth argument, the
+            :class:`~autocompress.compress._calibration.Calibration` its calibrated knobs
+            compute their statistics on (empty: set up the structure only).
 
     Returns:
         A decorator; it raises ValueError for a name already registered.
     """
 
     def deco(fn: Transform) -> Transform:
-        METHODS.register(name, Method(name, order, fn, limits))
+        METHODS.register(name, Method(name, order, fn, limits, calibrated))
         return fn
 
     return deco
@@ -137,7 +143,7 @@ def list_methods() -> list[str]:
 
 
 def apply(model: nn.Module, plan: Plan, example_inputs: Any,
-          methods: list[str] | None = None) -> nn.Module:
+          methods: list[str] | None = None, calibration: Calibration | None = None) -> nn.Module:
     """Returns a compressed copy of ``model``; ``model`` itself is left untouched.
 
     Args:
@@ -145,6 +151,11 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any,
         plan: What to do to each layer.
         example_inputs: One input batch, used to trace dependencies between layers.
         methods: Only run these methods (default: all registered ones).
+        calibration: The data the plan's calibrated knobs (``pruner: wanda``,
+            ``quantizer: gptq``, ...) compute their statistics on (default: ``example_inputs``
+            alone; a search passes ``search.calibration_samples`` training samples);
+            :meth:`Calibration.empty` sets up the structure only (the weights are loaded
+            afterwards, as rebuilding a logged trial does).
 
     Raises:
         PlanError: The plan names an unknown or unused layer or asks for something a layer
@@ -157,18 +168,25 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any,
     ties = weight_ties(model)
     new = copy.deepcopy(model)
     linearize(new, plan)
+    if calibration is None:
+        calibration = Calibration((example_inputs,))
     for method in _in_order():
         if methods is None or method.name in methods:
-            method.transform(new, plan, example_inputs)
+            if method.calibrated:
+                method.transform(new, plan, example_inputs, calibration)
+            else:
+                method.transform(new, plan, example_inputs)
     retie(new, ties)
     return new
 
 
-def pure(name: str) -> Callable[[nn.Module, Plan, torch.Tensor], nn.Module]:
-    """The registered method ``name`` as a pure ``apply(model, plan, example_inputs)``."""
+def pure(name: str) -> Callable[..., nn.Module]:
+    """The registered method ``name`` as a pure ``apply(model, plan, example_inputs,
+    calibration=None)``."""
 
-    def fn(model: nn.Module, plan: Plan, example_inputs: Any) -> nn.Module:
-        return apply(model, plan, example_inputs, methods=[name])
+    def fn(model: nn.Module, plan: Plan, example_inputs: Any,
+           calibration: Calibration | None = None) -> nn.Module:
+        return apply(model, plan, example_inputs, methods=[name], calibration=calibration)
 
     fn.__doc__ = f"Applies only the {name!r} part of ``plan``; returns a new model."
     return fn

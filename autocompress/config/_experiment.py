@@ -16,11 +16,6 @@ An experiment file is YAML::
 
 Every section maps onto a dataclass that validates itself; :func:`load_experiment` turns
 their ``ValueError`` into a :class:`~autocompress.errors.ConfigError` naming the file and key.
-
-Example:
-    >>> exp = load_experiment("experiments/digits.yaml")  # doctest: +SKIP
-    >>> exp.metrics, exp.modes  # doctest: +SKIP
-    (['accuracy', 'latency_ms', 'size_bytes'], ['max', 'min', 'min'])
 """
 
 from __future__ import annotations
@@ -125,6 +120,8 @@ class SearchSettings:
         warm_start: Make the first trial the search space's mildest plan with 8-bit weights
             (no pruning, no factorization), so the front starts from a known-safe model.
         backend: ``ray`` (Ray Tune: parallel, a cluster) or ``serial`` (in this process).
+        calibration_samples: Training samples each trial's calibrated methods (GPTQ, AWQ,
+            SparseGPT, Wanda, reconstruction, whitened low-rank) compute their statistics on.
     """
 
     sampler: str = "mutation"
@@ -135,12 +132,13 @@ class SearchSettings:
     warm_start: bool = True
     gpus_per_trial: float = 0.0
     backend: str = "ray"
+    calibration_samples: int = 256
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler={self.sampler!r}{did_you_mean(self.sampler, SAMPLERS)}; "
                              f"allowed: {list(SAMPLERS)}")
-        for key in ("trials", "concurrency"):
+        for key in ("trials", "concurrency", "calibration_samples"):
             value = getattr(self, key)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{key}={value!r}; allowed: an integer >= 1")

@@ -127,7 +127,7 @@ def rebuild_from_run(run_id: str, tracking_uri: str, task: Any = None) -> Rebuil
         ConfigError: Unknown run id, a run that is not a finished autocompress trial, or a task
             that cannot be loaded.
     """
-    from autocompress.compress import apply
+    from autocompress.compress import Calibration, apply
     from autocompress.config import IN_MEMORY_PREFIX
     from autocompress.tasks import load_task, remembered_task
 
@@ -148,7 +148,8 @@ def rebuild_from_run(run_id: str, tracking_uri: str, task: Any = None) -> Rebuil
 
     task = load_task(task if task is not None else config["task"],
                      seed=(config.get("search") or {}).get("seed") or 0)
-    model = apply(task.model, plan, task.example_inputs)
+    # The logged weights replace what calibration would compute: set up the structure only.
+    model = apply(task.model, plan, task.example_inputs, calibration=Calibration.empty())
     load_baked_state(model, state, plan)
     parent = client.get_run(parent_id)
     return Rebuilt(

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from autocompress.compress import Plan, apply
+from autocompress.compress import DEFAULT_SAMPLES, Calibration, Plan, apply
 from autocompress.compress.quantize import calibrate
 from autocompress.config import Experiment, ResolvedSpace
 from autocompress.finetune import FinetuneConfig, finetune
@@ -57,13 +57,17 @@ def run_trial(
     measurer: Measurer | None = None,
     step_gate: Callable[[], AbstractContextManager] | None = None,
     stop: Callable[[float, float], str | None] | None = None,
+    calibration_samples: int = DEFAULT_SAMPLES,
 ) -> TrialResult:
     """Compresses ``task.model`` by ``plan``, fine-tunes it (distilling from the original if
     configured) and measures it on ``target`` (with ``measurer``, see
     :func:`autocompress.measure.measure`; ``step_gate``: see :func:`finetune`). ``task.model``
-    is left untouched. ``stop``: see :func:`finetune` (raises ``TrainingStopped``)."""
+    is left untouched. ``stop``: see :func:`finetune` (raises ``TrainingStopped``). A plan with
+    calibrated knobs calibrates on ``calibration_samples`` training samples."""
     start = time.perf_counter()
-    model = apply(task.model, plan, task.example_inputs)
+    calibration = (Calibration.from_task(task, calibration_samples) if plan.needs_calibration
+                   else None)
+    model = apply(task.model, plan, task.example_inputs, calibration=calibration)
     calibrate(model, task.calibration_batches())
     tuning = time.perf_counter()
     history = finetune(model, task, finetune_config, teacher=task.model, on_epoch=on_epoch,
@@ -200,7 +204,8 @@ def search_trial(params: Mapping[str, Any], ctx: TrialContext, *, task: Any,
         # Without a constraint nothing is stopped: no checks (each one evaluates the model).
         result = run_trial(task, plan, finetune_config, exp.target, on_epoch=on_epoch,
                            seed=exp.search.seed or 0, measurer=ctx.measurer,
-                           step_gate=ctx.step_gate, stop=stop if max_drop is not None else None)
+                           step_gate=ctx.step_gate, stop=stop if max_drop is not None else None,
+                           calibration_samples=exp.search.calibration_samples)
     except TrainingStopped as stopped:
         return TrialPruned(stopped.reason, stopped.epochs, stopped.metric, plan.summary(), ctx.node)
     metrics = result.metrics.to_dict()
