@@ -46,18 +46,24 @@ The dependency graph, its groups and attention heads are in
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
-from autocompress._registry import Registry
+from autocompress.compress._calibration import Calibration
 from autocompress.compress._channel_groups import _Graph, _Heads, _OverBudget
 from autocompress.compress._layers import LayerInfo, Refusal
-from autocompress.compress._modules import leaves, weight_compression
+from autocompress.compress._modules import leaves
 from autocompress.compress._plan import Plan, PlanError
 from autocompress.compress._registry import pure, register_method
+from autocompress.compress._sparse import (  # noqa: F401  (re-exported: prune.MASK_RULES)
+    MASK_RULES,
+    magnitude_mask,
+    mask_smallest,
+    mask_weights,
+    sparse_limits,
+)
 
 # Bound of the coupling analysis (Torch-Pruning's group search has none) for all the groups
 # ``layers`` builds; per group: ``_channel_groups.GROUP_SECONDS``.
@@ -69,8 +75,9 @@ def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> d
     out: dict[str, list[Refusal]] = {}
 
     def refuse(name: str, reason: str) -> None:
-        out[name] = [Refusal("structure", "channel", reason)]
+        out.setdefault(name, []).append(Refusal("structure", "channel", reason))
 
+    out.update(sparse_limits(model, layers))
     todo = []
     for layer in layers:
         if layer.type == "Embedding":
@@ -133,50 +140,15 @@ def _problem(model: nn.Module, name: str, graph: _Graph, leaf: nn.Module,
     return _Heads.problem(model, name, graph, group), set()
 
 
-@register_method("prune", order=20, limits=_limits)
-def _prune(model: nn.Module, plan: Plan, example_inputs: Any) -> None:
+@register_method("prune", order=20, limits=_limits, calibrated=True)
+def _prune(model: nn.Module, plan: Plan, example_inputs: Any, calibration: Calibration) -> None:
     todo = {n: lp for n, lp in plan.active().items() if lp.sparsity > 0}
     channel = {n: lp.sparsity for n, lp in todo.items() if lp.structure == "channel"}
     if channel:
         prune_channels(model, channel, example_inputs)
-    for name, lp in todo.items():
-        if lp.structure == "unstructured":
-            for leaf in leaves(model, name):
-                mask_smallest(leaf, lp.sparsity)
-
-
-def mask_smallest(layer: nn.Module, sparsity: float) -> None:
-    """Masks the ``round(sparsity * numel)`` smallest-magnitude weights of ``layer``
-    (:func:`magnitude_mask`), on top of its mask."""
-    wc = weight_compression(layer)
-    w = cast(torch.Tensor, layer.weight).detach()
-    k = round(sparsity * w.numel())
-    if k == 0:
-        return
-    old = cast(torch.Tensor, wc.mask)
-    old.copy_(magnitude_mask(w, k) & old)
-    wc.mask_rule = "magnitude"
-
-
-#: ``{name: rule}``: a rule ``(weight, pruned count) -> mask`` (True: kept) of a pruning method;
-#: a weight's ``WeightCompression.mask_rule`` names the one regrowth re-applies.
-MASK_RULES: Registry[Callable[[torch.Tensor, int], torch.Tensor]] = Registry("mask rule")
-
-
-@MASK_RULES.register("magnitude")
-def magnitude_mask(w: torch.Tensor, pruned: int) -> torch.Tensor:
-    """The mask of unstructured magnitude pruning: all but the ``pruned`` smallest-magnitude
-    entries of ``w`` (ties by position, a stable ranking: exactly ``pruned`` are masked).
-
-    The one rule of unstructured pruning: pruning applies it, and regrowth during fine-tuning
-    (:meth:`~autocompress.compress.WeightCompression.refresh`) re-applies it to the trained
-    weights (``MASK_RULES.get("magnitude")``), so a pattern a pruning method imposes (an N:M rule
-    registered beside it) is kept by regrowth.
-    """
-    order = w.abs().flatten().argsort(stable=True)[:pruned]
-    mask = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
-    mask[order] = False
-    return mask.view_as(w)
+    masked = {n: lp for n, lp in todo.items() if lp.structure != "channel"}
+    if masked:  # unstructured and N:M masks (compress/_sparse.py)
+        mask_weights(model, masked, calibration)
 
 
 def prune_channels(model: nn.Module, ratios: dict[str, float], example_inputs: Any) -> None:

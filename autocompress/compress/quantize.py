@@ -19,6 +19,7 @@ ONNX Runtime's integer kernels (:mod:`autocompress.onnxgraph._ort_quant`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +27,10 @@ import torch
 from torch import nn
 
 from autocompress._inputs import run
+from autocompress.compress._awq import scale_inputs
+from autocompress.compress._calibration import Calibration, calibration_problem
+from autocompress.compress._gptq import gptq_round
+from autocompress.compress._knob_values import GROUP_SIZES, QUANTIZERS, integer_bits
 from autocompress.compress._layers import LayerInfo, Refusal
 from autocompress.compress._modules import (
     ActFakeQuant,
@@ -42,22 +47,39 @@ _DYNAMIC_KINDS = ("Linear", "Conv1D")  # Hugging Face's Conv1D becomes a Linear 
 def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> dict[str, list[Refusal]]:
     out: dict[str, list[Refusal]] = {}
     for la in layers:
+        refusals = out.setdefault(la.name, [])
         if la.type == "Embedding":
-            out[la.name] = [Refusal("act_bits", None, "its inputs are indices, not activations")]
+            refusals.append(Refusal("act_bits", None, "its inputs are indices, not activations"))
         elif la.type not in _DYNAMIC_KINDS:
-            out[la.name] = [Refusal("act_bits", "dynamic", "dynamic activation quantization is "
-                                    "deployed as ONNX Runtime's integer MatMul, for Linear layers "
-                                    "only")]
-    return out
+            refusals.append(Refusal("act_bits", "dynamic", "dynamic activation quantization is "
+                                    "deployed as ONNX Runtime's integer MatMul, for Linear "
+                                    "layers only"))
+        # Hugging Face's Conv1D becomes a Linear before the methods run (conv1d.py).
+        problem = None if la.type == "Conv1D" else calibration_problem(model.get_submodule(la.name))
+        if problem is not None:
+            refusals += [Refusal("quantizer", q, f"{q} calibrates on the layer's inputs: {problem}")
+                         for q in QUANTIZERS if q != "rtn"]
+        width = la.shape[0] if la.type == "Conv1D" else math.prod(la.shape[1:])
+        refusals += [Refusal("group_size", g, f"its input width {width} is not a multiple of {g}")
+                     for g in GROUP_SIZES if width % g]
+    return {name: refusals for name, refusals in out.items() if refusals}
 
 
-@register_method("quantize", order=30, limits=_limits)
-def _quantize(model: nn.Module, plan: Plan, example_inputs: Any) -> None:
+@register_method("quantize", order=30, limits=_limits, calibrated=True)
+def _quantize(model: nn.Module, plan: Plan, example_inputs: Any, calibration: Calibration) -> None:
+    integer = {n: lp for n, lp in plan.active().items() if integer_bits(lp.bits)}
+    awq = {n: lp for n, lp in integer.items() if lp.quantizer == "awq"}
+    if awq:  # per-input-channel scales, before the weights are quantized
+        scale_inputs(model, awq, calibration)
     for name, lp in plan.active().items():
         if lp.bits is not None:
             for leaf in leaves(model, name):
                 wc = weight_compression(leaf)
                 wc.bits, wc.scheme = lp.bits, lp.scheme
+    gptq = {n: lp for n, lp in integer.items() if lp.quantizer == "gptq"}
+    if gptq:  # the weights moved onto their grid with error compensation
+        gptq_round(model, gptq, calibration)
+    for name, lp in plan.active().items():
         if lp.act_bits is not None:
             for leaf in leaves(model, name):
                 _add_act_quant(leaf, ActFakeQuant(8, dynamic=lp.act_bits == "dynamic"))
