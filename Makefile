@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 LOCK := requirements.lock
 export AUTOCOMPRESS_CACHE ?= $(CURDIR)/.autocompress/cache
 
-.PHONY: setup lock test-latest demo demo-minilm test test-fast lint bench bench-isolation bench-cache bench-paired bench-parallel bench-search clean
+.PHONY: setup lock test-latest demo demo-minilm test test-fast lint bench bench-isolation bench-cache bench-paired bench-parallel bench-search bench-posttraining clean
 
 setup: $(STAMP)
 
@@ -73,6 +73,11 @@ bench-isolation: $(STAMP)
 
 bench-cache: $(STAMP)
 	$(BIN)/python bench/cache_hits.py
+
+# Calibrated post-training methods against round-to-nearest / magnitude, no fine-tuning:
+# all-MiniLM-L6-v2 and the bench CNNs side by side (bench/posttraining.json, bench/README.md).
+bench-posttraining: $(STAMP)
+	$(BIN)/python bench/posttraining.py
 
 clean:
 	rm -rf $(VENV) .autocompress mlflow.db mlruns

@@ -107,6 +107,11 @@ class Spec:
     target: float | None = None  # minimum fidelity (issue 25)
     timed: bool = False
 
+    @property
+    def key(self) -> str:
+        """Unique among the rows (a method's name recurs in several sections)."""
+        return self.name if self.section == "anchor" else f"{self.section} / {self.name}"
+
 
 def _allowed(layer: LayerInfo, **knobs: Any) -> bool:
     """Whether ``layer`` takes every one of ``knobs`` (no refusal names it)."""
@@ -213,7 +218,7 @@ def build_onnx(task: Any, spec: Spec, calibration: Calibration, work: Path,
         done, row.error = _guarded(f"{spec.section} / {spec.name}", make)
     row.build_s = time.perf_counter() - started
     if done is not None:
-        files[spec.name] = path
+        files[spec.key] = path
         row.onnx_mb = path.stat().st_size / 1e6
     return row
 
@@ -242,7 +247,7 @@ def time_rows(rows: list[Row], specs: list[Spec], files: dict[str, Path],
     (``bench/latency.py``); fills each row's latency and speed-up."""
     target = Target(runtime="onnxruntime", threads=1, batch_size=1, warmup=10, min_runs=20,
                     max_runs=2000, budget_s=0.3)
-    timed = [s.name for s in specs if s.timed and s.name in files]
+    timed = [s.key for s in specs if s.timed and s.key in files]
     configs = []
     for seq, x in inputs.items():
         variants = [Variant("baseline" if name == BASELINE else name, Plan(), torch.nn.Identity(),
@@ -250,11 +255,11 @@ def time_rows(rows: list[Row], specs: list[Spec], files: dict[str, Path],
         configs.append(Config(f"all-MiniLM-L6-v2 seq {seq}", "onnxruntime", 1, x, variants, target))
     run_benchmark(configs, repeats)
     summaries = {}
-    by_name = {r.name: r for r in rows}
+    by_key = {s.key: r for s, r in zip(specs, rows, strict=True)}
     for seq, config in zip(inputs, configs, strict=True):
         summaries[seq] = summarize(config)
         for s in summaries[seq]["rows"]:
-            row = by_name[BASELINE if s["variant"] == "baseline" else s["variant"]]
+            row = by_key[BASELINE if s["variant"] == "baseline" else s["variant"]]
             row.latency_ms[seq], row.speedup[seq] = s["latency_ms"], s["speedup"]
     return summaries
 
@@ -271,10 +276,10 @@ def run_minilm(samples: int, repeats: int, seqs: Iterable[int]) -> dict[str, Any
     with tempfile.TemporaryDirectory(prefix="bench-posttraining-") as work:
         for spec in specs:
             row = build_onnx(task, spec, calibration, Path(work), files)
-            if spec.name in files:
+            if spec.key in files:
                 for seq, batches in data.items():
-                    row.fidelity[seq] = fidelity(files[spec.name], SimpleNamespace(val_loader=batches))
-            print(f"posttraining: minilm {spec.section} / {spec.name}: fidelity "
+                    row.fidelity[seq] = fidelity(files[spec.key], SimpleNamespace(val_loader=batches))
+            print(f"posttraining: minilm {spec.key}: fidelity "
                   f"{row.fidelity} ({row.build_s:.0f} s){' ' + row.error if row.error else ''}",
                   file=sys.stderr)
             rows.append(row)
@@ -356,12 +361,20 @@ def _num(x: float | None, fmt: str = ".4f", none: str = "—") -> str:
     return none if x is None else format(x, fmt)
 
 
+def _short(error: str, width: int = 70) -> str:
+    """An error for a table cell: without the layer it names, cut to ``width``."""
+    text = error.split(": ", 1)[-1]
+    if text.startswith("layer '"):
+        text = text.split("': ", 1)[-1]
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def minilm_table(result: dict[str, Any]) -> str:
     """The MiniLM table (markdown)."""
     seqs = result["seqs"]
     timed = [s for s in seqs if any(s in r["latency_ms"] or str(s) in r["latency_ms"]
                                      for r in result["rows"])]
-    head = ["section", "method", *[f"fidelity seq {s}" for s in seqs], "target", "",
+    head = ["section", "method", *[f"fidelity seq {s}" for s in seqs], "target", "verdict",
             "size ratio", "ONNX MB", *[f"ms seq {s} (speed-up)" for s in timed], "build s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for r in result["rows"]:
@@ -371,7 +384,7 @@ def minilm_table(result: dict[str, Any]) -> str:
         fid = [_num(at(r["fidelity"], s)) for s in seqs]
         lat = [f"{at(r['latency_ms'], s):.2f} ({at(r['speedup'], s):.2f}x)"
                if at(r["latency_ms"], s) is not None else "" for s in timed]
-        name = r["name"] if not r["error"] else f"{r['name']} ({r['error']})"
+        name = r["name"] if not r["error"] else f"{r['name']} ({_short(r['error'])})"
         lines.append("| " + " | ".join([
             r["section"], name, *fid, "" if r["target"] is None else f"≥ {r['target']}",
             "" if r["verdict"] == "—" else f"**{r['verdict']}**", _num(r["size_ratio"], ".2f") + "x"
@@ -392,7 +405,7 @@ def cnn_table(rows: list[dict[str, Any]]) -> str:
         for q in QUANTIZERS:
             r = by_q.get(q)
             loss = "—" if r is None else (_num(r["loss_pt"], "+.2f") if not r["error"]
-                                          else f"({r['error'][:60]})")
+                                          else f"({_short(r['error'])})")
             cells.append(loss if q == "rtn" else f"{loss} | {r['verdict'] if r else ''}")
         fp32 = next(iter(by_q.values()))["fp32"]
         lines.append(f"| {task} | {bits} | {fp32:.4f} | " + " | ".join(cells) + " |")
