@@ -95,3 +95,17 @@ def test_a_plan_says_whether_it_needs_calibration():
     assert Plan({"fc": LayerPlan(sparsity=0.5, pruner="wanda")}).needs_calibration
     # A calibrated knob that changes nothing (no sparsity) needs nothing.
     assert not Plan({"fc": LayerPlan(pruner="wanda")}).needs_calibration
+
+
+def test_a_calibration_too_small_for_a_layer_refuses_its_calibrated_knobs():
+    from autocompress.compress import describe_layers
+
+    model = nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+    layers = {la.name: la for la in describe_layers(model, torch.randn(2, 784))}
+    reasons = {(r.knob, r.value): r.reason for r in layers["0"].refusals}
+    assert "256 input rows for 784 inputs" in reasons[("quantizer", "gptq")]
+    assert "calibration_samples to 784" in reasons[("pruner", "wanda")]
+    assert ("decomposition", "whitened") in reasons
+    assert not any(r.knob == "quantizer" for r in layers["2"].refusals)
+    enough = describe_layers(model, torch.randn(2, 784), calibration_samples=1000)
+    assert not any(r.knob == "quantizer" for r in enough[0].refusals)
