@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -166,7 +167,8 @@ class Row:
     size_bytes: int | None = None
     size_ratio: float | None = None
     onnx_mb: float | None = None
-    build_s: float = 0.0
+    build_s: float = 0.0  # apply (calibration included) + size + ONNX export
+    score_s: float = 0.0  # the fidelity runs, every sequence length
     latency_ms: dict[int, float] = field(default_factory=dict)
     speedup: dict[int, float] = field(default_factory=dict)
     error: str | None = None
@@ -266,29 +268,36 @@ def time_rows(rows: list[Row], specs: list[Spec], files: dict[str, Path],
 
 def run_minilm(samples: int, repeats: int, seqs: Iterable[int]) -> dict[str, Any]:
     """Builds, scores and times every MiniLM row."""
+    clock = time.perf_counter()
     task = load_task("minilm")
     layers = describe_layers(task.model, task.example_inputs)
     calibration = Calibration.from_task(task, samples)
     specs = minilm_specs(layers)
+    phases = {"load_s": time.perf_counter() - clock}
     data = {seq: held_out(task, seq) for seq in seqs}
+    phases["held_out_s"] = time.perf_counter() - clock - phases["load_s"]
     files: dict[str, Path] = {}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-posttraining-") as work:
         for spec in specs:
             row = build_onnx(task, spec, calibration, Path(work), files)
+            scored = time.perf_counter()
             if spec.key in files:
                 for seq, batches in data.items():
                     row.fidelity[seq] = fidelity(files[spec.key], SimpleNamespace(val_loader=batches))
-            print(f"posttraining: minilm {spec.key}: fidelity "
-                  f"{row.fidelity} ({row.build_s:.0f} s){' ' + row.error if row.error else ''}",
-                  file=sys.stderr)
+            row.score_s = time.perf_counter() - scored
+            print(f"posttraining: minilm {spec.key}: fidelity {row.fidelity} (built in "
+                  f"{row.build_s:.0f} s, scored in {row.score_s:.0f} s)"
+                  f"{' ' + row.error if row.error else ''}", file=sys.stderr)
             rows.append(row)
         base = rows[0].size_bytes
         for row in rows:
             row.size_ratio = base / row.size_bytes if base and row.size_bytes else None
         inputs = {seq: {k: v[:1] for k, v in data[seq][0][0].items()} for seq in data}
+        clock = time.perf_counter()
         timing = time_rows(rows, specs, files, inputs, repeats)
-    return {"calibration_samples": calibration.samples, "seqs": list(data),
+        phases["timing_s"] = time.perf_counter() - clock
+    return {"calibration_samples": calibration.samples, "seqs": list(data), "phases": phases,
             "rows": [{**asdict(r), "verdict": r.verdict} for r in rows], "timing": timing}
 
 
@@ -439,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "bench" / ("posttraining-quick.json" if quick else "posttraining.json")
     result: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                               "command": " ".join(["bench/posttraining.py", *(argv or sys.argv[1:])]),
-                              "machine": facts()}
+                              "machine": facts(), "load_average_start": os.getloadavg()}
     if args.only != "cnn":
         result["minilm"] = run_minilm(args.samples, 2 if quick else args.repeats,
                                       (32,) if quick else SEQS)
@@ -450,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n## Bench CNNs: accuracy loss after post-training quantization\n\n"
               + cnn_table(result["cnn"]))
     result["wall_s"] = time.perf_counter() - started
+    result["load_average_end"] = os.getloadavg()
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"\n{result['wall_s']:.0f} s; results in {out}", file=sys.stderr)
     return 0
