@@ -91,6 +91,15 @@ def test_2_4_sparsegpt_loses_less_output_than_2_4_magnitude(kind: str) -> None:
     assert errors["sparsegpt"] < errors["magnitude"], errors
 
 
+def test_n_m_groups_are_consecutive_columns_and_a_partial_last_group_stays_whole() -> None:
+    """A low-rank factor's width need not be a multiple of 4 (``limits`` checks the layer's)."""
+    from autocompress.compress._sparse import n_m_keep
+
+    score = torch.tensor([[4.0, 1.0, 3.0, 2.0, 5.0, 6.0, 0.5, 7.0, 0.1, 0.2]])
+    kept = n_m_keep(score, 2, 4)
+    assert kept.tolist() == [[True, False, True, False, False, True, False, True, True, True]]
+
+
 def test_sparsegpt_without_pruning_keeps_the_weight() -> None:
     """Nothing pruned, nothing to compensate: the solver returns the weight as it was."""
     from autocompress.compress._sparse import MaskTarget

@@ -151,7 +151,7 @@ def _mask(layer: nn.Module, pruner: Pruner, target: MaskTarget, stats: InputStat
     kept, new = pruner(w, target, stats)
     old.copy_(kept.view_as(old) & old)
     if new is not None:
-        original = cast(torch.Tensor, layer.parametrizations.weight.original)
+        original = layer.get_parameter("parametrizations.weight.original")
         original.copy_(new.view_as(original).to(original.dtype))
     wc.mask_rule = rule
 
@@ -159,7 +159,7 @@ def _mask(layer: nn.Module, pruner: Pruner, target: MaskTarget, stats: InputStat
 def mask_smallest(layer: nn.Module, sparsity: float) -> None:
     """Masks the ``round(sparsity * numel)`` smallest-magnitude weights of ``layer``
     (:func:`magnitude_mask`), on top of its mask."""
-    if round(sparsity * layer.weight.numel()) == 0:
+    if round(sparsity * cast(torch.Tensor, layer.weight).numel()) == 0:
         return
     _mask(layer, MASK_PRUNERS.get("magnitude"), MaskTarget(sparsity), None, "magnitude")
 
