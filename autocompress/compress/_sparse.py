@@ -159,8 +159,6 @@ def _mask(layer: nn.Module, pruner: Pruner, target: MaskTarget, stats: InputStat
 def mask_smallest(layer: nn.Module, sparsity: float) -> None:
     """Masks the ``round(sparsity * numel)`` smallest-magnitude weights of ``layer``
     (:func:`magnitude_mask`), on top of its mask."""
-    if round(sparsity * cast(torch.Tensor, layer.weight).numel()) == 0:
-        return
     _mask(layer, MASK_PRUNERS.get("magnitude"), MaskTarget(sparsity), None, "magnitude")
 
 
