@@ -76,7 +76,7 @@ def _quantize(model: nn.Module, plan: Plan, example_inputs: Any, calibration: Ca
             for leaf in leaves(model, name):
                 wc = weight_compression(leaf)
                 wc.bits, wc.scheme = lp.bits, lp.scheme
-                wc.group_size = lp.group_size if integer_bits(lp.bits) else None
+                wc.group_size = lp.group_size
     gptq = {n: lp for n, lp in integer.items() if lp.quantizer == "gptq"}
     if gptq:  # the weights moved onto their grid with error compensation
         gptq_round(model, gptq, calibration)

@@ -46,7 +46,7 @@ def format_name(bits: int | str | None, scheme: str = "uniform",
     """The format name of plan values ``bits``/``scheme``/``group_size``: ``None`` is
     ``"fp32"``, a string names itself (``"fp16"``), an integer is ``"int<bits>"``
     (``scheme: uniform``) or ``"<scheme>-<bits>"`` (``"pow2-4"``), with ``"-g<group_size>"``
-    when a group size is given (``"int4-g128"``)."""
+    when a group size is given (``"int4-g128"``; only integer ``bits`` have groups)."""
     if bits is None:
         return "fp32"
     if isinstance(bits, str):
