@@ -71,6 +71,10 @@ REBUILD_PLANS = {
                                  "scheme": "pow2", "act_bits": 8},
                        "second": {"sparsity": 0.6, "bits": "bf16", "rank": 0.5},
                        "output": {"sparsity": 0.3, "bits": "fp16"}},
+    # GPTQ, calibrated on the example inputs (tests/test_gptq.py has the group-wise cases)
+    "gptq": {"first": {"bits": 4, "quantizer": "gptq"},
+             "second": {"sparsity": 0.6, "bits": 3, "rank": 0.5, "quantizer": "gptq"},
+             "output": {"sparsity": 0.3, "bits": 4, "quantizer": "gptq"}},
 }
 
 
