@@ -1,5 +1,8 @@
-"""Quantization: per-output-channel symmetric weights at 2-8 bits (uniform or power-of-two
-levels) or fp16/bf16 weights, 8-bit activations.
+"""Quantization: symmetric weights at 2-8 bits (uniform or power-of-two levels, one scale per
+output channel or, ``group_size``, per output channel and group of input columns) or
+fp16/bf16 weights, 8-bit activations. Integer weights are rounded to nearest (``quantizer:
+rtn``), with GPTQ's error compensation (``gptq``, :mod:`~autocompress.compress._gptq`) or
+after AWQ's input scaling (``awq``).
 
 During fine-tuning weights are fake-quantized with a straight-through estimator
 (:mod:`~autocompress.compress.formats` says what each format's values are); the deployable
