@@ -136,6 +136,7 @@ def test_too_little_calibration_still_runs_and_logs_a_warning(caplog) -> None:
     with caplog.at_level("WARNING", logger="autocompress.compress._gptq"):
         _compressed(model, x[:16], bits=4, quantizer="gptq")  # 16 rows < 256 columns
     assert "calibration smaller than the input width" in caplog.text
+    assert "0: 16 rows for 256 inputs" in caplog.text
 
 
 class _Tiny(nn.Module):

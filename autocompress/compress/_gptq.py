@@ -29,7 +29,7 @@ mask's zeros stay zero: their weights take the value 0 and the error is compensa
 Fewer calibration rows than a weight's input width leave ``H`` singular: the dampening still
 makes it invertible and GPTQ runs, but it compensates on directions the data never showed; a
 warning is logged (the trial log). Leaves the calibration cannot describe (a CP factor's
-grouped conv) keep round-to-nearest. An empty calibration changes nothing (rebuilding a trial
+grouped conv) or never reaches keep round-to-nearest. An empty calibration changes nothing (rebuilding a trial
 loads its weights).
 """
 
@@ -70,14 +70,17 @@ def gptq_round(model: nn.Module, entries: dict[str, LayerPlan], calibration: Cal
     if not targets:
         return
     stats = input_stats(model, targets, calibration)
-    short = [f"{type(m).__name__}{tuple(m.weight.shape)}: {stats[m].rows} rows < {stats[m].gram.shape[0]}"
-             for m in targets if stats[m].rows < stats[m].gram.shape[0]]
+    names = {id(m): n for n, m in model.named_modules()}
+    short = [f"{names[id(m)]}: {stats[m].rows} rows for {len(stats[m].gram)} inputs"
+             for m in targets if stats[m].rows < len(stats[m].gram)]
     if short:
-        log.warning("GPTQ: calibration smaller than the input width of %d weight(s) (%s); the "
-                    "dampened Hessian is used, the compensation may overfit the calibration "
+        log.warning("GPTQ: a calibration smaller than the input width of %d weight(s) (%s); "
+                    "the dampened Hessian is used, the compensation may overfit the calibration "
                     "data", len(short), "; ".join(short[:3]))
     for leaf in targets:
-        _round_leaf(leaf, stats[leaf].gram)
+        if stats[leaf].rows:  # else the forward never reached it: round-to-nearest stays
+            _round_leaf(leaf, stats[leaf].gram)
+            log.debug("GPTQ %s: %s", names[id(leaf)], weight_compression(leaf).format.name)
 
 
 @torch.no_grad()
@@ -89,7 +92,6 @@ def _round_leaf(leaf: nn.Module, gram: torch.Tensor) -> None:
     keep = None if bool(mask.all()) else mask.flatten(1)
     q = gptq_weight((param * mask).flatten(1), gram, wc.format, keep, wc.group_size)
     param.copy_(wc.format.fake_quant(q.view_as(param)).to(param.dtype))
-    log.debug("GPTQ %s%s: %s", type(leaf).__name__, tuple(param.shape), wc.format.name)
 
 
 def _top_of_groups(w: torch.Tensor, group: int) -> torch.Tensor:

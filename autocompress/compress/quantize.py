@@ -48,6 +48,13 @@ _DYNAMIC_KINDS = ("Linear", "Conv1D")  # Hugging Face's Conv1D becomes a Linear 
 
 
 def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> dict[str, list[Refusal]]:
+    """What quantization refuses per layer: activation quantization of an embedding's indices
+    and dynamic activations outside Linear layers; the calibrated quantizers where the
+    calibration cannot describe the layer's inputs (an embedding, a grouped conv); group sizes
+    that do not divide the layer's input width (a low-rank factor's width may leave a short
+    last group: the formats store it). A calibration too small for a layer's width is refused
+    at resolution from ``search.calibration_samples`` (``describe_layers``); a smaller one
+    passed to ``apply`` still runs GPTQ on the dampened Hessian, with a logged warning."""
     out: dict[str, list[Refusal]] = {}
     for la in layers:
         refusals = out.setdefault(la.name, [])
