@@ -117,6 +117,22 @@ def _inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
                      "with dampening")
 
 
+def _levels(w: torch.Tensor, fmt: WeightFormat, keep: torch.Tensor | None,
+            group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per weight: its scale (the format's, fixed before any rounding) and the lowest and
+    highest code it may take: ``±qmax``; the top level of its row's (group's) largest weight
+    for that weight (module docstring); 0 where pruned."""
+    qmax = 2 ** (fmt.bits - 1) - 1
+    scale = fmt.quantize(w)[1].expand_as(w).reshape(w.shape)
+    top = _top_of_groups(w, group)
+    pinned = torch.sign(w) * qmax
+    lo = torch.where(top, pinned, torch.full_like(w, -qmax))
+    hi = torch.where(top, pinned, torch.full_like(w, qmax))
+    if keep is not None:
+        lo, hi = lo * keep, hi * keep
+    return scale, lo, hi
+
+
 def gptq_weight(w: torch.Tensor, gram: torch.Tensor, fmt: WeightFormat,
                 keep: torch.Tensor | None = None, group_size: int | None = None,
                 block: int = BLOCK) -> torch.Tensor:
@@ -132,31 +148,23 @@ def gptq_weight(w: torch.Tensor, gram: torch.Tensor, fmt: WeightFormat,
         block: Columns per lazy batch update.
     """
     w = w.detach().float().clone()
-    h = gram.detach().to(torch.float64).clone()
+    h = gram.detach().float().clone()  # float32, as the reference: the dampening conditions it
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    qmax = 2 ** (fmt.bits - 1) - 1
-    scale = fmt.quantize(w)[1].expand_as(w).reshape(w.shape).contiguous()  # static: fixed now
-    top = _top_of_groups(w, group_size or w.shape[1])
-    pinned = torch.sign(w) * qmax  # the top level of each row (group), kept (module docstring)
+    d = w.shape[1]
     perm = torch.argsort(h.diagonal(), descending=True, stable=True)  # act-order
-    w, scale, top, pinned = w[:, perm], scale[:, perm], top[:, perm], pinned[:, perm]
-    keep = None if keep is None else keep[:, perm]
-    hinv = _inverse_hessian_factor(h[perm][:, perm]).float()
-    q = torch.zeros_like(w)
-    for i1 in range(0, w.shape[1], block):
-        i2 = min(i1 + block, w.shape[1])
-        w1, err = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1)
-        hinv1 = hinv[i1:i2, i1:i2]
+    hinv = _inverse_hessian_factor(h[perm][:, perm])
+    # Transposed (one row per input column, contiguous), in act-order.
+    wt, scale, lo, hi = (t[:, perm].T.contiguous() for t in (w, *_levels(w, fmt, keep, group_size or d)))
+    q = torch.empty_like(wt)
+    for i1 in range(0, d, block):
+        i2 = min(i1 + block, d)
+        w1, err, hinv1 = wt[i1:i2].clone(), torch.empty(i2 - i1, wt.shape[1]), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = i1 + i
-            code = torch.clamp(torch.round(w1[:, i] / scale[:, c]), -qmax, qmax)
-            code = torch.where(top[:, c], pinned[:, c], code)
-            if keep is not None:
-                code = code * keep[:, c]
-            q[:, c] = code * scale[:, c]
-            err[:, i] = (w1[:, i] - q[:, c]) / hinv1[i, i]
-            w1[:, i:] -= err[:, i:i + 1] * hinv1[i:i + 1, i:]
-        w[:, i2:] -= err @ hinv[i1:i2, i2:]
-    return q[:, torch.argsort(perm)]
+            q[c] = torch.clamp(torch.round(w1[i] / scale[c]), lo[c], hi[c]) * scale[c]
+            err[i] = (w1[i] - q[c]) / hinv1[i, i]
+            w1[i:].addr_(hinv1[i, i:], err[i], alpha=-1)
+        wt[i2:] -= hinv[i1:i2, i2:].T @ err
+    return q.T[:, torch.argsort(perm)]
