@@ -98,10 +98,12 @@ def test_the_stored_weight_is_on_the_formats_grid_without_losing_gptqs_advantage
     assert output_error(w, stored, stats) <= 1.01 * output_error(w, raw, stats)
 
 
-def test_a_masked_layer_keeps_its_zeros_and_gptq_still_helps() -> None:
+@pytest.mark.parametrize("pruner", ["magnitude", "sparsegpt"])
+def test_a_masked_layer_keeps_its_zeros_and_gptq_still_helps(pruner: str) -> None:
     model, x = _linear_case(2)
     stats = _stats(model, x)
-    out = {q: _compressed(model, x, sparsity=0.5, bits=4, quantizer=q)[0] for q in ("rtn", "gptq")}
+    out = {q: _compressed(model, x, sparsity=0.5, pruner=pruner, bits=4, quantizer=q)[0]
+           for q in ("rtn", "gptq")}
     mask = find_weight_compression(out["gptq"]).mask
     assert torch.equal(mask, find_weight_compression(out["rtn"]).mask)
     assert not bool(out["gptq"].weight[~mask].any())
