@@ -71,6 +71,10 @@ REBUILD_PLANS = {
                                  "scheme": "pow2", "act_bits": 8},
                        "second": {"sparsity": 0.6, "bits": "bf16", "rank": 0.5},
                        "output": {"sparsity": 0.3, "bits": "fp16"}},
+    # GPTQ on the example inputs; the rebuild loads its weights (group-wise: tests/test_gptq.py)
+    "gptq": {"first": {"bits": 4, "quantizer": "gptq"},
+             "second": {"sparsity": 0.6, "bits": 3, "rank": 0.5, "quantizer": "gptq"},
+             "output": {"sparsity": 0.3, "bits": 4, "quantizer": "gptq"}},
     # calibrated pruners (tests/test_sparse.py): the rebuild passes no calibration data
     "sparsegpt-wanda-2:4": {"first": {"bits": 4},
                             "second": {"sparsity": 0.5, "pruner": "sparsegpt", "rank": 0.5,
