@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import statistics
@@ -167,6 +168,8 @@ class Row:
     size_bytes: int | None = None
     size_ratio: float | None = None
     onnx_mb: float | None = None
+    onnx_sha256: str | None = None
+    same_as: str | None = None  # an earlier row of its section whose ONNX file is identical
     build_s: float = 0.0  # apply (calibration included) + size + ONNX export
     score_s: float = 0.0  # the fidelity runs, every sequence length
     latency_ms: dict[int, float] = field(default_factory=dict)
@@ -222,6 +225,7 @@ def build_onnx(task: Any, spec: Spec, calibration: Calibration, work: Path,
     if done is not None:
         files[spec.key] = path
         row.onnx_mb = path.stat().st_size / 1e6
+        row.onnx_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     return row
 
 
@@ -289,6 +293,8 @@ def run_minilm(samples: int, repeats: int, seqs: Iterable[int]) -> dict[str, Any
             print(f"posttraining: minilm {spec.key}: fidelity {row.fidelity} (built in "
                   f"{row.build_s:.0f} s, scored in {row.score_s:.0f} s)"
                   f"{' ' + row.error if row.error else ''}", file=sys.stderr)
+            row.same_as = next((r.name for r in rows if r.section == row.section and r.onnx_sha256
+                                and r.onnx_sha256 == row.onnx_sha256), None)
             rows.append(row)
         base = rows[0].size_bytes
         for row in rows:
@@ -394,6 +400,8 @@ def minilm_table(result: dict[str, Any]) -> str:
         lat = [f"{at(r['latency_ms'], s):.2f} ({at(r['speedup'], s):.2f}x)"
                if at(r["latency_ms"], s) is not None else "" for s in timed]
         name = r["name"] if not r["error"] else f"{r['name']} ({_short(r['error'])})"
+        if r.get("same_as"):  # e.g. a knob the method ignores: say so, not a number
+            name += f" (the same ONNX file as {r['same_as']})"
         lines.append("| " + " | ".join([
             r["section"], name, *fid, "" if r["target"] is None else f"≥ {r['target']}",
             "" if r["verdict"] == "—" else f"**{r['verdict']}**", _num(r["size_ratio"], ".2f") + "x"
