@@ -31,6 +31,9 @@ from autocompress.tasks._task import Task
 
 SEQ_LEN = 32
 TRAIN, VAL = 768, 256
+# The peak learning rate a search fine-tunes this model at unless its experiment sets one
+# (``Task.finetune_lr``). MEASURED_LR
+FINETUNE_LR = 3e-5
 
 
 class SentenceEncoder(nn.Module):
@@ -131,6 +134,6 @@ def minilm(seed: int = 0) -> Task:
           f"{SEQ_LEN} tokens", file=sys.stderr)
     return Task(model=model, train_loader=train, val_loader=val,
                 example_inputs={"input_ids": ids[TRAIN:TRAIN + 1], "attention_mask": mask[TRAIN:TRAIN + 1]},
-                metric=fidelity, loss_fn=cosine_loss, name="minilm",
+                metric=fidelity, loss_fn=cosine_loss, name="minilm", finetune_lr=FINETUNE_LR,
                 info={"train_samples": TRAIN, "val_samples": VAL, "seq_len": SEQ_LEN,
                       "metric": "cosine fidelity to the original embeddings"})

@@ -16,7 +16,7 @@ from torch import nn
 from autocompress.compress import Plan, apply
 from autocompress.compress.quantize import calibrate
 from autocompress.config import Experiment, ResolvedSpace
-from autocompress.finetune import FinetuneConfig, evaluate, finetune, snapshot
+from autocompress.finetune import DivergedError, FinetuneConfig, evaluate, finetune, snapshot
 from autocompress.measure import Metrics, Target, measure
 from autocompress.measure.metrics import Measurer
 from autocompress.tasks import Task
@@ -36,8 +36,8 @@ class TrialResult:
         finetune_seconds: Wall time of the fine-tuning.
         post_training: The task metric right after compression, before fine-tuning (the same
             evaluation as ``metrics.accuracy``, which is never below it).
-        restored: Fine-tuning ended below ``post_training`` and the post-training weights
-            were put back.
+        restored: Fine-tuning ended below ``post_training`` (or its loss diverged) and the
+            post-training weights were put back.
     """
 
     plan: Plan
@@ -78,7 +78,8 @@ def run_trial(
 
     The result's accuracy is never below the post-training metric: if the fine-tuned model
     measures worse (``keep_best`` off, or a model trained on a GPU that evaluates a little
-    differently on the CPU), the post-training weights are restored and measured. Both are
+    differently on the CPU) or its loss diverged, the post-training weights are restored and
+    measured. Both are
     ``task.evaluate`` of the CPU model, the same evaluation. With ``finetune_config.epochs``
     0 the model is measured once: its accuracy is the post-training metric.
     """
@@ -94,16 +95,20 @@ def run_trial(
         on_post_training(post)
     compressed = snapshot(model)
     tuning = time.perf_counter()
-    history = finetune(model, task, finetune_config, teacher=task.model, on_epoch=on_epoch,
-                       seed=seed, step_gate=step_gate, stop=stop, start_metric=post)
+    try:
+        history = finetune(model, task, finetune_config, teacher=task.model, on_epoch=on_epoch,
+                           seed=seed, step_gate=step_gate, stop=stop, start_metric=post)
+    except DivergedError:  # the loss became NaN: the weights may be too; compression alone stands
+        history = None
     tuned = time.perf_counter()
-    metrics = measure(model, task, target, measurer)
-    restored = metrics.accuracy < post
+    metrics = None if history is None else measure(model, task, target, measurer)
+    restored = metrics is None or metrics.accuracy < post
     if restored:
         model.load_state_dict(compressed)
         metrics = measure(model, task, target, measurer)
-    return TrialResult(plan, model, metrics, history, time.perf_counter() - start, tuned - tuning,
-                       post, restored)
+    assert metrics is not None
+    return TrialResult(plan, model, metrics, history or [], time.perf_counter() - start,
+                       tuned - tuning, post, restored)
 
 
 PRUNE_MARGIN = 3.0  # how many times the allowed drop a trial may still lose before training
