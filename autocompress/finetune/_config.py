@@ -103,8 +103,8 @@ class FinetuneConfig:
             raise ValueError(f"finetune.epochs={self.epochs!r}; allowed: an integer >= 0")
         if self.lr not in (AUTO, None) and (not _number(self.lr)
                                             or not 0 < cast(float, self.lr) < math.inf):
-            raise ValueError(f"finetune.lr={self.lr!r}; allowed: a number > 0, {AUTO!r} or null "
-                             f"(the task's own, else {DEFAULT_LR:g})")
+            raise ValueError(f"finetune.lr={self.lr!r}; allowed: a number > 0 or {AUTO!r}, or "
+                             f"null for the task's own (else {DEFAULT_LR:g})")
         if not isinstance(self.distill, bool):
             raise ValueError(f"finetune.distill={self.distill!r}; allowed: true or false")
         if not _number(self.temperature) or not 0 < self.temperature < math.inf:
