@@ -79,9 +79,9 @@ def run_trial(
     The result's accuracy is never below the post-training metric: if the fine-tuned model
     measures worse (``keep_best`` off, or a model trained on a GPU that evaluates a little
     differently on the CPU) or its loss diverged, the post-training weights are restored and
-    measured. Both are
-    ``task.evaluate`` of the CPU model, the same evaluation. With ``finetune_config.epochs``
-    0 the model is measured once: its accuracy is the post-training metric.
+    measured. Both metrics are ``task.evaluate`` of the CPU model, the same evaluation. With
+    ``finetune_config.epochs`` 0 the model is measured once: its accuracy is the post-training
+    metric.
     """
     start = time.perf_counter()
     model = apply(task.model, plan, task.example_inputs)
@@ -103,10 +103,9 @@ def run_trial(
     tuned = time.perf_counter()
     metrics = None if history is None else measure(model, task, target, measurer)
     restored = metrics is None or metrics.accuracy < post
-    if restored:
+    if metrics is None or restored:
         model.load_state_dict(compressed)
         metrics = measure(model, task, target, measurer)
-    assert metrics is not None
     return TrialResult(plan, model, metrics, history or [], time.perf_counter() - start,
                        tuned - tuning, post, restored)
 
