@@ -260,3 +260,31 @@ def test_no_trial_of_a_search_ends_below_its_post_training_metric(
         history = client.get_metric_history(run.info.run_id, "accuracy")
         first = min(history, key=lambda h: (h.step, h.timestamp))
         assert first.step == 0 and first.value == m["accuracy_post_training"]
+
+
+def test_a_post_training_search_trains_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               serial: dict) -> None:
+    """``finetune: {epochs: 0}`` end to end: no learning rate chosen (even ``auto``), no
+    optimizer, every trial finished at its post-training metric."""
+    import autocompress as ac
+    from autocompress.finetune import _loop
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a post-training search trains nothing")
+
+    monkeypatch.setattr(_loop, "make_optimizer", refuse)
+    monkeypatch.setattr("autocompress.finetune.choose_lr", refuse)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ac.search("tests.models:tiny_task", name="post0", space={"layers": [
+        {"share": True, "knobs": {"bits": [2, 8], "sparsity": [0.0, 0.8]}}]},
+        objectives=["accuracy", "size_bytes"], trials=3, warm_start=False,
+        finetune={"epochs": 0, "lr": "auto"}, tracking_uri=uri, echo=lambda _: None,
+        target=FAST_TARGET, **serial)
+    client, _, runs = logged_search(uri, "post0")
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        m = run.data.metrics
+        assert m["accuracy"] == m["accuracy_post_training"] and m["finetune_gain"] == 0.0
+        assert m["finetune_seconds"] == 0.0
+        assert len(client.get_metric_history(run.info.run_id, "accuracy")) == 1
