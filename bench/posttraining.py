@@ -28,8 +28,8 @@ same sentences, untruncated). Rows:
 - anchors: the fp32 ONNX export and ONNX Runtime's ``quantize_dynamic`` of it
   (``bench/minilm.py``'s helpers).
 
-Latency (fp32, ``quantize_dynamic`` and the pruned rows; the other rows are fp32 graphs once
-ONNX Runtime has folded their ``DequantizeLinear`` / zeros): ONNX Runtime, 1 thread, batch 1, at
+Latency (every row but the sparse ones, which are fp32 graphs holding zeros: fp32's speed,
+``bench/latency.py``): ONNX Runtime, 1 thread, batch 1, at
 seq 128 and seq 32, timed by ``bench/latency.py``'s round-robin (``--repeats`` rounds in a
 shuffled order, the table gives the median of the round medians). Size: ``size_bytes`` of
 the compressed model (the packed artifact's bytes), fp32's over the row's, and the ONNX file.
@@ -142,7 +142,7 @@ def minilm_specs(layers: list[LayerInfo]) -> list[Spec]:
     for q in QUANTIZERS:
         linear = _every(layers, ("Linear",), bits=4, group_size=128, quantizer=q)
         specs.append(Spec("4-bit weights, group 128", q.upper(), Plan({**embeddings, **linear}),
-                          None if q == "rtn" else 0.99))
+                          None if q == "rtn" else 0.99, timed=True))
     for structure, section, target in (("unstructured", "50% unstructured", 0.99),
                                        ("2:4", "2:4 (50%)", 0.98)):
         for p in PRUNERS:
