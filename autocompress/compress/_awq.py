@@ -64,7 +64,7 @@ __all__ = ["GRID", "SAMPLE_ROWS", "InputScale", "input_scale_pre_hook", "scale_i
            "search_scale"]
 
 GRID = 20  # exponents a = 0, 1/GRID, ..., (GRID-1)/GRID (llm-awq's n_grid)
-SAMPLE_ROWS = 2048  # input rows per layer for the activation-quantized objective
+SAMPLE_ROWS = 1024  # input rows per layer for the activation-quantized objective
 _MIN_SCALE = 1e-4  # llm-awq clamps mean|x|^a at 1e-4; SmoothQuant its scales at 1e-5
 
 
