@@ -15,20 +15,21 @@ per input channel, counted by ``size_bytes`` as any buffer).
 
 ``s`` is searched per layer on a grid, as both papers do, for the least layer-local output
 error after quantization at the plan's bits (through the plan's weight format,
-:func:`~autocompress.compress.formats.weight_format`, so grouped formats plug in):
+:func:`~autocompress.compress.formats.weight_format`, so grouped formats plug in),
+``||X W^T - Q_a(X / s) Q(W diag(s))^T||^2`` on a sample of :data:`SAMPLE_ROWS` input rows
+``X`` (:class:`InputSample`, kept in one pass over the calibration data; a sample, not the
+inputs' ``d x d`` Gram matrix: at MiniLM's widths accumulating that over every calibration
+token costs more than the whole search):
 
 - AWQ (``llm-awq``'s ``auto_scale``): ``s = mean|x|^a``, ``a`` in ``0, 0.05, .., 0.95``,
-  normalized so that ``max(s) * min(s) = 1``. The error is ``tr(D H D^T)`` with
-  ``D = Q(W diag(s)) / s - W`` and ``H`` the inputs' Hessian over all calibration rows
-  (:func:`~autocompress.compress.output_error`'s numerator);
+  normalized so that ``max(s) * min(s) = 1``; ``Q_a`` is the identity (weight-only);
 - with ``act_bits`` (8 or ``"dynamic"``) also SmoothQuant's ``s = max|x|^a / max|w|^(1-a)``
-  (``max|w|`` over the column), and the error of both families is measured with the scaled
-  input fake-quantized to uint8 per tensor (range: the calibration inputs' min/max divided by
-  ``s``; a dynamic quantizer's per-call range is at most that), on a sample of
-  :data:`SAMPLE_ROWS` input rows: ``||X W^T - Q_a(X / s) Q(W diag(s))^T||^2``.
+  (``max|w|`` over the column), and ``Q_a`` fake-quantizes the scaled input to uint8 per
+  tensor for both families (range: the calibration inputs' min/max divided by ``s``; a
+  dynamic quantizer's per-call range is at most that).
 
 ``a = 0`` of the AWQ family is ``s = 1``, plain round-to-nearest: the chosen ``s`` is never
-worse than it on the calibration data. A conv is scaled per input channel (``s`` repeats over
+worse than it on the sampled rows. A conv is scaled per input channel (``s`` repeats over
 the kernel positions); a low-rank layer only in its first factor (whose input is the layer's;
 the other factors are quantized as they are). A layer whose weight another module shares
 (tied weights) keeps ``s = 1``: the other module would compute with the scaled weight. ``1/s``
@@ -49,22 +50,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autocompress._inputs import run
-from autocompress.compress._calibration import (
-    Calibration,
-    InputStats,
-    input_rows,
-    input_stats,
-    weight_matrix,
-)
+from autocompress.compress._calibration import Calibration, input_rows, weight_matrix
 from autocompress.compress._modules import ActFakeQuant, leaves
 from autocompress.compress._plan import LayerPlan
 from autocompress.compress.formats import WeightFormat, weight_format
 
-__all__ = ["GRID", "SAMPLE_ROWS", "InputScale", "input_scale_pre_hook", "scale_inputs",
-           "search_scale"]
+__all__ = ["GRID", "SAMPLE_ROWS", "InputSample", "InputScale", "input_samples",
+           "input_scale_pre_hook", "scale_inputs", "search_scale"]
 
 GRID = 20  # exponents a = 0, 1/GRID, ..., (GRID-1)/GRID (llm-awq's n_grid)
-SAMPLE_ROWS = 1024  # input rows per layer for the activation-quantized objective
+SAMPLE_ROWS = 2048  # input rows per layer the objective is measured on
 _MIN_SCALE = 1e-4  # llm-awq clamps mean|x|^a at 1e-4; SmoothQuant its scales at 1e-5
 
 
@@ -139,46 +134,64 @@ def scale_inputs(model: nn.Module, entries: dict[str, LayerPlan], calibration: C
         return  # rebuilding: the logged state holds the scales and the scaled weights
     shared = _shared(model)
     todo = {name: leaf for name, leaf in targets.items() if id(leaf) not in shared}
-    stats = input_stats(model, list(todo.values()), calibration)
-    acts = [leaf for name, leaf in todo.items() if entries[name].act_bits is not None]
-    samples = _input_samples(model, acts, calibration) if acts else {}
+    samples = input_samples(model, list(todo.values()), calibration)
     for name, leaf in todo.items():
-        s = search_scale(leaf, entries[name], stats[leaf], samples.get(leaf))
+        s = search_scale(leaf, entries[name], samples[leaf])
         _stored_weight(leaf).mul_(s.view(1, -1, *[1] * (leaf.weight.dim() - 2)))
         leaf.input_scale.factor.copy_((1 / s).view(scale_shape(leaf)))
 
 
-class _Sample:
-    """A layer's input rows (a deterministic, strided sample) and per-channel min/max."""
+class InputSample:
+    """What a layer's inputs were over the calibration data: per input channel their min,
+    max and mean ``|x|`` over all of them, and a sample of its input rows
+    (:func:`~autocompress.compress.input_rows`: strided, deterministic, at most
+    :data:`SAMPLE_ROWS`)."""
 
-    def __init__(self, quota: int) -> None:
-        self.quota = quota
+    def __init__(self, quota: int = SAMPLE_ROWS) -> None:
+        self.quota = quota  # rows kept per call
         self.rows: list[torch.Tensor] = []
-        self.lo: torch.Tensor | None = None
-        self.hi: torch.Tensor | None = None
+        self.lo = self.hi = self.abssum = torch.zeros(0)
+        self.count = 0
 
     def add(self, module: nn.Module, x: torch.Tensor) -> None:
+        """Accumulates one input ``x`` of ``module`` (a Linear or a conv)."""
         x = x.detach().float()
         channels = x.reshape(-1, x.shape[-1]) if isinstance(module, nn.Linear) else \
             x.transpose(0, 1).reshape(x.shape[1], -1).T
         lo, hi = channels.amin(0), channels.amax(0)
-        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
-        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+        abssum = channels.abs().sum(0, dtype=torch.float64)
+        first = not self.count
+        self.lo = lo if first else torch.minimum(self.lo, lo)
+        self.hi = hi if first else torch.maximum(self.hi, hi)
+        self.abssum = abssum if first else self.abssum + abssum
+        self.count += len(channels)
         rows = input_rows(module, x)
         self.rows.append(rows[::max(1, math.ceil(len(rows) / self.quota))].clone())
 
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """Mean ``|x|`` per input channel (AWQ's activation scale)."""
+        return (self.abssum / max(self.count, 1)).float()
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        """Largest ``|x|`` per input channel (SmoothQuant's)."""
+        return torch.maximum(self.lo.abs(), self.hi.abs())
+
     def matrix(self) -> torch.Tensor:
+        """The sampled input rows, ``(n, d)``, ``n <= SAMPLE_ROWS``."""
         rows = torch.cat(self.rows)
         if len(rows) > SAMPLE_ROWS:
             rows = rows[torch.linspace(0, len(rows) - 1, SAMPLE_ROWS).long()]
         return rows
 
 
-def _input_samples(model: nn.Module, modules: list[nn.Module],
-                   calibration: Calibration) -> dict[nn.Module, _Sample]:
-    """One pass over ``calibration`` keeping a :class:`_Sample` of each module's inputs."""
-    quota = max(16, math.ceil(SAMPLE_ROWS / len(calibration.batches)))
-    samples = {m: _Sample(quota) for m in modules}
+def input_samples(model: nn.Module, modules: list[nn.Module],
+                  calibration: Calibration) -> dict[nn.Module, InputSample]:
+    """One pass of ``model`` (eval mode) over ``calibration`` keeping an :class:`InputSample`
+    of each of ``modules``' inputs."""
+    quota = max(16, math.ceil(SAMPLE_ROWS / max(len(calibration.batches), 1)))
+    samples = {m: InputSample(quota) for m in modules}
     handles = [m.register_forward_pre_hook(lambda mod, args: samples[mod].add(mod, args[0]))
                for m in modules]
     was_training = model.training
@@ -193,11 +206,10 @@ def _input_samples(model: nn.Module, modules: list[nn.Module],
     return samples
 
 
-def _per_channel(values: torch.Tensor, channels: int, reduce: str) -> torch.Tensor:
-    """Per-column ``values`` (``C * k``: a conv's unfolded patch) reduced to one per input
-    channel over the kernel positions (``"mean"`` or ``"amax"``)."""
-    grouped = values.float().view(channels, -1)
-    return grouped.mean(1) if reduce == "mean" else grouped.amax(1)
+def _per_channel(values: torch.Tensor, channels: int) -> torch.Tensor:
+    """Per-column ``values`` (``C * k``: a conv's unfolded patch) reduced to their largest
+    per input channel over the kernel positions."""
+    return values.float().view(channels, -1).amax(1)
 
 
 def _normalized(s: torch.Tensor, low: float) -> torch.Tensor:
@@ -205,25 +217,22 @@ def _normalized(s: torch.Tensor, low: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def _candidates(leaf: nn.Module, stats: InputStats, smooth: bool) -> Iterator[torch.Tensor]:
+def _candidates(leaf: nn.Module, sample: InputSample, smooth: bool) -> Iterator[torch.Tensor]:
     """The grid of scales ``s`` (one per input channel): AWQ's, then SmoothQuant's if
     ``smooth``. The first is ``s = 1``."""
-    channels = scale_shape(leaf)[0]
-    mean_abs = _per_channel(stats.mean_abs, channels, "mean")
     for i in range(GRID):
-        yield _normalized(mean_abs.pow(i / GRID), _MIN_SCALE)
+        yield _normalized(sample.mean_abs.pow(i / GRID), _MIN_SCALE)
     if smooth:
-        x_max = _per_channel(stats.absmax, channels, "amax").clamp_min(1e-5)
-        w_max = _per_channel(weight_matrix(leaf).abs().amax(0), channels, "amax").clamp_min(1e-5)
+        x_max = sample.absmax.clamp_min(1e-5)
+        w_max = _per_channel(weight_matrix(leaf).abs().amax(0), len(x_max)).clamp_min(1e-5)
         for i in range(GRID):
             a = i / GRID
             yield _normalized(x_max.pow(a) / w_max.pow(1 - a), 1e-5)
 
 
-def _act_quantizer(sample: _Sample, s: torch.Tensor) -> ActFakeQuant:
+def _act_quantizer(sample: InputSample, s: torch.Tensor) -> ActFakeQuant:
     """A static uint8 quantizer with the range of the calibration inputs divided by ``s``."""
-    inv = (1 / s).view(-1)
-    lo, hi = sample.lo * inv, sample.hi * inv  # type: ignore[operator]
+    lo, hi = sample.lo / s, sample.hi / s
     quant = ActFakeQuant(8).eval()
     quant.lo.fill_(float(lo.min()))
     quant.hi.fill_(float(hi.max()))
@@ -232,34 +241,26 @@ def _act_quantizer(sample: _Sample, s: torch.Tensor) -> ActFakeQuant:
 
 
 @torch.no_grad()
-def search_scale(leaf: nn.Module, lp: LayerPlan, stats: InputStats,
-                 sample: _Sample | None = None) -> torch.Tensor:
+def search_scale(leaf: nn.Module, lp: LayerPlan, sample: InputSample) -> torch.Tensor:
     """The scale ``s`` (one per input channel of ``leaf``) of least layer-local output error
-    after quantization under ``lp`` (the module docstring); ``sample`` (the layer's input rows)
-    is needed when ``lp`` quantizes activations."""
+    ``||X W^T - Q_a(X / s) Q(W diag(s))^T||^2`` on ``sample``'s input rows ``X`` after
+    quantization under ``lp`` (``Q_a`` only if ``lp`` quantizes activations; the module
+    docstring)."""
     fmt = _format(lp)
     w = leaf.weight.detach().float()  # masked, not yet quantized
     flat = w.flatten(1)
-    repeat = flat.shape[1] // scale_shape(leaf)[0]  # kernel positions per input channel
-    if lp.act_bits is None:
-        h = stats.hessian.float()
+    repeat = flat.shape[1] // len(sample.lo)  # kernel positions per input channel
+    x = sample.matrix()
+    y = x @ flat.T
 
-        def error(s: torch.Tensor) -> float:
-            s_cols = s.repeat_interleave(repeat)
-            d = _quantized(fmt, w, s).flatten(1) / s_cols - flat
-            return float(((d @ h) * d).sum())
-    else:
-        assert sample is not None, "act_bits needs the layer's input rows"
-        x = sample.matrix()
-        y = x @ flat.T
-
-        def error(s: torch.Tensor) -> float:
-            inv = (1 / s).repeat_interleave(repeat)
-            xq = _act_quantizer(sample, s)(x * inv)
-            return float((xq @ _quantized(fmt, w, s).flatten(1).T - y).pow(2).sum())
+    def error(s: torch.Tensor) -> float:
+        xs = x * (1 / s).repeat_interleave(repeat)
+        if lp.act_bits is not None:
+            xs = _act_quantizer(sample, s)(xs)
+        return float((xs @ _quantized(fmt, w, s).flatten(1).T - y).pow(2).sum())
 
     best, best_error = None, math.inf
-    for s in _candidates(leaf, stats, smooth=lp.act_bits is not None):
+    for s in _candidates(leaf, sample, smooth=lp.act_bits is not None):
         e = error(s)
         if e < best_error:  # strictly: s = 1 (first) wins ties
             best, best_error = s, e
