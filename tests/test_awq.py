@@ -16,8 +16,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import yaml
 from torch import nn
 
+from autocompress import cli
 from autocompress.compress import (
     Calibration,
     InputScale,
@@ -29,11 +31,13 @@ from autocompress.compress import (
     static_layers,
 )
 from autocompress.compress.quantize import calibrate
+from autocompress.deploy._export import export_run
 from autocompress.deploy._packed import load_packed, save_packed
 from autocompress.deploy._rebuild import load_baked_state
 from autocompress.measure import size_bytes
 from autocompress.measure.runtimes._ort import has_activation_quant, session_options
 from autocompress.onnxgraph import export_onnx
+from autocompress.tracking import read_front
 from tests.models import MODELS
 
 OUTLIERS = (3, 17, 40)
@@ -237,3 +241,30 @@ def test_finetuning_trains_the_weight_not_the_scale() -> None:
     assert losses[-1] < losses[0]
     for n, b in scales.items():
         assert torch.equal(m.get_buffer(n), b)
+
+
+@pytest.mark.slow
+def test_a_search_with_awq_exports_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3-trial search whose every layer takes ``quantizer: awq``: each front model rebuilds
+    from MLflow and exports to ONNX and the packed format with the existing verification
+    (the artifact's metric and size equal the logged ones)."""
+    space = {"version": 1, "layers": [{"types": ["Linear"], "knobs": {
+        "bits": [4, 8], "quantizer": ["awq"], "act_bits": [None, 8, "dynamic"]}}]}
+    exp = {"name": "awq-e2e", "task": "tests.models:tiny_task", "search_space": space,
+           "objectives": [{"metric": "accuracy", "mode": "max"},
+                          {"metric": "size_bytes", "mode": "min"}],
+           "target": {"runtime": "onnxruntime", "threads": 1, "batch_size": 1, "warmup": 2,
+                      "min_runs": 5, "max_runs": 20, "budget_s": 0.05},
+           "search": {"sampler": "random", "trials": 3, "seed": 0, "backend": "serial"},
+           "finetune": {"epochs": 1, "lr": 0.001}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    assert cli.main(["search", str(tmp_path / "exp.yaml"), "--tracking-uri", uri]) == 0
+    front = read_front(uri, "awq-e2e")
+    assert front and all("awq" in str(row["plan"]) for row in front)
+    for row in front:
+        for fmt in ("onnx", "packed"):
+            result = export_run(row["run_id"], fmt, tmp_path / fmt / row["run_id"], uri)
+            assert result["size_bytes"] == row["size_bytes"]
