@@ -34,7 +34,12 @@ the kernel positions); a low-rank layer only in its first factor (whose input is
 the other factors are quantized as they are). A layer whose weight another module shares
 (tied weights) keeps ``s = 1``: the other module would compute with the scaled weight. ``1/s``
 is not folded into a preceding LayerNorm or Linear: a Mul per layer, as the graph is not
-assumed to be known. AWQ's second step, a search of clipping ranges, is left out.
+assumed to be known.
+
+Then AWQ's second step (``auto_clip``): per output channel, the scaled weight is clamped to
+the bound of least output error on the sampled rows (:func:`search_clip`; no clamp when that
+is best). The clamped weight is the parameter, so its format's scale follows from it (rebuilt
+or fine-tuned alike).
 
 Without calibration data (:meth:`Calibration.empty`, rebuilding a logged trial) each layer
 gets its :class:`InputScale` with ``factor`` all ones; the logged state fills it.
@@ -137,7 +142,11 @@ def scale_inputs(model: nn.Module, entries: dict[str, LayerPlan], calibration: C
     samples = input_samples(model, list(todo.values()), calibration)
     for name, leaf in todo.items():
         s = search_scale(leaf, entries[name], samples[leaf])
-        _stored_weight(leaf).mul_(s.view(1, -1, *[1] * (leaf.weight.dim() - 2)))
+        clip = search_clip(leaf, entries[name], samples[leaf], s)
+        stored = _stored_weight(leaf)
+        stored.mul_(s.view(1, -1, *[1] * (stored.dim() - 2)))
+        bound = clip.view(-1, *[1] * (stored.dim() - 1))
+        stored.copy_(torch.maximum(torch.minimum(stored, bound), -bound))
         leaf.input_scale.factor.copy_((1 / s).view(scale_shape(leaf)))
 
 
@@ -265,6 +274,31 @@ def search_scale(leaf: nn.Module, lp: LayerPlan, sample: InputSample) -> torch.T
         if e < best_error:  # strictly: s = 1 (first) wins ties
             best, best_error = s, e
     assert best is not None
+    return best
+
+
+@torch.no_grad()
+def search_clip(leaf: nn.Module, lp: LayerPlan, sample: InputSample,
+                s: torch.Tensor) -> torch.Tensor:
+    """AWQ's clipping (``auto_clip``): per output channel, the bound ``c`` (of
+    ``max|w| * (1 - i / GRID)``, ``i < GRID / 2``) that the scaled weight ``W diag(s)`` is
+    clamped to before quantization, of least output error on ``sample``'s scaled rows
+    ``X / s`` (per channel: the channels' quantization is independent); ``i = 0`` (no clip)
+    wins ties."""
+    fmt = _format(lp)
+    w = leaf.weight.detach().float()
+    w = w * s.view(1, -1, *[1] * (w.dim() - 2))
+    flat = w.flatten(1)
+    x = sample.matrix() * (1 / s).repeat_interleave(flat.shape[1] // len(s))
+    y = x @ flat.T
+    amax = flat.abs().amax(1)
+    best, best_error = amax, torch.full_like(amax, math.inf)
+    for i in range(GRID // 2):
+        c = (amax * (1 - i / GRID))[:, None]
+        clipped = torch.maximum(torch.minimum(flat, c), -c).view_as(w)
+        error = (x @ fmt.fake_quant(clipped).flatten(1).T - y).pow(2).sum(0)
+        better = error < best_error
+        best, best_error = torch.where(better, c[:, 0], best), torch.where(better, error, best_error)
     return best
 
 
