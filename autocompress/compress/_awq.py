@@ -61,7 +61,7 @@ from autocompress.compress._plan import LayerPlan
 from autocompress.compress.formats import WeightFormat, weight_format
 
 __all__ = ["GRID", "SAMPLE_ROWS", "InputSample", "InputScale", "input_samples",
-           "input_scale_pre_hook", "scale_inputs", "search_scale"]
+           "input_scale_pre_hook", "scale_inputs", "scale_shape", "search_clip", "search_scale"]
 
 GRID = 20  # exponents a = 0, 1/GRID, ..., (GRID-1)/GRID (llm-awq's n_grid)
 SAMPLE_ROWS = 2048  # input rows per layer the objective is measured on
@@ -131,7 +131,8 @@ def scale_inputs(model: nn.Module, entries: dict[str, LayerPlan], calibration: C
     """Scales the input channels of the plan ``entries`` (integer ``bits``, ``quantizer:
     awq``) before their weights are quantized (the module docstring): each layer (a low-rank
     layer's first factor) gets its :class:`InputScale`; with calibration data, its searched
-    ``1/s``, and its weight times ``s``."""
+    ``1/s``, and its weight becomes ``W diag(s)``, clamped per output channel
+    (:func:`search_clip`)."""
     targets = {name: leaves(model, name)[0] for name in entries}
     for leaf in targets.values():
         _add_input_scale(leaf)
