@@ -304,8 +304,8 @@ def search_clip(leaf: nn.Module, lp: LayerPlan, sample: InputSample,
 
 
 def _format(lp: LayerPlan) -> WeightFormat:
-    """The format ``lp``'s weight is stored in (grouped formats: where ``group_size`` goes)."""
-    return weight_format(lp.bits, lp.scheme)
+    """The format ``lp``'s weight is stored in (per channel or group-wise)."""
+    return weight_format(lp.bits, lp.scheme, lp.group_size)
 
 
 def _quantized(fmt: WeightFormat, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
