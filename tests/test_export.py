@@ -81,6 +81,11 @@ REBUILD_PLANS = {
                                        "bits": 3},
                             "output": {"sparsity": 0.5, "structure": "2:4", "pruner": "wanda",
                                        "bits": 8}},
+    # AWQ / SmoothQuant input scales (an InputScale buffer per layer; tests/test_awq.py)
+    "awq": {"first": {"sparsity": 0.5, "structure": "channel", "bits": 4, "act_bits": 8,
+                      "quantizer": "awq"},
+            "second": {"sparsity": 0.6, "bits": 3, "rank": 0.5, "quantizer": "awq"},
+            "output": {"sparsity": 0.3, "bits": 4, "quantizer": "awq"}},
 }
 
 

@@ -86,6 +86,11 @@ DIGITS_PLANS = {
                      "classifier.1": {"bits": 4, "quantizer": "gptq", "group_size": 128,
                                       "rank": 0.25},
                      "classifier.3": {"bits": 4, "group_size": 128}},
+    "awq": {"features.0": {"bits": 4, "quantizer": "awq"},
+            "features.3": {"sparsity": 0.5, "bits": 3, "quantizer": "awq", "act_bits": 8},
+            "features.7": {"bits": 4, "rank": 0.5, "quantizer": "awq"},
+            "classifier.1": {"bits": 8, "quantizer": "awq", "act_bits": "dynamic"},
+            "classifier.3": {"bits": 4, "quantizer": "awq"}},
 }
 
 

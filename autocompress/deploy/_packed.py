@@ -20,7 +20,7 @@ The header describes the architecture without pickle, as data only:
 - ``modules``: ``{qualified name: [type name, constructor kwargs]}`` for every leaf module the
   forward calls (arguments at their defaults left out). Leaf types come from a fixed whitelist
   (:data:`LEAF_TYPES`: conv, linear, batch/layer norm, activations, pooling, flatten, dropout,
-  identity, ``ActFakeQuant``).
+  identity, ``ActFakeQuant``, ``InputScale``).
 - ``graph``: the forward as a ``torch.fx`` graph, one ``[op, target, args, kwargs]`` entry
   per node (node references by index). Modules outside the whitelist (``Sequential``,
   ``LowRank``, the user's own classes) are traced through, so only their ops remain. Function
@@ -52,16 +52,19 @@ bytes, one per value), or per output channel and group (row-major) for group-wis
 integers. fp32 tensors are raw float32, fp16 and bf16 weights raw 2-byte values
 (little-endian), so every value comes back exactly. An 8-bit activation quantizer is its
 observed range ``(lo, hi)`` as two fp32 (8 bytes); a dynamic one (``act_bits: "dynamic"``) has
-no state and is only its module entry (``dynamic: true``). So ``file size = size_bytes + 9 +
-header``; the compressed header is a few hundred bytes to a
+no state and is only its module entry (``dynamic: true``). AWQ / SmoothQuant's input scale
+(``quantizer: awq``: an ``InputScale`` child of the layer) is its ``factor``, fp32, one per
+input channel, stored as any buffer (no new encoding: files without it read as before).
+So ``file size = size_bytes + 9 + header``; the compressed header is a few hundred bytes to a
 couple of KiB (it grows with the number of layers, not with their size).
 
 Limits:
 
 - The model's forward must be traceable by ``torch.fx.symbolic_trace`` (no control flow on
   tensor values), and every leaf module it calls must be of a whitelisted type. A leaf with a
-  forward hook is refused, except for the activation fake-quant pre-hook that compression adds
-  (stored as an explicit ``ActFakeQuant`` call). Only float32 tensors are stored.
+  forward hook is refused, except for the pre-hooks that compression adds (``PRE_HOOKS``:
+  AWQ's input scale, then the activation fake-quant), stored as explicit calls of the layer's
+  ``InputScale`` / ``ActFakeQuant`` child before the layer. Only float32 tensors are stored.
 - Only what the forward uses is stored: parameters of modules the forward never calls are
   dropped, and BatchNorm ``num_batches_tracked`` is reset to 0 (it only matters for training
   with ``momentum=None``).

@@ -27,6 +27,8 @@ activation quantizer costs 8 bytes (fp32 scale + int32 zero point), a dynamic on
 "dynamic"``) nothing: it computes its range from each input at run time. Its layer's 8-bit
 weight is counted like any other (8 bits per value, one fp32 scale per output channel: what
 ONNX Runtime's ``quantize_dynamic`` stores, plus a zero point per channel that is always 0).
+AWQ / SmoothQuant's input scale (``quantizer: awq``: the layer's ``input_scale.factor``
+buffer, ``1/s``) is fp32, one per input channel, counted as any buffer.
 A tensor that several modules share (tied weights: a decoder's token embedding and output
 layer) is stored once and counted once, under its first name
 (:func:`~autocompress.compress._ties.tensor_aliases`); compressed, it stays shared only as long

@@ -39,6 +39,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
     exact values); group-wise integer weights (``group_size``) int8 codes and their group
     scales feeding ``Cast``, ``Mul`` and ``Reshape``. fp16/bf16 weights get a float16/bfloat16
     initializer feeding a ``Cast`` to float (both also folded at load time).
+    A ``quantizer: awq`` layer's input scale is traced as a ``Mul`` by its ``1/s`` before the
+    layer (its weight holds ``W diag(s)``).
     Layers with quantized activations are exported in fp32 without their fake-quant and then
     handed to ONNX Runtime's own tools with our numbers (:mod:`~autocompress.onnxgraph._ort_quant`):
     ``act_bits: 8`` (:func:`static_layers`) becomes a QDQ graph that runs QLinearConv /
