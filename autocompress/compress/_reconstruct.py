@@ -1,0 +1,183 @@
+"""Calibrated channel pruning (``structure: channel`` with ``pruner: wanda`` or ``sparsegpt``):
+which channels to cut, from what they carry, and the least-squares refit of the layers that
+read them.
+
+- **Channel importance** (``wanda`` and ``sparsegpt``): Wanda's score ``|W_ij| ||X_j||`` (Sun
+  et al. 2023) taken per channel, as Wanda-sp and FLAP do (An et al. 2024, "Fluctuation-based
+  Adaptive Structured Pruning"): a channel's score is the output energy the layers reading it
+  get from it, ``||X_c||^2 ||W_{:,c}||^2`` (``X_c`` the calibration inputs of consumer column
+  ``c``, ``W_{:,c}`` the consumer's weights on it; a conv's channel sums its kernel's
+  columns), summed over every consumer in the channel's group. An attention head scores the
+  mean of its channels, as the magnitude score does. Consumers that cannot be calibrated
+  (:func:`~autocompress.compress._calibration.calibration_problem`: grouped convs) add
+  nothing; a group with none falls back to the group magnitude.
+- **Reconstruction** (``sparsegpt``): after the cut, every consumer (a Linear or conv whose
+  input width shrank: BERT's ``attention.output.dense`` after head pruning, ``output.dense``
+  after FFN pruning, the next conv of a CNN) is refit so that its outputs on the calibration
+  data match those of the model before the cut (FLAP's bias compensation, ZipLM's and
+  "Optimal Brain Compression"'s layer-wise reconstruction, Frantar et al. 2022/2023):
+  ``min ||Y_pre - [X_post 1] [W'; b']^T||^2 + lambda ||[W' b'] - [W b]||^2``, ``Y_pre`` the
+  consumer's outputs in a copy of the model taken before the cut (the rows it still has),
+  ``X_post`` its inputs in the pruned model, ``lambda`` a small damping
+  (:data:`DAMP` of the Gram's mean diagonal) towards the plain cut. Consumers are refit one
+  after the other in the model's definition order, each on the inputs left by the refits
+  before it; each pass over the calibration batches stops at the consumer (both models). No
+  channel index mapping is needed: the refit only compares outputs.
+
+Without calibration data (:meth:`Calibration.empty`) the same number of channels is cut by
+the magnitude score, and nothing is refit: the logged weights are loaded afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from autocompress._inputs import run
+from autocompress.compress._calibration import (
+    Calibration,
+    calibration_problem,
+    input_rows,
+    weight_matrix,
+)
+from autocompress.compress._channel_groups import _PRUNABLE, _Graph
+
+#: Damping of the refit's normal equations, relative to the mean diagonal of the inputs'
+#: Gram matrix (GPTQ's and SparseGPT's ``percdamp``): towards the plain cut.
+DAMP = 0.01
+
+
+@dataclass
+class Cut:
+    """What cutting one group did.
+
+    Attributes:
+        outputs: The conv/linear layers whose output channels the group cuts.
+        removed: The output channels each of them lost (indices before the cut).
+        consumers: The conv/linear layers whose input channels the group cut.
+    """
+
+    outputs: set[nn.Module] = field(default_factory=set)
+    removed: dict[nn.Module, list[int]] = field(default_factory=dict)
+    consumers: list[nn.Module] = field(default_factory=list)
+
+
+def consumers(graph: _Graph, group: tp.Group) -> list[nn.Module]:
+    """The conv/linear layers whose input channels ``group`` cuts, in the group's order."""
+    found = [dep.target.module for dep, _ in group if isinstance(dep.target.module, _PRUNABLE)
+             and graph.dg.is_in_channel_pruning_fn(dep.handler)]
+    return list(dict.fromkeys(found))
+
+
+def removed_outputs(graph: _Graph, group: tp.Group) -> dict[nn.Module, list[int]]:
+    """The output channels ``group`` (a group of channels to cut) removes, per conv/linear."""
+    out: dict[nn.Module, list[int]] = {}
+    for dep, idxs in group:
+        if isinstance(dep.target.module, _PRUNABLE) and graph.dg.is_out_channel_pruning_fn(dep.handler):
+            out.setdefault(dep.target.module, []).extend(int(i) for i in idxs)
+    return out
+
+
+class Reconstruction:
+    """Refits the consumers of the groups cut (see the module docstring) on
+    ``calibration``, against a copy of ``model`` taken now, before any cut."""
+
+    def __init__(self, model: nn.Module, calibration: Calibration) -> None:
+        self.original = copy.deepcopy(model)
+        self.calibration = calibration
+        self.names = {m: n for n, m in model.named_modules()}
+        self.layers: set[str] = set()
+        self.removed: dict[str, list[int]] = {}
+
+    def add(self, cut: Cut) -> None:
+        """Records a cut: its consumers are to be refit, its layers lost these outputs."""
+        self.layers |= {self.names[m] for m in cut.consumers if calibration_problem(m) is None}
+        for module, idxs in cut.removed.items():
+            self.removed.setdefault(self.names[module], []).extend(idxs)
+
+    @torch.no_grad()
+    def run(self, model: nn.Module) -> None:
+        """Refits every recorded consumer of ``model`` (the pruned model), in definition order."""
+        was_training = model.training
+        model.eval()
+        self.original.eval()
+        try:
+            for name, layer in model.named_modules():
+                if name in self.layers:
+                    self._refit(model, name, layer)
+        finally:
+            model.train(was_training)
+
+    def _refit(self, model: nn.Module, name: str, layer: nn.Module) -> None:
+        """Refits one consumer ``layer`` (named ``name``) of ``model`` by damped least squares."""
+        before = self.original.get_submodule(name)
+        kept = [i for i in range(weight_matrix(before).shape[0]) if i not in set(self.removed.get(name, ()))]
+        bias = getattr(layer, "bias", None)
+        w = weight_matrix(layer).double()
+        d = w.shape[1] + (bias is not None)
+        gram = torch.zeros(d, d, dtype=torch.float64)
+        cross = torch.zeros(d, len(kept), dtype=torch.float64)
+        for x, y in _paired(self.original, before, model, layer, self.calibration):
+            rows = input_rows(layer, x).double()
+            if bias is not None:
+                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+            gram.addmm_(rows.T, rows)
+            cross.addmm_(rows.T, _output_rows(layer, y)[:, kept].double())
+        if not gram.any():
+            return  # never ran on the calibration data: left as cut
+        start = w.T if bias is None else torch.cat([w.T, bias.detach().double()[None]], dim=0)
+        damp = DAMP * gram.diagonal().mean()
+        eye = torch.eye(d, dtype=torch.float64)
+        solved = torch.linalg.solve(gram + damp * eye, cross + damp * start)
+        weight = cast(torch.Tensor, layer.weight)
+        weight.copy_(solved[:w.shape[1]].T.reshape(weight.shape))
+        if bias is not None:
+            bias.copy_(solved[-1])
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the layer being refit has run."""
+
+
+def _paired(before_model: nn.Module, before: nn.Module, model: nn.Module, layer: nn.Module,
+            calibration: Calibration) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per calibration batch: ``layer``'s input in ``model`` and ``before``'s output in
+    ``before_model`` (their first calls), each forward stopped there."""
+    got: dict[str, torch.Tensor] = {}
+
+    def output(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        got["y"] = out
+        raise _Stop
+
+    def inputs(module: nn.Module, args: Any) -> None:
+        got["x"] = args[0]
+        raise _Stop
+
+    handles = [before.register_forward_hook(output), layer.register_forward_pre_hook(inputs)]
+    try:
+        for batch in calibration.batches:
+            got.clear()
+            for m in (before_model, model):
+                try:
+                    run(m, batch)
+                except _Stop:
+                    pass
+            if len(got) == 2:
+                yield got["x"], got["y"]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _output_rows(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``layer``'s output ``y`` as rows ``(n, out)``: one per token (Linear) or output position
+    (conv, channels first), in the order of :func:`input_rows`."""
+    if isinstance(layer, nn.Linear):
+        return y.reshape(-1, y.shape[-1])
+    return y.movedim(1, -1).reshape(-1, y.shape[1])
