@@ -29,7 +29,8 @@ def test_layers_json(capsys) -> None:
     refusals = layers[0].pop("refusals")
     assert layers[0] == {"name": "net.0", "type": "Linear", "shape": [32, 16],
                          "params": 16 * 32 + 32, "macs": 16 * 32, "is_output": False}
-    assert [r["knob"] for r in refusals] == ["decomposition"]  # tucker/cp are for convs
+    assert [(r["knob"], r["value"]) for r in refusals if r["knob"] == "decomposition"] == [
+        ("decomposition", "tucker"), ("decomposition", "cp")]  # tucker/cp are for convs
     assert {"name", "type", "shape", "params", "macs"} <= set(layers[-1])
     assert layers[-1]["is_output"] is True
 

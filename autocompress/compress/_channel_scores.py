@@ -39,7 +39,6 @@ from autocompress.compress._calibration import (
 from autocompress.compress._channel_groups import _Graph
 from autocompress.compress._reconstruct import DAMP, consumers
 
-
 #: Rounds of the greedy choice of ``sparsegpt`` (:func:`_greedy_order`): each round removes the
 #: cheapest units at once and updates the consumers, so a wide layer costs this many updates.
 GREEDY_ROUNDS = 32
