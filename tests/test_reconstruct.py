@@ -22,6 +22,7 @@ from autocompress.compress import Calibration, apply, bake, input_stats, output_
 from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.compress.lowrank import factorize
 from autocompress.deploy._packed import load_packed, save_packed
+from tests.models import MODELS
 from tests.test_prune_transformers import HEADS, SELF, bert, onnx_matches_torch
 
 
@@ -111,6 +112,23 @@ def test_the_refit_only_compares_outputs() -> None:
     got = (new(calibration.batches[0]) - target).norm()
     assert hidden.shape[1] == 32 and kept.shape[1] == 24
     assert got <= best * 1.05 + 1e-6
+
+
+@pytest.mark.parametrize("name", ["conv1d", "conv2d", "residual"])
+def test_reconstruction_lowers_the_output_error_of_cnn_channel_pruning(name: str) -> None:
+    """The next conv (and, through a residual add, every conv reading the cut channels; the
+    head after a flatten or a mean) is refit; the pruned widths are those of magnitude."""
+    spec = MODELS[name]
+    model, x = spec.build(), spec.example_inputs(4)
+    plan = {p: Plan({spec.first: channel(0.5, p), spec.second: channel(0.5, p)})
+            for p in ("magnitude", "wanda", "sparsegpt")}
+    calibration = Calibration((spec.example_inputs(128, seed=2),))
+    new = {p: apply(model, plan[p], x, calibration=calibration) for p in plan}
+    held_out = spec.example_inputs(256, seed=3)
+    errors = {p: relative_error(model, m, held_out) for p, m in new.items()}
+    assert errors["sparsegpt"] < errors["magnitude"] and errors["sparsegpt"] < errors["wanda"], errors
+    shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in new.values()]
+    assert shapes[0] == shapes[1] == shapes[2]
 
 
 # --- heads and FFN neurons of a tiny BERT ----------------------------------------------------
