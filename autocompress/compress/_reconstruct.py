@@ -117,18 +117,20 @@ class Reconstruction:
     def _refit(self, model: nn.Module, name: str, layer: nn.Module) -> None:
         """Refits one consumer ``layer`` (named ``name``) of ``model`` by damped least squares."""
         before = self.original.get_submodule(name)
-        kept = [i for i in range(weight_matrix(before).shape[0]) if i not in set(self.removed.get(name, ()))]
+        removed = set(self.removed.get(name, ()))
+        kept = [i for i in range(weight_matrix(before).shape[0]) if i not in removed]
         bias = getattr(layer, "bias", None)
         w = weight_matrix(layer).double()
         d = w.shape[1] + (bias is not None)
         gram = torch.zeros(d, d, dtype=torch.float64)
         cross = torch.zeros(d, len(kept), dtype=torch.float64)
         for x, y in _paired(self.original, before, model, layer, self.calibration):
-            rows = input_rows(layer, x).double()
+            rows = input_rows(layer, x).float()
             if bias is not None:
                 rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-            gram.addmm_(rows.T, rows)
-            cross.addmm_(rows.T, _output_rows(layer, y)[:, kept].double())
+            # per batch in float32 (a batch's sums are short), accumulated in float64
+            gram += (rows.T @ rows).double()
+            cross += (rows.T @ _output_rows(layer, y)[:, kept].float()).double()
         if not gram.any():
             return  # never ran on the calibration data: left as cut
         start = w.T if bias is None else torch.cat([w.T, bias.detach().double()[None]], dim=0)

@@ -7,6 +7,13 @@ of the next conv/linear. Layers coupled by a residual add must lose the same cha
 group is cut once, at the ratio of its first layer in the model's definition order (not the
 plan's order: plans that compare equal must compress alike).
 
+The plan's ``pruner`` (of that first layer) chooses the channels with calibration data:
+``wanda`` by the output energy each channel gives the layers reading it, ``sparsegpt`` by the
+least output error after optimally updating them (:mod:`~autocompress.compress._channel_scores`),
+then refits those layers by least squares against the model before the cut
+(:mod:`~autocompress.compress._reconstruct`). Without calibration data both cut as many
+channels by the magnitude score, and nothing is refit.
+
 In a transformer:
 
 - **Attention heads.** The query, key and value projections of one attention block are one
