@@ -246,3 +246,16 @@ def test_whitened_is_refused_where_inputs_cannot_be_weighed() -> None:
         apply(Embed(), Plan({"embed": LayerPlan(rank=0.5, decomposition="whitened")}), ids)
     new = apply(Embed(), Plan({"head": LayerPlan(rank=0.5, decomposition="whitened")}), ids)
     assert new(ids).shape == (2, 2)
+
+
+def test_the_refit_is_the_same_with_or_without_cached_targets(monkeypatch) -> None:
+    """The uncut model's outputs are kept from one pass while they fit; past the budget each
+    refit reruns it: the same refit either way."""
+    import autocompress.compress._reconstruct as reconstruct
+
+    model, x = bert()
+    cached = apply(model, bert_plan("sparsegpt"), x, calibration=bert_calibration())
+    monkeypatch.setattr(reconstruct, "CACHE_BYTES", 0)
+    rerun = apply(model, bert_plan("sparsegpt"), x, calibration=bert_calibration())
+    for (name, a), b in zip(cached.state_dict().items(), rerun.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -51,6 +51,9 @@ from autocompress.compress._channel_groups import _PRUNABLE, _Graph
 #: Damping of the refit's normal equations, relative to the mean diagonal of the inputs'
 #: Gram matrix (GPTQ's and SparseGPT's ``percdamp``): towards the plain cut.
 DAMP = 0.01
+#: Bytes of the model's outputs before the cut kept in memory for the refits (one pass of
+#: the uncut model); consumers past it rerun the uncut model beside their own refit.
+CACHE_BYTES = 256 << 20
 
 
 @dataclass
@@ -108,29 +111,66 @@ class Reconstruction:
         model.eval()
         self.original.eval()
         try:
-            for name, layer in model.named_modules():
-                if name in self.layers:
-                    self._refit(model, name, layer)
+            order = [(n, m) for n, m in model.named_modules() if n in self.layers]
+            cached = self._targets([n for n, _ in order])
+            for name, layer in order:
+                self._refit(model, name, layer, cached.get(name))
         finally:
             model.train(was_training)
 
-    def _refit(self, model: nn.Module, name: str, layer: nn.Module) -> None:
-        """Refits one consumer ``layer`` (named ``name``) of ``model`` by damped least squares."""
-        before = self.original.get_submodule(name)
+    def _kept(self, name: str) -> list[int]:
+        """The outputs of consumer ``name`` that the cuts left (indices before the cut)."""
         removed = set(self.removed.get(name, ()))
-        kept = [i for i in range(weight_matrix(before).shape[0]) if i not in removed]
+        rows = weight_matrix(self.original.get_submodule(name)).shape[0]
+        return [i for i in range(rows) if i not in removed]
+
+    def _targets(self, names: list[str]) -> dict[str, dict[int, torch.Tensor]]:
+        """The outputs (kept rows, float32) of consumers ``names`` in the model before the
+        cut, per calibration batch, from one pass, while they fit :data:`CACHE_BYTES`; the
+        others are recomputed beside each refit."""
+        found: dict[str, dict[int, torch.Tensor]] = {n: {} for n in names}
+        used, batch = [0], [0]
+
+        def keep(name: str, kept: list[int]) -> Any:
+            def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+                if name in found and batch[0] not in found[name]:  # its first call only
+                    y = _output_rows(module, out)[:, kept].float()
+                    used[0] += y.numel() * y.element_size()
+                    if used[0] > CACHE_BYTES:
+                        found.pop(name)
+                    else:
+                        found[name][batch[0]] = y
+            return hook
+
+        handles = [self.original.get_submodule(n).register_forward_hook(keep(n, self._kept(n)))
+                   for n in names]
+        try:
+            for batch[0], inputs in enumerate(self.calibration.batches):
+                run(self.original, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return found
+
+    def _refit(self, model: nn.Module, name: str, layer: nn.Module,
+               cached: dict[int, torch.Tensor] | None) -> None:
+        """Refits one consumer ``layer`` (named ``name``) of ``model`` by damped least squares
+        against its outputs before the cut (``cached`` per batch, or recomputed)."""
+        kept = self._kept(name)
         bias = getattr(layer, "bias", None)
         w = weight_matrix(layer).double()
         d = w.shape[1] + (bias is not None)
         gram = torch.zeros(d, d, dtype=torch.float64)
         cross = torch.zeros(d, len(kept), dtype=torch.float64)
-        for x, y in _paired(self.original, before, model, layer, self.calibration):
+        before = self.original.get_submodule(name)
+        for x, y in _paired(self.original, before, model, layer, self.calibration, cached):
             rows = input_rows(layer, x).float()
             if bias is not None:
                 rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
             # per batch in float32 (a batch's sums are short), accumulated in float64
             gram += (rows.T @ rows).double()
-            cross += (rows.T @ _output_rows(layer, y)[:, kept].float()).double()
+            target = y if cached is not None else _output_rows(before, y)[:, kept].float()
+            cross += (rows.T @ target).double()
         if not gram.any():
             return  # never ran on the calibration data: left as cut
         start = w.T if bias is None else torch.cat([w.T, bias.detach().double()[None]], dim=0)
@@ -148,9 +188,11 @@ class _Stop(Exception):
 
 
 def _paired(before_model: nn.Module, before: nn.Module, model: nn.Module, layer: nn.Module,
-            calibration: Calibration) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            calibration: Calibration, cached: dict[int, torch.Tensor] | None
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per calibration batch: ``layer``'s input in ``model`` and ``before``'s output in
-    ``before_model`` (their first calls), each forward stopped there."""
+    ``before_model`` (their first calls; each forward stopped there), or its ``cached``
+    output rows (then ``before_model`` does not run)."""
     got: dict[str, torch.Tensor] = {}
 
     def output(module: nn.Module, args: Any, out: torch.Tensor) -> None:
@@ -161,11 +203,15 @@ def _paired(before_model: nn.Module, before: nn.Module, model: nn.Module, layer:
         got["x"] = args[0]
         raise _Stop
 
-    handles = [before.register_forward_hook(output), layer.register_forward_pre_hook(inputs)]
+    handles = [layer.register_forward_pre_hook(inputs)]
+    if cached is None:
+        handles.append(before.register_forward_hook(output))
     try:
-        for batch in calibration.batches:
+        for i, batch in enumerate(calibration.batches):
             got.clear()
-            for m in (before_model, model):
+            if cached is not None and i in cached:
+                got["y"] = cached[i]
+            for m in (before_model, model) if cached is None else (model,):
                 try:
                     run(m, batch)
                 except _Stop:
