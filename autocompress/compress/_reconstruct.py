@@ -1,31 +1,23 @@
-"""Calibrated channel pruning (``structure: channel`` with ``pruner: wanda`` or ``sparsegpt``):
-which channels to cut, from what they carry, and the least-squares refit of the layers that
-read them.
+"""Reconstruction after structured pruning (``structure: channel`` with ``pruner: sparsegpt``):
+the least-squares refit of the layers that read the channels cut. Which channels are cut is
+:mod:`~autocompress.compress._channel_scores`'s job.
 
-- **Channel importance** (``wanda`` and ``sparsegpt``): Wanda's score ``|W_ij| ||X_j||`` (Sun
-  et al. 2023) taken per channel, as Wanda-sp and FLAP do (An et al. 2024, "Fluctuation-based
-  Adaptive Structured Pruning"): a channel's score is the output energy the layers reading it
-  get from it, ``||X_c||^2 ||W_{:,c}||^2`` (``X_c`` the calibration inputs of consumer column
-  ``c``, ``W_{:,c}`` the consumer's weights on it; a conv's channel sums its kernel's
-  columns), summed over every consumer in the channel's group. An attention head scores the
-  mean of its channels, as the magnitude score does. Consumers that cannot be calibrated
-  (:func:`~autocompress.compress._calibration.calibration_problem`: grouped convs) add
-  nothing; a group with none falls back to the group magnitude.
-- **Reconstruction** (``sparsegpt``): after the cut, every consumer (a Linear or conv whose
-  input width shrank: BERT's ``attention.output.dense`` after head pruning, ``output.dense``
-  after FFN pruning, the next conv of a CNN) is refit so that its outputs on the calibration
-  data match those of the model before the cut (FLAP's bias compensation, ZipLM's and
-  "Optimal Brain Compression"'s layer-wise reconstruction, Frantar et al. 2022/2023):
-  ``min ||Y_pre - [X_post 1] [W'; b']^T||^2 + lambda ||[W' b'] - [W b]||^2``, ``Y_pre`` the
-  consumer's outputs in a copy of the model taken before the cut (the rows it still has),
-  ``X_post`` its inputs in the pruned model, ``lambda`` a small damping
-  (:data:`DAMP` of the Gram's mean diagonal) towards the plain cut. Consumers are refit one
-  after the other in the model's definition order, each on the inputs left by the refits
-  before it; each pass over the calibration batches stops at the consumer (both models). No
-  channel index mapping is needed: the refit only compares outputs.
+After the cut, every consumer (a Linear or conv whose input width shrank: BERT's
+``attention.output.dense`` after head pruning, ``output.dense`` after FFN pruning, the next
+conv of a CNN, the head after a flatten) is refit so that its outputs on the calibration data
+match those of the model before the cut (FLAP's bias compensation, An et al. 2024; ZipLM's and
+"Optimal Brain Compression"'s layer-wise reconstruction, Kurtic et al. 2023, Frantar et al.
+2022): ``min ||Y_pre - [X_post 1] [W'; b']^T||^2 + lambda ||[W' b'] - [W b]||^2``, ``Y_pre``
+the consumer's outputs in a copy of the model taken before the cut (the rows it still has),
+``X_post`` its inputs in the pruned model, ``lambda`` a damping (:data:`REFIT_DAMP` of the
+Gram's mean diagonal) towards the plain cut. Consumers are refit one after the other in the
+model's definition order, each on the inputs left by the refits before it: the uncut model's
+outputs come from one pass (up to :data:`CACHE_BYTES`), and each refit's pass over the pruned
+model stops at its consumer. No channel index mapping is needed: the refit only compares
+outputs, whatever else changed upstream.
 
-Without calibration data (:meth:`Calibration.empty`) the same number of channels is cut by
-the magnitude score, and nothing is refit: the logged weights are loaded afterwards.
+Without calibration data (:meth:`Calibration.empty`) nothing is refit: the logged weights
+are loaded afterwards.
 """
 
 from __future__ import annotations
@@ -48,9 +40,14 @@ from autocompress.compress._calibration import (
 )
 from autocompress.compress._channel_groups import _PRUNABLE, _Graph
 
-#: Damping of the refit's normal equations, relative to the mean diagonal of the inputs'
-#: Gram matrix (GPTQ's and SparseGPT's ``percdamp``): towards the plain cut.
+#: Damping of the inputs' Gram matrix in the choice of ``sparsegpt``'s channels, relative to
+#: its mean diagonal (GPTQ's and SparseGPT's ``percdamp``).
 DAMP = 0.01
+#: Damping of the refit's normal equations, relative to the same mean diagonal: towards the
+#: plain cut. Stronger than :data:`DAMP`: the refit fits every output on a few hundred samples
+#: (all-MiniLM-L6-v2, 30% of heads and FFN neurons, 256 samples: fidelity 0.926 at 0.01,
+#: 0.930 at 0.1, 0.922 at 0.3).
+REFIT_DAMP = 0.1
 #: Bytes of the model's outputs before the cut kept in memory for the refits (one pass of
 #: the uncut model); consumers past it rerun the uncut model beside their own refit.
 CACHE_BYTES = 256 << 20
@@ -174,7 +171,7 @@ class Reconstruction:
         if not gram.any():
             return  # never ran on the calibration data: left as cut
         start = w.T if bias is None else torch.cat([w.T, bias.detach().double()[None]], dim=0)
-        damp = DAMP * gram.diagonal().mean()
+        damp = REFIT_DAMP * gram.diagonal().mean()
         eye = torch.eye(d, dtype=torch.float64)
         solved = torch.linalg.solve(gram + damp * eye, cross + damp * start)
         weight = cast(torch.Tensor, layer.weight)
