@@ -81,6 +81,19 @@ def test_reconstruction_lowers_the_output_error_of_channel_pruning() -> None:
     assert errors["sparsegpt"] < 0.5 * errors["wanda"] < 0.5 * errors["magnitude"], errors
 
 
+@pytest.mark.parametrize("pruners", [("sparsegpt", "wanda"), ("sparsegpt", "magnitude"),
+                                     ("wanda", "sparsegpt"), ("magnitude", "sparsegpt")])
+def test_pruners_mix_in_one_plan(pruners: tuple[str, str]) -> None:
+    """A refit layer may lose its own outputs to another pruner's entry (and the reverse)."""
+    model, x, calibration = mlp()
+    plan = Plan({"net.0": channel(0.5, pruners[0]), "net.2": channel(0.25, pruners[1])})
+    new = apply(model, plan, x, calibration=calibration)
+    assert (new.net[0].out_features, new.net[2].out_features) == (24, 24)
+    held_out = correlated(512, 16, seed=2)
+    magnitude = apply(model, mlp_plan("magnitude"), x, calibration=calibration)
+    assert relative_error(model, new, held_out) < relative_error(model, magnitude, held_out)
+
+
 def test_every_pruner_cuts_the_same_number_of_channels() -> None:
     model, x, calibration = mlp()
     for pruner in ("magnitude", "wanda", "sparsegpt"):

@@ -95,9 +95,12 @@ class Reconstruction:
         self.layers: set[str] = set()
         self.removed: dict[str, list[int]] = {}
 
-    def add(self, cut: Cut) -> None:
-        """Records a cut: its consumers are to be refit, its layers lost these outputs."""
-        self.layers |= {self.names[m] for m in cut.consumers if calibration_problem(m) is None}
+    def add(self, cut: Cut, refit: bool = True) -> None:
+        """Records a cut: its layers lost these outputs (every cut must be recorded: a
+        consumer may lose outputs to another entry's cut), and, with ``refit``, its consumers
+        are to be refit."""
+        if refit:
+            self.layers |= {self.names[m] for m in cut.consumers if calibration_problem(m) is None}
         for module, idxs in cut.removed.items():
             self.removed.setdefault(self.names[module], []).extend(idxs)
 

@@ -209,8 +209,8 @@ def prune_channels(model: nn.Module, ratios: dict[str, float], example_inputs: A
             raise PlanError(f"layer {name!r}: Torch-Pruning could not remove its channels "
                             f"({type(e).__name__}: {e})") from None
         done |= cut.outputs
-        if refit is not None and pruners.get(name) == "sparsegpt":
-            refit.add(cut)
+        if refit is not None:
+            refit.add(cut, pruners.get(name) == "sparsegpt")
     graph.check(", ".join(order))
     if refit is not None:
         refit.run(model)
