@@ -275,3 +275,15 @@ def test_the_refit_is_the_same_with_or_without_cached_targets(monkeypatch) -> No
     rerun = apply(model, bert_plan("sparsegpt"), x, calibration=bert_calibration())
     for (name, a), b in zip(cached.state_dict().items(), rerun.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_channels_of_a_whitened_factorization_are_pruned_and_refit() -> None:
+    """Low-rank first, then the channels of its last factor, the consumer refit."""
+    model, x, calibration = mlp()
+    both = {"sparsity": 0.5, "structure": "channel", "rank": 0.5}
+    new = apply(model, Plan({"net.0": LayerPlan(**both, decomposition="whitened", pruner="sparsegpt")}),
+                x, calibration=calibration)
+    plain = apply(model, Plan({"net.0": LayerPlan(**both)}), x, calibration=calibration)
+    assert new.net[0][1].out_features == plain.net[0][1].out_features == 24
+    held_out = correlated(512, 16, seed=2)
+    assert relative_error(model, new, held_out) < relative_error(model, plain, held_out)
