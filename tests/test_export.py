@@ -63,6 +63,13 @@ def _simulate_finetuning(model: torch.nn.Module) -> None:
 
 
 REBUILD_PLANS = {
+    # channel cut with reconstruction and whitened low-rank (tests/test_reconstruct.py)
+    "reconstruct-whitened": {"first": {"sparsity": 0.5, "structure": "channel",
+                                       "pruner": "sparsegpt", "bits": 4},
+                             "second": {"sparsity": 0.6, "bits": 3, "rank": 0.5,
+                                        "decomposition": "whitened"},
+                             "output": {"sparsity": 0.3, "pruner": "wanda", "bits": 8,
+                                        "quantizer": "gptq"}},
     "int": {"first": {"sparsity": 0.5, "structure": "channel", "bits": 4, "act_bits": 8},
             "second": {"sparsity": 0.6, "bits": 3, "rank": 0.5},
             "output": {"sparsity": 0.3}},
