@@ -154,7 +154,7 @@ def scale_inputs(model: nn.Module, entries: dict[str, LayerPlan], calibration: C
 class InputSample:
     """What a layer's inputs were over the calibration data: per input channel their min,
     max and mean ``|x|`` over all of them, and a sample of its input rows
-    (:func:`~autocompress.compress.input_rows`: strided, deterministic, at most
+    (:func:`~autocompress.compress.input_rows`: a seeded random subset, at most
     :data:`SAMPLE_ROWS`)."""
 
     def __init__(self, quota: int = SAMPLE_ROWS) -> None:
@@ -176,7 +176,10 @@ class InputSample:
         self.abssum = abssum if first else self.abssum + abssum
         self.count += len(channels)
         rows = input_rows(module, x)
-        self.rows.append(rows[::max(1, math.ceil(len(rows) / self.quota))].clone())
+        # A random (seeded: deterministic) subset: a stride can alias with the spatial grid
+        # of a conv's unfolded patches and keep only border positions.
+        keep = torch.randperm(len(rows), generator=torch.Generator().manual_seed(len(self.rows)))
+        self.rows.append(rows[keep[:self.quota].sort().values].clone())
 
     @property
     def mean_abs(self) -> torch.Tensor:
