@@ -87,20 +87,18 @@ def compress_alone(name: str, module: nn.Module, setting: dict[str, Any],
 @torch.no_grad()
 def effective_weight(layer: nn.Module, original: nn.Module) -> torch.Tensor:
     """The ``(out, d)`` matrix the compressed ``layer`` multiplies its input rows by
-    (``original``: the layer it was made from). A Linear's is read from its forward on the
-    identity (minus its bias); a conv's from its weight, or its low-rank factors' when all
-    but the first are 1x1.
+    (``original``: the layer it was made from): its (parametrized) weight, or its low-rank
+    factors' product when all but the first are 1x1; a Linear with forward pre-hooks (input
+    scales) is read from its forward on the identity, minus its bias.
 
     Raises:
         ValueError: A factorization whose effective weight this cannot read (Tucker, CP).
     """
-    if isinstance(original, nn.Linear):
+    factors = list(layer) if isinstance(layer, LowRank) else [layer]
+    if isinstance(original, nn.Linear) and any(f._forward_pre_hooks for f in factors):
         d = original.in_features
         eye = torch.eye(d, dtype=original.weight.dtype)
         return (layer(eye) - layer(torch.zeros(1, d, dtype=eye.dtype))).T
-    if not isinstance(layer, LowRank):
-        return weight_matrix(layer)
-    factors = list(layer)
     if any(f.weight.shape[2:].numel() != 1 for f in factors[1:]):
         raise ValueError("a factorization with more than one spatial factor")
     w = weight_matrix(factors[0])

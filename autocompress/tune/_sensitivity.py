@@ -47,20 +47,19 @@ import itertools
 import json
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from autocompress.compress import KNOB_TABLE, LayerPlan, Plan, PlanError, reconcile, same
-from autocompress.tune._local_probes import input_shapes, is_local, local_error, measured_distortion
+from autocompress.compress import KNOB_TABLE, LayerPlan, reconcile, same
+from autocompress.tune._local_probes import is_local
+from autocompress.tune._profile_run import ProfileRun, Progress, count
 
-SENSITIVITY_BATCHES = 2  # validation batches of a model-level evaluation
+SENSITIVITY_BATCHES = 1  # validation batches of a model-level evaluation
 PROFILE_SAMPLES = 128  # calibration samples of the layer-local probes
 RANGE_POINTS = 4  # probes of a range domain: this many evenly spaced values above its low end
-PROGRESS_SECONDS = 5.0  # between progress lines
 _FORMAT = 3  # of the cached profiles (2: with the distortion; 3: layer-local probes, variants)
 
 
@@ -132,9 +131,19 @@ class Sensitivity:
 
     def distortion(self, layer: str, knob: str, value: Any, **with_: Any) -> float | None:
         """The probe's output distortion (see :class:`Probe`), or None if that was not probed
-        or the probe failed."""
+        or the probe failed. A model-level setting is probed with its default variants only
+        (:func:`profile`): a variant's prediction there reads the default's."""
         p = self._find(layer, knob, value, with_)
+        if p is None and any(k in KNOB_TABLE[knob].probe_variants for k in with_):
+            p = self._find(layer, knob, value, {k: v for k, v in with_.items()
+                                                if k not in KNOB_TABLE[knob].probe_variants})
         return None if p is None or math.isnan(p.distortion) else p.distortion
+
+    def works(self, layer: str, knob: str, value: Any) -> bool:
+        """Whether some probe of ``layer`` with ``knob`` at ``value`` succeeded (the method
+        exists and takes the layer)."""
+        return any(knob in p.knobs and same(p.knobs[knob], value) and not math.isnan(p.distortion)
+                   for p in self._by_layer.get(layer, ()))
 
     def to_csv(self) -> str:
         """``layer, setting, knobs (JSON), metric, drop, distortion, local`` per probe."""
@@ -215,22 +224,31 @@ def profile(task: Any, space: Any, *, batches: int = SENSITIVITY_BATCHES,
         space: A :class:`~autocompress.config.ResolvedSpace` of that model.
         batches: Validation batches per model-level evaluation.
         samples: Calibration samples (training inputs) of the layer-local probes.
-        allocated_only: Probe only the knobs the first trials' allocation spends (what the
-            search uses; ``autocompress sensitivity`` probes every ``probed`` knob).
+        allocated_only: Probe only the knobs the first trials' allocation spends, and measure
+            distortions only, no metric (what the search uses: half the evaluations;
+            ``autocompress sensitivity`` probes every ``probed`` knob, with its metric).
         use_cache: Read and write the cache.
-        echo: Progress lines (at the start, every :data:`PROGRESS_SECONDS`, at the end).
+        echo: Progress lines (at the start, every few seconds, at the end).
     """
     key = _cache_key(task, space, batches, samples, allocated_only)
     if use_cache and (hit := _cache_read(key)) is not None:
         return hit
     subset = list(itertools.islice(task.val_loader, batches))
-    jobs = {layer.name: probe_settings(layer.knobs, allocated_only) for layer in space.layers}
-    run = _Run(task, subset, samples, jobs, _Progress(sum(map(len, jobs.values())), echo))
+    jobs = {layer.name: [s for s in probe_settings(layer.knobs, allocated_only)
+                         if not _variant(s) or is_local(task.model.get_submodule(layer.name), s)]
+            for layer in space.layers}
+    local = {n: [is_local(task.model.get_submodule(n), s) for s in settings]
+             for n, settings in jobs.items()}
+    progress = Progress(sum(map(len, jobs.values())), echo)
     if echo:
-        echo(f"sensitivity: {run.progress.total} probes ({len(jobs)} layers, no fine-tuning): "
-             f"{run.local_count} layer-local on {samples} calibration samples, the rest and one "
-             f"per layer on {sum(_count(b) for b in subset)} validation samples")
-    probes = tuple(p for name, settings in jobs.items() for p in run.layer(name, settings))
+        echo(f"sensitivity: {progress.total} probes ({len(jobs)} layers, no fine-tuning): "
+             f"{sum(map(sum, local.values()))} layer-local on the input statistics of "
+             f"{samples} calibration samples (one pass), the rest and one per layer on the model "
+             f"({sum(count(b) for b in subset)} validation samples)")
+    run = ProfileRun(task, subset, samples, [n for n, flags in local.items() if any(flags)], progress)
+    run.with_metric = not allocated_only
+    probes = tuple(Probe(name, s, *m) for name, settings in jobs.items()
+                   for s, m in zip(settings, run.layer(name, settings), strict=True) if m)
     result = Sensitivity(run.base, probes, batches, run.progress.elapsed())
     if use_cache:
         _cache_write(key, result)
@@ -243,141 +261,11 @@ def profile(task: Any, space: Any, *, batches: int = SENSITIVITY_BATCHES,
     return result
 
 
-class _Progress:
-    """Counts probes and prints a line every :data:`PROGRESS_SECONDS`."""
-
-    def __init__(self, total: int, echo: Callable[[str], None] | None) -> None:
-        self.total, self.echo = total, echo
-        self.done = {"local": 0, "model": 0}
-        self.start = self.last = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def tick(self, kind: str) -> None:
-        self.done[kind] += 1
-        self.line()
-
-    def line(self, force: bool = False) -> None:
-        now = time.perf_counter()
-        if self.echo and (force or now - self.last >= PROGRESS_SECONDS):
-            self.last = now
-            self.echo(f"sensitivity: {sum(self.done.values())}/{self.total} probes "
-                      f"({self.done['local']} layer-local, {self.done['model']} model-level), "
-                      f"{now - self.start:.0f} s")
-
-
-class _Run:
-    """One profile's measurements: the baseline, the calibration statistics, the probes."""
-
-    def __init__(self, task: Any, subset: list, samples: int, jobs: dict[str, list],
-                 progress: _Progress) -> None:
-        from autocompress.compress import Calibration, input_stats
-
-        self.task, self.subset, self.progress = task, subset, progress
-        model = task.model
-        local = {n: [is_local(model.get_submodule(n), s) for s in settings]
-                 for n, settings in jobs.items()}
-        names = [n for n, flags in local.items() if any(flags)]
-        self.local_count = sum(sum(flags) for flags in local.values())
-        self.base = _metric(task, model, subset)
-        self.reference = _outputs(model, subset)
-        self.stats: dict[str, Any] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        if names:
-            found = input_stats(model, [model.get_submodule(n) for n in names],
-                                Calibration.from_task(task, samples))
-            self.stats = {n: found[model.get_submodule(n)] for n in names}
-            self.shapes = input_shapes(model, names, task.example_inputs)
-
-    def distortion(self, model: Any) -> float:
-        return _distortion(_outputs(model, self.subset), self.reference)
-
-    def layer(self, name: str, settings: list[dict[str, Any]]) -> list[Probe]:
-        """The probes of one layer: the local ones scaled by the layer's gain, the others
-        measured on the model."""
-        module = self.task.model.get_submodule(name)
-        local: dict[int, tuple[float, Any]] = {}
-        measured: dict[int, tuple[float, float]] = {}
-        for i, s in enumerate(settings):
-            if name in self.stats and is_local(module, s):
-                try:
-                    local[i] = local_error(name, module, s, self.shapes[name], self.stats[name])
-                except PlanError:  # the method refuses it: a trial would fail the same way
-                    local[i] = (math.nan, None)
-                except Exception:  # noqa: BLE001 - not expressible locally: run the model
-                    pass
-                if i in local:
-                    self.progress.tick("local")
-                    continue
-            measured[i] = _probe(self.task, name, s, self.subset, self.reference)
-            self.progress.tick("model")
-        gain = self._gain(name, local)
-        return [Probe(name, s, math.nan, gain * local[i][0], local[i][0]) if i in local
-                else Probe(name, s, *measured[i]) for i, s in enumerate(settings)]
-
-    def _gain(self, name: str, local: dict[int, tuple[float, Any]]) -> float:
-        """Model-level distortion per unit of local error, from the probe at the median
-        positive local error, measured with its compressed layer in the model."""
-        ranked = sorted((err, i) for i, (err, _) in local.items() if err > 0 and math.isfinite(err))
-        if not ranked:
-            return 0.0
-        err, i = ranked[len(ranked) // 2]
-        import torch
-
-        with torch.no_grad():
-            measured = measured_distortion(self.task.model, name, local[i][1], self.distortion)
-        self.progress.tick("model")
-        return measured / err
-
-
-def _probe(task: Any, layer: str, setting: dict[str, Any], subset: list,
-           reference: list[Any]) -> tuple[float, float]:
-    """The probe's metric and distortion measured on the model (the layer compressed in a
-    copy), or NaNs if compressing or evaluating it fails (a trial with that setting would
-    fail the same way; it is then never allocated)."""
-    from autocompress.compress import apply
-    from autocompress.compress.quantize import calibrate
-
-    try:
-        model = apply(task.model, Plan({layer: LayerPlan(**setting)}), task.example_inputs)
-        calibrate(model, [x for x, *_ in subset])
-        model.eval()
-        return _metric(task, model, subset), _distortion(_outputs(model, subset), reference)
-    except Exception:  # noqa: BLE001 - a user's model or metric may refuse anything
-        return math.nan, math.nan
-
-
-def _outputs(model: Any, subset: list) -> list[Any]:
-    """The model's float outputs on the subset's inputs, one flat fp32 tensor per batch."""
-    import torch
-
-    from autocompress._inputs import run
-    from autocompress.compress import output_tensors
-
-    with torch.no_grad():
-        return [torch.cat([t.detach().float().flatten() for t in output_tensors(run(model, x))
-                           if t.is_floating_point()]) for x, *_ in subset]
-
-
-def _distortion(outputs: list[Any], reference: list[Any]) -> float:
-    err = sum(float((y - y0).pow(2).sum()) for y, y0 in zip(outputs, reference, strict=True))
-    norm = sum(float(y0.pow(2).sum()) for y0 in reference)
-    return err / max(norm, 1e-30)
-
-
-def _metric(task: Any, model: Any, subset: list) -> float:
-    import torch
-
-    from autocompress.measure import top1_accuracy
-
-    with torch.no_grad():
-        return float((task.metric or top1_accuracy)(model, subset))
-
-
-def _count(batch: Any) -> int:
-    y = batch[-1] if isinstance(batch, tuple | list) else batch
-    return len(y)
+def _variant(setting: dict[str, Any]) -> bool:
+    """Whether ``setting`` sets a ``probe_variants`` knob off its default: probed only where
+    layer-local (a model-level probe costs an evaluation; its prediction reads the default's)."""
+    return any(k in spec.probe_variants and not same(v, KNOB_TABLE[k].default)
+               for spec in KNOB_TABLE.values() if spec.probed for k, v in setting.items())
 
 
 # --- cache -------------------------------------------------------------------------------------
