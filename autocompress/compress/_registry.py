@@ -16,6 +16,7 @@ are computed from the weights that remain.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,7 +24,8 @@ from typing import Any
 from torch import nn
 
 from autocompress._registry import Registry
-from autocompress.compress._calibration import Calibration
+from autocompress.compress._calibration import DEFAULT_SAMPLES, Calibration
+from autocompress.compress._knob_values import CALIBRATED
 from autocompress.compress._knobs import KNOB_TABLE, summary_tokens, why_refused
 from autocompress.compress._layers import LayerInfo, Refusal, find_layers
 from autocompress.compress._plan import Plan, PlanError
@@ -83,12 +85,24 @@ def register_method(name: str, order: int, limits: Limits | None = None,
     return deco
 
 
-def describe_layers(model: nn.Module, example_inputs: Any) -> list[LayerInfo]:
-    """The compressible layers (:func:`find_layers`) with the refusals of every method's limits
-    and of tied weights (what ``autocompress layers`` shows and what a search space leaves
-    out)."""
+def describe_layers(model: nn.Module, example_inputs: Any,
+                    calibration_samples: int | None = DEFAULT_SAMPLES) -> list[LayerInfo]:
+    """The compressible layers (:func:`find_layers`) with the refusals of every method's limits,
+    of tied weights and of a calibration too small for a layer (what ``autocompress layers``
+    shows and what a search space leaves out).
+
+    Args:
+        model: The model.
+        example_inputs: One input batch.
+        calibration_samples: The samples a trial calibrates on (``search.calibration_samples``):
+            a layer whose calibration inputs would have fewer rows than its input width (an
+            underdetermined Hessian) refuses the calibrated knobs; None: no such check.
+    """
     layers = find_layers(model, example_inputs)
     found: dict[str, list[Refusal]] = {}
+    if calibration_samples is not None:
+        for la in layers:
+            found[la.name] = _too_few_rows(la, calibration_samples)
     for method in _in_order():
         if method.limits is not None:
             for name, refusals in method.limits(model, example_inputs, layers).items():
@@ -99,6 +113,22 @@ def describe_layers(model: nn.Module, example_inputs: Any) -> list[LayerInfo]:
         refusals += [r for r in _tie_refusals(la, ties.get(la.name))
                      if not any((r.knob, r.value) == (o.knob, o.value) for o in refusals)]
     return [replace(la, refusals=tuple(found[la.name])) for la in layers]
+
+
+def _too_few_rows(layer: LayerInfo, samples: int) -> list[Refusal]:
+    """The calibrated knob values refused when ``samples`` samples give ``layer`` fewer input
+    rows (tokens, output positions: its MACs per sample over its weights) than inputs."""
+    weights = math.prod(layer.shape)
+    if layer.type == "Embedding" or not layer.macs or not weights:
+        return []
+    rows = samples * layer.macs // weights
+    width = layer.shape[0] if layer.type == "Conv1D" else weights // layer.shape[0]
+    if rows >= width:
+        return []
+    return [Refusal(knob, value, f"{samples} calibration samples give it {rows} input rows for "
+                                 f"{width} inputs: raise search.calibration_samples to "
+                                 f"{-(-samples * width // rows)} or more")
+            for knob, values in CALIBRATED.items() for value in values]
 
 
 def _tie_refusals(layer: LayerInfo, owner: str | None) -> list[Refusal]:
@@ -164,7 +194,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any,
     for name in methods or ():
         if name not in METHODS:  # the registry's message: the closest name and the allowed
             raise PlanError(METHODS.unknown(name).message)
-    check_plan(plan, describe_layers(model, example_inputs))
+    check_plan(plan, describe_layers(model, example_inputs, calibration_samples=None))
     ties = weight_ties(model)
     new = copy.deepcopy(model)
     linearize(new, plan)
