@@ -579,7 +579,7 @@ def test_regrowth_reapplies_the_magnitude_rule_of_unstructured_pruning() -> None
 
 
 def test_regrowth_keeps_the_pattern_of_the_rule_that_made_the_mask() -> None:
-    """A pruning method with its own pattern (as an N:M rule would be) names its rule on the
+    """A pruning method with its own pattern (as 2:4 pruning does) names its rule on the
     weight; regrowth re-applies that rule, not magnitude's."""
     from autocompress.compress._modules import Regrowth, weight_compression
     from autocompress.compress.prune import MASK_RULES

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
 from autocompress import cli
-from autocompress.compress import apply, bake, float_weights, quantized_weights
+from autocompress.compress import Calibration, apply, bake, float_weights, quantized_weights
 from autocompress.compress._modules import ActFakeQuant, WeightCompression, quantize_weight
 from autocompress.compress._plan import LayerPlan, Plan
 from autocompress.deploy._export import VerificationError, export_run
@@ -71,6 +71,12 @@ REBUILD_PLANS = {
                                  "scheme": "pow2", "act_bits": 8},
                        "second": {"sparsity": 0.6, "bits": "bf16", "rank": 0.5},
                        "output": {"sparsity": 0.3, "bits": "fp16"}},
+    # calibrated pruners (tests/test_sparse.py): the rebuild passes no calibration data
+    "sparsegpt-wanda-2:4": {"first": {"bits": 4},
+                            "second": {"sparsity": 0.5, "pruner": "sparsegpt", "rank": 0.5,
+                                       "bits": 3},
+                            "output": {"sparsity": 0.5, "structure": "2:4", "pruner": "wanda",
+                                       "bits": 8}},
 }
 
 
@@ -84,7 +90,7 @@ def test_baked_weights_load_back_into_the_plan_structure(spec: ModelSpec, layers
     _simulate_finetuning(trial)
     state = bake(trial).state_dict()
 
-    rebuilt = apply(baseline, plan, x)
+    rebuilt = apply(baseline, plan, x, calibration=Calibration.empty())  # as a rebuild does
     load_baked_state(rebuilt, state, plan)
     torch.testing.assert_close(rebuilt(x), trial(x), atol=1e-6, rtol=0)
     assert size_bytes(rebuilt) == size_bytes(trial)

@@ -55,7 +55,9 @@ class WeightCompression(nn.Module):
         self.bits = bits
         self.scheme = scheme
         self.regrow = False
-        self.mask_rule = "magnitude"  # the pruning method's rule (prune.MASK_RULES) refresh re-applies
+        # The pruning method's rule (prune.MASK_RULES) refresh re-applies; None: the mask is
+        # fixed (a calibrated pruner's choice, which no rule on the weight alone reproduces).
+        self.mask_rule: str | None = "magnitude"
 
     @property
     def format(self) -> WeightFormat:
@@ -76,13 +78,14 @@ class WeightCompression(nn.Module):
     @torch.no_grad()
     def refresh(self, w: torch.Tensor) -> None:
         """Re-chooses the mask from ``w`` (the unmasked weight) by its pruning method's rule
-        (``mask_rule``), pruning as many weights as it prunes now."""
+        (``mask_rule``), pruning as many weights as it prunes now; a mask without a rule
+        stays as it is."""
         # Deferred: prune.py builds on this module (the rule belongs to the pruning method).
         from autocompress.compress.prune import MASK_RULES
 
         mask: torch.Tensor = self.mask  # type: ignore[assignment]
         pruned = mask.numel() - int(mask.sum())
-        if pruned == 0:
+        if pruned == 0 or self.mask_rule is None:
             return
         mask.copy_(MASK_RULES.get(self.mask_rule)(w.detach(), pruned))
 
@@ -105,11 +108,12 @@ def sparse_weights(model: nn.Module) -> list[tuple[WeightCompression, nn.Paramet
 
 class Regrowth:
     """Context in which a model's pruned weights may grow back (:class:`WeightCompression`):
-    sets ``regrow`` on every masked weight; ``refresh()`` re-chooses their masks (call it after
-    each optimizer step); ``stop()`` (or leaving the context) freezes the masks again."""
+    sets ``regrow`` on every masked weight whose mask has a rule (``mask_rule``; the others
+    stay fixed); ``refresh()`` re-chooses their masks (call it after each optimizer step);
+    ``stop()`` (or leaving the context) freezes the masks again."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.weights = sparse_weights(model)
+        self.weights = [(wc, w) for wc, w in sparse_weights(model) if wc.mask_rule is not None]
 
     def __enter__(self) -> Regrowth:
         for wc, _ in self.weights:

@@ -33,11 +33,14 @@ Inputs may be a tensor, a tuple or a dict of tensors (``autocompress._inputs``);
 is traced. After cutting, the model is run once: if it fails or its output shapes changed
 (a coupling Torch-Pruning did not see), the plan is refused with a ``PlanError``.
 
-``unstructured``: zeroes the smallest-magnitude fraction of each weight with a fixed mask,
-kept enforced during fine-tuning through a parametrization (the masked weights stay zero and
-get no gradient). On a low-rank layer both factors are masked. The mask rule is one function,
-:func:`magnitude_mask`: regrowth during fine-tuning re-applies it
-(:meth:`~autocompress.compress.WeightCompression.refresh`).
+``unstructured`` and ``"2:4"``: a fixed mask over single weights, kept enforced during
+fine-tuning through a parametrization (the masked weights stay zero and get no gradient),
+chosen by the plan's ``pruner``: ``magnitude`` (data-free), ``wanda`` or ``sparsegpt``
+(calibrated; SparseGPT also updates the kept weights). On a low-rank layer every factor is
+masked. Regrowth during fine-tuning re-applies the mask's rule (:data:`MASK_RULES`:
+:func:`magnitude_mask`, :func:`n_m_mask`; calibrated masks stay fixed)
+(:meth:`~autocompress.compress.WeightCompression.refresh`). The pruners, their refusals and
+the rules are in :mod:`~autocompress.compress._sparse` and ``_sparsegpt``.
 
 The dependency graph, its groups and attention heads are in
 :mod:`~autocompress.compress._channel_groups`.
@@ -57,11 +60,13 @@ from autocompress.compress._layers import LayerInfo, Refusal
 from autocompress.compress._modules import leaves
 from autocompress.compress._plan import Plan, PlanError
 from autocompress.compress._registry import pure, register_method
-from autocompress.compress._sparse import (  # noqa: F401  (re-exported: prune.MASK_RULES)
+from autocompress.compress._sparse import (  # noqa: F401  (re-exported: prune.MASK_RULES, ...)
+    MASK_PRUNERS,
     MASK_RULES,
     magnitude_mask,
     mask_smallest,
     mask_weights,
+    n_m_mask,
     sparse_limits,
 )
 
