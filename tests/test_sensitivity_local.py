@@ -47,11 +47,12 @@ def test_local_error_grows_with_fewer_bits_and_more_sparsity(stats) -> None:
     assert torch.equal(layer.weight, before)  # the probes compress a copy
 
 
+# The methods that minimize this very error (GPTQ, SparseGPT); Wanda and AWQ are heuristics
+# whose defining tests (tests/test_sparse.py, the AWQ tests) use inputs with outlier channels.
 @pytest.mark.parametrize(("naive", "calibrated"), [
     ({"bits": 3}, {"bits": 3, "quantizer": "gptq"}),
-    ({"bits": 3}, {"bits": 3, "quantizer": "awq"}),
-    ({"sparsity": 0.5}, {"sparsity": 0.5, "pruner": "wanda"}),
     ({"sparsity": 0.5}, {"sparsity": 0.5, "pruner": "sparsegpt"}),
+    ({"sparsity": 0.5, "structure": "2:4"}, {"sparsity": 0.5, "structure": "2:4", "pruner": "sparsegpt"}),
 ])
 def test_a_calibrated_variant_is_less_distorting_than_its_naive_one(stats, naive, calibrated) -> None:
     layer, st = stats
