@@ -29,7 +29,10 @@ def test_layers_json(capsys) -> None:
     refusals = layers[0].pop("refusals")
     assert layers[0] == {"name": "net.0", "type": "Linear", "shape": [32, 16],
                          "params": 16 * 32 + 32, "macs": 16 * 32, "is_output": False}
-    assert [r["knob"] for r in refusals] == ["decomposition"]  # tucker/cp are for convs
+    # tucker/cp are for convs; 16 inputs take no group of 32 or more
+    assert [(r["knob"], r["value"]) for r in refusals] == [
+        ("decomposition", "tucker"), ("decomposition", "cp"),
+        ("group_size", 32), ("group_size", 64), ("group_size", 128)]
     assert {"name", "type", "shape", "params", "macs"} <= set(layers[-1])
     assert layers[-1]["is_output"] is True
 

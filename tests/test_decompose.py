@@ -152,7 +152,8 @@ def test_plan_token_json_and_defaults() -> None:
 
 @pytest.mark.parametrize("value", ["tt", "SVD", None, 1])
 def test_unknown_decompositions_are_refused(value: object) -> None:
-    with pytest.raises(PlanError, match=r"decomposition=.* allowed: one of \['svd', 'tucker', 'cp'\]"):
+    allowed = r"allowed: one of \['svd', 'tucker', 'cp', 'whitened'\]"
+    with pytest.raises(PlanError, match=rf"decomposition=.* {allowed}"):
         LayerPlan(rank=0.5, decomposition=value)  # type: ignore[arg-type]
 
 

@@ -63,6 +63,13 @@ def _simulate_finetuning(model: torch.nn.Module) -> None:
 
 
 REBUILD_PLANS = {
+    # channel cut with reconstruction and whitened low-rank (tests/test_reconstruct.py)
+    "reconstruct-whitened": {"first": {"sparsity": 0.5, "structure": "channel",
+                                       "pruner": "sparsegpt", "bits": 4},
+                             "second": {"sparsity": 0.6, "bits": 3, "rank": 0.5,
+                                        "decomposition": "whitened"},
+                             "output": {"sparsity": 0.3, "pruner": "wanda", "bits": 8,
+                                        "quantizer": "gptq"}},
     "int": {"first": {"sparsity": 0.5, "structure": "channel", "bits": 4, "act_bits": 8},
             "second": {"sparsity": 0.6, "bits": 3, "rank": 0.5},
             "output": {"sparsity": 0.3}},
@@ -71,12 +78,21 @@ REBUILD_PLANS = {
                                  "scheme": "pow2", "act_bits": 8},
                        "second": {"sparsity": 0.6, "bits": "bf16", "rank": 0.5},
                        "output": {"sparsity": 0.3, "bits": "fp16"}},
+    # GPTQ on the example inputs; the rebuild loads its weights (group-wise: tests/test_gptq.py)
+    "gptq": {"first": {"bits": 4, "quantizer": "gptq"},
+             "second": {"sparsity": 0.6, "bits": 3, "rank": 0.5, "quantizer": "gptq"},
+             "output": {"sparsity": 0.3, "bits": 4, "quantizer": "gptq"}},
     # calibrated pruners (tests/test_sparse.py): the rebuild passes no calibration data
     "sparsegpt-wanda-2:4": {"first": {"bits": 4},
                             "second": {"sparsity": 0.5, "pruner": "sparsegpt", "rank": 0.5,
                                        "bits": 3},
                             "output": {"sparsity": 0.5, "structure": "2:4", "pruner": "wanda",
                                        "bits": 8}},
+    # AWQ / SmoothQuant input scales (an InputScale buffer per layer; tests/test_awq.py)
+    "awq": {"first": {"sparsity": 0.5, "structure": "channel", "bits": 4, "act_bits": 8,
+                      "quantizer": "awq"},
+            "second": {"sparsity": 0.6, "bits": 3, "rank": 0.5, "quantizer": "awq"},
+            "output": {"sparsity": 0.3, "bits": 4, "quantizer": "awq"}},
 }
 
 

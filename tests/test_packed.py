@@ -78,6 +78,19 @@ DIGITS_PLANS = {
                        "features.7": {"sparsity": 0.5, "bits": 4, "scheme": "pow2"},
                        "classifier.1": {"sparsity": 0.8, "bits": "bf16"},
                        "classifier.3": {"bits": 6, "scheme": "pow2"}},
+    # GPTQ (calibrated on the two example inputs) per channel and group-wise (version 6)
+    "gptq-grouped": {"features.0": {"bits": 4, "quantizer": "gptq"},
+                     "features.3": {"bits": 4, "quantizer": "gptq", "group_size": 32},
+                     "features.7": {"sparsity": 0.5, "bits": 3, "quantizer": "gptq",
+                                    "group_size": 64},
+                     "classifier.1": {"bits": 4, "quantizer": "gptq", "group_size": 128,
+                                      "rank": 0.25},
+                     "classifier.3": {"bits": 4, "group_size": 128}},
+    "awq": {"features.0": {"bits": 4, "quantizer": "awq"},
+            "features.3": {"sparsity": 0.5, "bits": 3, "quantizer": "awq", "act_bits": 8},
+            "features.7": {"bits": 4, "rank": 0.5, "quantizer": "awq"},
+            "classifier.1": {"bits": 8, "quantizer": "awq", "act_bits": "dynamic"},
+            "classifier.3": {"bits": 4, "quantizer": "awq"}},
 }
 
 

@@ -31,13 +31,14 @@ from autocompress.onnxgraph import WeightMatch
 NAMES = FORMATS.names()
 
 
-def _weight(rows: int = 6, cols: int = 10, seed: int = 0) -> torch.Tensor:
+def _weight(rows: int = 6, cols: int = 80, seed: int = 0) -> torch.Tensor:
+    """80 columns: several groups of a grouped format, the last one short (of 32 and 64)."""
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.3
 
 
 def _compress(module: nn.Module, name: str) -> WeightCompression:
     wc = weight_compression(module)
-    wc.bits, wc.scheme = plan_values(name)
+    wc.bits, wc.scheme, wc.group_size = plan_values(name)
     return wc
 
 
@@ -73,7 +74,7 @@ def test_pack_unpack_round_trip_in_bits_per_value(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_size_model_counts_the_formats_bits_and_scales(name: str) -> None:
     fmt = FORMATS.get(name)
-    layer = nn.Linear(10, 6, bias=False)
+    layer = nn.Linear(80, 6, bias=False)
     _compress(layer, name)
     (row,) = size_report(layer)
     shape = tuple(layer.weight.shape)
@@ -126,7 +127,7 @@ def test_onnx_initializer_of_a_batchnorm_folded_weight(name: str) -> None:
 class _ConvBN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3)
+        self.conv = nn.Conv2d(8, 4, 3)  # 72 input columns: several groups
         self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,6 +154,6 @@ def test_packed_file_stores_the_size_models_bytes_and_the_outputs(name: str, tmp
     model = _conv_bn(name)
     info = save_packed(model, tmp_path / "m.acpk")
     assert info.payload_bytes == size_bytes(model)
-    x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 8, 6, 6, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(load_packed(info.path)(x), model(x), rtol=1e-5, atol=1e-5)

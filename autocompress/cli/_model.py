@@ -39,7 +39,8 @@ def add_parsers(sub: Any) -> None:
     add_task_arg(p)
     p.add_argument("--plan", required=True, help="plan JSON file")
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (default 2)")
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help="fine-tuning learning rate (default: the task's own, else 0.001)")
     p.add_argument("--no-distill", action="store_true", help="fine-tune without distillation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", metavar="DIR", help="write plan.json, model.pt, metrics.json here")
@@ -128,7 +129,11 @@ def cmd_trial(args: argparse.Namespace) -> int:
     baseline = measure(task.model, task, target, measurer.reference)
     log(f"applying plan: {plan.summary()}")
     result = run_trial(task, plan, ft, target, seed=args.seed, measurer=measurer,
-                       on_epoch=lambda e, m: log(f"  epoch {e + 1}/{ft.epochs}: metric {m:.4f}"))
+                       on_epoch=lambda e, m: log(f"  epoch {e + 1}/{ft.epochs}: metric {m:.4f}"),
+                       on_post_training=lambda m: log(f"  after compression: metric {m:.4f}"))
+    if result.restored:
+        log(f"  fine-tuning ended below {result.post_training:.4f}: the post-training weights "
+            f"were kept")
     compressed = {**result.metrics.to_dict(), **result.metrics.relative_to(baseline)}
     if args.json:
         print(json.dumps({"baseline": baseline.to_dict(), "compressed": compressed,

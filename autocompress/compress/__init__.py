@@ -25,6 +25,7 @@ _EXPORTS = {
     "_ties": ("tensor_aliases", "weight_ties"),
     "_calibration": ("DEFAULT_SAMPLES", "Calibration", "InputStats", "calibration_problem", "input_rows",
                      "input_stats", "output_error", "weight_matrix"),
+    "_awq": ("InputScale", "input_scale_pre_hook"),
     "formats": ("FORMATS", "StoredWeight", "WeightFormat", "weight_format"),
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

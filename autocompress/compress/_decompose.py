@@ -37,6 +37,10 @@ from torch import nn
 
 from autocompress.compress._convs import respecified
 
+#: Damping of the Gram matrix whitened low-rank factorizes through, relative to its mean
+#: diagonal (GPTQ's ``percdamp``): inputs that never vary on the calibration data still get an
+#: invertible whitening.
+WHITEN_DAMP = 0.01
 #: HOOI sweeps after the HOSVD start of Tucker-2.
 TUCKER_SWEEPS = 5
 #: Most ALS sweeps of CP, and the relative improvement of its error below which it stops.
@@ -192,6 +196,31 @@ def _balance(factors: list[torch.Tensor]) -> list[torch.Tensor]:
     norms = [f.norm(dim=0).clamp_min(1e-300) for f in factors]
     share = math.prod(norms) ** (1 / len(factors))
     return [f / n * share for f, n in zip(factors, norms, strict=True)]
+
+
+def whitened_weights(w: torch.Tensor, gram: torch.Tensor, r: int) -> list[torch.Tensor]:
+    """The two factors of rank ``r`` that keep most of ``w``'s outputs on the inputs whose
+    Gram matrix is ``gram`` (SVD-LLM, Wang et al. 2024): with ``S`` the Cholesky factor of
+    the (damped, :data:`WHITEN_DAMP`) Gram matrix, ``X^T X = S S^T``, the output error of a
+    replacement ``W'`` is ``||(W - W') S||``, least for the truncated SVD of ``W S``,
+    ``U_r Sigma_r V_r^T``: ``W' = U_r Sigma_r V_r^T S^-1``. The singular values are split
+    evenly between the factors, as svd's are.
+
+    Args:
+        w: The weight ``(out, d)`` (a conv's flattened: ``d`` its unfolded patch).
+        gram: ``X^T X`` of its input rows, ``d x d``.
+        r: The kept rank.
+
+    Returns:
+        ``[inner, outer]``: ``r x d`` and ``out x r``, in ``w``'s dtype, ``w ~= outer @ inner``.
+    """
+    h = gram.double().clone()
+    h.diagonal().add_(WHITEN_DAMP * h.diagonal().mean().clamp_min(1e-12))
+    s = torch.linalg.cholesky(h)
+    u, sigma, vh = torch.linalg.svd(w.flatten(1).double() @ s, full_matrices=False)
+    root = sigma[:r].sqrt()
+    inner = root[:, None] * torch.linalg.solve_triangular(s, vh[:r], upper=False, left=False)
+    return [inner.to(w.dtype), (u[:, :r] * root).to(w.dtype)]
 
 
 # --- the layers -------------------------------------------------------------------------------

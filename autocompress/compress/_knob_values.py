@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
-from autocompress.compress.formats._names import float_format_names
+from autocompress.compress.formats._names import GROUP_SIZES, float_format_names
 
 __all__ = ["CALIBRATED", "DECOMPOSITIONS", "FLOAT_FORMATS", "GROUP_SIZES", "HEAT_BITS", "PRUNERS",
            "QUANTIZERS", "STRUCTURES", "STRUCTURE_TOKENS", "POW2_BITS", "POW2_INT8_BITS", "Knob", "act_token",
@@ -31,7 +31,7 @@ STRUCTURE_TOKENS = {"unstructured": "", "channel": "ch", "2:4": "nm"}
 DECOMPOSITIONS = ("svd", "tucker", "cp", "whitened")
 PRUNERS = ("magnitude", "wanda", "sparsegpt")  # ``pruner`` values (how a sparsity is chosen)
 QUANTIZERS = ("rtn", "gptq", "awq")  # ``quantizer`` values (how integer weights are rounded)
-GROUP_SIZES = (32, 64, 128)  # ``group_size`` values (input columns sharing a scale)
+# ``group_size`` values (input columns sharing a scale): GROUP_SIZES, from the formats' names.
 #: The knob values that need calibration data (``compress/_calibration.py``).
 CALIBRATED = {"pruner": ("wanda", "sparsegpt"), "quantizer": ("gptq", "awq"),
               "decomposition": ("whitened",)}

@@ -24,8 +24,9 @@ class LowRank(nn.Sequential):
 
 
 class WeightCompression(nn.Module):
-    """Parametrization of a weight: a fixed sparsity mask, then per-output-channel fake
-    quantization (uniform or power-of-two integer levels) or rounding to fp16/bf16 (its
+    """Parametrization of a weight: a fixed sparsity mask, then fake quantization (uniform or
+    power-of-two integer levels, one scale per output channel or per group of input columns)
+    or rounding to fp16/bf16 (its
     :class:`~autocompress.compress.formats.WeightFormat`), with a straight-through estimator (Bengio et
     al., 2013).
 
@@ -46,14 +47,19 @@ class WeightCompression(nn.Module):
         shape: Weight shape.
         bits: Bit-width in 2..8, ``"fp16"``, ``"bf16"``, or None for fp32.
         scheme: ``"uniform"`` or ``"pow2"`` levels for integer ``bits``.
+        group_size: Input columns sharing one scale (uniform integer ``bits``), or None: one
+            scale per output channel.
     """
 
+    group_size: int | None = None  # the default of instances pickled before the attribute
+
     def __init__(self, shape: torch.Size, bits: int | str | None = None,
-                 scheme: str = "uniform") -> None:
+                 scheme: str = "uniform", group_size: int | None = None) -> None:
         super().__init__()
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
         self.bits = bits
         self.scheme = scheme
+        self.group_size = group_size
         self.regrow = False
         # The pruning method's rule (prune.MASK_RULES) refresh re-applies; None: the mask is
         # fixed (a calibrated pruner's choice, which no rule on the weight alone reproduces).
@@ -62,7 +68,7 @@ class WeightCompression(nn.Module):
     @property
     def format(self) -> WeightFormat:
         """The stored format of the weight (``fp32`` without ``bits``)."""
-        return weight_format(self.bits, self.scheme)
+        return weight_format(self.bits, self.scheme, self.group_size)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         masked = w * self.mask
@@ -91,6 +97,7 @@ class WeightCompression(nn.Module):
 
     def extra_repr(self) -> str:
         scheme = f", scheme={self.scheme}" if self.scheme != "uniform" else ""
+        scheme += f", group_size={self.group_size}" if self.group_size else ""
         return f"bits={self.bits}{scheme}, sparsity={1 - self.mask.float().mean().item():.3f}"
 
 

@@ -68,14 +68,14 @@ class LayerPlan:
 
     sparsity: float = 0.0
     structure: str = "unstructured"
+    pruner: str = "magnitude"
     bits: int | str | None = None
     scheme: str = "uniform"
+    quantizer: str = "rtn"
+    group_size: int | None = None
     rank: float | None = None
     decomposition: str = "svd"
     act_bits: int | str | None = None
-    pruner: str = "magnitude"
-    quantizer: str = "rtn"
-    group_size: int | None = None
 
     def __post_init__(self) -> None:
         for spec in KNOB_TABLE.values():

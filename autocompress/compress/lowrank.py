@@ -7,6 +7,14 @@ channels followed by a 1x1 conv (Jaderberg et al., 2014, scheme 2 via SVD of the
 ``Embedding(num, r) -> Linear(r, dim)`` (ALBERT's factorized embedding, Lan et al., 2020, here
 initialized by SVD). The singular values are split evenly (sqrt) between the two factors.
 
+``decomposition: whitened`` (calibrated): svd's two factors at svd's rank, fitted to the
+layer's outputs on the calibration inputs instead of its weights (SVD-LLM, Wang et al. 2024:
+the truncated SVD of ``W S``, ``S`` the Cholesky factor of the inputs' Gram matrix;
+``_decompose.whitened_weights``); a conv's through its unfolded input patches. Refused where
+the calibration cannot weigh the inputs (``calibration_problem``: embeddings, grouped convs).
+Without calibration data (rebuilding a logged trial) the factors are svd's, and the logged
+weights are loaded into them.
+
 ``decomposition: tucker`` and ``cp`` (``_decompose.py``), for a Conv1d/Conv2d with a spatial
 kernel: Tucker-2 gives three convs (1x1, core, 1x1), CP four (1x1, depthwise per spatial axis,
 1x1; three for a Conv1d).
@@ -14,7 +22,7 @@ kernel: Tucker-2 gives three convs (1x1, core, 1x1), CP four (1x1, depthwise per
 ``rank`` is the kept fraction of the decomposition's full rank, the rank that can hold the
 layer exactly, at least 1 (``O`` outputs, ``I`` inputs, ``k`` the kernel's size):
 
-- svd: ``r = rank * min(O, I*k)``; stores ``r * (I*k + O)`` weights;
+- svd and whitened: ``r = rank * min(O, I*k)``; stores ``r * (I*k + O)`` weights;
 - tucker: ``r_out = rank * min(O, I*k)`` (svd's r) and ``r_in = rank * min(I, O*k)``, the same
   fraction of each channel mode; stores ``I*r_in + r_in*r_out*k + r_out*O``, so about
   ``rank**2`` of the layer for a large kernel (a square 3x3 conv: rank 0.5 keeps 36%);
@@ -49,6 +57,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from autocompress.compress._calibration import Calibration, InputStats, calibration_problem, input_stats
 from autocompress.compress._convs import (
     overrides_forward,
     own_class,
@@ -69,13 +78,15 @@ from autocompress.compress._decompose import (
     tucker_layers,
     tucker_ranks,
     tucker_weights,
+    whitened_weights,
 )
 from autocompress.compress._layers import LayerInfo, Refusal
 from autocompress.compress._modules import LowRank
 from autocompress.compress._plan import Plan, PlanError
 from autocompress.compress._registry import pure, register_method
 
-DECOMPOSITIONS = ("svd", "tucker", "cp")
+DECOMPOSITIONS = ("svd", "tucker", "cp", "whitened")
+SVD_LIKE = ("svd", "whitened")  # two factors at svd's rank
 #: The rank of a probe's kernel and of its factorizations (:func:`_rebuild_problem`): more than
 #: one, so that CP's depthwise factors are grouped convs.
 PROBE_RANK = 2
@@ -91,43 +102,57 @@ def kept_rank(weight_shape: torch.Size | tuple[int, ...], fraction: float) -> in
 
 
 def factorize(layer: nn.Module, fraction: float, decomposition: str = "svd",
-              fit: bool = True) -> LowRank:
+              fit: bool = True, stats: InputStats | None = None) -> LowRank:
     """The low-rank replacement of a Linear, Conv1d/Conv2d or Embedding layer.
 
     Args:
         layer: The layer (left as it is).
         fraction: The kept fraction of full rank (see the module docstring).
-        decomposition: ``svd``, ``tucker`` or ``cp``.
+        decomposition: ``svd``, ``tucker``, ``cp`` or ``whitened``.
         fit: False gives the factors' architecture only, with freshly initialized weights
             (e.g. to count MACs without paying for the decomposition).
+        stats: The layer's calibration input statistics (``whitened``; None: svd's weights).
 
     Raises:
         PlanError: The layer cannot take this decomposition.
     """
     if decomposition not in DECOMPOSITIONS:
-        raise PlanError(f"unknown decomposition {decomposition!r}; allowed: svd, tucker, cp")
-    problem = None if decomposition == "svd" else spatial_problem(layer)
+        raise PlanError(f"unknown decomposition {decomposition!r}; allowed: {', '.join(DECOMPOSITIONS)}")
+    problem = _problem(layer, decomposition)
     if problem is not None:
         raise PlanError(f"{decomposition}: {problem}")
     shape = _weight(layer).shape
-    if decomposition == "svd":
+    if decomposition in SVD_LIKE:
         ranks: tuple[int, ...] = (kept_rank(shape, fraction),)
     elif decomposition == "tucker":
         ranks = tucker_ranks(shape, fraction)
     else:
         ranks = (cp_rank(shape, fraction),)
-    return _factorize(layer, decomposition, ranks, fit)
+    return _factorize(layer, decomposition, ranks, fit, stats)
+
+
+def _problem(layer: nn.Module, decomposition: str) -> str | None:
+    """Why ``layer`` cannot take ``decomposition`` (None if it can)."""
+    if decomposition == "whitened":
+        problem = calibration_problem(layer)
+        return None if problem is None else f"it needs calibrated inputs: {problem}"
+    return None if decomposition == "svd" else spatial_problem(layer)
 
 
 def _factorize(layer: nn.Module, decomposition: str, ranks: tuple[int, ...],
-               fit: bool) -> LowRank:
-    """:func:`factorize` at these ranks: svd's ``(r,)``, tucker's ``(r_in, r_out)``, cp's
-    ``(R,)``."""
+               fit: bool, stats: InputStats | None = None) -> LowRank:
+    """:func:`factorize` at these ranks: svd's and whitened's ``(r,)``, tucker's
+    ``(r_in, r_out)``, cp's ``(R,)``."""
     w = _weight(layer)
-    if decomposition == "svd":
+    if decomposition in SVD_LIKE:
         (r,) = ranks
-        embedding = isinstance(layer, nn.Embedding)
-        return _chain(layer, _svd_layers(layer, r), _svd_weights(w, r, embedding) if fit else None)
+        if not fit:
+            weights = None
+        elif decomposition == "whitened" and stats is not None and stats.rows:
+            weights = whitened_weights(w, stats.gram, r)
+        else:
+            weights = _svd_weights(w, r, isinstance(layer, nn.Embedding))
+        return _chain(layer, _svd_layers(layer, r), weights)
     conv = cast(Conv, layer)
     if decomposition == "tucker":
         return _chain(conv, tucker_layers(conv, *ranks), tucker_weights(w, *ranks) if fit else None)
@@ -201,8 +226,12 @@ def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> d
         elif overrides_forward(mod):
             refusals.extend(_subclass_refusals(cast(Conv, mod)))
         problem = spatial_problem(mod)
-        if problem is not None:  # tucker and cp (every value but the default, svd)
-            refusals.append(Refusal("decomposition", None, problem))
+        if problem is not None:
+            refusals += [Refusal("decomposition", d, problem) for d in ("tucker", "cp")]
+        problem = None if layer.type == "Conv1D" else calibration_problem(mod)  # Conv1D: a Linear
+        if problem is not None:
+            refusals.append(Refusal("decomposition", "whitened", f"whitened weighs the layer's "
+                                                                 f"inputs: {problem}"))
         if refusals:
             out[layer.name] = refusals
     return out
@@ -275,14 +304,17 @@ def _parent_reads_weight(model: nn.Module, name: str) -> bool:
     return f"self.{attr}.weight" in source or f"self.{attr}.bias" in source
 
 
-@register_method("lowrank", order=10, limits=_limits)
-def _lowrank(model: nn.Module, plan: Plan, example_inputs: Any) -> None:
-    for name, lp in plan.active().items():
-        if lp.rank is None:
-            continue
+@register_method("lowrank", order=10, limits=_limits, calibrated=True)
+def _lowrank(model: nn.Module, plan: Plan, example_inputs: Any, calibration: Calibration) -> None:
+    todo = {n: lp for n, lp in plan.active().items() if lp.rank is not None}
+    # whitened: the inputs of all its layers in one pass, before any layer is factorized
+    whitened = [model.get_submodule(n) for n, lp in todo.items() if lp.decomposition == "whitened"
+                and calibration_problem(model.get_submodule(n)) is None]
+    stats = input_stats(model, whitened, calibration) if whitened and not calibration.is_empty else {}
+    for name, lp in todo.items():
         layer = model.get_submodule(name)
         try:
-            new = factorize(layer, lp.rank, lp.decomposition)
+            new = factorize(layer, lp.rank, lp.decomposition, stats=stats.get(layer))
         except PlanError as e:
             raise PlanError(f"layer {name!r}: {e}") from None
         parent, _, attr = name.rpartition(".")

@@ -7,6 +7,13 @@ of the next conv/linear. Layers coupled by a residual add must lose the same cha
 group is cut once, at the ratio of its first layer in the model's definition order (not the
 plan's order: plans that compare equal must compress alike).
 
+The plan's ``pruner`` (of that first layer) chooses the channels with calibration data:
+``wanda`` by the output energy each channel gives the layers reading it, ``sparsegpt`` by the
+least output error after optimally updating them (:mod:`~autocompress.compress._channel_scores`),
+then refits those layers by least squares against the model before the cut
+(:mod:`~autocompress.compress._reconstruct`). Without calibration data both cut as many
+channels by the magnitude score, and nothing is refit.
+
 In a transformer:
 
 - **Attention heads.** The query, key and value projections of one attention block are one
@@ -56,9 +63,16 @@ from torch import nn
 
 from autocompress.compress._calibration import Calibration
 from autocompress.compress._channel_groups import _Graph, _Heads, _OverBudget
+from autocompress.compress._channel_scores import ChannelScorer
 from autocompress.compress._layers import LayerInfo, Refusal
 from autocompress.compress._modules import leaves
 from autocompress.compress._plan import Plan, PlanError
+from autocompress.compress._reconstruct import (
+    Cut,
+    Reconstruction,
+    consumers,
+    removed_outputs,
+)
 from autocompress.compress._registry import pure, register_method
 from autocompress.compress._sparse import (  # noqa: F401  (re-exported: prune.MASK_RULES, ...)
     MASK_PRUNERS,
@@ -150,13 +164,15 @@ def _prune(model: nn.Module, plan: Plan, example_inputs: Any, calibration: Calib
     todo = {n: lp for n, lp in plan.active().items() if lp.sparsity > 0}
     channel = {n: lp.sparsity for n, lp in todo.items() if lp.structure == "channel"}
     if channel:
-        prune_channels(model, channel, example_inputs)
+        prune_channels(model, channel, example_inputs, {n: todo[n].pruner for n in channel}, calibration)
     masked = {n: lp for n, lp in todo.items() if lp.structure != "channel"}
     if masked:  # unstructured and N:M masks (compress/_sparse.py)
         mask_weights(model, masked, calibration)
 
 
-def prune_channels(model: nn.Module, ratios: dict[str, float], example_inputs: Any) -> None:
+def prune_channels(model: nn.Module, ratios: dict[str, float], example_inputs: Any,
+                   pruners: dict[str, str] | None = None,
+                   calibration: Calibration | None = None) -> None:
     """Physically removes output channels (or attention heads) of the named layers and the
     matching channels of every layer coupled to them (see the module docstring).
 
@@ -166,53 +182,88 @@ def prune_channels(model: nn.Module, ratios: dict[str, float], example_inputs: A
             remove, per plan layer name.
         example_inputs: One input batch (a tensor, a tuple or a dict of tensors) for tracing
             the dependency graph.
+        pruners: The ``pruner`` of each entry (default ``magnitude``): ``wanda`` scores
+            channels by what they carry on ``calibration``, ``sparsegpt`` also refits the
+            layers reading them (:mod:`~autocompress.compress._reconstruct`).
+        calibration: Data of the calibrated pruners (default, or empty: magnitude scores,
+            no refit; the same number of channels is cut).
 
     Raises:
         PlanError: A layer's channels cannot be removed (coupled to the model output or the
             residual stream, not groupable), or the pruned model no longer runs.
     """
+    calibration = Calibration.empty() if calibration is None else calibration
+    pruners = {} if calibration.is_empty else {n: p for n, p in (pruners or {}).items()
+                                               if p != "magnitude"}
+    refit = Reconstruction(model, calibration) if "sparsegpt" in pruners.values() else None
     graph = _Graph(model, example_inputs)
-    done: set[nn.Module] = set()
+    scorer = ChannelScorer(model, calibration)
     position = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    for name, ratio in sorted(ratios.items(), key=lambda item: position[item[0]]):
+    order = sorted(ratios, key=position.__getitem__)
+    scorer.prepare([m for name in order if name in pruners for m in _consumers(model, graph, name)])
+    done: set[nn.Module] = set()
+    for name in order:
         layer = leaves(model, name)[-1]
         if layer in done:
             continue  # its outputs were already cut as part of an earlier layer's group
         try:
-            done |= _cut(model, graph, name, layer, ratio)
+            cut = _cut(model, graph, name, layer, ratios[name], scorer, pruners.get(name, "magnitude"))
         except PlanError as e:
             raise PlanError(f"layer {name!r}: its channels cannot be removed: {e}") from None
         except Exception as e:  # Torch-Pruning failing on a graph it mis-traced
             raise PlanError(f"layer {name!r}: Torch-Pruning could not remove its channels "
                             f"({type(e).__name__}: {e})") from None
-    graph.check(", ".join(sorted(ratios, key=position.__getitem__)))
+        done |= cut.outputs
+        if refit is not None:
+            refit.add(cut, pruners.get(name) == "sparsegpt")
+    graph.check(", ".join(order))
+    if refit is not None:
+        refit.run(model)
 
 
-def _cut(model: nn.Module, graph: _Graph, name: str, layer: nn.Module, ratio: float) -> set[nn.Module]:
+def _consumers(model: nn.Module, graph: _Graph, name: str) -> list[nn.Module]:
+    """The layers reading the channels plan entry ``name`` would cut (none if its group
+    cannot be built: :func:`_cut` says why)."""
+    try:
+        return consumers(graph, graph.group(leaves(model, name)[-1]))
+    except Exception:  # noqa: BLE001  (reported by _cut, with the layer's name)
+        return []
+
+
+def _cut(model: nn.Module, graph: _Graph, name: str, layer: nn.Module, ratio: float,
+         scorer: ChannelScorer, pruner: str = "magnitude") -> Cut:
     """Cuts the channels (or heads) of plan entry ``name`` (its last leaf ``layer``) and of
-    its group.
+    its group: those with the smallest group magnitude, or as a calibrated ``pruner`` chooses
+    (``scorer``).
 
     Returns:
-        The layers whose output channels the group cuts: they are done, even when nothing was
-        cut (the first entry of a group in model order decides for the whole group). A layer
-        that merely loses inputs (the next conv) still has its own entry to apply.
+        What was cut. Its ``outputs`` are done, even when nothing was cut (the first entry of a
+        group in model order decides for the whole group). A layer that merely loses inputs
+        (the next conv) still has its own entry to apply.
     """
     group = graph.group(layer)
     problem = graph.problem(group)
     if problem is not None:
         raise PlanError(problem)
     heads = _Heads.find(model, name, graph, group)
-    scores = graph.importance(group)
+    scores = None
+    if pruner != "magnitude":
+        unit, units = (heads.size, heads.count) if heads else (1, graph.dg.get_out_channels(layer))
+        scores = scorer(graph, group, unit, min(round(ratio * units), units - 1), pruner == "sparsegpt")
+    if scores is None:
+        scores = graph.importance(group)
     idxs = heads.cut(ratio, scores) if heads else _channels(ratio, scores)
+    done = Cut(graph.out_cut(group))
     if idxs:
         cut = graph.group(layer, idxs)
         if not graph.dg.check_pruning_group(cut):
             raise PlanError(f"removing {len(idxs)} of {len(scores)} channels would leave a "
                             "coupled layer with none")
+        done.removed, done.consumers = removed_outputs(graph, cut), consumers(graph, cut)
         cut.prune()
         if heads:
             heads.update(len(idxs) // heads.size)
-    return graph.out_cut(group)
+    return done
 
 
 def _channels(ratio: float, scores: torch.Tensor) -> list[int]:

@@ -1,5 +1,8 @@
-"""Quantization: per-output-channel symmetric weights at 2-8 bits (uniform or power-of-two
-levels) or fp16/bf16 weights, 8-bit activations.
+"""Quantization: symmetric weights at 2-8 bits (uniform or power-of-two levels, one scale per
+output channel or, ``group_size``, per output channel and group of input columns) or
+fp16/bf16 weights, 8-bit activations. Integer weights are rounded to nearest (``quantizer:
+rtn``), with GPTQ's error compensation (``gptq``, :mod:`~autocompress.compress._gptq`) or
+after AWQ's input scaling (``awq``).
 
 During fine-tuning weights are fake-quantized with a straight-through estimator
 (:mod:`~autocompress.compress.formats` says what each format's values are); the deployable
@@ -45,6 +48,13 @@ _DYNAMIC_KINDS = ("Linear", "Conv1D")  # Hugging Face's Conv1D becomes a Linear 
 
 
 def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> dict[str, list[Refusal]]:
+    """What quantization refuses per layer: activation quantization of an embedding's indices
+    and dynamic activations outside Linear layers; the calibrated quantizers where the
+    calibration cannot describe the layer's inputs (an embedding, a grouped conv); group sizes
+    that do not divide the layer's input width (a low-rank factor's width may leave a short
+    last group: the formats store it). A calibration too small for a layer's width is refused
+    at resolution from ``search.calibration_samples`` (``describe_layers``); a smaller one
+    passed to ``apply`` still runs GPTQ on the dampened Hessian, with a logged warning."""
     out: dict[str, list[Refusal]] = {}
     for la in layers:
         refusals = out.setdefault(la.name, [])
@@ -76,6 +86,7 @@ def _quantize(model: nn.Module, plan: Plan, example_inputs: Any, calibration: Ca
             for leaf in leaves(model, name):
                 wc = weight_compression(leaf)
                 wc.bits, wc.scheme = lp.bits, lp.scheme
+                wc.group_size = lp.group_size
     gptq = {n: lp for n, lp in integer.items() if lp.quantizer == "gptq"}
     if gptq:  # the weights moved onto their grid with error compensation
         gptq_round(model, gptq, calibration)

@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import _get_qualified_name
 
-from autocompress.compress import ActFakeQuant, act_quant_pre_hook
+from autocompress.compress import ActFakeQuant, InputScale, act_quant_pre_hook, input_scale_pre_hook
 
 _CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
          "padding_mode", "bias")
@@ -49,6 +49,14 @@ LEAF_TYPES: dict[type[nn.Module], tuple[str, ...]] = {
     nn.AdaptiveMaxPool1d: ("output_size",), nn.AdaptiveMaxPool2d: ("output_size",),
     nn.Flatten: ("start_dim", "end_dim"),
     ActFakeQuant: ("bits", "momentum", "dynamic"),
+    InputScale: ("shape",),
+}
+
+#: The forward pre-hooks compression adds to a layer, each calling one child of it on the
+#: layer's input (``{hook: (child attribute, child type)}``): stored as explicit calls.
+PRE_HOOKS: dict[Any, tuple[str, type[nn.Module]]] = {
+    input_scale_pre_hook: ("input_scale", InputScale),  # AWQ / SmoothQuant's 1/s
+    act_quant_pre_hook: ("act_quant", ActFakeQuant),
 }
 
 
@@ -77,16 +85,18 @@ class Tracer(fx.Tracer):
         return type(m) in LEAF_TYPES
 
     def call_module(self, m: nn.Module, forward, args: tuple, kwargs: dict) -> Any:
-        # fx records a leaf as one call and skips its hooks: make the activation fake-quant
-        # pre-hook an explicit call, and refuse any other hook rather than silently drop it.
+        # fx records a leaf as one call and skips its hooks: make compression's pre-hooks
+        # (PRE_HOOKS) explicit calls, and refuse any other hook rather than silently drop it.
         if self.is_leaf_module(m, ""):
             pre = list(m._forward_pre_hooks.values())
-            quant = getattr(m, "act_quant", None)
-            if pre == [act_quant_pre_hook] and isinstance(quant, ActFakeQuant):
-                args = (super().call_module(quant, quant.forward, args[:1], {}), *args[1:])
-            elif pre or m._forward_hooks:
+            children = [PRE_HOOKS.get(hook) for hook in pre]
+            if m._forward_hooks or not all(
+                    c is not None and isinstance(getattr(m, c[0], None), c[1]) for c in children):
                 raise PackedFormatError(f"module {self.path_of_module(m)!r} has forward hooks, "
                                         "which the packed format cannot store")
+            for attr, _ in children:  # type: ignore[misc]
+                child = getattr(m, attr)
+                args = (super().call_module(child, child.forward, args[:1], {}), *args[1:])
         return super().call_module(m, forward, args, kwargs)
 
 

@@ -10,16 +10,17 @@ Layout (little-endian)::
 
 Format version 2 added tensor encodings (fp16/bf16 and pow2 weights), version 3 the delta
 (relative-index) layout of sparse tensors, version 4 ties (a tensor that several modules
-share), version 5 fp8 weights. A file is written as the oldest version that has what it uses
-(one without them is version 1, byte for byte what earlier releases wrote), so older readers
-still read it; this reader reads all five.
+share), version 5 fp8 weights, version 6 group-wise integer weights (one scale per output
+channel and group of input columns). A file is written as the oldest version that has what it
+uses (one without them is version 1, byte for byte what earlier releases wrote), so older
+readers still read it; this reader reads all six.
 
 The header describes the architecture without pickle, as data only:
 
 - ``modules``: ``{qualified name: [type name, constructor kwargs]}`` for every leaf module the
   forward calls (arguments at their defaults left out). Leaf types come from a fixed whitelist
   (:data:`LEAF_TYPES`: conv, linear, batch/layer norm, activations, pooling, flatten, dropout,
-  identity, ``ActFakeQuant``).
+  identity, ``ActFakeQuant``, ``InputScale``).
 - ``graph``: the forward as a ``torch.fx`` graph, one ``[op, target, args, kwargs]`` entry
   per node (node references by index). Modules outside the whitelist (``Sequential``,
   ``LowRank``, the user's own classes) are traced through, so only their ops remain. Function
@@ -31,8 +32,8 @@ The header describes the architecture without pickle, as data only:
   from the modules; a tensor the forward reads directly, not through a leaf module, also
   carries ``[shape, is_param]``). The encoding is the bit-width for fp32 (32) and uniform
   integer levels (2..8), as in version 1; ``"fp16"``, ``"bf16"`` or ``"pow2:<bits>"``
-  (version 2); ``"fp8"`` (version 5). The layout is 0 (dense), 1 (bitmap) or
-  ``[width, entries]`` (delta, version 3).
+  (version 2); ``"fp8"`` (version 5); ``"int<bits>:g<group>"`` (version 6). The layout is
+  0 (dense), 1 (bitmap) or ``[width, entries]`` (delta, version 3).
 - ``ties`` (version 4, only when the model shares a tensor, e.g. tied embeddings: the output
   layer's weight is the token embedding's): ``[name, stored name]`` pairs. A shared tensor is
   stored once (as ``size_bytes`` counts it: :func:`~autocompress.compress._ties.tensor_aliases`),
@@ -47,19 +48,23 @@ sign + exponent codes, :func:`~autocompress.compress.formats.pow2_codes`): all o
 or ``entries`` relative indexes of ``width`` bits (distance to the previous entry minus 1;
 a gap longer than ``2**width`` takes filler entries of value 0) followed by the entries'
 values (delta); then one fp32 scale per output channel for integer levels and fp8 (raw e4m3
-bytes, one per value). fp32 tensors are raw float32, fp16 and bf16 weights raw 2-byte values
+bytes, one per value), or per output channel and group (row-major) for group-wise
+integers. fp32 tensors are raw float32, fp16 and bf16 weights raw 2-byte values
 (little-endian), so every value comes back exactly. An 8-bit activation quantizer is its
 observed range ``(lo, hi)`` as two fp32 (8 bytes); a dynamic one (``act_bits: "dynamic"``) has
-no state and is only its module entry (``dynamic: true``). So ``file size = size_bytes + 9 +
-header``; the compressed header is a few hundred bytes to a
+no state and is only its module entry (``dynamic: true``). AWQ / SmoothQuant's input scale
+(``quantizer: awq``: an ``InputScale`` child of the layer) is its ``factor``, fp32, one per
+input channel, stored as any buffer (no new encoding: files without it read as before).
+So ``file size = size_bytes + 9 + header``; the compressed header is a few hundred bytes to a
 couple of KiB (it grows with the number of layers, not with their size).
 
 Limits:
 
 - The model's forward must be traceable by ``torch.fx.symbolic_trace`` (no control flow on
   tensor values), and every leaf module it calls must be of a whitelisted type. A leaf with a
-  forward hook is refused, except for the activation fake-quant pre-hook that compression adds
-  (stored as an explicit ``ActFakeQuant`` call). Only float32 tensors are stored.
+  forward hook is refused, except for the pre-hooks that compression adds (``PRE_HOOKS``:
+  AWQ's input scale, then the activation fake-quant), stored as explicit calls of the layer's
+  ``InputScale`` / ``ActFakeQuant`` child before the layer. Only float32 tensors are stored.
 - Only what the forward uses is stored: parameters of modules the forward never calls are
   dropped, and BatchNorm ``num_batches_tracked`` is reset to 0 (it only matters for training
   with ``momentum=None``).
@@ -192,7 +197,8 @@ def save_packed(model: nn.Module, path: str | Path) -> PackedInfo:
             q, scale = qweights[row.name]
             values = q.ravel()
             if row.name in factors:  # a folded BatchNorm rescales the channels: same codes
-                scale = (scale * factors[row.name]).astype(np.float32)
+                f = factors[row.name]  # each row's scales (one, or one per group) times f
+                scale = (scale.reshape(len(f), -1) * f[:, None]).ravel().astype(np.float32)
         else:
             t = baked.get_parameter(row.name) if row.is_param else baked.get_buffer(row.name)
             if t.dtype != torch.float32:

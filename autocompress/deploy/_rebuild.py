@@ -10,6 +10,9 @@ are loaded into it:
 - a parametrized weight's logged values go to ``parametrizations.weight.original``; its mask
   becomes ``weight != 0`` where the knob table says the layer's plan keeps a mask
   (``KnobSpec.masks``: unstructured sparsity), and stays all-ones elsewhere;
+- buffers load as they are: a ``quantizer: awq`` layer's input scale (``input_scale.factor``,
+  all ones after ``apply(..., Calibration.empty())``) gets the trial's ``1/s``, and its
+  logged weight is already ``W diag(s)``, quantized;
 - quantizing already-quantized values is the identity: the largest magnitude of ``q * scale``
   is ``qmax * scale``, so the recomputed scale and integer values are the logged ones (pow2:
   the largest magnitude is the calibrated scale, whose first candidate quantizes the logged

@@ -9,9 +9,10 @@ it when first used.
 from autocompress._lazy import lazy_exports
 
 _EXPORTS = {
-    "_config": ("AUTO", "DEVICES", "DISTILL_LOSSES", "LR_CANDIDATES", "OPTIMIZERS", "SCHEDULES",
-                "FinetuneConfig"),
-    "_loop": ("DivergedError", "TrainingStopped", "finetune", "resolve_device"),
+    "_config": ("AUTO", "DEFAULT_LR", "DEVICES", "DISTILL_LOSSES", "LR_CANDIDATES", "OPTIMIZERS",
+                "SCHEDULES", "FinetuneConfig"),
+    "_loop": ("DivergedError", "TrainingStopped", "evaluate", "finetune", "resolve_device",
+              "snapshot"),
     "_losses": ("distill_loss_name", "output_tensor"),
     "_lr": ("LrChoice", "choose_lr"),
 }

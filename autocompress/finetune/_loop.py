@@ -14,14 +14,15 @@ from torch import nn
 
 from autocompress._inputs import run, to_device
 from autocompress.compress import Regrowth
-from autocompress.finetune._config import AUTO, LR_CANDIDATES, FinetuneConfig
+from autocompress.finetune._config import AUTO, DEFAULT_LR, FinetuneConfig
 from autocompress.finetune._losses import distill_fn
 from autocompress.finetune._lr import choose_lr, lr_factor, make_optimizer
 
 if TYPE_CHECKING:
     from autocompress.tasks import Task
 
-__all__ = ["DivergedError", "TrainingStopped", "finetune", "resolve_device"]
+__all__ = ["DivergedError", "TrainingStopped", "evaluate", "finetune", "resolve_device",
+           "snapshot"]
 
 MAX_REFRESHES = 64  # re-choices of the pruning masks while weights may regrow (finetune.regrow)
 
@@ -87,8 +88,13 @@ def finetune(
     seed: int = 0,
     step_gate: Callable[[], contextlib.AbstractContextManager] | None = None,
     stop: Callable[[float, float], str | None] | None = None,
+    start_metric: float | None = None,
 ) -> list[float]:
     """Trains ``model`` in place for ``config.epochs`` epochs; returns the metric after each.
+
+    ``config.epochs == 0`` returns ``[]`` at once: no optimizer, no learning rate chosen, no
+    evaluation (the post-training mode). ``config.lr`` None is the task's ``finetune_lr``, or
+    :data:`~autocompress.finetune.DEFAULT_LR` where it has none.
 
     With ``teacher`` and ``config.distill``, the loss is
     ``(1 - alpha) * task_loss + alpha * distill_loss(student_outputs, teacher_outputs)``,
@@ -116,15 +122,22 @@ def finetune(
             and, from the second epoch on, halfway through each epoch (1.5, 2.5, ...: the
             metric evaluated there, for this call only; a loader without a length has no
             halfway point); a returned reason ends training with :class:`TrainingStopped`.
+        start_metric: The metric of ``model`` as given, if the caller has measured it (a
+            search trial does, right after compression): used for ``keep_best`` and the
+            ``stop`` check before training instead of evaluating the model again.
 
     Raises:
         DivergedError: The loss became NaN or infinite.
         TrainingStopped: ``stop`` returned a reason.
         ValueError: ``config.device`` is ``cuda`` and torch sees no CUDA device.
     """
-    if config.lr == AUTO:  # without epochs no step is taken: any rate will do
-        lr = choose_lr(model, task, config, teacher, seed).lr if config.epochs else LR_CANDIDATES[0]
-        config = replace(config, lr=lr)
+    if not config.epochs:  # post-training mode: nothing to train, nothing to set up
+        model.eval()
+        return []
+    if config.lr is None:
+        config = replace(config, lr=getattr(task, "finetune_lr", None) or DEFAULT_LR)
+    elif config.lr == AUTO:
+        config = replace(config, lr=choose_lr(model, task, config, teacher, seed).lr)
     device = resolve_device(config.device)
     torch.manual_seed(seed)
     # A DataLoader given its own generator (the built-in tasks' are) ignores the global seed
@@ -139,7 +152,7 @@ def finetune(
             assert teacher is not None
             teacher.to(device).eval()
         return _train(model, task, config, device, teacher if distill else None, on_epoch,
-                      step_gate or contextlib.nullcontext, stop)
+                      step_gate or contextlib.nullcontext, stop, start_metric)
     finally:
         model.to("cpu")
         if teacher is not None:
@@ -231,7 +244,8 @@ class _Stepper:
 def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.device,
            teacher: nn.Module | None, on_epoch: Callable[[int, float], None] | None,
            gate: Callable[[], contextlib.AbstractContextManager],
-           stop: Callable[[float, float], str | None] | None = None) -> list[float]:
+           stop: Callable[[float, float], str | None] | None = None,
+           start_metric: float | None = None) -> list[float]:
     step = _Stepper.build(model, task, config, device, teacher)
     per_epoch = step.per_epoch
 
@@ -242,11 +256,11 @@ def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.d
 
     history = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
-    if config.epochs and (config.keep_best or stop is not None):
-        before = _evaluate(model, task, gate)
+    if config.keep_best or stop is not None:
+        before = evaluate(model, task, gate) if start_metric is None else start_metric
         check(0, before)
         if config.keep_best:
-            best = (before, _snapshot(model))
+            best = (before, snapshot(model))
     with Regrowth(model) as regrowth:
         # Masks may change for the first ``regrow`` of the steps (of the epochs, for a loader
         # without a length), then stay fixed so that the kept weights settle.
@@ -271,14 +285,14 @@ def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.d
                         regrowth.refresh()
                 steps += 1
                 if epoch and i + 1 == halfway:
-                    metric = _evaluate(model, task, gate)
+                    metric = evaluate(model, task, gate)
                     model.train()
                     check(epoch + 0.5, metric)
             if per_epoch is None:
                 step.scheduler.step()
-            history.append(_evaluate(model, task, gate))
+            history.append(evaluate(model, task, gate))
             if best is not None and history[-1] > best[0]:
-                best = (history[-1], _snapshot(model))
+                best = (history[-1], snapshot(model))
             if on_epoch is not None:
                 on_epoch(epoch, history[-1])
             check(epoch + 1, history[-1])
@@ -287,11 +301,13 @@ def _train(model: nn.Module, task: Task, config: FinetuneConfig, device: torch.d
     return history
 
 
-def _evaluate(model: nn.Module, task: Task,
-              gate: Callable[[], contextlib.AbstractContextManager]) -> float:
-    """The task metric, the random state put back afterwards (a data loader draws its seed
-    from it): evaluating, as often as the caller asks, does not change the training."""
-    with gate(), torch.random.fork_rng(devices=_cuda_devices(model)):
+def evaluate(model: nn.Module, task: Task,
+             gate: Callable[[], contextlib.AbstractContextManager] | None = None) -> float:
+    """The task metric of ``model`` (``task.evaluate``, the evaluation a trial's measured
+    ``accuracy`` is), inside ``gate`` (see :func:`finetune`'s ``step_gate``), the random state
+    put back afterwards (a data loader draws its seed from it): evaluating, as often as the
+    caller asks, does not change the training."""
+    with (gate or contextlib.nullcontext)(), torch.random.fork_rng(devices=_cuda_devices(model)):
         return float(task.evaluate(model))
 
 
@@ -299,5 +315,6 @@ def _cuda_devices(model: nn.Module) -> list[torch.device]:
     return list({p.device for p in model.parameters() if p.device.type == "cuda"})
 
 
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state (weights, masks, quantizer ranges) for ``load_state_dict``."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

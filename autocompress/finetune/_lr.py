@@ -77,7 +77,8 @@ def choose_lr(model: nn.Module, task: Task, config: FinetuneConfig,
     batches), the brute-force version of a learning-rate range test (Smith, 2017): the best
     rate depends on how far compression moved the model (digits, uniform recipes, 2 epochs:
     hypervolume 4.61 at 1e-3, 5.75 at 6e-3) and on how it was trained (a pretrained
-    transformer wants 1e-4 or less), so it is measured, not guessed.
+    transformer wants 1e-4 or less), so it is measured, not guessed. Each copy trains with
+    ``keep_best`` off: its score is what the rate trains to.
 
     Raises:
         ValueError: Every candidate diverged.
@@ -89,7 +90,9 @@ def choose_lr(model: nn.Module, task: Task, config: FinetuneConfig,
     for lr in candidates:
         trial = copy.deepcopy(model)
         try:
-            history = finetune(trial, task, replace(config, lr=lr), teacher=teacher, seed=seed)
+            # The score is the metric this rate trains to: no state kept from before training.
+            history = finetune(trial, task, replace(config, lr=lr, keep_best=False),
+                               teacher=teacher, seed=seed)
         except DivergedError:
             scores[lr] = None
             continue

@@ -211,5 +211,10 @@ for _spec in (
     MetricSpec("finetune_seconds", "min", "s", "trial", "Wall time of the trial's fine-tuning."),
     MetricSpec("trial_seconds", "min", "s", "trial", "Wall time of the trial: compress, "
                "fine-tune, measure."),
+    MetricSpec("accuracy_post_training", "max", "", "trial", "The task's metric right after "
+               "compression, before fine-tuning (a trial's accuracy is never below it).",
+               label="accuracy after compression"),
+    MetricSpec("finetune_gain", "max", "", "trial", "What fine-tuning added: accuracy minus "
+               "accuracy_post_training (0 when fine-tuning did not help)."),
 ):
     register_metric(_spec)

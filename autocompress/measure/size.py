@@ -15,7 +15,8 @@ quantization scales:
   chosen per tensor (1..16) to minimise the bytes. Beyond ~75% sparsity it is smaller than
   the bitmap, which costs 1 bit per element however sparse the tensor is;
 - ``scales = 4 * format.scales(shape)``: one fp32 scale per output channel for a weight with
-  integer bits; fp16/bf16 weights have none.
+  integer bits, one per output channel and group of ``group_size`` input columns for a
+  group-wise one (``out * ceil(d / group_size)``); fp16/bf16 weights have none.
 
 Zeros and their positions are those of the weight as it will be stored (after masking and
 quantization). A BatchNorm that only normalizes a convolution's output is stored folded into
@@ -26,6 +27,8 @@ activation quantizer costs 8 bytes (fp32 scale + int32 zero point), a dynamic on
 "dynamic"``) nothing: it computes its range from each input at run time. Its layer's 8-bit
 weight is counted like any other (8 bits per value, one fp32 scale per output channel: what
 ONNX Runtime's ``quantize_dynamic`` stores, plus a zero point per channel that is always 0).
+AWQ / SmoothQuant's input scale (``quantizer: awq``: the layer's ``input_scale.factor``
+buffer, ``1/s``) is fp32, one per input channel, counted as any buffer.
 A tensor that several modules share (tied weights: a decoder's token embedding and output
 layer) is stored once and counted once, under its first name
 (:func:`~autocompress.compress._ties.tensor_aliases`); compressed, it stays shared only as long
@@ -110,12 +113,13 @@ class TensorSize:
         return self.layout.kind != "dense"
 
 
-def weight_storage(bits: int | str | None, scheme: str = "uniform") -> tuple[int, bool]:
-    """``(bits per stored value, whether one fp32 scale per output channel is stored)`` of a
-    weight at plan values ``bits``/``scheme`` (its :func:`weight_format`): ``(b, True)`` for
-    an integer ``b`` (uniform and pow2 alike), ``(16, False)`` for ``"fp16"``/``"bf16"``,
-    ``(32, False)`` for None (fp32)."""
-    fmt = weight_format(bits, scheme)
+def weight_storage(bits: int | str | None, scheme: str = "uniform",
+                   group_size: int | None = None) -> tuple[int, bool]:
+    """``(bits per stored value, whether fp32 scales are stored)`` of a weight at plan values
+    ``bits``/``scheme``/``group_size`` (its :func:`weight_format`): ``(b, True)`` for an
+    integer ``b`` (uniform and pow2 alike, per channel or per group), ``(16, False)`` for
+    ``"fp16"``/``"bf16"``, ``(32, False)`` for None (fp32)."""
+    fmt = weight_format(bits, scheme, group_size)
     return fmt.bits, fmt.scaled
 
 
@@ -223,7 +227,7 @@ def planned_weight_bytes(shape: Sequence[int], lp: LayerPlan) -> int:
     """Bytes of a layer's weight of ``shape`` stored under ``lp``, before the model exists
     (planning): the two factors of a rank, the output channels left by channel pruning, the
     non-zeros of unstructured sparsity at random positions (:func:`tensor_bytes`), in the
-    plan's weight format (its bits per value and scales)."""
+    plan's weight format (its bits per value and scales: per group with a ``group_size``)."""
     out, fan_in = shape[0], math.prod(shape[1:])
     if lp.rank is not None:
         r = max(1, round(lp.rank * min(out, fan_in)))
@@ -233,7 +237,7 @@ def planned_weight_bytes(shape: Sequence[int], lp: LayerPlan) -> int:
     rows, cols = tensors[-1]
     if lp.sparsity and lp.structure == "channel":
         tensors[-1] = (rows - round(lp.sparsity * rows), cols)
-    fmt = weight_format(lp.bits, lp.scheme)
+    fmt = weight_format(lp.bits, lp.scheme, lp.group_size)
     total = 0
     for rows, cols in tensors:
         numel = rows * cols

@@ -36,8 +36,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
     Weight-only quantized layers get an int8 initializer feeding a per-channel
     ``DequantizeLinear`` (ONNX Runtime folds it into fp32 at load time: size, not speed);
     pow2 weights over 4 bits, whose integers do not fit int8, stay fp32 initializers (their
-    exact values). fp16/bf16 weights get a float16/bfloat16 initializer feeding a ``Cast`` to
-    float (also folded at load time).
+    exact values); group-wise integer weights (``group_size``) int8 codes and their group
+    scales feeding ``Cast``, ``Mul`` and ``Reshape``. fp16/bf16 weights get a float16/bfloat16
+    initializer feeding a ``Cast`` to float (both also folded at load time).
+    A ``quantizer: awq`` layer's input scale is traced as a ``Mul`` by its ``1/s`` before the
+    layer (its weight holds ``W diag(s)``).
     Layers with quantized activations are exported in fp32 without their fake-quant and then
     handed to ONNX Runtime's own tools with our numbers (:mod:`~autocompress.onnxgraph._ort_quant`):
     ``act_bits: 8`` (:func:`static_layers`) becomes a QDQ graph that runs QLinearConv /

@@ -27,6 +27,12 @@ nodes to quantize and with which numbers, so it stores what fine-tuning saw (rea
   each integer op costs more than it saves). Nodes of layers without ``act_bits: 8`` are
   excluded and stay fp32. Bias is int32 with scale ``input scale * weight scale``.
 
+A ``quantizer: awq`` layer's input scale (``1/s``) is a ``Mul`` by a constant before its
+MatMul/Gemm/Conv: its node is found by its (scaled) weight as any other; the static path
+leaves the Mul in fp32 (it reads an fp32 constant) and quantizes its output, the layer's input,
+with the trained range, as fine-tuning saw it (the scale is applied before the activation
+quantizer); the dynamic path quantizes the Mul's output at run time.
+
 Fine-tuning does not see the rounding of those intermediate tensors (8-bit, calibrated); the
 export verification measures what it costs (``autocompress export`` compares the artifact's
 metric with the logged one).

@@ -17,7 +17,8 @@ __all__ = ["store_weights"]
 def store_weights(proto: onnx.ModelProto, weights: Mapping[str, StoredWeight]) -> None:
     """Replaces the fp32 initializer of every weight in ``weights`` (``{parameter name: the
     weight as stored}``) by its format's ONNX form: int8 values + DequantizeLinear for integer
-    formats, a 16-bit initializer + Cast for fp16/bf16.
+    formats with per-channel scales, int8 codes + Cast/Mul/Reshape for group-wise ones (opset
+    17 has no blocked DequantizeLinear), a 16-bit initializer + Cast for fp16/bf16.
 
     The exporter's constant folding renames weights and may fold BatchNorm into a conv
     (multiplying each output channel by a constant ``k``) or transpose a Linear weight, so

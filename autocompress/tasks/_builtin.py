@@ -15,6 +15,15 @@ from autocompress.tasks._registry import cached_baseline
 from autocompress.tasks._task import Task
 
 
+def baseline_training(epochs: int, lr: float) -> FinetuneConfig:
+    """How a built-in task's baseline is trained from scratch: plain Adam, no warm-up, no
+    clipping, the last epoch's weights (not the fine-tuning defaults, which suit compressed
+    pretrained models and would change every cached baseline; keeping the best epoch would
+    also choose on the validation data)."""
+    return FinetuneConfig(epochs=epochs, lr=lr, distill=False, optimizer="adam", warmup=0.0,
+                          grad_clip=None, keep_best=False)
+
+
 def sklearn_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """scikit-learn's 8x8 digits (1,797 images) as ``(x_train, y_train, x_val, y_val)``:
     inputs ``(N, 1, 8, 8)`` float32 scaled to [0, 1] (pixels / 16), int64 labels, a fixed
@@ -50,7 +59,7 @@ def build(name: str, seed: int, model: nn.Module, data, epochs: int, lr: float,
     def fit(m: nn.Module) -> None:
         print(f"autocompress: training the {name} baseline ({epochs} epochs, once; cached)",
               file=sys.stderr)
-        finetune(m, task, FinetuneConfig(epochs=epochs, lr=lr, distill=False), seed=seed)
+        finetune(m, task, baseline_training(epochs=epochs, lr=lr), seed=seed)
 
     task.model, cached = cached_baseline(name, seed, model, fit, code)
     task.info = {"train_samples": len(data[0]), "val_samples": len(data[2]),

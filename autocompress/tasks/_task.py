@@ -36,6 +36,11 @@ class Task:
             distillation, or None for the experiment's ``finetune.distill_loss``.
         name: A short name, shown in output and MLflow.
         info: Free-form facts about the task (data sizes, how the baseline was trained).
+        finetune_lr: The peak learning rate that suits fine-tuning this model after
+            compression, or None: an experiment that sets no ``finetune.lr`` uses it (else
+            ``autocompress.finetune.DEFAULT_LR``). A pretrained model wants a small one (the
+            built-in ``minilm`` task gives one, measured); a small model trained from scratch
+            takes the default.
     """
 
     model: nn.Module
@@ -47,6 +52,7 @@ class Task:
     name: str = "task"
     info: dict = field(default_factory=dict)
     distill_loss: Callable[[Any, Any], torch.Tensor] | None = None
+    finetune_lr: float | None = None
 
     def __post_init__(self) -> None:
         from torch import nn
@@ -56,6 +62,10 @@ class Task:
         if not isinstance(self.model, nn.Module):
             raise TypeError(f"Task.model must be an nn.Module, got {type(self.model).__name__}")
         check_inputs(self.example_inputs, "Task.example_inputs")
+        lr = self.finetune_lr
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float)
+                               or not 0 < lr < float("inf")):
+            raise ValueError(f"Task.finetune_lr={lr!r}; allowed: a number > 0 or None")
         self.model.eval()
 
     def evaluate(self, model: nn.Module) -> float:

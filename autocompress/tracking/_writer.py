@@ -360,8 +360,12 @@ class SearchTracker:
         retries = 0 if m.get("latency_cache_hit") else int(rec.latency.get("retries") or 0)
         retimed = (f", timed {retries + 1}x: the machine drifted, or ran slower than usual, by "
                    f"more than {100 * DRIFT_LIMIT:.0f}% while timing" if retries else "")
-        self.echo(f"{self._progress()} {rec.name}: accuracy {m.get('accuracy', float('nan')):.4f} "
-                  f"size {m.get('size_bytes', 0) / 1024:.1f} KiB ({m.get('compression_ratio', 0):.1f}x) "
+        post = m.get("accuracy_post_training")
+        tuned = (f" ({post:.4f} after compression)"
+                 if post is not None and np.isfinite(post) and post != m.get("accuracy") else "")
+        self.echo(f"{self._progress()} {rec.name}: accuracy {m.get('accuracy', float('nan')):.4f}"
+                  f"{tuned} size {m.get('size_bytes', 0) / 1024:.1f} KiB "
+                  f"({m.get('compression_ratio', 0):.1f}x) "
                   f"latency {m.get('latency_ms', 0):.4f} ms ({m.get('speedup', 0):.2f}x"
                   f"{', cached' if m.get('latency_cache_hit') else ''}{retimed})"
                   f"{'' if rec.feasible else ' [infeasible]'}{' *front*' if rec.pareto else ''}"

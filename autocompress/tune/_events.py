@@ -25,7 +25,8 @@ class EpochReport:
     """A fine-tuning epoch ended.
 
     Attributes:
-        epoch: Epochs done (1 after the first).
+        epoch: Epochs done (1 after the first; 0: right after compression, before any
+            training: the post-training metric).
         accuracy: The task metric after it.
         node: Where the trial runs (host and Ray node).
     """

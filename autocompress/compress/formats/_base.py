@@ -70,7 +70,8 @@ class StoredWeight:
         format: The format.
         values: Codes of a scaled format (int32 integers; fp8: the e4m3 values as float32),
             else the fp32 values (exactly representable in the format).
-        scale: fp32 scales of a scaled format (one per output channel), else None.
+        scale: fp32 scales of a scaled format (one per output channel; a grouped format:
+            one per output channel and group of input columns, row-major), else None.
     """
 
     format: WeightFormat
@@ -96,7 +97,8 @@ class WeightFormat:
             ``"fp16"``, ...).
         token: The tensor encoding of the packed file's header.
         packed_version: The oldest packed format version that reads it.
-        scaled: Whether fp32 scales are stored with the codes (one per output channel).
+        scaled: Whether fp32 scales are stored with the codes (one per output channel, or
+            per output channel and group: :meth:`scales`).
         folds: Whether a BatchNorm after the layer may be folded into the stored weight.
     """
 
@@ -158,13 +160,14 @@ class WeightFormat:
         raise NotImplementedError(f"weight format {self.name!r} has no ONNX form")
 
 
-def weight_format(bits: int | str | None, scheme: str = "uniform") -> WeightFormat:
-    """The format that stores a weight at plan values ``bits``/``scheme``.
+def weight_format(bits: int | str | None, scheme: str = "uniform",
+                  group_size: int | None = None) -> WeightFormat:
+    """The format that stores a weight at plan values ``bits``/``scheme``/``group_size``.
 
     Raises:
         UnknownNameError: No format has those values.
     """
-    return FORMATS.get(format_name(bits, scheme), key="bits")
+    return FORMATS.get(format_name(bits, scheme, group_size), key="bits")
 
 
 def compressed_value(w: torch.Tensor, bits: int | str, scheme: str = "uniform") -> torch.Tensor:
