@@ -101,8 +101,9 @@ class ProfileRun:
                     local[i] = local_error(name, module, s, self.shapes[name], self.stats[name])
                 except PlanError:  # the method refuses it: a trial would fail the same way
                     local[i] = (math.nan, None)
-                except Exception:  # noqa: BLE001 - not expressible locally: run the model
-                    pass
+                except Exception:  # noqa: BLE001 - not expressible locally: run the model,
+                    if naive != s:  # but not for a variant whose method needs more than the
+                        local[i] = (math.nan, None)  # Gram matrix (AWQ's input rows): unprobed
                 if i in local:
                     self.progress.tick("local")
                     continue
