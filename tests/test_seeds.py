@@ -44,17 +44,19 @@ def test_the_profile_finds_the_insensitive_layer(identity_task) -> None:
     space, _ = _space(identity_task, {"sparsity": [0.0, 0.75], "bits": [3, None]})
     sens = profile(identity_task, space, batches=2)
     assert sens.metric > 0.8
-    assert sens.drop("2", "sparsity", 0.75) == 0.0
-    assert sens.drop("2", "bits", 3) == 0.0
-    assert sens.drop("0", "sparsity", 0.75) > 0.05
-    # The distortion sees the same, continuously: none where the function is unchanged.
+    # Linear layers are probed layer-locally: no metric, a local error and a distortion that
+    # see none where the function is unchanged.
+    assert sens.drop("2", "sparsity", 0.75) is None
+    probes = {(p.layer, p.label()): p for p in sens.probes}
+    assert probes["2", "bits=3"].local == pytest.approx(0.0, abs=1e-10)
     assert sens.distortion("2", "sparsity", 0.75) == pytest.approx(0.0, abs=1e-10)
     assert sens.distortion("2", "bits", 3) == pytest.approx(0.0, abs=1e-10)
     assert sens.distortion("0", "sparsity", 0.75) > 0.01
     assert 0 < sens.distortion("0", "bits", 3) < sens.distortion("0", "sparsity", 0.75)
+    assert probes["0", "bits=3"].local < probes["0", "sparsity=0.75 structure=unstructured"].local
     assert {p.layer for p in sens.probes} == {"0", "2", "3", "5", "7"}
     again = profile(identity_task, space, batches=2)  # from the cache, same numbers
-    assert again.cached and again.probes == sens.probes
+    assert again.cached and again.to_csv() == sens.to_csv()
     assert "2,sparsity=0.75 structure=unstructured" in sens.to_csv()
 
 
@@ -284,7 +286,7 @@ def test_the_sensitivity_command_prints_the_profile(capsys, monkeypatch: pytest.
     monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
     assert main(["sensitivity", "--task", "tests.models:tiny_task", "--batches", "1", "--csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "layer,setting,knobs,metric,drop,distortion"
+    assert lines[0] == "layer,setting,knobs,metric,drop,distortion,local"
     assert any(line.startswith("net.6,bits=3,") for line in lines)
 
 

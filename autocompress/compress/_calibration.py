@@ -20,7 +20,7 @@ the calibrated methods only set up the layers' structure; the weights are then l
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +43,12 @@ class Calibration:
 
     Attributes:
         batches: Input batches in the task's form (a tensor, a tuple or a dict of tensors).
+        stats: Input statistics already measured, by layer name (:meth:`from_stats`):
+            :func:`input_stats` returns copies of them without running the model.
     """
 
     batches: tuple[Any, ...] = ()
+    stats: Mapping[str, InputStats] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def samples(self) -> int:
@@ -55,7 +58,7 @@ class Calibration:
     @property
     def is_empty(self) -> bool:
         """No data: the calibrated methods set up structure only (the weights are loaded)."""
-        return not self.batches
+        return not self.batches and not self.stats
 
     @classmethod
     def empty(cls) -> Calibration:
@@ -73,6 +76,13 @@ class Calibration:
             kept.append(batch if have + n <= samples else take(batch, samples - have))
             have += n
         return cls(tuple(kept))
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, InputStats]) -> Calibration:
+        """Statistics measured before, by layer name, and no batches: the sensitivity
+        profile's layer-local probes compress one layer (of the same name) by a calibrated
+        method without a forward pass. Only :func:`input_stats` of those layers works on it."""
+        return cls((), dict(stats))
 
     @classmethod
     def from_task(cls, task: Any, samples: int = DEFAULT_SAMPLES) -> Calibration:
@@ -100,6 +110,10 @@ class InputStats:
     def zeros(cls, d: int) -> InputStats:
         return cls(torch.zeros(d, d, dtype=torch.float64), 0,
                    torch.zeros(d, dtype=torch.float64), torch.zeros(d))
+
+    def copy(self) -> InputStats:
+        """An independent copy (a method may change its tensors in place)."""
+        return InputStats(self.gram.clone(), self.rows, self.abssum.clone(), self.absmax.clone())
 
     def add(self, rows: torch.Tensor) -> None:
         """Accumulates input rows ``(n, d)``."""
@@ -186,18 +200,24 @@ def input_stats(model: nn.Module, modules: Sequence[nn.Module],
                 calibration: Calibration) -> dict[nn.Module, InputStats]:
     """The :class:`InputStats` of each of ``modules`` (layers of ``model``) over
     ``calibration``: the model runs in eval mode, one pass per group of layers whose Gram
-    matrices fit in memory together (one pass for a small model).
+    matrices fit in memory together (one pass for a small model). Layers whose statistics
+    ``calibration`` carries (:meth:`Calibration.from_stats`, by name in ``model``) cost no pass.
 
     Raises:
-        ValueError: ``calibration`` is empty, or a module cannot be calibrated
-            (:func:`calibration_problem`).
+        ValueError: ``calibration`` is empty (or has no batches for a layer it has no
+            statistics of), or a module cannot be calibrated (:func:`calibration_problem`).
     """
     if calibration.is_empty:
         raise ValueError("input_stats needs calibration data; got an empty Calibration")
     for m in modules:
         if (problem := calibration_problem(m)) is not None:
             raise ValueError(problem)
-    unique = list(dict.fromkeys(modules))
+    names = {m: n for n, m in model.named_modules()} if calibration.stats else {}
+    known = {m: calibration.stats[names[m]].copy() for m in modules
+             if names.get(m) in calibration.stats}
+    unique = [m for m in dict.fromkeys(modules) if m not in known]
+    if unique and not calibration.batches:
+        raise ValueError(f"no calibration batches, and no statistics of {names.get(unique[0])!r}")
     stats = {m: InputStats.zeros(weight_matrix(m).shape[1]) for m in unique}
     was_training = model.training
     model.eval()
@@ -213,7 +233,7 @@ def input_stats(model: nn.Module, modules: Sequence[nn.Module],
                     h.remove()
     finally:
         model.train(was_training)
-    return stats
+    return {**known, **stats}
 
 
 def output_error(weight: torch.Tensor, new: torch.Tensor, stats: InputStats) -> float:

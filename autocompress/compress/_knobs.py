@@ -104,8 +104,17 @@ class KnobSpec:
             runs with 8-bit weights), as ``(knob, value)`` pairs.
         probe_across: A knob whose values (its default included) each probe is repeated over
             (``sparsity`` over ``structure``); predictions look the probe up by it.
+        probe_variants: Knobs that choose how this one is done (the calibrated variants:
+            ``pruner`` for ``sparsity``, ``quantizer`` and ``group_size`` for ``bits``); each
+            probe is repeated over every combination of the values the layer's domain offers
+            of them (and of ``probe_across``); predictions look the probe up by them too.
+        local: Whether a probe with this value (the knob's own, or set with a probed one)
+            can be measured layer-locally, as the layer's output error on its calibration
+            inputs: False where it changes shapes other layers see (``structure: channel``)
+            or acts on the activations (``act_bits``); the profile then runs the model.
         allocated: The first trials' size allocation (``tune/_seeds.py``) spends it: it
-            changes the stored weight bytes.
+            changes the stored weight bytes, or (a ``probe_variants`` knob) chooses among
+            variants of one that does, at the same bytes, by their predicted damage.
         speed_only: It buys speed only (the same weights, some accuracy): the search leaves
             it out when no objective measures latency.
         integer_kernels: It only pays on a runtime with integer kernels: the search leaves
@@ -135,6 +144,8 @@ class KnobSpec:
     probed: bool = False
     probe_with: tuple[tuple[str, Any], ...] = ()
     probe_across: str | None = None
+    probe_variants: tuple[str, ...] = ()
+    local: Callable[[Any], bool] = lambda value: True
     allocated: bool = False
     speed_only: bool = False
     integer_kernels: bool = False
@@ -164,7 +175,8 @@ _SPECS: dict[str, KnobSpec] = {spec.name: spec for spec in (
                              f"{STRUCTURE_TOKENS[k.get('structure', 'unstructured')]}"
                              if k.get("sparsity") else "0"),
                   "Oranges", {"zmin": 0, "zmax": 1}),
-        probed=True, probe_across="structure", allocated=True, seed="amount"),
+        probed=True, probe_across="structure", probe_variants=("pruner",), allocated=True,
+        seed="amount"),
     KnobSpec(
         # The output layer keeps its channels: they are the model's outputs (the classes).
         "structure", "unstructured", f"one of {list(STRUCTURES)}",
@@ -172,7 +184,8 @@ _SPECS: dict[str, KnobSpec] = {spec.name: spec for spec in (
         mildest=lambda knob: first_of(knob, ["unstructured"]),
         refuses=lambda value, layer: "it produces the model output (its channels are the outputs)"
         if value == "channel" and layer.is_output else None,
-        modifies="sparsity", allocated=True, seed="cut", seed_value="channel"),
+        modifies="sparsity", local=lambda v: v != "channel", allocated=True, seed="cut",
+        seed_value="channel"),
     KnobSpec(
         # Integers: per-output-channel integer levels (``scheme``); "fp16"/"bf16": the weight
         # rounded to a 16-bit float; "fp8": to e4m3 with per-channel scales (compress/formats/).
@@ -187,7 +200,7 @@ _SPECS: dict[str, KnobSpec] = {spec.name: spec for spec in (
                               "colorbar": {"tickvals": [2, 4, 6, 8, *HEAT_BITS.values()],
                                            "ticktext": ["2", "4", "6", "8",
                                                         *(f or "fp32" for f in HEAT_BITS)]}}),
-        probed=True, allocated=True, seed="width"),
+        probed=True, probe_variants=("quantizer", "group_size"), allocated=True, seed="width"),
     KnobSpec(
         # How integer bits are spent: "uniform" levels or "pow2" (0 and signed powers of two
         # times a calibrated per-channel scale; bits 3..6, KNOB_RULES). No token (and no
@@ -209,7 +222,7 @@ _SPECS: dict[str, KnobSpec] = {spec.name: spec for spec in (
                   lambda k: (1.0 if k.get("rank") is None else k["rank"],
                              "full" if k.get("rank") is None else f"{k['rank']:.2f}"),
                   "Greens_r", {"zmin": 0, "zmax": 1}),
-        probed=True, allocated=True),
+        probed=True, probe_variants=("decomposition",), allocated=True),
     KnobSpec(
         # How a layer with a rank is factorized (lowrank.py); no token (and no change) without
         # a rank. Linear, Embedding, 1x1 and grouped convs refuse tucker and cp (lowrank's limits).
@@ -217,7 +230,7 @@ _SPECS: dict[str, KnobSpec] = {spec.name: spec for spec in (
         lambda v: isinstance(v, str) and v in DECOMPOSITIONS,
         mildest=lambda knob: first_of(knob, ["svd"]),
         token=lambda lp: "" if lp.rank is None or lp.decomposition == "svd" else lp.decomposition,
-        modifies="rank"),
+        modifies="rank", local=lambda v: v in ("svd", "whitened"), allocated=True),
     KnobSpec(
         # 8: a fixed range observed during calibration and fine-tuning, deployed on ONNX
         # Runtime's QLinear kernels; needs integer weights (bits). "dynamic": each
@@ -229,7 +242,8 @@ _SPECS: dict[str, KnobSpec] = {spec.name: spec for spec in (
         lambda v: v is None or v == "dynamic" or (type(v) is int and v == 8),
         mildest=lambda knob: first_of(knob, [None]),
         token=lambda lp: "" if lp.act_bits is None else act_token(lp.act_bits),
-        probed=True, probe_with=(("bits", 8),), speed_only=True, integer_kernels=True,
+        probed=True, probe_with=(("bits", 8),), local=lambda v: v is None, speed_only=True,
+        integer_kernels=True,
         about="quantized activations"),
     KnobSpec(
         # How the weights of a sparsity are chosen (and the rest updated): "magnitude" (the
@@ -242,7 +256,7 @@ _SPECS: dict[str, KnobSpec] = {spec.name: spec for spec in (
         lambda v: isinstance(v, str) and v in PRUNERS,
         mildest=lambda knob: first_of(knob, ["magnitude"]),
         token=lambda lp: lp.pruner if lp.sparsity and lp.pruner != "magnitude" else "",
-        modifies="sparsity"),
+        modifies="sparsity", allocated=True),
     KnobSpec(
         # How integer weights are rounded: "rtn" (round to nearest), "gptq" (column by column,
         # the rounding error compensated on the columns not yet rounded with the inverse
@@ -255,7 +269,7 @@ _SPECS: dict[str, KnobSpec] = {spec.name: spec for spec in (
         lambda v: isinstance(v, str) and v in QUANTIZERS,
         mildest=lambda knob: first_of(knob, ["rtn"]),
         token=lambda lp: lp.quantizer if lp.quantizer != "rtn" and integer_bits(lp.bits) else "",
-        modifies="bits"),
+        modifies="bits", allocated=True),
     KnobSpec(
         # Input columns that share one scale per output channel (32, 64 or 128), or null: one
         # scale per output channel (the whole row). Integer uniform bits only (KNOB_RULES);
@@ -264,7 +278,7 @@ _SPECS: dict[str, KnobSpec] = {spec.name: spec for spec in (
         lambda v: v is None or (type(v) is int and v in GROUP_SIZES),
         integer=True, mildest=lambda knob: first_of(knob, [None]),
         token=lambda lp: f"g{lp.group_size}" if lp.group_size and integer_bits(lp.bits) else "",
-        modifies="bits"),
+        modifies="bits", allocated=True),
 )}
 # Table order is the order of the one-line summary, the search space's parameters and the
 # report: each knob after the one it modifies.

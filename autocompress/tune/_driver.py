@@ -190,7 +190,8 @@ def first_trials(exp: Experiment, task: Any, space: Any, layers: list, tracker: 
     points = space.warm_start_points()
     budget = max(0, exp.search.trials // 3 - len(points))
     if budget:
-        sens = profile(task, space, echo=echo)
+        sens = profile(task, space, samples=exp.search.calibration_samples, allocated_only=True,
+                       echo=echo)
         if sens.cached:
             echo(f"sensitivity: {len(sens.probes)} probes from the cache")
         tracker.client.log_text(tracker.parent_run_id, sens.to_csv(), "sensitivity.csv")

@@ -67,8 +67,9 @@ def layer_options(layer: Any, shape: Sequence[int], sens: Sensitivity) -> list[O
     values = {k: _domain_values(k, slot.knob) for k, slot in layer.knobs.items()
               if KNOB_TABLE[k].allocated}
     for spec in KNOB_TABLE.values():  # the knobs probes were repeated over, at their default
-        if spec.allocated and spec.probe_across:
-            values.setdefault(spec.probe_across, [KNOB_TABLE[spec.probe_across].default])
+        if spec.allocated:
+            for k in _looked_up_by(spec):
+                values.setdefault(k, [KNOB_TABLE[k].default])
     options = []
     for combo in itertools.product(*values.values()):
         knobs = reconcile(dict(zip(values, combo, strict=True)))
@@ -96,15 +97,21 @@ def _idle_modifier(lp: LayerPlan) -> bool:
                for spec in KNOB_TABLE.values())
 
 
+def _looked_up_by(spec: Any) -> list[str]:
+    """The knobs a probe of ``spec`` is looked up by: its ``probe_across`` and variants."""
+    return ([spec.probe_across] if spec.probe_across else []) + list(spec.probe_variants)
+
+
 def _predicted_damage(sens: Sensitivity, layer: str, lp: LayerPlan) -> float | None:
     """The sum of the probes' distortions of the allocated knobs ``lp`` sets (each looked up
-    with its ``probe_across`` knob at ``lp``'s value), or None if one was not probed."""
+    with its ``probe_across`` and ``probe_variants`` knobs at ``lp``'s values), or None if
+    one was not probed or its probe failed."""
     parts: list[float] = []
     for spec in KNOB_TABLE.values():
         value = getattr(lp, spec.name)
         if not (spec.probed and spec.allocated) or same(value, spec.default):
             continue
-        across = {spec.probe_across: getattr(lp, spec.probe_across)} if spec.probe_across else {}
+        across = {k: getattr(lp, k) for k in _looked_up_by(spec)}
         part = sens.distortion(layer, spec.name, value, **across)
         if part is None:
             return None
@@ -189,11 +196,10 @@ def _uniform_recipes(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequenc
                 continue
             knobs = {k: v for k, v in zip(swept, combo, strict=True)
                      if k in ls.knobs and any(same(v, w) for w in _domain_values(k, ls.knobs[k].knob))}
-            lp = LayerPlan(**knobs)
-            damage = _predicted_damage(sens, ls.name, lp)
-            if damage is None:
+            option = best_variant(ls, knobs, sens, shapes[ls.name])
+            if option is None:
                 break
-            recipe[ls.name] = Option(knobs, damage, weight_bytes(shapes[ls.name], lp))
+            recipe[ls.name] = option
         else:
             grid.append(recipe)
     grid.sort(key=lambda r: sum(o.cost for o in r.values()))
@@ -231,11 +237,41 @@ def _channel_recipes(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequenc
                 if level:
                     knobs[amount], knobs[how.name], cut = level, how.seed_value, True
             lp = LayerPlan(**knobs)
-            recipe[ls.name] = Option(knobs, _predicted_damage(sens, ls.name, lp) or 0.0,
-                                     weight_bytes(shapes[ls.name], lp))
+            recipe[ls.name] = (best_variant(ls, knobs, sens, shapes[ls.name])
+                               or Option(knobs, _predicted_damage(sens, ls.name, lp) or 0.0,
+                                         weight_bytes(shapes[ls.name], lp)))
         if cut and recipe not in recipes:
             recipes.append(recipe)
     return recipes
+
+
+def best_variant(ls: Any, knobs: dict[str, Any], sens: Sensitivity,
+                 shape: Sequence[int]) -> Option | None:
+    """``knobs`` on layer space ``ls`` with the variants of the knobs they set (the
+    ``probe_variants`` its domain offers: ``pruner`` for a sparsity, ``quantizer`` and
+    ``group_size`` for bits) chosen for the least predicted damage at no more stored bytes
+    than the default variants; on a tie (a model-level probe, measured for the default only)
+    a calibrated variant, which is at least as good on the calibration data by
+    construction, the last in domain order (``sparsegpt`` refits the next layer after a
+    channel cut). A variant no probe of the layer succeeded with is never chosen. None if no
+    variant has a prediction."""
+    names = [k for name in knobs for k in KNOB_TABLE[name].probe_variants if k in ls.knobs]
+    grids = [_domain_values(k, ls.knobs[k].knob) for k in names]
+    base = weight_bytes(shape, LayerPlan(**reconcile(dict(knobs))))
+    best: tuple[float, bool, int, Option] | None = None
+    for i, combo in enumerate(itertools.product(*grids)):
+        extra = {k: v for k, v in zip(names, combo, strict=True) if not same(v, KNOB_TABLE[k].default)}
+        full = reconcile({**knobs, **extra})
+        if any(not same(full.get(k), v) or not sens.works(ls.name, k, v) for k, v in extra.items()):
+            continue  # a rule undid the variant (gptq without integer bits), or no probe of it worked
+        lp = LayerPlan(**full)
+        damage, cost = _predicted_damage(sens, ls.name, lp), weight_bytes(shape, lp)
+        if damage is None or cost > base:
+            continue
+        key = (damage, not extra, -i)
+        if best is None or key < best[:3]:
+            best = (*key, Option({k: v for k, v in full.items() if k in ls.knobs}, damage, cost))
+    return None if best is None else best[3]
 
 
 def calibration_points(space: Any) -> list[dict[str, Any]]:
