@@ -241,7 +241,7 @@ def planned_weight_bytes(shape: Sequence[int], lp: LayerPlan) -> int:
     total = 0
     for rows, cols in tensors:
         numel = rows * cols
-        nnz = numel - round(lp.sparsity * numel) if lp.structure == "unstructured" else numel
+        nnz = numel - round(lp.sparsity * numel) if lp.structure != "channel" else numel
         total += tensor_bytes(numel, nnz, fmt.bits, fmt.scales((rows, cols)))[0]
     return total
 
