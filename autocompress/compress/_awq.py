@@ -54,8 +54,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from autocompress._inputs import run
-from autocompress.compress._calibration import Calibration, input_rows, weight_matrix
+from autocompress.compress._calibration import Calibration, hooked_pass, input_rows, weight_matrix
 from autocompress.compress._modules import ActFakeQuant, leaves
 from autocompress.compress._plan import LayerPlan
 from autocompress.compress.formats import WeightFormat, weight_format
@@ -205,17 +204,7 @@ def input_samples(model: nn.Module, modules: list[nn.Module],
     of each of ``modules``' inputs."""
     quota = max(16, math.ceil(SAMPLE_ROWS / max(len(calibration.batches), 1)))
     samples = {m: InputSample(quota) for m in modules}
-    handles = [m.register_forward_pre_hook(lambda mod, args: samples[mod].add(mod, args[0]))
-               for m in modules]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in calibration.batches:
-            run(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    hooked_pass(model, modules, calibration, lambda mod, x: samples[mod].add(mod, x))
     return samples
 
 

@@ -20,7 +20,7 @@ the calibrated methods only set up the layers' structure; the weights are then l
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from torch import nn
 
 from autocompress._inputs import batch_size, run, take
 
-__all__ = ["DEFAULT_SAMPLES", "Calibration", "InputStats", "calibration_problem",
+__all__ = ["DEFAULT_SAMPLES", "Calibration", "InputStats", "calibration_problem", "hooked_pass",
            "input_rows", "input_stats", "output_error", "weight_matrix"]
 
 DEFAULT_SAMPLES = 256  # calibration samples of a trial (``search.calibration_samples``)
@@ -219,21 +219,27 @@ def input_stats(model: nn.Module, modules: Sequence[nn.Module],
     if unique and not calibration.batches:
         raise ValueError(f"no calibration batches, and no statistics of {names.get(unique[0])!r}")
     stats = {m: InputStats.zeros(weight_matrix(m).shape[1]) for m in unique}
+    for chunk in _chunks(unique):
+        hooked_pass(model, chunk, calibration,
+                    lambda mod, x: stats[mod].add(input_rows(mod, x)))
+    return {**known, **stats}
+
+
+@torch.no_grad()
+def hooked_pass(model: nn.Module, modules: Sequence[nn.Module], calibration: Calibration,
+                see: Callable[[nn.Module, torch.Tensor], None]) -> None:
+    """Runs ``model`` (in eval mode, put back afterwards) over ``calibration``'s batches,
+    calling ``see(module, input)`` before each of ``modules`` runs."""
+    handles = [m.register_forward_pre_hook(lambda mod, args: see(mod, args[0])) for m in modules]
     was_training = model.training
     model.eval()
     try:
-        for chunk in _chunks(unique):
-            handles = [m.register_forward_pre_hook(
-                lambda mod, args: stats[mod].add(input_rows(mod, args[0]))) for m in chunk]
-            try:
-                for batch in calibration.batches:
-                    run(model, batch)
-            finally:
-                for h in handles:
-                    h.remove()
+        for batch in calibration.batches:
+            run(model, batch)
     finally:
+        for h in handles:
+            h.remove()
         model.train(was_training)
-    return {**known, **stats}
 
 
 def output_error(weight: torch.Tensor, new: torch.Tensor, stats: InputStats) -> float:
