@@ -205,8 +205,10 @@ def test_refusals_are_listed_and_leave_the_search_domain() -> None:
     assert refused == {"point", "grouped", "head"}
     resolved = load_search_space(ROOT / "search_spaces" / "full.yaml").resolve(layers)
     domains = {ls.name: ls.knobs["decomposition"].knob for ls in resolved.layers}
-    assert domains["conv"].choices == ("svd", "tucker", "cp")
-    assert all(domains[name].value == "svd" for name in refused)
+    assert domains["conv"].choices == ("svd", "whitened", "tucker", "cp")
+    # Linear layers keep svd and whitened (calibrated SVD); a grouped conv has no input matrix
+    assert domains["point"].choices == domains["head"].choices == ("svd", "whitened")
+    assert domains["grouped"].value == "svd"
 
 
 def test_embeddings_refuse_tucker_and_cp() -> None:
