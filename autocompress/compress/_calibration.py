@@ -31,6 +31,7 @@ from torch import nn
 from autocompress._inputs import batch_size, run, take
 
 __all__ = ["DEFAULT_SAMPLES", "Calibration", "InputStats", "calibration_problem", "hooked_pass",
+           "inverse_hessian_factor",
            "input_rows", "input_stats", "output_error", "weight_matrix"]
 
 DEFAULT_SAMPLES = 256  # calibration samples of a trial (``search.calibration_samples``)
@@ -240,6 +241,22 @@ def hooked_pass(model: nn.Module, modules: Sequence[nn.Module], calibration: Cal
         for h in handles:
             h.remove()
         model.train(was_training)
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float, tries: int) -> torch.Tensor | None:
+    """The upper Cholesky factor of ``(H + lambda I)^-1`` (GPTQ's and SparseGPT's), ``lambda``
+    ``damp`` of ``H``'s mean diagonal, grown tenfold (from 1e-8 if it is 0) while the
+    factorization fails, ``tries`` times at most; None if it never succeeds."""
+    eye = torch.eye(len(h), dtype=h.dtype)
+    lam = damp * float(h.diagonal().mean())
+    for _ in range(tries):
+        low, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+            if int(info) == 0:
+                return upper
+        lam = 10 * lam if lam > 0 else 1e-8
+    return None
 
 
 def output_error(weight: torch.Tensor, new: torch.Tensor, stats: InputStats) -> float:

@@ -42,7 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autocompress.compress._calibration import Calibration, calibration_problem, input_stats
+from autocompress.compress._calibration import (
+    Calibration,
+    calibration_problem,
+    input_stats,
+    inverse_hessian_factor,
+)
 from autocompress.compress._modules import leaves, weight_compression
 from autocompress.compress._plan import LayerPlan
 from autocompress.compress.formats import WeightFormat
@@ -51,6 +56,7 @@ __all__ = ["BLOCK", "DAMPENING", "gptq_round", "gptq_weight"]
 
 BLOCK = 128  # columns per lazy batch update
 DAMPENING = 0.01  # of the mean diagonal of H
+DAMP_TRIES = 6  # dampening x10 each time the Cholesky factorization fails
 
 log = logging.getLogger(__name__)
 
@@ -103,20 +109,6 @@ def _top_of_groups(w: torch.Tensor, group: int) -> torch.Tensor:
     return top.reshape(out, -1)[:, :d]
 
 
-def _inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
-    """The upper Cholesky factor of ``(H + λI)^-1``, ``λ`` 1% of the mean diagonal (more if
-    ``H`` is still not positive definite in floating point)."""
-    damp = DAMPENING * float(h.diagonal().mean())
-    eye = torch.eye(len(h), dtype=h.dtype)
-    for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(h + damp * eye)
-        if int(info) == 0:
-            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
-        damp = 10 * damp if damp > 0 else 1e-8
-    raise ValueError("GPTQ: the calibration inputs' Hessian is not positive definite even "
-                     "with dampening")
-
-
 def _levels(w: torch.Tensor, fmt: WeightFormat, keep: torch.Tensor | None,
             group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per weight: its scale (the format's, fixed before any rounding) and the lowest and
@@ -154,7 +146,10 @@ def gptq_weight(w: torch.Tensor, gram: torch.Tensor, fmt: WeightFormat,
     w[:, dead] = 0
     d = w.shape[1]
     perm = torch.argsort(h.diagonal(), descending=True, stable=True)  # act-order
-    hinv = _inverse_hessian_factor(h[perm][:, perm])
+    hinv = inverse_hessian_factor(h[perm][:, perm], DAMPENING, DAMP_TRIES)
+    if hinv is None:
+        raise ValueError("GPTQ: the calibration inputs' Hessian is not positive definite even "
+                         "with dampening")
     # Transposed (one row per input column, contiguous), in act-order.
     wt, scale, lo, hi = (t[:, perm].T.contiguous() for t in (w, *_levels(w, fmt, keep, group_size or d)))
     q = torch.empty_like(wt)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from autocompress.compress._calibration import InputStats
+from autocompress.compress._calibration import InputStats, inverse_hessian_factor
 from autocompress.compress._plan import PlanError
 from autocompress.compress._sparse import (
     BLOCK,
@@ -61,7 +61,10 @@ def sparsegpt(w: torch.Tensor, target: MaskTarget, stats: InputStats | None,
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    u = _inverse_cholesky(h, damp)
+    u = inverse_hessian_factor(h, damp, DAMP_TRIES)
+    if u is None:
+        raise PlanError(f"sparsegpt: the calibration inputs' Hessian cannot be factorized even "
+                        f"with {damp * 10 ** (DAMP_TRIES - 1):g} of its mean diagonal added")
     kept = torch.ones(out, d, dtype=torch.bool)
     done = 0  # weights pruned so far (unstructured: each block's share of the total)
     for i1 in range(0, d, block):
@@ -89,22 +92,3 @@ def sparsegpt(w: torch.Tensor, target: MaskTarget, stats: InputStats | None,
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
         kept[:, i1:i2] = kept1
     return kept, w
-
-
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """The upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; the dampening grows
-    tenfold while ``H`` is not positive definite enough to factorize.
-
-    Raises:
-        PlanError: Still not factorizable at ``damp * 10**(DAMP_TRIES - 1)``.
-    """
-    eye = torch.eye(len(h), dtype=h.dtype)
-    mean = h.diagonal().mean()
-    for attempt in range(DAMP_TRIES):
-        low, info = torch.linalg.cholesky_ex(h + damp * 10**attempt * mean * eye)
-        if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
-            if int(info) == 0:
-                return upper
-    raise PlanError(f"sparsegpt: the calibration inputs' Hessian cannot be factorized even "
-                    f"with {damp * 10 ** (DAMP_TRIES - 1):g} of its mean diagonal added")
