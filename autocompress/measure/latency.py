@@ -48,7 +48,7 @@ from autocompress.measure.runtimes import get_runtime
 from autocompress.measure.runtimes._base import Runtime
 from autocompress.measure.runtimes._remote import target_facts
 from autocompress.measure.target import Target
-from autocompress.onnxgraph import export_onnx
+from autocompress.onnxgraph import export_causal_lm, export_onnx, is_causal_lm
 
 __all__ = ["LatencyResult", "PairedMeasurer", "Prepared", "check_target", "machine_facts",
            "measure_latency", "measure_prepared", "prepare", "target_facts"]
@@ -65,7 +65,9 @@ def prepare(model: nn.Module, example_inputs: Any, target: Target) -> Prepared:
     batch = repeat_to(example_inputs, target.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = export_onnx(model, example_inputs, Path(tmp) / "model.onnx")
+            export = export_causal_lm if is_causal_lm(model) else export_onnx
+            path = export(model, example_inputs, Path(tmp) / "model.onnx",
+                          **runtime.export_options(target))
         except Exception:
             if runtime.artifact == "onnx":
                 raise

@@ -9,6 +9,12 @@ from autocompress.measure._timing import TimingSettings
 from autocompress.measure.runtimes import RUNTIMES, devices_of, runtime_names
 
 DEVICES = ("cpu", "cuda", "remote")
+GRAPH_FORMS = ("plain", "fused", "best")
+AGGREGATES = ("mean", "max")
+# Keys left out of :meth:`Target.to_dict` (and so of the latency-cache key) at their default:
+# a target written before they existed keys its measurements as before.
+_OPTIONAL = {"url": None, "token_env": None, "seq_len": None, "context_len": None,
+             "aggregate": "mean", "graph": "plain"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,16 @@ class Target:
         url: ``http(s)://host:port`` of the device agent (``device: remote`` only).
         token_env: Name of the environment variable holding the agent's token
             (``device: remote`` only).
+        seq_len: The sequence lengths latency is timed at (token inputs' axis 1, and the inputs
+            of the same shape), one or several (a list in YAML; a decoder LM's prompt lengths);
+            None: the example inputs' own shape. With several, ``latency_ms`` is their
+            ``aggregate`` and each length is reported too.
+        context_len: Decoder LMs: the tokens already in the KV cache when the time per
+            generated token is measured; None: the largest ``seq_len`` (or the example's).
+        aggregate: How ``latency_ms`` combines several sequence lengths: ``mean`` or ``max``.
+        graph: The ONNX graph form timed and exported: ``plain`` (as exported), ``fused``
+            (ONNX Runtime's transformer fusions applied offline) or ``best`` (both timed, the
+            faster kept, for the baseline and every trial alike).
     """
 
     device: str = "cpu"
@@ -46,6 +62,10 @@ class Target:
     pause_training: bool = True
     url: str | None = None
     token_env: str | None = None
+    seq_len: tuple[int, ...] | None = None
+    context_len: int | None = None
+    aggregate: str = "mean"
+    graph: str = "plain"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -64,6 +84,23 @@ class Target:
         if not isinstance(self.pause_training, bool):
             raise ValueError(f"target.pause_training={self.pause_training!r}; allowed: true or false")
         self._check_remote()
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        lengths = self.seq_len
+        if lengths is not None:
+            lengths = (lengths,) if isinstance(lengths, int) and not isinstance(lengths, bool) else lengths
+            if (not isinstance(lengths, list | tuple) or not lengths
+                    or any(not _positive_int(n) for n in lengths)):
+                raise ValueError(f"target.seq_len={self.seq_len!r}; allowed: an integer >= 1 or a "
+                                 f"non-empty list of them")
+            object.__setattr__(self, "seq_len", tuple(sorted(set(lengths))))
+        if self.context_len is not None and not _positive_int(self.context_len):
+            raise ValueError(f"target.context_len={self.context_len!r}; allowed: an integer >= 1")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"target.aggregate={self.aggregate!r}; allowed: {list(AGGREGATES)}")
+        if self.graph not in GRAPH_FORMS:
+            raise ValueError(f"target.graph={self.graph!r}; allowed: {list(GRAPH_FORMS)}")
 
     def _check_remote(self) -> None:
         if self.device != "remote":
@@ -93,7 +130,13 @@ class Target:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        for key in ("url", "token_env"):  # only meaningful for device: remote
-            if out[key] is None:
+        for key, default in _OPTIONAL.items():  # left out at their defaults (see _OPTIONAL)
+            if out[key] == default:
                 del out[key]
+        if "seq_len" in out:
+            out["seq_len"] = list(out["seq_len"])
         return out
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -30,7 +30,8 @@ ONNX_OPSET = 17
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
-                dynamic_sequence: bool = False, calibration: Iterable[Any] | None = None) -> Path:
+                dynamic_sequence: bool = False, calibration: Iterable[Any] | None = None,
+                contrib_ops: bool = True) -> Path:
     """Writes a self-contained ONNX model; quantized weights are stored as int8 + scales.
 
     Weight-only quantized layers get an int8 initializer feeding a per-channel
@@ -60,6 +61,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
             the tensors between ``act_bits: 8`` layers (their own inputs keep the trained
             ranges); default (or when it yields nothing): ``example_inputs``. Only the ranges
             depend on them, not the graph, so latency is the same whatever they are.
+        contrib_ops: Whether the graph may use ONNX Runtime's contrib operators
+            (``com.microsoft``: block-wise ``MatMulNBits`` / ``GatherBlockQuantized`` kernels
+            for group-wise weights); False: standard ONNX operators only (another runtime).
     """
     path = Path(path)
     baked = bake(model)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from autocompress.measure._results import LatencyResult, Prepared
@@ -46,6 +46,13 @@ class Runtime:
         ``target``, or None when they do. The default: they do not (override to say they do).
         A search on a runtime without them leaves ``act_bits`` out of the space, with a note."""
         return f"the {self.name} runtime runs quantized models as fp32"
+
+    def export_options(self, target: Target) -> dict[str, Any]:
+        """Keyword arguments of :func:`~autocompress.onnxgraph.export_onnx` for this runtime's
+        artifact (default none). A runtime that cannot run ONNX Runtime's contrib operators
+        (``com.microsoft``: MatMulNBits, GatherBlockQuantized, the fused transformer ops)
+        returns ``{"contrib_ops": False}``, and the weights are exported in standard ops."""
+        return {}
 
     def runner(self, prepared: Prepared, target: Target) -> Callable[[], object]:
         """A function that runs one inference of ``prepared.batch``."""
