@@ -172,9 +172,10 @@ def test_oversize_upload_is_413(tight_agent: Agent) -> None:
 
 
 def test_long_measurement_times_out_504(tight_agent: Agent) -> None:
-    # max_runs far beyond what the 0.5 s time-out allows (100000 runs of this tiny model could
-    # finish inside it on a fast machine: the test then raced the agent's timer).
-    status, r = tight_agent.call("/measure?warmup=0&min_runs=1&max_runs=1000000000&budget_s=5&rel_ci=0",
+    # A batch of 65536 rows, so that the 100000 runs asked for take far longer than the 0.5 s
+    # time-out (100000 runs of one row could finish inside it: the test then raced the timer).
+    status, r = tight_agent.call("/measure?batch_size=65536&warmup=0&min_runs=1&max_runs=100000"
+                                 "&budget_s=5&rel_ci=0",
                                  onnx_model())
     assert status == 504 and "longer than" in r["error"]
     assert tight_agent.call(f"/measure?{QUICK}", onnx_model())[0] == 200
