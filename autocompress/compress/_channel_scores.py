@@ -102,6 +102,39 @@ class ChannelScorer:
             return _greedy_order(readers, n // unit, n_cut).repeat_interleave(unit)
         return torch.stack([r.energy for r in readers]).sum(0).float()
 
+    def units(self, consumer: nn.Module, columns: torch.Tensor, n_cut: int = 0,
+              greedy: bool = False, producers: list[tuple[nn.Module, torch.Tensor]] = ()
+              ) -> torch.Tensor | None:
+        """The score of every unit of a group cut outside Torch-Pruning (a decoder's
+        key/value groups, :mod:`~autocompress.compress._kv_groups`): the lowest are cut; None
+        if ``consumer`` could not be calibrated.
+
+        Args:
+            consumer: The layer reading the units (o_proj).
+            columns: Its input columns per unit ``(units, m)``.
+            n_cut: Units to cut (``greedy`` only).
+            greedy: ``sparsegpt``'s choice (see :meth:`__call__`); else ``wanda``'s energies,
+                to which ``producers`` (layers and their output rows per unit ``(units, r)``)
+                add the output energy of their rows (``||W_r||^2`` weighted by their inputs'
+                ``||X_j||^2``, Wanda's score summed over the rows).
+        """
+        self.prepare([consumer, *(layer for layer, _ in producers)])
+        stats = self.stats.get(consumer)
+        if stats is None or stats.rows == 0:
+            return None
+        weight = weight_matrix(consumer).double()
+        per_column = weight.square().sum(0) * stats.gram.diagonal()
+        reader = _Reader(weight, stats, columns, per_column[columns].sum(1))
+        if greedy and n_cut:
+            return _greedy_order([reader], columns.shape[0], n_cut)
+        energy = reader.energy
+        for layer, rows in producers:
+            found = self.stats.get(layer)
+            if found is not None and found.rows:
+                per_row = weight_matrix(layer).double().square() @ found.gram.diagonal()
+                energy = energy + per_row[rows].sum(1)
+        return energy.float()
+
     def _reader(self, graph: _Graph, item: tp.dependency.group.GroupItem, n: int) -> _Reader | None:
         """The consumer of group entry ``item`` (None: the entry is no calibrated consumer)."""
         layer = item.dep.target.module

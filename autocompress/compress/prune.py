@@ -64,6 +64,7 @@ from torch import nn
 from autocompress.compress._calibration import Calibration
 from autocompress.compress._channel_groups import _Graph, _Heads, _OverBudget
 from autocompress.compress._channel_scores import ChannelScorer
+from autocompress.compress._kv_groups import KVGroups, check_groups, kv_groups
 from autocompress.compress._layers import LayerInfo, Refusal
 from autocompress.compress._modules import leaves
 from autocompress.compress._plan import Plan, PlanError
@@ -123,6 +124,11 @@ def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> d
     refused: dict[nn.Module, str] = {}
     deadline = time.monotonic() + ANALYSIS_SECONDS
     for name in todo:
+        found, problem = kv_groups(model, name)
+        if found is not None or problem is not None:  # a decoder's attention: cut here
+            if problem is not None:
+                refuse(name, problem)
+            continue
         leaf = leaves(model, name)[-1]
         if leaf not in refused:
             problem, alike = _problem(model, name, graph, leaf, deadline)
@@ -207,7 +213,10 @@ def prune_channels(model: nn.Module, ratios: dict[str, float], example_inputs: A
         if layer in done:
             continue  # its outputs were already cut as part of an earlier layer's group
         try:
-            cut = _cut(model, graph, name, layer, ratios[name], scorer, pruners.get(name, "magnitude"))
+            block = check_groups(model, name)
+            pruner = pruners.get(name, "magnitude")
+            cut = (_cut(model, graph, name, layer, ratios[name], scorer, pruner) if block is None
+                   else _cut_groups(block, ratios[name], scorer, pruner))
         except PlanError as e:
             raise PlanError(f"layer {name!r}: its channels cannot be removed: {e}") from None
         except Exception as e:  # Torch-Pruning failing on a graph it mis-traced
@@ -225,6 +234,9 @@ def _consumers(model: nn.Module, graph: _Graph, name: str) -> list[nn.Module]:
     """The layers reading the channels plan entry ``name`` would cut (none if its group
     cannot be built: :func:`_cut` says why)."""
     try:
+        block = check_groups(model, name)
+        if block is not None:
+            return [block.layers()[1]]
         return consumers(graph, graph.group(leaves(model, name)[-1]))
     except Exception:  # noqa: BLE001  (reported by _cut, with the layer's name)
         return []
@@ -264,6 +276,24 @@ def _cut(model: nn.Module, graph: _Graph, name: str, layer: nn.Module, ratio: fl
         if heads:
             heads.update(len(idxs) // heads.size)
     return done
+
+
+def _cut_groups(block: KVGroups, ratio: float, scorer: ChannelScorer,
+                pruner: str = "magnitude") -> Cut:
+    """Cuts ``round(ratio * groups)`` key/value groups of a decoder's attention ``block``:
+    those with the smallest magnitude, or as a calibrated ``pruner`` chooses (``scorer``)."""
+    n_cut = block.n_cut(ratio)
+    scores = None
+    if pruner != "magnitude" and n_cut:
+        projections, o = block.layers()
+        everything = block.rows(list(range(block.groups)))
+        producers = [(layer, torch.tensor(rows).view(block.groups, -1))
+                     for layer, rows in zip(projections, everything, strict=True)]
+        greedy = pruner == "sparsegpt"
+        scores = scorer.units(o, block.columns(), n_cut, greedy, [] if greedy else producers)
+    if scores is None:
+        scores = block.magnitude()
+    return block.cut(sorted(torch.argsort(scores)[:n_cut].tolist()))
 
 
 def _channels(ratio: float, scores: torch.Tensor) -> list[int]:
