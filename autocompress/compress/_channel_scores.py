@@ -7,7 +7,9 @@ of the layers that read them (the group's *consumers*: the next conv, BERT's
   get from it, ``||X_c||^2 ||W_{:,c}||^2`` (``X_c`` the calibration inputs of consumer column
   ``c``, ``W_{:,c}`` the consumer's weights on it; a conv's channel sums its kernel's
   columns), summed over the group's consumers. An attention head scores the mean of its
-  channels, as with the magnitude score.
+  channels, as with the magnitude score. A gated FFN's neuron (``act(gate) * up``) and a
+  decoder's key/value group (:meth:`ChannelScorer.units`) also add the output energy of their
+  own rows (gate and up; q, k and v): ``sum_j W_rj^2 ||X_j||^2``.
 - ``sparsegpt``: the channels (or heads) whose removal, with the consumers' remaining weights
   optimally updated, costs the least output error on the calibration inputs, chosen one at a
   time (ZipLM, Kurtic et al. 2023; the Optimal Brain Surgeon of a group of columns ``J``:

@@ -24,15 +24,29 @@ In a transformer:
   updated (``num_attention_heads`` and ``all_head_size`` on Hugging Face's
   ``BertSelfAttention``; ``num_heads``, ``n_heads`` or ``n_head`` elsewhere). If q, k and v of
   one block are in a plan with different ratios, the first of them in the model sets it.
+- **Decoder attention** (Llama, Qwen2, Mistral, ...: ``q_proj``/``k_proj``/``v_proj``/``o_proj``
+  and ``head_dim`` on one block; :mod:`~autocompress.compress._kv_groups`, not Torch-Pruning):
+  the unit is a key/value group (a key and a value head, the query heads reading them, their
+  ``o_proj`` columns; one head without grouped-query attention). ``channel`` on ``k_proj`` or
+  ``v_proj`` (also ``q_proj`` without grouped-query attention) removes ``round(sparsity *
+  groups)`` of them (at least one stays), scored by magnitude (their rows of q, k, v and
+  columns of o_proj), ``wanda`` (the energy o_proj gets from them plus that of their q/k/v
+  rows) or ``sparsegpt`` (structured OBS on o_proj, then o_proj refit). Head counts are
+  updated on the block alone, so layers may keep different numbers of heads; the shared
+  config is left as it is. ``q_proj`` of grouped-query attention is refused (its heads come
+  in groups: the refusal says where to put the knob).
 - **FFN neurons.** ``channel`` on the FFN's first linear (BERT's ``intermediate.dense``,
   ``nn.TransformerEncoderLayer.linear1``) removes intermediate neurons and the matching inputs
-  of the second linear: an ordinary group.
+  of the second linear: an ordinary group. A gated FFN's ``gate_proj`` and ``up_proj`` are one
+  group (Torch-Pruning couples them through their product) with ``down_proj``'s inputs;
+  ``wanda`` adds the energy of their gate and up rows to what ``down_proj`` gets.
 - **Refused** (``limits``, before any trial): embeddings (their rows are the vocabulary), and
   every layer whose group reaches the model output, an ``nn.Embedding`` or an ``nn.LayerNorm``
   (the hidden size of a transformer's residual stream: BERT's ``attention.output.dense`` and
   ``output.dense``, ``TransformerEncoderLayer.linear2``), or that Torch-Pruning cannot group
   (e.g. GPT-2's ``Conv1D``); attention groups whose heads cannot be told apart (no head
-  count attribute, a fused qkv projection, grouped-query attention) are refused too.
+  count attribute, a fused qkv projection) are refused too. A decoder's residual stream
+  (``o_proj``, ``down_proj``: RMSNorm, rotary, the tied embedding) is never cut.
   ``nn.MultiheadAttention`` keeps q/k/v in one parameter and never calls its ``out_proj`` as
   a module, so its heads are not offered.
 
