@@ -210,3 +210,17 @@ def test_sparsegpt_refit_lowers_the_output_error(family: str, monkeypatch) -> No
 
     assert refit.model.layers[0].mlp.down_proj.in_features == FFN // 2
     assert error(refit) < error(plain)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_pruned_attention_with_a_cache_matches_the_full_forward(attention: str) -> None:
+    """Layers with different head counts: the last token's logits from a KV cache of the
+    prefix equal those of the whole sequence, with either attention implementation."""
+    model, x = decoder("llama"), ids()
+    new = apply(model, lm_plan(), x)
+    new.set_attn_implementation(attention)
+    with torch.no_grad():
+        full = new(x).logits[:, -1]
+        prefix = new(x[:, :-1], use_cache=True)
+        step = new(x[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
