@@ -410,8 +410,9 @@ def decoder(family: str) -> tuple[nn.Module, torch.Tensor]:
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_decoder_lm_analysis_finishes_and_offers_only_the_ffn(family: str) -> None:
     """``layers`` on a decoder LM returns in seconds (it ran for 30 minutes and more inside
-    Torch-Pruning's group search); its gated FFN neurons can be cut, the residual stream
-    (o_proj, down_proj: RMSNorm, the tied embedding) and grouped-query attention cannot."""
+    Torch-Pruning's group search); its gated FFN neurons and its key/value groups (the knob on
+    k_proj or v_proj: ``tests/test_prune_lm.py``) can be cut, the residual stream (o_proj,
+    down_proj: RMSNorm, the tied embedding) and query heads out of their groups cannot."""
     model, ids = decoder(family)
     with time_limit(30):
         refused = structure_refusals(model, ids)
@@ -421,8 +422,9 @@ def test_decoder_lm_analysis_finishes_and_offers_only_the_ffn(family: str) -> No
             assert f"{block}.{name}" not in refused
         for name in ("self_attn.o_proj", "mlp.down_proj"):
             assert "RMSNorm" in refused[f"{block}.{name}"], refused[f"{block}.{name}"]
-        for name in ("q_proj", "k_proj", "v_proj"):
-            assert f"{block}.self_attn.{name}" in refused
+        assert "key/value groups" in refused[f"{block}.self_attn.q_proj"]
+        for name in ("k_proj", "v_proj"):
+            assert f"{block}.self_attn.{name}" not in refused
     assert "vocabulary" in refused["model.embed_tokens"]
     assert "model output" in refused["lm_head"]
 

@@ -169,6 +169,12 @@ class _Graph:
         ops = (str(getattr(dep.target.module, "_grad_fn", "")).lower() for dep, _ in group)
         return any(a in op for op in ops for a in _ATTENTION_OPS)
 
+    def is_gated(self, group: tp.Group) -> bool:
+        """Whether ``group``'s channels are multiplied together (a gated FFN: ``act(gate) *
+        up``) and not through attention."""
+        ops = [str(getattr(dep.target.module, "_grad_fn", "")).lower() for dep, _ in group]
+        return any("mulbackward" in op for op in ops) and not self.is_attention(group)
+
     def check(self, what: str) -> None:
         """Raises PlanError unless the pruned model runs and gives outputs of the traced shapes."""
         was_training = self.model.training

@@ -7,7 +7,9 @@ of the layers that read them (the group's *consumers*: the next conv, BERT's
   get from it, ``||X_c||^2 ||W_{:,c}||^2`` (``X_c`` the calibration inputs of consumer column
   ``c``, ``W_{:,c}`` the consumer's weights on it; a conv's channel sums its kernel's
   columns), summed over the group's consumers. An attention head scores the mean of its
-  channels, as with the magnitude score.
+  channels, as with the magnitude score. A gated FFN's neuron (``act(gate) * up``) and a
+  decoder's key/value group (:meth:`ChannelScorer.units`) also add the output energy of their
+  own rows (gate and up; q, k and v): ``sum_j W_rj^2 ||X_j||^2``.
 - ``sparsegpt``: the channels (or heads) whose removal, with the consumers' remaining weights
   optimally updated, costs the least output error on the calibration inputs, chosen one at a
   time (ZipLM, Kurtic et al. 2023; the Optimal Brain Surgeon of a group of columns ``J``:
@@ -91,16 +93,65 @@ class ChannelScorer:
             n_cut: Units to cut (``greedy`` only).
             greedy: ``sparsegpt``'s choice: the ``n_cut`` units removed one by one at the
                 least output error, scored by the step they were removed at (the rest
-                ``n_cut``); else ``wanda``'s energies.
+                ``n_cut``); else ``wanda``'s energies (of a gated FFN's group, plus the output
+                energy of its gate and up rows: :meth:`_producer_energy`).
         """
-        self.prepare(consumers(graph, group))
+        gated = not greedy and graph.is_gated(group)
+        producers = _producers(graph, group) if gated else []
+        self.prepare(consumers(graph, group) + [item.dep.target.module for item in producers])
         n = graph.dg.get_out_channels(group[0].dep.target.module)
         readers = [r for r in (self._reader(graph, item, n) for item in group.items) if r is not None]
         if not readers:
             return None
         if greedy and n_cut and all(r.columns is not None for r in readers):
             return _greedy_order(readers, n // unit, n_cut).repeat_interleave(unit)
-        return torch.stack([r.energy for r in readers]).sum(0).float()
+        energy = torch.stack([r.energy for r in readers]).sum(0)
+        for item in producers:
+            per_row = self._producer_energy(item.dep.target.module)
+            if per_row is not None:
+                idxs, roots = torch.tensor(item.idxs), torch.tensor(item.root_idxs)
+                energy = energy.index_add(0, roots, per_row[idxs])
+        return energy.float()
+
+    def units(self, consumer: nn.Module, columns: torch.Tensor, n_cut: int = 0,
+              greedy: bool = False, producers: list[tuple[nn.Module, torch.Tensor]] = ()
+              ) -> torch.Tensor | None:
+        """The score of every unit of a group cut outside Torch-Pruning (a decoder's
+        key/value groups, :mod:`~autocompress.compress._kv_groups`): the lowest are cut; None
+        if ``consumer`` could not be calibrated.
+
+        Args:
+            consumer: The layer reading the units (o_proj).
+            columns: Its input columns per unit ``(units, m)``.
+            n_cut: Units to cut (``greedy`` only).
+            greedy: ``sparsegpt``'s choice (see :meth:`__call__`); else ``wanda``'s energies,
+                to which ``producers`` (layers and their output rows per unit ``(units, r)``)
+                add the output energy of their rows (``||W_r||^2`` weighted by their inputs'
+                ``||X_j||^2``, Wanda's score summed over the rows).
+        """
+        self.prepare([consumer, *(layer for layer, _ in producers)])
+        stats = self.stats.get(consumer)
+        if stats is None or stats.rows == 0:
+            return None
+        weight = weight_matrix(consumer).double()
+        per_column = weight.square().sum(0) * stats.gram.diagonal()
+        reader = _Reader(weight, stats, columns, per_column[columns].sum(1))
+        if greedy and n_cut:
+            return _greedy_order([reader], columns.shape[0], n_cut)
+        energy = reader.energy
+        for layer, rows in producers:
+            per_row = self._producer_energy(layer)
+            if per_row is not None:
+                energy = energy + per_row[rows].sum(1)
+        return energy.float()
+
+    def _producer_energy(self, layer: nn.Module) -> torch.Tensor | None:
+        """Per output row of ``layer``: its output energy on the calibration inputs, as Wanda
+        weighs it (``sum_j W_rj^2 ||X_j||^2``); None without statistics."""
+        found = self.stats.get(layer)
+        if found is None or found.rows == 0:
+            return None
+        return weight_matrix(layer).double().square() @ found.gram.diagonal()
 
     def _reader(self, graph: _Graph, item: tp.dependency.group.GroupItem, n: int) -> _Reader | None:
         """The consumer of group entry ``item`` (None: the entry is no calibrated consumer)."""
@@ -120,6 +171,15 @@ class ChannelScorer:
         sizes = {len(cols) for cols in by_root}
         columns = torch.tensor(by_root) if len(sizes) == 1 and 0 not in sizes else None
         return _Reader(weight, stats, columns, energy)
+
+
+def _producers(graph: _Graph, group: tp.Group) -> list[tp.dependency.group.GroupItem]:
+    """The entries of ``group`` that cut the output rows of a calibratable linear layer, with
+    every index mapped to the root's."""
+    return [item for item in group.items if isinstance(item.dep.target.module, nn.Linear)
+            and graph.dg.is_out_channel_pruning_fn(item.dep.handler)
+            and calibration_problem(item.dep.target.module) is None
+            and not any(r is None for r in item.root_idxs)]
 
 
 def _inverse_hessian(stats: InputStats) -> torch.Tensor:

@@ -24,15 +24,29 @@ In a transformer:
   updated (``num_attention_heads`` and ``all_head_size`` on Hugging Face's
   ``BertSelfAttention``; ``num_heads``, ``n_heads`` or ``n_head`` elsewhere). If q, k and v of
   one block are in a plan with different ratios, the first of them in the model sets it.
+- **Decoder attention** (Llama, Qwen2, Mistral, ...: ``q_proj``/``k_proj``/``v_proj``/``o_proj``
+  and ``head_dim`` on one block; :mod:`~autocompress.compress._kv_groups`, not Torch-Pruning):
+  the unit is a key/value group (a key and a value head, the query heads reading them, their
+  ``o_proj`` columns; one head without grouped-query attention). ``channel`` on ``k_proj`` or
+  ``v_proj`` (also ``q_proj`` without grouped-query attention) removes ``round(sparsity *
+  groups)`` of them (at least one stays), scored by magnitude (their rows of q, k, v and
+  columns of o_proj), ``wanda`` (the energy o_proj gets from them plus that of their q/k/v
+  rows) or ``sparsegpt`` (structured OBS on o_proj, then o_proj refit). Head counts are
+  updated on the block alone, so layers may keep different numbers of heads; the shared
+  config is left as it is. ``q_proj`` of grouped-query attention is refused (its heads come
+  in groups: the refusal says where to put the knob).
 - **FFN neurons.** ``channel`` on the FFN's first linear (BERT's ``intermediate.dense``,
   ``nn.TransformerEncoderLayer.linear1``) removes intermediate neurons and the matching inputs
-  of the second linear: an ordinary group.
+  of the second linear: an ordinary group. A gated FFN's ``gate_proj`` and ``up_proj`` are one
+  group (Torch-Pruning couples them through their product) with ``down_proj``'s inputs;
+  ``wanda`` adds the energy of their gate and up rows to what ``down_proj`` gets.
 - **Refused** (``limits``, before any trial): embeddings (their rows are the vocabulary), and
   every layer whose group reaches the model output, an ``nn.Embedding`` or an ``nn.LayerNorm``
   (the hidden size of a transformer's residual stream: BERT's ``attention.output.dense`` and
   ``output.dense``, ``TransformerEncoderLayer.linear2``), or that Torch-Pruning cannot group
   (e.g. GPT-2's ``Conv1D``); attention groups whose heads cannot be told apart (no head
-  count attribute, a fused qkv projection, grouped-query attention) are refused too.
+  count attribute, a fused qkv projection) are refused too. A decoder's residual stream
+  (``o_proj``, ``down_proj``: RMSNorm, rotary, the tied embedding) is never cut.
   ``nn.MultiheadAttention`` keeps q/k/v in one parameter and never calls its ``out_proj`` as
   a module, so its heads are not offered.
 
@@ -64,6 +78,7 @@ from torch import nn
 from autocompress.compress._calibration import Calibration
 from autocompress.compress._channel_groups import _Graph, _Heads, _OverBudget
 from autocompress.compress._channel_scores import ChannelScorer
+from autocompress.compress._kv_groups import KVGroups, check_groups, kv_groups
 from autocompress.compress._layers import LayerInfo, Refusal
 from autocompress.compress._modules import leaves
 from autocompress.compress._plan import Plan, PlanError
@@ -123,6 +138,11 @@ def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> d
     refused: dict[nn.Module, str] = {}
     deadline = time.monotonic() + ANALYSIS_SECONDS
     for name in todo:
+        found, problem = kv_groups(model, name)
+        if found is not None or problem is not None:  # a decoder's attention: cut here
+            if problem is not None:
+                refuse(name, problem)
+            continue
         leaf = leaves(model, name)[-1]
         if leaf not in refused:
             problem, alike = _problem(model, name, graph, leaf, deadline)
@@ -207,7 +227,10 @@ def prune_channels(model: nn.Module, ratios: dict[str, float], example_inputs: A
         if layer in done:
             continue  # its outputs were already cut as part of an earlier layer's group
         try:
-            cut = _cut(model, graph, name, layer, ratios[name], scorer, pruners.get(name, "magnitude"))
+            block = check_groups(model, name)
+            pruner = pruners.get(name, "magnitude")
+            cut = (_cut(model, graph, name, layer, ratios[name], scorer, pruner) if block is None
+                   else _cut_groups(block, ratios[name], scorer, pruner))
         except PlanError as e:
             raise PlanError(f"layer {name!r}: its channels cannot be removed: {e}") from None
         except Exception as e:  # Torch-Pruning failing on a graph it mis-traced
@@ -225,6 +248,9 @@ def _consumers(model: nn.Module, graph: _Graph, name: str) -> list[nn.Module]:
     """The layers reading the channels plan entry ``name`` would cut (none if its group
     cannot be built: :func:`_cut` says why)."""
     try:
+        block = check_groups(model, name)
+        if block is not None:
+            return [block.layers()[1]]
         return consumers(graph, graph.group(leaves(model, name)[-1]))
     except Exception:  # noqa: BLE001  (reported by _cut, with the layer's name)
         return []
@@ -264,6 +290,24 @@ def _cut(model: nn.Module, graph: _Graph, name: str, layer: nn.Module, ratio: fl
         if heads:
             heads.update(len(idxs) // heads.size)
     return done
+
+
+def _cut_groups(block: KVGroups, ratio: float, scorer: ChannelScorer,
+                pruner: str = "magnitude") -> Cut:
+    """Cuts ``round(ratio * groups)`` key/value groups of a decoder's attention ``block``:
+    those with the smallest magnitude, or as a calibrated ``pruner`` chooses (``scorer``)."""
+    n_cut = block.n_cut(ratio)
+    scores = None
+    if pruner != "magnitude" and n_cut:
+        projections, o = block.layers()
+        everything = block.rows(list(range(block.groups)))
+        producers = [(layer, torch.tensor(rows).view(block.groups, -1))
+                     for layer, rows in zip(projections, everything, strict=True)]
+        greedy = pruner == "sparsegpt"
+        scores = scorer.units(o, block.columns(), n_cut, greedy, [] if greedy else producers)
+    if scores is None:
+        scores = block.magnitude()
+    return block.cut(sorted(torch.argsort(scores)[:n_cut].tolist()))
 
 
 def _channels(ratio: float, scores: torch.Tensor) -> list[int]:
