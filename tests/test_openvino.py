@@ -128,6 +128,26 @@ def test_every_plan_family_runs_on_openvino_as_on_onnxruntime_or_is_refused(
         assert np.abs(ov_out - ort_out).max() <= tol
 
 
+def test_a_graph_openvino_cannot_read_or_compile_is_refused_naming_the_op() -> None:
+    from onnx import TensorProto, helper
+
+    from autocompress.measure.runtimes._openvino import _compiler_error, compile_onnx
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    node = helper.make_node("MatMulNBits", ["x"], ["y"], domain="com.microsoft")
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(RefusedPlan, match="cannot read or compile it") as err:
+        compile_onnx(model.SerializeToString(), {"x": (1, 4)}, 1)
+    assert err.value.where == "com.microsoft.MatMulNBits"
+    # the low-precision pass's error on a transformer's static QDQ graph names its node
+    seen = RuntimeError("Exception from src/inference/src/cpp/core.cpp:117:\n[AddTransformation] "
+                        "END: node: opset1::Add /layer.1/dense/Add (opset1::Multiply ...) "
+                        "CALLBACK HAS THROWN: index '0' out of range")
+    assert _compiler_error(seen).where == "opset1::Add /layer.1/dense/Add"
+
+
 def test_openvino_is_registered_for_the_cpu_and_validates() -> None:
     assert "openvino" in runtime_names() and RUNTIMES.get("openvino").devices == ("cpu",)
     target = Target(runtime="openvino", threads=2)
@@ -198,3 +218,26 @@ def test_an_experiment_on_openvino_validates(tmp_path: Path) -> None:
     exp = load_experiment(path)
     assert exp.target.runtime == "openvino"
     check_target(exp.target)
+
+
+@pytest.mark.parametrize("build", ["two_inputs", "tokens_model", "tiny_gpt2", "tiny_bert"])
+def test_the_exported_onnx_file_runs_on_openvino_as_the_export_verifier_requires(
+        build: str, tmp_path: Path) -> None:
+    """The file ``export --format onnx`` writes (sequence axis dynamic) in standard ops, run on
+    OpenVINO, gives the torch model's outputs within the verifier's tolerance for ONNX Runtime
+    (``test_export.py``: atol 1e-4)."""
+    from autocompress._inputs import to_numpy_feed
+    from autocompress.measure.runtimes._openvino import compile_onnx
+    from autocompress.onnxgraph import export_onnx
+    from tests import real_models
+
+    model, inputs = getattr(real_models, build)()
+    path = export_onnx(model, inputs, tmp_path / "m.onnx", dynamic_sequence=isinstance(inputs, dict),
+                       contrib_ops=False)
+    feed = to_numpy_feed(inputs)
+    compiled = compile_onnx(path.read_bytes(), {k: v.shape for k, v in feed.items()}, 1)
+    names = {n for port in compiled.inputs for n in port.get_names()}
+    got = compiled({k: v for k, v in feed.items() if k in names})[compiled.outputs[0]]
+    with torch.no_grad():
+        expected = first_output(run(model, inputs))
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)

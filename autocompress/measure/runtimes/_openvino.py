@@ -13,12 +13,12 @@ What OpenVINO 2026.4 makes of our plans, measured on a 2-core AMX/VNNI Xeon (``t
 runs each plan family on both runtimes; README "Runtimes" has the table):
 
 - ``act_bits: 8`` (QuantizeLinear/DequantizeLinear around a layer) runs on its u8/i8
-  integer kernels (``FullyConnected``/``Convolution`` with u8 runtime precision), 1.7-2x
+  integer kernels (``FullyConnected``/``Convolution`` with u8 runtime precision), 2-2.2x
   faster than fp32 on a 768-wide MLP and a 64/128-channel CNN at 1 thread: so
   :meth:`integer_kernels` says yes and a search keeps ``act_bits``.
 - ``act_bits: "dynamic"`` (DynamicQuantizeLinear + MatMulInteger) runs, and matches PyTorch,
   but on fp32 ``FullyConnected`` kernels, 1.4x slower than the same layers in fp32 (ONNX
-  Runtime: 3x faster): measured as it is, so a search finds it slow here.
+  Runtime: 2.8x faster): measured as it is, so a search finds it slow here.
 - int8/int4/pow2 weights (int8 + DequantizeLinear, or Cast/Mul/Reshape for groups) are
   compressed-weight ``FullyConnected`` kernels (i8 weights, fp32 arithmetic), about as fast
   as fp32; fp16/bf16 weights are folded to fp32 constants.
@@ -94,9 +94,10 @@ def _compiler_error(error: Exception) -> RefusedPlan:
     lines = [ln.strip() for ln in str(error).splitlines()
              if ln.strip() and not ln.startswith("Exception from")]
     text = " ".join(lines) or type(error).__name__
-    node = re.search(r"node: (\S+ \S+)", text)
-    return RefusedPlan("openvino", node.group(1) if node else "the graph",
-                       f"OpenVINO cannot compile it: {text[:400]}")
+    node = re.search(r"node: (\S+ \S+)|Failed operations detailed log: -- (\S+)", text)
+    where = next((g for g in node.groups() if g), "") if node else ""
+    return RefusedPlan("openvino", where or "the graph",
+                       f"OpenVINO cannot read or compile it: {text[:400]}")
 
 
 def compile_onnx(model: bytes, shapes: dict[str, tuple[int, ...]], threads: int) -> Any:
