@@ -29,6 +29,20 @@ def machine_facts() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+@functools.cache
+def library_version(name: str) -> str:
+    """The version of the installed package ``name`` as it reports it (``__version__``;
+    imported now, once: ``openvino``'s names its build), or "" when it is not installed. For
+    runtimes whose library is not in :func:`machine_facts` (which every latency-cache key
+    holds, so it does not grow with optional runtimes)."""
+    import importlib
+
+    try:
+        return str(importlib.import_module(name).__version__)
+    except ImportError:
+        return ""
+
+
 def gpu_name() -> str:
     """The name of the current CUDA device."""
     import torch

@@ -29,7 +29,25 @@ if TYPE_CHECKING:
     from autocompress.measure._results import LatencyResult, Prepared
     from autocompress.measure.target import Target
 
-__all__ = ["LocalRuntime", "Runtime"]
+__all__ = ["LocalRuntime", "RefusedPlan", "Runtime"]
+
+
+class RefusedPlan(ValueError):
+    """A runtime cannot run (or would miscompute) the graph of a plan: raised where a trial
+    prepares or times it, so that trial fails with the reason and the others go on.
+
+    Attributes:
+        runtime: The ``target.runtime`` that refuses.
+        where: The layer, node or operator it refuses.
+        reason: Why.
+    """
+
+    def __init__(self, runtime: str, where: str, reason: str) -> None:
+        self.runtime, self.where, self.reason = runtime, where, reason
+        super().__init__(f"target.runtime={runtime!r} cannot run this plan: {where}: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray pickles a trial's error
+        return (type(self), (self.runtime, self.where, self.reason))
 
 
 class Runtime:

@@ -62,6 +62,7 @@ def register_runtime(name: str, devices: tuple[str, ...] | list[str], where: str
 _ORT = "autocompress.measure.runtimes._ort:OnnxRuntime"
 RUNTIMES.register("onnxruntime", RuntimeEntry("onnxruntime", {
     "cpu": _ORT, "cuda": _ORT, "remote": "autocompress.measure.runtimes._remote:RemoteAgent"}))
+register_runtime("openvino", ("cpu",), "autocompress.measure.runtimes._openvino:OpenVinoRuntime")
 register_runtime("torch", ("cpu", "cuda"), "autocompress.measure.runtimes._torch:TorchRuntime")
 register_runtime("torchscript", ("cpu", "cuda"),
                  "autocompress.measure.runtimes._torchscript:TorchScriptRuntime")
