@@ -9,6 +9,14 @@ its *kind* (``LayerInfo.type``: what a search space's ``types:`` selects) and it
 One forward pass with hooks tells, per layer, its MACs, whether it runs at all (``used``:
 layers the forward never calls, e.g. BERT's pooler when only the hidden states are used, are
 listed but never compressed or searched) and which layer produces the model output.
+
+``nn.MultiheadAttention`` never calls its ``out_proj`` as a module: it passes the layer's
+``weight`` and ``bias`` to a functional call. Such a layer counts as running when its attention
+runs (its MACs: the attention's output elements times its input width), and it is compressed
+through what the call reads (the parametrized weight; a low-rank factorization as
+:class:`~autocompress.compress._modules.FunctionalLowRank`, whose ``weight`` is the factors'
+product). What needs the layer's own call (its inputs: activation quantization, the calibrated
+methods) or other shapes (channel cuts) it refuses (:func:`functional_refusals`).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from torch import nn
 
 from autocompress._errors import ConfigError
 from autocompress._inputs import batch_size, run
+from autocompress.compress._knob_values import CALIBRATED
 from autocompress.compress._ties import weight_ties
 
 COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)
@@ -150,8 +159,29 @@ def find_layers(model: nn.Module, example_inputs: Any) -> list[LayerInfo]:
             macs=macs.get(name, 0), is_output=name == output_layer, used=name in matter,
             cls="" if type(mod).__name__ == k else type(mod).__name__,
             shared_with=tuple(n for n in tied.get(name, ()) if n != name),
+            refusals=functional_refusals(model, name),
         ))
     return out
+
+
+def functional_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{layer name: the module whose forward uses it}`` for the layers that a parent's
+    functional call uses instead of calling them (``nn.MultiheadAttention.out_proj``)."""
+    return {f"{n}.out_proj" if n else "out_proj": m for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and kind(m.out_proj) is not None}
+
+
+def functional_refusals(model: nn.Module, name: str) -> tuple[Refusal, ...]:
+    """What a layer that its parent uses through a functional call refuses (none for the
+    others): what needs the layer's own call or changes its shape."""
+    parent = functional_layers(model).get(name)
+    if parent is None:
+        return ()
+    why = f"{type(parent).__name__} passes its weight to a functional call"
+    return (Refusal("structure", "channel", f"{why}, which needs its full output width"),
+            Refusal("act_bits", None, f"{why}: its inputs are never seen"),
+            *(Refusal(knob, value, f"{why}: its inputs are never seen to calibrate on")
+              for knob, values in CALIBRATED.items() for value in values))
 
 
 def _trace(model: nn.Module, example_inputs: Any,
@@ -179,6 +209,8 @@ def _trace(model: nn.Module, example_inputs: Any,
 
     layers = {n: m for n, m in model.named_modules() if n and kind(m) is not None}
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    handles += [parent.register_forward_hook(_functional_hook(hook(n), layers[n]))
+                for n, parent in functional_layers(model).items()]
     was_training = model.training
     try:
         model.eval()
@@ -195,6 +227,17 @@ def _trace(model: nn.Module, example_inputs: Any,
         for h in handles:
             h.remove()
     return macs, calls, matter
+
+
+def _functional_hook(hook: Any, layer: nn.Module) -> Any:
+    """A forward hook on a parent (``nn.MultiheadAttention``) that reports its functionally
+    used ``layer`` as called, with the parent's first output as the layer's output."""
+
+    def fn(_mod: nn.Module, inp: Any, out: Any) -> None:
+        first = out[0] if isinstance(out, tuple) else out
+        hook(layer, inp, first)
+
+    return fn
 
 
 def _shapes(inputs: Any) -> str:

@@ -99,10 +99,10 @@ def describe_layers(model: nn.Module, example_inputs: Any,
             underdetermined Hessian) refuses the calibrated knobs; None: no such check.
     """
     layers = find_layers(model, example_inputs)
-    found: dict[str, list[Refusal]] = {}
+    found: dict[str, list[Refusal]] = {la.name: list(la.refusals) for la in layers}
     if calibration_samples is not None:
         for la in layers:
-            found[la.name] = _too_few_rows(la, calibration_samples)
+            found[la.name] += _too_few_rows(la, calibration_samples)
     for method in _in_order():
         if method.limits is not None:
             for name, refusals in method.limits(model, example_inputs, layers).items():
