@@ -2,8 +2,9 @@
 
 A method is one file with one registered in-place transform. ``apply`` copies the model once
 and runs every registered method in its fixed ``order``: low-rank (10) -> pruning (20) ->
-quantization (30). Hugging Face ``Conv1D`` layers the plan changes become ``Linear`` first
-(``conv1d.py``), so the methods only see conv, linear and embedding layers.
+quantization (30), then the plan's dropped blocks go (``compress/_blocks.py``). Hugging Face
+``Conv1D`` layers the plan changes become ``Linear`` first (``conv1d.py``), so the methods only
+see conv, linear and embedding layers.
 
 A weight shared by several layers (tied embeddings) stays shared: the first of them takes the
 plan's knobs, the others follow it (:mod:`~autocompress.compress._ties`).
@@ -24,8 +25,9 @@ from typing import Any
 from torch import nn
 
 from autocompress._registry import Registry
+from autocompress.compress._blocks import check_drops, drop_blocks
 from autocompress.compress._calibration import DEFAULT_SAMPLES, Calibration
-from autocompress.compress._knob_values import CALIBRATED
+from autocompress.compress._knob_values import BLOCK, CALIBRATED
 from autocompress.compress._knobs import KNOB_TABLE, summary_tokens, why_refused
 from autocompress.compress._layers import LayerInfo, Refusal, find_layers
 from autocompress.compress._plan import Plan, PlanError
@@ -98,8 +100,9 @@ def describe_layers(model: nn.Module, example_inputs: Any,
             a layer whose calibration inputs would have fewer rows than its input width (an
             underdetermined Hessian) refuses the calibrated knobs; None: no such check.
     """
-    layers = find_layers(model, example_inputs)
-    found: dict[str, list[Refusal]] = {la.name: list(la.refusals) for la in layers}
+    every = find_layers(model, example_inputs, blocks=True)
+    layers = [la for la in every if la.type != BLOCK]  # blocks take drop alone: their own refusal
+    found: dict[str, list[Refusal]] = {la.name: list(la.refusals) for la in every}
     if calibration_samples is not None:
         for la in layers:
             found[la.name] += _too_few_rows(la, calibration_samples)
@@ -112,7 +115,7 @@ def describe_layers(model: nn.Module, example_inputs: Any,
         refusals = found.setdefault(la.name, [])
         refusals += [r for r in _tie_refusals(la, ties.get(la.name))
                      if not any((r.knob, r.value) == (o.knob, o.value) for o in refusals)]
-    return [replace(la, refusals=tuple(found[la.name])) for la in layers]
+    return [replace(la, refusals=tuple(found[la.name])) for la in every]
 
 
 def _too_few_rows(layer: LayerInfo, samples: int) -> list[Refusal]:
@@ -195,6 +198,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any,
         if name not in METHODS:  # the registry's message: the closest name and the allowed
             raise PlanError(METHODS.unknown(name).message)
     check_plan(plan, describe_layers(model, example_inputs, calibration_samples=None))
+    check_drops(model, plan)
     ties = weight_ties(model)
     new = copy.deepcopy(model)
     linearize(new, plan)
@@ -206,6 +210,8 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any,
                 method.transform(new, plan, example_inputs, calibration)
             else:
                 method.transform(new, plan, example_inputs)
+    if methods is None:  # last: the methods' names and calibration are the whole model's
+        drop_blocks(new, plan)
     retie(new, ties)
     return new
 
