@@ -95,8 +95,7 @@ def onnx_matches(model: nn.Module, x, tmp_path: Path) -> int:
     import onnx
 
     tmp_path.mkdir(parents=True, exist_ok=True)
-    kwargs = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]} if isinstance(x, dict) else x
-    path = export_onnx(model, kwargs, tmp_path / "model.onnx")
+    path = export_onnx(model, x, tmp_path / "model.onnx")
     sess = ort.InferenceSession(str(path))
     feed = ({k: v.numpy() for k, v in x.items() if k in {i.name for i in sess.get_inputs()}}
             if isinstance(x, dict) else {sess.get_inputs()[0].name: x.numpy()})
