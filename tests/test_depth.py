@@ -252,3 +252,42 @@ def test_block_importance_ranks_an_identity_block_last() -> None:
         model.stage[0].conv2.bias.zero_()
     scores = block_importance(model, [x], ["stage.0", "stage.1", "stage.2"])
     assert min(scores, key=scores.get) == "stage.0"
+
+
+# --- rebuilding and packing ------------------------------------------------------------------
+
+
+def _rebuilds(model: nn.Module, x, plan: Plan) -> nn.Module:
+    """The trial rebuilt as ``deploy`` does: the plan's structure, then the logged weights."""
+    from autocompress.compress import Calibration
+    from autocompress.deploy._rebuild import load_baked_state
+
+    new = apply(model, plan, x)
+    again = apply(model, plan, x, calibration=Calibration.empty())
+    load_baked_state(again, bake(new).state_dict(), plan)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(bake(again), x) if isinstance(x, dict) else bake(again)(x),
+                                   logits(bake(new), x) if isinstance(x, dict) else bake(new)(x))
+    return again
+
+
+def test_rebuild_restores_the_masks_of_renumbered_layers() -> None:
+    from autocompress.compress import find_weight_compression, plan_after_drops
+
+    model, x = llama()
+    plan = Plan({"model.layers.1": DROP, "model.layers.3.mlp.up_proj": LayerPlan(sparsity=0.5),
+                 "model.layers.1.mlp.up_proj": LayerPlan(bits=8)})
+    assert plan_after_drops(model, plan).layers == {"model.layers.2.mlp.up_proj": LayerPlan(sparsity=0.5)}
+    again = _rebuilds(model, x, plan)
+    mask = find_weight_compression(again.model.layers[2].mlp.up_proj).mask
+    assert 0.45 < 1 - mask.float().mean().item() < 0.55
+
+
+def test_packed_round_trip_of_a_dropped_sequential_block(tmp_path: Path) -> None:
+    from autocompress.deploy._packed import load_packed, save_packed
+
+    model, x = resnet()
+    plan = Plan({"stage.1": DROP, "stage.0.conv1": LayerPlan(sparsity=0.5, bits=4)})
+    new = _rebuilds(model, x, plan)
+    loaded = load_packed(save_packed(new, tmp_path / "m.acpk").path)
+    torch.testing.assert_close(loaded(x), bake(new)(x))

@@ -106,3 +106,17 @@ def test_out_proj_refuses_what_needs_its_call() -> None:
         apply(model, Plan({OUT_PROJ[0]: LayerPlan(bits=8, act_bits="dynamic")}), x)
     with pytest.raises(PlanError, match="out_proj'.*channel.*functional call"):
         apply(model, Plan({OUT_PROJ[0]: LayerPlan(sparsity=0.5, structure="channel")}), x)
+
+
+@pytest.mark.parametrize("which", list(PLANS))
+def test_out_proj_rebuilds_from_logged_weights(which: str) -> None:
+    from autocompress.compress import Calibration
+    from autocompress.deploy._rebuild import load_baked_state
+
+    model, x = encoder()
+    plan = Plan(dict.fromkeys(OUT_PROJ, PLANS[which]))
+    new = apply(model, plan, x)
+    again = apply(model, plan, x, calibration=Calibration.empty())
+    load_baked_state(again, bake(new).state_dict(), plan)
+    with torch.no_grad(), no_fastpath():
+        torch.testing.assert_close(bake(again)(x), bake(new)(x))

@@ -33,11 +33,10 @@ import torch
 from torch import nn
 
 from autocompress._inputs import run
-from autocompress.compress._knob_values import BLOCK
 from autocompress.compress._plan import Plan, PlanError
 
-__all__ = ["BLOCK", "block_candidates", "block_importance", "check_drops", "drop_blocks",
-           "drop_refusal", "first_tensor"]
+__all__ = ["block_candidates", "block_importance", "check_drops", "drop_blocks", "drop_refusal",
+           "first_tensor", "plan_after_drops"]
 
 
 def block_candidates(model: nn.Module, is_layer: Any) -> dict[str, nn.Module]:
@@ -139,6 +138,29 @@ def drop_blocks(model: nn.Module, plan: Plan) -> None:
         config.num_hidden_layers = len(kept)
         if isinstance(getattr(config, "layer_types", None), list | tuple):
             config.layer_types = [config.layer_types[i] for i in kept]
+
+
+def plan_after_drops(model: nn.Module, plan: Plan) -> Plan:
+    """The plan's entries named as in the model :func:`drop_blocks` leaves (``model``: the
+    model before or after it): the drops themselves and the entries inside dropped blocks
+    left out, the later blocks of a Hugging Face layer list renumbered (what rebuilding a
+    trial looks its layers up by)."""
+    dropped = _dropped(plan)
+    out = {}
+    for name, lp in plan.layers.items():
+        new: str | None = name
+        for parent, indices in dropped.items():
+            if not name.startswith(f"{parent}."):
+                continue
+            index, _, rest = name[len(parent) + 1:].partition(".")
+            if int(index) in indices:
+                new = None
+            elif isinstance(model.get_submodule(parent), nn.ModuleList):
+                shifted = int(index) - sum(i < int(index) for i in set(indices))
+                new = f"{parent}.{shifted}" + (f".{rest}" if rest else "")
+        if new is not None:
+            out[new] = lp
+    return Plan(out)
 
 
 def _renumber(layers: nn.ModuleList) -> None:
