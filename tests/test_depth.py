@@ -291,3 +291,33 @@ def test_packed_round_trip_of_a_dropped_sequential_block(tmp_path: Path) -> None
     new = _rebuilds(model, x, plan)
     loaded = load_packed(save_packed(new, tmp_path / "m.acpk").path)
     torch.testing.assert_close(loaded(x), bake(new)(x))
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def resnet_task():
+    """The residual CNN as a task (random targets: the CLI's checks only)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from autocompress import Task
+
+    model, _ = resnet()
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen))
+    loader = DataLoader(data, batch_size=8)
+    return Task(model=model, train_loader=loader, val_loader=loader, example_inputs=data.tensors[0][:2],
+                name="resnet")
+
+
+def test_cli_lists_blocks_and_refuses_dropping_all(capsys, tmp_path: Path) -> None:
+    from autocompress.cli import main
+
+    task = "tests.test_depth:resnet_task"
+    assert main(["layers", "--task", task, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows if r["type"] == "Block"] == ["stage.0", "stage.1", "stage.2"]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"layers": {f"stage.{i}": {"drop": True} for i in range(3)}}))
+    assert main(["trial", "--task", task, "--plan", str(plan), "--epochs", "0"]) == 2
+    assert "would remove every block of 'stage'" in capsys.readouterr().err

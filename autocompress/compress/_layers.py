@@ -29,8 +29,8 @@ from torch import nn
 
 from autocompress._errors import ConfigError
 from autocompress._inputs import batch_size, run
-from autocompress.compress._blocks import BLOCK, block_candidates, block_hook, drop_refusal
-from autocompress.compress._knob_values import CALIBRATED
+from autocompress.compress._blocks import block_candidates, block_hook, drop_refusal
+from autocompress.compress._knob_values import BLOCK, CALIBRATED
 from autocompress.compress._ties import weight_ties
 
 COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)
