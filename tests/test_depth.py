@@ -321,3 +321,28 @@ def test_cli_lists_blocks_and_refuses_dropping_all(capsys, tmp_path: Path) -> No
     plan.write_text(json.dumps({"layers": {f"stage.{i}": {"drop": True} for i in range(3)}}))
     assert main(["trial", "--task", task, "--plan", str(plan), "--epochs", "0"]) == 2
     assert "would remove every block of 'stage'" in capsys.readouterr().err
+
+
+# --- seeding ---------------------------------------------------------------------------------
+
+
+def test_first_trials_drop_the_least_important_blocks_first() -> None:
+    from autocompress.tune._seeds import depth_points, seed_points
+    from autocompress.tune._sensitivity import profile
+
+    task = resnet_task()
+    with torch.no_grad():
+        task.model.stage[1].conv2.weight.zero_()
+        task.model.stage[1].conv2.bias.zero_()
+    layers = describe_layers(task.model, task.example_inputs)
+    space = load_search_space({"layers": [
+        {"types": ["Conv2d", "Linear"], "knobs": {"bits": [4, 8]}},
+        {"types": ["Block"], "knobs": {"drop": [False, True]}}]}).resolve(layers)
+    sens = profile(task, space, batches=1, samples=8, allocated_only=True, use_cache=False)
+    assert min(sens.importance, key=sens.importance.get) == "stage.1"
+    points = depth_points(space, sens.importance, 5)
+    ranked = sorted(sens.importance, key=sens.importance.get)
+    assert [{k for k, v in p.items() if k.endswith("/drop") and v} for p in points] == [
+        {f"{ranked[0]}/drop"}, {f"{ranked[0]}/drop", f"{ranked[1]}/drop"}]  # never all three
+    shapes = {la.name: la.shape for la in layers}
+    assert seed_points(space, sens, shapes, 8)[0] == points[0]

@@ -24,6 +24,7 @@ _EXPORTS = {
     "_fold": ("find_folds", "fold_factors", "fold_into", "folded"),
     "_ties": ("tensor_aliases", "weight_ties"),
     "_blocks": ("block_importance", "drop_blocks", "plan_after_drops"),
+    "_knob_values": ("BLOCK",),
     "_calibration": ("DEFAULT_SAMPLES", "Calibration", "InputStats", "calibration_problem", "input_rows",
                      "input_stats", "output_error", "weight_matrix"),
     "_awq": ("InputScale", "input_scale_pre_hook"),
