@@ -82,7 +82,7 @@ def llama(layers: int = 4) -> tuple[nn.Module, dict]:
 
 
 def blocks(model: nn.Module, x) -> dict:
-    return {la.name: la for la in describe_layers(model, x) if la.type == "Block"}
+    return {la.name: la for la in describe_layers(model, x, blocks=True) if la.type == "Block"}
 
 
 def logits(model: nn.Module, x: dict) -> torch.Tensor:
@@ -125,14 +125,14 @@ def test_blocks_discovered() -> None:
 
 def test_blocks_in_layers_json() -> None:
     model, x = resnet()
-    rows = [la.to_dict() for la in describe_layers(model, x)]
+    rows = [la.to_dict() for la in describe_layers(model, x, blocks=True)]
     assert rows[-2] == {"name": "stage.1", "type": "Block", "shape": [8, 8, 8], "params": 1168,
                         "macs": 2 * 64 * 8 * 8 * 9, "is_output": False, "cls": "Residual"}
 
 
 def test_search_space_selects_blocks_by_type_only() -> None:
     model, x = resnet()
-    layers = describe_layers(model, x)
+    layers = describe_layers(model, x, blocks=True)
     space = load_search_space({"layers": [
         {"knobs": {"bits": [4, 8]}},
         {"types": ["Block"], "knobs": {"drop": [False, True]}}]}).resolve(layers)
@@ -334,7 +334,7 @@ def test_first_trials_drop_the_least_important_blocks_first() -> None:
     with torch.no_grad():
         task.model.stage[1].conv2.weight.zero_()
         task.model.stage[1].conv2.bias.zero_()
-    layers = describe_layers(task.model, task.example_inputs)
+    layers = describe_layers(task.model, task.example_inputs, blocks=True)
     space = load_search_space({"layers": [
         {"types": ["Conv2d", "Linear"], "knobs": {"bits": [4, 8]}},
         {"types": ["Block"], "knobs": {"drop": [False, True]}}]}).resolve(layers)

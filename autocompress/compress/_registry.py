@@ -88,7 +88,8 @@ def register_method(name: str, order: int, limits: Limits | None = None,
 
 
 def describe_layers(model: nn.Module, example_inputs: Any,
-                    calibration_samples: int | None = DEFAULT_SAMPLES) -> list[LayerInfo]:
+                    calibration_samples: int | None = DEFAULT_SAMPLES,
+                    blocks: bool = False) -> list[LayerInfo]:
     """The compressible layers (:func:`find_layers`) with the refusals of every method's limits,
     of tied weights and of a calibration too small for a layer (what ``autocompress layers``
     shows and what a search space leaves out).
@@ -99,8 +100,11 @@ def describe_layers(model: nn.Module, example_inputs: Any,
         calibration_samples: The samples a trial calibrates on (``search.calibration_samples``):
             a layer whose calibration inputs would have fewer rows than its input width (an
             underdetermined Hessian) refuses the calibrated knobs; None: no such check.
+        blocks: Also the blocks a plan can drop, after the layers (type ``Block``:
+            :mod:`~autocompress.compress._blocks`; what ``autocompress layers`` and a search
+            list).
     """
-    every = find_layers(model, example_inputs, blocks=True)
+    every = find_layers(model, example_inputs, blocks=blocks)
     layers = [la for la in every if la.type != BLOCK]  # blocks take drop alone: their own refusal
     found: dict[str, list[Refusal]] = {la.name: list(la.refusals) for la in every}
     if calibration_samples is not None:
@@ -197,7 +201,8 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any,
     for name in methods or ():
         if name not in METHODS:  # the registry's message: the closest name and the allowed
             raise PlanError(METHODS.unknown(name).message)
-    check_plan(plan, describe_layers(model, example_inputs, calibration_samples=None))
+    check_plan(plan, describe_layers(model, example_inputs, calibration_samples=None,
+                                     blocks=any(lp.drop for lp in plan.layers.values())))
     check_drops(model, plan)
     ties = weight_ties(model)
     new = copy.deepcopy(model)
