@@ -346,3 +346,16 @@ def test_first_trials_drop_the_least_important_blocks_first() -> None:
         {f"{ranked[0]}/drop"}, {f"{ranked[0]}/drop", f"{ranked[1]}/drop"}]  # never all three
     shapes = {la.name: la.shape for la in layers}
     assert seed_points(space, sens, shapes, 8)[0] == points[0]
+
+
+def test_gpt2_block_dropped(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    model = Pooled(transformers.GPT2Model(config)).eval()
+    x = {"input_ids": torch.randint(0, 64, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    assert list(blocks(model, x)) == [f"model.h.{i}" for i in range(3)]
+    new = apply(model, Plan({"model.h.2": DROP}), x)
+    assert len(new.model.h) == 2 and new.model.config.n_layer == 2
+    assert [b.attn.layer_idx for b in new.model.h] == [0, 1]
+    onnx_matches(new, x, tmp_path)
