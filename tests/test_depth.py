@@ -359,3 +359,28 @@ def test_gpt2_block_dropped(tmp_path: Path) -> None:
     assert len(new.model.h) == 2 and new.model.config.n_layer == 2
     assert [b.attn.layer_idx for b in new.model.h] == [0, 1]
     onnx_matches(new, x, tmp_path)
+
+
+# --- a search --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # ~1 min: a small serial search, then exports of a logged trial
+def test_a_search_drops_blocks_first_and_its_trials_export(tmp_path: Path, monkeypatch) -> None:
+    import autocompress as ac
+    from tests.searches import write_experiment
+
+    monkeypatch.chdir(tmp_path)
+    space = {"layers": [{"types": ["Conv2d", "Linear"], "knobs": {"bits": [4, 8]}},
+                        {"types": ["Block"], "knobs": {"drop": [False, True]}}]}
+    path = write_experiment(tmp_path, "depth", task="tests.test_depth:resnet_task",
+                            search_space=space, trials=6, concurrency=1, backend="serial")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = ac.search(str(path), tracking_uri=uri, echo=lambda m: None)
+    summaries = list(res.trials.summary)
+    dropping = [i for i, s in enumerate(summaries) if "drop" in s]
+    assert dropping, summaries
+    run_id = res.trials.run_id.iloc[dropping[0]]
+    out = ac.export(run_id, format="onnx", out=str(tmp_path / "onnx"), tracking_uri=uri)
+    assert Path(out["path"]).exists()
+    out = ac.export(run_id, format="packed", out=str(tmp_path / "packed"), tracking_uri=uri)
+    assert Path(out["path"]).exists()
