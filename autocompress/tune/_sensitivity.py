@@ -237,7 +237,7 @@ def profile(task: Any, space: Any, *, batches: int = SENSITIVITY_BATCHES,
     subset = list(itertools.islice(task.val_loader, batches))
     result = _profile(task, space, subset, batches, samples, allocated_only, use_cache, echo)
     if space.sets("drop"):  # cheap (one pass): not cached
-        blocks = [ls.name for ls in space.layers if "drop" in ls.knobs]
+        blocks = [ls.name for ls in space.layers if "drop" in ls.knobs and ls.knobs["drop"].param]
         result = replace(result, importance=block_importance(task.model, [x for x, *_ in subset], blocks))
     return result
 
