@@ -303,8 +303,8 @@ def test_encoder_refusals() -> None:
     assert "output" in refused["head"]
     with pytest.raises(PlanError, match="'encoder.layers.0.linear2'.*LayerNorm"):
         apply(model, Plan({"encoder.layers.0.linear2": channel(0.5)}), x)
-    # nn.MultiheadAttention calls out_proj functionally: it never runs as a module
-    with pytest.raises(PlanError, match="'encoder.layers.0.self_attn.out_proj'.*never runs"):
+    # nn.MultiheadAttention reads out_proj's weight in a functional call: no channel cut
+    with pytest.raises(PlanError, match="'encoder.layers.0.self_attn.out_proj'.*functional call"):
         apply(model, Plan({"encoder.layers.0.self_attn.out_proj": channel(0.5)}), x)
 
 

@@ -55,7 +55,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from autocompress.tasks import load_task
 
     task = load_task(args.task, seed=args.seed)
-    layers = describe_layers(task.model, task.example_inputs)
+    layers = describe_layers(task.model, task.example_inputs, blocks=True)
     if args.json:
         print(json.dumps([layer.to_dict() for layer in layers], indent=2, default=str))
         return 0
@@ -77,7 +77,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from autocompress.tune import profile
 
     task = load_task(args.task, seed=args.seed)
-    space = load_search_space(args.space).resolve(describe_layers(task.model, task.example_inputs))
+    space = load_search_space(args.space).resolve(describe_layers(task.model, task.example_inputs,
+                                                                  blocks=True))
     sens = profile(task, space, batches=args.batches, use_cache=not args.no_cache,
                    echo=lambda m: print(f"autocompress: {m}", file=sys.stderr))
     if args.csv:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from autocompress.compress.formats._names import GROUP_SIZES, float_format_names
 
-__all__ = ["CALIBRATED", "DECOMPOSITIONS", "FLOAT_FORMATS", "GROUP_SIZES", "HEAT_BITS", "PRUNERS",
+__all__ = ["BLOCK", "CALIBRATED", "DECOMPOSITIONS", "FLOAT_FORMATS", "GROUP_SIZES", "HEAT_BITS", "PRUNERS",
            "QUANTIZERS", "STRUCTURES", "STRUCTURE_TOKENS", "POW2_BITS", "POW2_INT8_BITS", "Knob", "act_token",
            "bits_cell", "first_of", "integer_bits", "is_number", "mildest_bits", "mildest_rank",
            "mildest_sparsity", "same"]
@@ -35,6 +35,8 @@ QUANTIZERS = ("rtn", "gptq", "awq")  # ``quantizer`` values (how integer weights
 #: The knob values that need calibration data (``compress/_calibration.py``).
 CALIBRATED = {"pruner": ("wanda", "sparsegpt"), "quantizer": ("gptq", "awq"),
               "decomposition": ("whitened",)}
+#: The kind of a block (``compress/_blocks.py``): the only layers that take ``drop``.
+BLOCK = "Block"
 POW2_INT8_BITS = 4  # pow2 integers (up to 2**(2**(b-1) - 2)) fit int8 up to 4 bits (64)
 
 

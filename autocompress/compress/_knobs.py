@@ -26,6 +26,7 @@ from typing import Any
 
 from autocompress.compress._knob_rules import KNOB_RULES, KnobRule
 from autocompress.compress._knob_values import (
+    BLOCK,
     DECOMPOSITIONS,
     FLOAT_FORMATS,
     GROUP_SIZES,
@@ -279,12 +280,21 @@ _SPECS: dict[str, KnobSpec] = {spec.name: spec for spec in (
         integer=True, mildest=lambda knob: first_of(knob, [None]),
         token=lambda lp: f"g{lp.group_size}" if lp.group_size and integer_bits(lp.bits) else "",
         modifies="bits", allocated=True),
+    KnobSpec(
+        # Depth: a whole block (a residual block, a transformer layer; type "Block" in
+        # ``autocompress layers``) dropped from the model (compress/_blocks.py says how and
+        # which blocks refuse). Only blocks take it; blocks take no other knob (why_refused).
+        "drop", False, "true or false", lambda v: isinstance(v, bool),
+        mildest=lambda knob: first_of(knob, [False]),
+        refuses=lambda value, layer: None if not value or layer.type == BLOCK
+        else "only a block (type Block in `autocompress layers`) can be dropped",
+        token=lambda lp: "drop" if lp.drop else "", about="dropped blocks"),
 )}
 # Table order is the order of the one-line summary, the search space's parameters and the
 # report: each knob after the one it modifies.
 KNOB_TABLE: dict[str, KnobSpec] = {name: _SPECS[name] for name in (
     "sparsity", "structure", "pruner", "bits", "scheme", "quantizer", "group_size", "rank",
-    "decomposition", "act_bits")}
+    "decomposition", "act_bits", "drop")}
 KNOBS: tuple[str, ...] = tuple(KNOB_TABLE)
 
 
@@ -340,5 +350,7 @@ def why_refused(spec: KnobSpec, value: Any, layer: Any) -> str | None:
     reason = spec.refuses(value, layer)
     if reason:
         return reason
+    if getattr(layer, "type", None) == BLOCK and spec.name != "drop" and not same(value, spec.default):
+        return "a block is kept or dropped (drop); its layers take the other knobs"
     return next((r.reason for r in getattr(layer, "refusals", ())
                  if r.refuses(spec.name, value, spec.default)), None)

@@ -9,6 +9,14 @@ its *kind* (``LayerInfo.type``: what a search space's ``types:`` selects) and it
 One forward pass with hooks tells, per layer, its MACs, whether it runs at all (``used``:
 layers the forward never calls, e.g. BERT's pooler when only the hidden states are used, are
 listed but never compressed or searched) and which layer produces the model output.
+
+``nn.MultiheadAttention`` never calls its ``out_proj`` as a module: it passes the layer's
+``weight`` and ``bias`` to a functional call. Such a layer counts as running when its attention
+runs (its MACs: the attention's output elements times its input width), and it is compressed
+through what the call reads (the parametrized weight; a low-rank factorization as
+:class:`~autocompress.compress._modules.FunctionalLowRank`, whose ``weight`` is the factors'
+product). What needs the layer's own call (its inputs: activation quantization, the calibrated
+methods) or other shapes (channel cuts) it refuses (:func:`functional_refusals`).
 """
 
 from __future__ import annotations
@@ -21,12 +29,15 @@ from torch import nn
 
 from autocompress._errors import ConfigError
 from autocompress._inputs import batch_size, run
+from autocompress.compress._blocks import block_candidates, block_hook, drop_refusal
+from autocompress.compress._knob_values import BLOCK, CALIBRATED
 from autocompress.compress._ties import weight_ties
 
 COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)
 # Kinds by name, in the order a search space lists them; "Conv1D" is Hugging Face's (a name,
 # so that this module does not import transformers).
-KINDS = (*(t.__name__ for t in COMPRESSIBLE_TYPES), "Conv1D")
+# Blocks (_blocks.py) last: what a plan may drop.
+KINDS = (*(t.__name__ for t in COMPRESSIBLE_TYPES), "Conv1D", BLOCK)
 
 
 @dataclass(frozen=True)
@@ -127,13 +138,16 @@ def count_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     return _trace(model, example_inputs, reach=False)[0]
 
 
-def find_layers(model: nn.Module, example_inputs: Any) -> list[LayerInfo]:
-    """The compressible layers of ``model`` in definition order (see the module docstring).
+def find_layers(model: nn.Module, example_inputs: Any, blocks: bool = False) -> list[LayerInfo]:
+    """The compressible layers of ``model`` in definition order (see the module docstring),
+    then, with ``blocks``, the blocks a plan can drop (:mod:`~autocompress.compress._blocks`).
 
-    Refusals are not filled in here: :func:`autocompress.compress.describe_layers` adds the
-    compression methods' limits.
+    Refusals are not filled in here (but a functionally used layer's, and a block's ``drop``):
+    :func:`autocompress.compress.describe_layers` adds the compression methods' limits.
     """
-    macs, calls, matter = _trace(model, example_inputs)
+    seen: dict[str, tuple] = {}
+    candidates = block_candidates(model, lambda m: kind(m) is not None) if blocks else {}
+    macs, calls, matter = _trace(model, example_inputs, candidates=candidates, seen=seen)
     output_layer = next((n for n in reversed(calls) if n in matter), None)
     groups: dict[str, list[str]] = {}  # owner -> every layer holding its weight
     for alias, owner in weight_ties(model).items():
@@ -150,12 +164,51 @@ def find_layers(model: nn.Module, example_inputs: Any) -> list[LayerInfo]:
             macs=macs.get(name, 0), is_output=name == output_layer, used=name in matter,
             cls="" if type(mod).__name__ == k else type(mod).__name__,
             shared_with=tuple(n for n in tied.get(name, ()) if n != name),
+            refusals=functional_refusals(model, name),
         ))
+    return out + _blocks(model, candidates, seen, macs)
+
+
+def _blocks(model: nn.Module, candidates: dict[str, nn.Module], seen: dict[str, tuple],
+            macs: dict[str, int]) -> list[LayerInfo]:
+    """The blocks among ``candidates`` that ran with their output shaped as their input."""
+    out = []
+    for name, mod in candidates.items():
+        if name not in seen or seen[name][0] != seen[name][1]:
+            continue
+        reason = drop_refusal(model, name, single_input=seen[name][2])
+        inner = [f"{name}.{n}" if n else name for n, _ in mod.named_modules()]
+        out.append(LayerInfo(
+            name=name, type=BLOCK, shape=seen[name][1][1:],
+            params=sum(p.numel() for p in mod.parameters()),
+            macs=sum(macs.get(n, 0) for n in inner), cls=type(mod).__name__,
+            refusals=(Refusal("drop", True, reason),) if reason else ()))
     return out
 
 
-def _trace(model: nn.Module, example_inputs: Any,
-           reach: bool = True) -> tuple[dict[str, int], list[str], set[str]]:
+def functional_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{layer name: the module whose forward uses it}`` for the layers that a parent's
+    functional call uses instead of calling them (``nn.MultiheadAttention.out_proj``)."""
+    return {f"{n}.out_proj" if n else "out_proj": m for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and kind(m.out_proj) is not None}
+
+
+def functional_refusals(model: nn.Module, name: str) -> tuple[Refusal, ...]:
+    """What a layer that its parent uses through a functional call refuses (none for the
+    others): what needs the layer's own call or changes its shape."""
+    parent = functional_layers(model).get(name)
+    if parent is None:
+        return ()
+    why = f"{type(parent).__name__} passes its weight to a functional call"
+    return (Refusal("structure", "channel", f"{why}, which needs its full output width"),
+            Refusal("act_bits", None, f"{why}: its inputs are never seen"),
+            *(Refusal(knob, value, f"{why}: its inputs are never seen to calibrate on")
+              for knob, values in CALIBRATED.items() for value in values))
+
+
+def _trace(model: nn.Module, example_inputs: Any, reach: bool = True,
+           candidates: dict[str, nn.Module] | None = None,
+           seen: dict[str, tuple] | None = None) -> tuple[dict[str, int], list[str], set[str]]:
     """One forward pass: MACs of each compressible layer that runs, every call in order, and
     the layers whose output reaches the model output.
 
@@ -165,6 +218,8 @@ def _trace(model: nn.Module, example_inputs: Any,
     among those produces the output. A forward that runs under ``no_grad`` gives no gradient
     at all: then every layer that runs counts. ``reach=False`` skips the backward pass (for
     the MACs alone; every layer that runs is returned as reaching the output).
+    ``candidates`` (blocks, by name): their input and output shapes go to ``seen``
+    (:func:`~autocompress.compress._blocks.block_hook`).
     """
     macs: dict[str, int] = {}
     calls: list[str] = []
@@ -179,6 +234,11 @@ def _trace(model: nn.Module, example_inputs: Any,
 
     layers = {n: m for n, m in model.named_modules() if n and kind(m) is not None}
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    handles += [parent.register_forward_hook(_functional_hook(hook(n), layers[n]))
+                for n, parent in functional_layers(model).items()]
+    handles += [m.register_forward_hook(block_hook(seen if seen is not None else {}, n),
+                                        with_kwargs=True)
+                for n, m in (candidates or {}).items()]
     was_training = model.training
     try:
         model.eval()
@@ -195,6 +255,17 @@ def _trace(model: nn.Module, example_inputs: Any,
         for h in handles:
             h.remove()
     return macs, calls, matter
+
+
+def _functional_hook(hook: Any, layer: nn.Module) -> Any:
+    """A forward hook on a parent (``nn.MultiheadAttention``) that reports its functionally
+    used ``layer`` as called, with the parent's first output as the layer's output."""
+
+    def fn(_mod: nn.Module, inp: Any, out: Any) -> None:
+        first = out[0] if isinstance(out, tuple) else out
+        hook(layer, inp, first)
+
+    return fn
 
 
 def _shapes(inputs: Any) -> str:

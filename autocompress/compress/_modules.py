@@ -10,8 +10,8 @@ from torch.nn.utils import parametrize
 
 from autocompress.compress.formats import WeightFormat, quantize_weight, weight_format
 
-__all__ = ["ActFakeQuant", "LowRank", "Regrowth", "WeightCompression", "act_quant_pre_hook",
-           "dynamic_fake_quant", "leaves", "quantize_weight", "sparse_weights",
+__all__ = ["ActFakeQuant", "FunctionalLowRank", "LowRank", "Regrowth", "WeightCompression",
+           "act_quant_pre_hook", "dynamic_fake_quant", "leaves", "quantize_weight", "sparse_weights",
            "weight_compression"]
 
 
@@ -21,6 +21,23 @@ class LowRank(nn.Sequential):
 
     A Sequential, so its factors are addressed as ``<name>.0``, ``<name>.1``, ...
     """
+
+
+class FunctionalLowRank(LowRank):
+    """An SVD-factorized Linear that a parent reads as ``weight`` and ``bias`` instead of
+    calling it (``nn.MultiheadAttention.out_proj``): ``weight`` is the product of the two
+    factors' (compressed) weights, ``bias`` the second factor's. Called as a module it is the
+    ordinary two-layer chain.
+    """
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        inner, outer = self[0], self[1]
+        return outer.weight @ inner.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self[1].bias
 
 
 class WeightCompression(nn.Module):

@@ -64,6 +64,9 @@ class LayerPlan:
             ``"dynamic"`` to quantize them with each input's own range at run time as ONNX
             Runtime's dynamic quantization does (integer MatMul kernels; needs ``bits=8`` and
             a Linear layer), or None.
+        drop: True to drop the block of this name from the model (only blocks, type
+            ``Block`` in ``autocompress layers``: a residual block, a transformer layer;
+            ``compress/_blocks.py``). Left out of :meth:`to_dict` while False.
     """
 
     sparsity: float = 0.0
@@ -76,11 +79,13 @@ class LayerPlan:
     rank: float | None = None
     decomposition: str = "svd"
     act_bits: int | str | None = None
+    drop: bool = False
 
     def __post_init__(self) -> None:
         for spec in KNOB_TABLE.values():
             value = getattr(self, spec.name)
-            _check(spec.valid(value), spec.name, value, spec.allowed)
+            _check(spec.valid(value), spec.name, value, spec.allowed,
+                   boolean=isinstance(spec.default, bool))
 
     def check_combination(self) -> None:
         """Refuses knob values that are each valid but not together (the first rule of
@@ -106,7 +111,11 @@ class LayerPlan:
         return not summary_tokens(self)  # every knob that changes something has a token
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every knob; ``drop`` only when set (plans written before it stay as they were)."""
+        d = asdict(self)
+        if not self.drop:
+            del d["drop"]
+        return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "layer") -> LayerPlan:
@@ -214,8 +223,10 @@ class Plan:
         return " | ".join(parts) or "(no compression)"
 
 
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    # No knob takes a boolean, but True == 1 would pass the range checks (JSON ``"rank": true``).
-    if not ok or isinstance(value, bool) or (isinstance(value, float) and math.isnan(value)):
+def _check(ok: bool, key: str, value: Any, allowed: str, boolean: bool = False) -> None:
+    # Only a boolean knob (drop) takes a boolean, but True == 1 would pass the range checks
+    # (JSON ``"rank": true``).
+    if not ok or (isinstance(value, bool) and not boolean) or (isinstance(value, float)
+                                                               and math.isnan(value)):
         raise PlanError(f"{key}={value!r} is out of range; allowed: {allowed}")
 

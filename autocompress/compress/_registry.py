@@ -2,8 +2,9 @@
 
 A method is one file with one registered in-place transform. ``apply`` copies the model once
 and runs every registered method in its fixed ``order``: low-rank (10) -> pruning (20) ->
-quantization (30). Hugging Face ``Conv1D`` layers the plan changes become ``Linear`` first
-(``conv1d.py``), so the methods only see conv, linear and embedding layers.
+quantization (30), then the plan's dropped blocks go (``compress/_blocks.py``). Hugging Face
+``Conv1D`` layers the plan changes become ``Linear`` first (``conv1d.py``), so the methods only
+see conv, linear and embedding layers.
 
 A weight shared by several layers (tied embeddings) stays shared: the first of them takes the
 plan's knobs, the others follow it (:mod:`~autocompress.compress._ties`).
@@ -24,8 +25,9 @@ from typing import Any
 from torch import nn
 
 from autocompress._registry import Registry
+from autocompress.compress._blocks import check_drops, drop_blocks
 from autocompress.compress._calibration import DEFAULT_SAMPLES, Calibration
-from autocompress.compress._knob_values import CALIBRATED
+from autocompress.compress._knob_values import BLOCK, CALIBRATED
 from autocompress.compress._knobs import KNOB_TABLE, summary_tokens, why_refused
 from autocompress.compress._layers import LayerInfo, Refusal, find_layers
 from autocompress.compress._plan import Plan, PlanError
@@ -86,7 +88,8 @@ def register_method(name: str, order: int, limits: Limits | None = None,
 
 
 def describe_layers(model: nn.Module, example_inputs: Any,
-                    calibration_samples: int | None = DEFAULT_SAMPLES) -> list[LayerInfo]:
+                    calibration_samples: int | None = DEFAULT_SAMPLES,
+                    blocks: bool = False) -> list[LayerInfo]:
     """The compressible layers (:func:`find_layers`) with the refusals of every method's limits,
     of tied weights and of a calibration too small for a layer (what ``autocompress layers``
     shows and what a search space leaves out).
@@ -97,12 +100,16 @@ def describe_layers(model: nn.Module, example_inputs: Any,
         calibration_samples: The samples a trial calibrates on (``search.calibration_samples``):
             a layer whose calibration inputs would have fewer rows than its input width (an
             underdetermined Hessian) refuses the calibrated knobs; None: no such check.
+        blocks: Also the blocks a plan can drop, after the layers (type ``Block``:
+            :mod:`~autocompress.compress._blocks`; what ``autocompress layers`` and a search
+            list).
     """
-    layers = find_layers(model, example_inputs)
-    found: dict[str, list[Refusal]] = {}
+    every = find_layers(model, example_inputs, blocks=blocks)
+    layers = [la for la in every if la.type != BLOCK]  # blocks take drop alone: their own refusal
+    found: dict[str, list[Refusal]] = {la.name: list(la.refusals) for la in every}
     if calibration_samples is not None:
         for la in layers:
-            found[la.name] = _too_few_rows(la, calibration_samples)
+            found[la.name] += _too_few_rows(la, calibration_samples)
     for method in _in_order():
         if method.limits is not None:
             for name, refusals in method.limits(model, example_inputs, layers).items():
@@ -112,7 +119,7 @@ def describe_layers(model: nn.Module, example_inputs: Any,
         refusals = found.setdefault(la.name, [])
         refusals += [r for r in _tie_refusals(la, ties.get(la.name))
                      if not any((r.knob, r.value) == (o.knob, o.value) for o in refusals)]
-    return [replace(la, refusals=tuple(found[la.name])) for la in layers]
+    return [replace(la, refusals=tuple(found[la.name])) for la in every]
 
 
 def _too_few_rows(layer: LayerInfo, samples: int) -> list[Refusal]:
@@ -194,7 +201,9 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any,
     for name in methods or ():
         if name not in METHODS:  # the registry's message: the closest name and the allowed
             raise PlanError(METHODS.unknown(name).message)
-    check_plan(plan, describe_layers(model, example_inputs, calibration_samples=None))
+    check_plan(plan, describe_layers(model, example_inputs, calibration_samples=None,
+                                     blocks=any(lp.drop for lp in plan.layers.values())))
+    check_drops(model, plan)
     ties = weight_ties(model)
     new = copy.deepcopy(model)
     linearize(new, plan)
@@ -206,6 +215,8 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any,
                 method.transform(new, plan, example_inputs, calibration)
             else:
                 method.transform(new, plan, example_inputs)
+    if methods is None:  # last: the methods' names and calibration are the whole model's
+        drop_blocks(new, plan)
     retie(new, ties)
     return new
 

@@ -80,8 +80,8 @@ from autocompress.compress._decompose import (
     tucker_weights,
     whitened_weights,
 )
-from autocompress.compress._layers import LayerInfo, Refusal
-from autocompress.compress._modules import LowRank
+from autocompress.compress._layers import LayerInfo, Refusal, functional_layers
+from autocompress.compress._modules import FunctionalLowRank, LowRank
 from autocompress.compress._plan import Plan, PlanError
 from autocompress.compress._registry import pure, register_method
 
@@ -212,6 +212,7 @@ def _svd_weights(w: torch.Tensor, r: int, embedding: bool) -> list[torch.Tensor]
 
 def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> dict[str, list[Refusal]]:
     out: dict[str, list[Refusal]] = {}
+    functional = functional_layers(model)  # read as weight and bias: a FunctionalLowRank
     for layer in layers:
         mod = model.get_submodule(layer.name)
         refusals = []
@@ -219,7 +220,7 @@ def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> d
             what = "depthwise" if mod.groups == mod.in_channels else "grouped"
             refusals.append(Refusal("rank", None, f"a {what} conv (groups={mod.groups}) has no "
                                                   f"single weight matrix to factorize"))
-        elif _parent_reads_weight(model, layer.name):
+        elif layer.name not in functional and _parent_reads_weight(model, layer.name):
             parent = type(model.get_submodule(layer.name.rpartition(".")[0])).__name__
             refusals.append(Refusal("rank", None, f"its parent {parent} reads its weight "
                                                   f"directly, so it cannot become two layers"))
@@ -311,12 +312,15 @@ def _lowrank(model: nn.Module, plan: Plan, example_inputs: Any, calibration: Cal
     whitened = [model.get_submodule(n) for n, lp in todo.items() if lp.decomposition == "whitened"
                 and calibration_problem(model.get_submodule(n)) is None]
     stats = input_stats(model, whitened, calibration) if whitened and not calibration.is_empty else {}
+    functional = functional_layers(model)
     for name, lp in todo.items():
         layer = model.get_submodule(name)
         try:
             new = factorize(layer, lp.rank, lp.decomposition, stats=stats.get(layer))
         except PlanError as e:
             raise PlanError(f"layer {name!r}: {e}") from None
+        if name in functional:  # its parent reads its weight: the factors' product
+            new = FunctionalLowRank(*new).train(new.training)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, new)
 

@@ -241,7 +241,7 @@ def _check_value(name: str, value: Any, where: str, label: str | None = None) ->
     shown = f"{label}={value!r}" if label else repr(value)
     # A number of an integer knob must be an int (8.0 == 8); its strings (bits' fp16/bf16)
     # are checked by the table.
-    wrong_type = isinstance(value, bool) or (
+    wrong_type = (isinstance(value, bool) != isinstance(spec.default, bool)) or (
         spec.integer and value is not None and not isinstance(value, int | str))
     if wrong_type:
         raise ConfigError(f"{shown} is not allowed; allowed: {spec.allowed}", key=where)

@@ -65,7 +65,8 @@ __all__ = ["LAYER_TYPES", "Rule", "SearchSpace", "load_search_space"]
 SPACE_VERSION = 1
 # The layer kinds (autocompress.compress._layers.KINDS), repeated so that reading a config does
 # not import torch (a test checks that the two agree).
-LAYER_TYPES = ("Conv1d", "Conv2d", "Linear", "Embedding", "Conv1D")
+LAYER_TYPES = ("Conv1d", "Conv2d", "Linear", "Embedding", "Conv1D", "Block")
+_BLOCK = LAYER_TYPES[-1]  # blocks (compress/_blocks.py): only a rule naming the type selects them
 
 _RULE_KEYS = ("name", "match", "types", "exclude", "share", "knobs")
 _TOP_KEYS = ("version", "layers")
@@ -80,7 +81,8 @@ class Rule:
     Attributes:
         knobs: Knob name to domain.
         match: Module names or ``re:`` patterns (``re.fullmatch``); empty selects every layer.
-        types: Module type names; empty allows every type.
+        types: Module type names; empty allows every type but ``Block`` (blocks, which
+            only ``drop`` applies to, are selected by naming the type).
         exclude: Names or ``re:`` patterns of layers left out.
         share: One sampled value per knob for all layers of the rule.
         name: Optional name, used for the parameters of a shared rule.
@@ -96,7 +98,7 @@ class Rule:
     def selects(self, layer: LayerInfo) -> bool:
         """True if the rule applies to ``layer``."""
         return ((not self.match or any(matches(p, layer.name) for p in self.match))
-                and (not self.types or layer.type in self.types)
+                and (layer.type in self.types if self.types else layer.type != _BLOCK)
                 and not any(matches(p, layer.name) for p in self.exclude))
 
     def group(self, index: int) -> str:

@@ -178,8 +178,9 @@ def load_baked_state(model: nn.Module, state: dict[str, torch.Tensor], plan: Pla
         RuntimeError: The weights do not fit the architecture (the task's model changed since
             the search).
     """
-    from autocompress.compress import leaves, needs_masks, weight_compression
+    from autocompress.compress import leaves, needs_masks, plan_after_drops, weight_compression
 
+    plan = plan_after_drops(model, plan)  # named as in the model: dropped blocks renumber
     masked = {id(leaf) for name, lp in plan.active().items()
               if needs_masks(lp) for leaf in leaves(model, name)}
     mapped = {}

@@ -122,7 +122,8 @@ def _prepare(exp: Experiment, tracking_uri: str, address: str | None, resume: bo
         task = load_task(exp.task, seed=exp.search.seed or 0)
     except ConfigError as e:
         raise e.located(exp.path) from None
-    layers = describe_layers(task.model, task.example_inputs, exp.search.calibration_samples)
+    layers = describe_layers(task.model, task.example_inputs, exp.search.calibration_samples,
+                             blocks=True)
     space = exp.search_space.resolve(layers)
     previous = _resumable(exp, tracking_uri) if resume else None
     backend.check(exp)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from autocompress.compress import KNOB_TABLE, LayerPlan, reconcile, same, seed_knob
+from autocompress.compress import BLOCK, KNOB_TABLE, LayerPlan, reconcile, same, seed_knob
 from autocompress.measure import planned_weight_bytes
 from autocompress.tune._sensitivity import Sensitivity, _candidates
 
@@ -159,10 +159,11 @@ def seed_points(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequence[int
     """About ``count`` first trials (Optuna parameter dicts): half uniform recipes, half
     allocations at their sizes and below (see the module docstring)."""
     options = {ls.name: layer_options(ls, shapes[ls.name], sens) for ls in space.layers
-               if ls.name in shapes}
+               if ls.name in shapes and ls.type != BLOCK}
     options = {k: v for k, v in options.items() if v}
+    depth = depth_points(space, sens.importance, max(1, count // 4)) if sens.importance else []
     if not options:
-        return []
+        return depth[:count]
     recipes = _uniform_recipes(space, sens, shapes, list(options), max(1, count // 2))
     recipes += _channel_recipes(space, sens, shapes, list(options), max(1, count // 4))
     budgets = [sum(o.cost for o in r.values()) for r in recipes]
@@ -174,12 +175,34 @@ def seed_points(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequence[int
     # (8-bit weights) does not (e.g. the uncompressed model, or one free 1% change).
     full = sum(weight_bytes(shapes[name], LayerPlan()) for name in options)
     plans = [p for p in plans if 2 * sum(o.cost for o in p.values()) <= full]
-    points: list[dict[str, Any]] = []
+    points: list[dict[str, Any]] = depth
     for plan in plans:
         point = to_params(space, {name: o.knobs for name, o in plan.items()})
         if point not in points:
             points.append(point)
     return points[:count]
+
+
+def depth_points(space: Any, importance: Mapping[str, float], count: int) -> list[dict[str, Any]]:
+    """Up to ``count`` first trials that drop blocks, least important first
+    (``importance``: :func:`~autocompress.compress.block_importance`): the one least
+    important block, then the two least, ..., never every block of one list (the other knobs
+    at their mildest)."""
+    blocks = {name: name.rpartition(".")[0] for name in importance}  # block -> its list
+    size = {parent: list(blocks.values()).count(parent) for parent in blocks.values()}
+    taken = dict.fromkeys(size, 0)
+    points: list[dict[str, Any]] = []
+    dropped: list[str] = []
+    for name in sorted(importance, key=lambda n: importance[n]):
+        parent = blocks[name]
+        if len(points) >= count:
+            break
+        if size[parent] > 1 and taken[parent] + 1 >= size[parent]:
+            continue  # the last block of a list stays
+        taken[parent] += 1
+        dropped.append(name)
+        points.append(to_params(space, {n: {"drop": True} for n in dropped}))
+    return points
 
 
 def _uniform_recipes(space: Any, sens: Sensitivity, shapes: Mapping[str, Sequence[int]],

@@ -49,12 +49,12 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from autocompress.compress import KNOB_TABLE, LayerPlan, reconcile, same
+from autocompress.compress import KNOB_TABLE, LayerPlan, block_importance, reconcile, same
 from autocompress.tune._local_probes import is_local
 from autocompress.tune._profile_run import ProfileRun, Progress, count
 
@@ -101,6 +101,8 @@ class Sensitivity:
         batches: Validation batches of a model-level evaluation.
         seconds: What measuring it cost (0 when read from the cache).
         cached: Read from the cache.
+        importance: Where the space may drop blocks: each block's Block Influence
+            (:func:`~autocompress.compress.block_importance`, low: the first to drop).
     """
 
     metric: float
@@ -108,6 +110,7 @@ class Sensitivity:
     batches: int
     seconds: float = 0.0
     cached: bool = False
+    importance: dict[str, float] = field(default_factory=dict)
 
     @cached_property
     def _by_layer(self) -> dict[str, list[Probe]]:
@@ -231,10 +234,20 @@ def profile(task: Any, space: Any, *, batches: int = SENSITIVITY_BATCHES,
         use_cache: Read and write the cache.
         echo: Progress lines (at the start, every few seconds, at the end).
     """
+    subset = list(itertools.islice(task.val_loader, batches))
+    result = _profile(task, space, subset, batches, samples, allocated_only, use_cache, echo)
+    if space.sets("drop"):  # cheap (one pass): not cached
+        blocks = [ls.name for ls in space.layers if "drop" in ls.knobs and ls.knobs["drop"].param]
+        result = replace(result, importance=block_importance(task.model, [x for x, *_ in subset], blocks))
+    return result
+
+
+def _profile(task: Any, space: Any, subset: list, batches: int, samples: int,
+             allocated_only: bool, use_cache: bool, echo: Callable[[str], None] | None) -> Sensitivity:
+    """:func:`profile`'s probes (from the cache when it has them)."""
     key = _cache_key(task, space, batches, samples, allocated_only)
     if use_cache and (hit := _cache_read(key)) is not None:
         return hit
-    subset = list(itertools.islice(task.val_loader, batches))
     jobs = {layer.name: [s for s in probe_settings(layer.knobs, allocated_only)
                          if not _variant(s) or is_local(task.model.get_submodule(layer.name), s)]
             for layer in space.layers}
