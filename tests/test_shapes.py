@@ -229,3 +229,58 @@ def test_combine_keeps_one_batch_as_it_was() -> None:
     assert (two.latency_ms, two.p90_ms, two.runs, two.workloads) == (
         2.0, 3.0, 20, {"seq8": 1.0, "seq16": 3.0})
     assert LatencyResult.from_dict(two.to_dict()) == two
+
+
+def test_the_agent_times_each_length(tmp_path: Path, cache: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.parse
+
+    from tests.test_agent import QUICK, TOKEN, Agent
+
+    agent = Agent(tmp_path)
+    try:
+        monkeypatch.setenv("AC_TEST_AGENT_TOKEN", TOKEN)
+        model, x = bert()
+        target = Target(device="remote", url=agent.url, token_env="AC_TEST_AGENT_TOKEN",
+                        seq_len=[16, 64], **FAST)
+        result = measure_latency(model, x, target)
+        assert set(result.workloads) == {"seq16", "seq64"}
+        assert result.workloads["seq16"] < result.workloads["seq64"]
+        assert result.latency_ms == pytest.approx(sum(result.workloads.values()) / 2)
+        assert rows(cache) == 2 and measure_latency(model, x, target).cached  # keyed per length
+        # The request: the shapes of one workload; a shape the graph cannot take is a 400.
+        onnx_path = export_onnx(model, x, tmp_path / "bert.onnx", dynamic_sequence=True)
+        shapes = json.dumps({"input_ids": [1, 16], "attention_mask": [1, 16]})
+        code, body = agent.call(f"/measure?{QUICK}&{urllib.parse.urlencode({'shapes': shapes})}",
+                                onnx_path.read_bytes())
+        assert code == 200 and body["latency_ms"] > 0
+        bad = json.dumps({"input_ids": [1, 16, 2]})
+        code, body = agent.call(f"/measure?{QUICK}&{urllib.parse.urlencode({'shapes': bad})}",
+                                onnx_path.read_bytes())
+        assert code == 400 and "input_ids" in body["error"] and "2 dimensions, 3 given" in body["error"]
+        code, body = agent.call(f"/measure?{QUICK}", onnx_path.read_bytes())  # no shapes: as before
+        assert code == 400 and "dynamic dimension" in body["error"]
+    finally:
+        agent.stop()
+
+
+@pytest.mark.slow
+def test_a_serial_search_logs_each_length_and_optimizes_one(tmp_path: Path, cache: Path) -> None:
+    import autocompress as ac
+    from tests.searches import FAST_TARGET, logged_search, write_experiment
+
+    path = write_experiment(
+        tmp_path, "shapes", task="tests.test_shapes:bert_task", trials=2, concurrency=1, epochs=0,
+        backend="serial", search_space={"layers": [{"types": ["Linear"], "knobs": {"bits": [8, None]}}]},
+        objectives=[{"metric": "accuracy"}, {"metric": "latency_seq64_ms"}],
+        target={**FAST_TARGET, "seq_len": [16, 64]})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = ac.search(path, tracking_uri=uri, echo=lambda m: None)
+    assert {"latency_seq16_ms", "latency_seq64_ms"} <= set(result.baseline)
+    _, parent, runs = logged_search(uri, "shapes")
+    assert {"baseline_latency_seq16_ms", "baseline_latency_seq64_ms"} <= set(parent.data.metrics)
+    for run in runs:
+        m = run.data.metrics
+        assert {"latency_seq16_ms", "latency_seq64_ms", "speedup_seq16", "speedup_seq64"} <= set(m)
+        assert m["latency_ms"] == pytest.approx((m["latency_seq16_ms"] + m["latency_seq64_ms"]) / 2)
+    assert "latency_seq64_ms" in result.front.columns
