@@ -86,11 +86,14 @@ class Prepared:
     the search's measurement service, see :mod:`autocompress.tune._service`). Picklable.
 
     Attributes:
-        batch: The timed input batch (``target.batch_size`` rows).
+        batch: The timed input batch (``target.batch_size`` rows): the first of ``feeds``.
         onnx: The exported ONNX model (``onnxruntime`` runtime, local or remote).
         module: The baked eager module (``torch`` runtime).
         key: Latency-cache key (architecture, precision, target, measuring machine), or None
             when the model has no ONNX form to derive it from.
+        feeds: ``{workload: input batch}``, every batch timed
+            (:mod:`~autocompress.measure._workloads`); ``{"": batch}`` for one batch. A
+            runtime is given one workload at a time (:meth:`for_feed`) and times its ``batch``.
     """
 
     batch: Any  # a tensor, a tuple or a dict of tensors (autocompress._inputs)

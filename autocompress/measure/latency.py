@@ -11,6 +11,11 @@ device agent). The median is reported as ``latency_ms``; p90, the inter-quartile
 (spread), the interval, the thread count, batch size, runtime version and CPU model are
 recorded with it.
 
+With several workloads (``target.seq_len``, a decoder LM's prefill and decode steps:
+:mod:`autocompress.measure._workloads`) each is timed by this protocol on its own batch and
+cached under its own key, and ``latency_ms`` is their ``target.aggregate`` (a decoder's:
+the decode step); the result's ``workloads`` has each median.
+
 With ``device: remote`` the exported ONNX model is sent to a device agent
 (``autocompress agent``, see :mod:`autocompress.agent`) which runs the same protocol there.
 
