@@ -284,3 +284,6 @@ def test_a_serial_search_logs_each_length_and_optimizes_one(tmp_path: Path, cach
         assert {"latency_seq16_ms", "latency_seq64_ms", "speedup_seq16", "speedup_seq64"} <= set(m)
         assert m["latency_ms"] == pytest.approx((m["latency_seq16_ms"] + m["latency_seq64_ms"]) / 2)
     assert "latency_seq64_ms" in result.front.columns
+    from autocompress.tracking import read_front
+
+    assert all("latency_seq64_ms" in row for row in read_front(uri, "shapes"))

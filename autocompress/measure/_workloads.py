@@ -48,8 +48,13 @@ def workload_feeds(model: nn.Module, example_inputs: Any, target: Target) -> dic
     if is_causal_lm(model):
         lengths = target.seq_len or (_length(example_inputs),)
         _check_lengths(model, example_inputs, lengths)
-        return causal_lm_feeds(model, example_inputs, lengths, target.context_len or max(lengths),
-                               target.batch_size)
+        context = target.context_len or max(lengths)
+        limit = position_limit(model)
+        if limit is not None and context + 1 > limit:  # the decoded token takes a position too
+            raise ConfigError(f"target.context_len={context}: a token decoded after {context} "
+                              f"cached ones is above the model's position limit of {limit} "
+                              f"tokens; allowed: up to {limit - 1}", key="target.context_len")
+        return causal_lm_feeds(model, example_inputs, lengths, context, target.batch_size)
     if target.seq_len is None:
         return {"": repeat_to(example_inputs, target.batch_size)}
     _check_lengths(model, example_inputs, target.seq_len)
