@@ -64,12 +64,13 @@ def catalog() -> str:
     """What the registries hold now: tasks, samplers, export formats, objectives, runtimes."""
     from autocompress.config import SAMPLERS
     from autocompress.deploy import EXPORT_FORMATS
-    from autocompress.measure import OBJECTIVES
+    from autocompress.measure import OBJECTIVES, objective_patterns
     from autocompress.measure.runtimes import RUNTIMES
     from autocompress.tasks import TASKS
 
+    objectives = ", ".join([*OBJECTIVES, *objective_patterns()])
     return (f"built-in tasks: {names(TASKS)}; samplers (search.sampler): {names(SAMPLERS)}; "
-            f"export formats: {names(EXPORT_FORMATS)}; objectives: {', '.join(OBJECTIVES)}; "
+            f"export formats: {names(EXPORT_FORMATS)}; objectives: {objectives}; "
             f"runtimes (target.runtime): {names(RUNTIMES)}")
 
 
