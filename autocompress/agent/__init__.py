@@ -12,10 +12,13 @@ Endpoints (every request needs ``Authorization: Bearer TOKEN``, else 401):
 
 - ``GET /info``: device facts (CPU model, cores, runtime versions, platform) as JSON.
 - ``POST /measure?threads=T&batch_size=B[&warmup=&min_runs=&max_runs=&budget_s=&rel_ci=&min_time_s=
-  &fold_weight_qdq=0|1]`` with the raw ONNX model as the body: the timings as JSON
+  &fold_weight_qdq=0|1&shapes=JSON]`` with the raw ONNX model as the body: the timings as JSON
   (``latency_ms`` median, ``p90_ms``, ``iqr_ms``, ``runs``, ``ci_low_ms``, ``ci_high_ms``,
   ``threads``, ``batch_size``, ``stopped``), by the protocol of
-  :mod:`autocompress.measure._timing`.
+  :mod:`autocompress.measure._timing`. ``shapes`` (optional, ``{input name: [dims]}``) gives
+  the shapes of the inputs to time (one workload of the target: a sequence length, a decoder's
+  prefill or decode step); without it the inputs take their declared shapes, a dynamic first
+  dimension ``batch_size`` (as before).
 
 Errors are JSON ``{"error": ...}``: 400 bad model or settings, 401 bad or missing token, 404
 unknown path, 411 no Content-Length, 413 upload too large, 503 busy (one measurement runs at a

@@ -3,6 +3,7 @@ ONNX model (by the protocol of :mod:`autocompress.measure._timing`). Torch-free.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import threading
@@ -30,10 +31,14 @@ SETTINGS: dict[str, tuple[type, float, float]] = {
 }
 
 
+MAX_SHAPE_INPUTS = 256
+MAX_DIM = 1 << 24
+
+
 def _defaults() -> dict[str, Any]:
     from autocompress.measure import TimingSettings
 
-    return {"threads": 1, "batch_size": 1, "fold_weight_qdq": 0,
+    return {"threads": 1, "batch_size": 1, "fold_weight_qdq": 0, "shapes": {},
             **{k: min(v, SETTINGS[k][2]) for k, v in TimingSettings().to_dict().items()}}
 
 
@@ -49,17 +54,20 @@ def parse_settings(query: str) -> dict[str, Any]:
     """The measurement settings of a ``/measure`` query string (BadRequest when invalid)."""
     try:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query),
-                                       max_num_fields=len(SETTINGS))
+                                       max_num_fields=len(SETTINGS) + 1)
     except ValueError as e:
         raise BadRequest(f"bad query string: {e}") from None
     out = _defaults()
     seen: set[str] = set()
     for key, raw in pairs:
-        if key not in SETTINGS:
-            raise BadRequest(f"unknown setting {key!r}; allowed: {sorted(SETTINGS)}")
+        if key not in SETTINGS and key != "shapes":
+            raise BadRequest(f"unknown setting {key!r}; allowed: {sorted([*SETTINGS, 'shapes'])}")
         if key in seen:
             raise BadRequest(f"setting {key!r} given twice")
         seen.add(key)
+        if key == "shapes":
+            out[key] = parse_shapes(raw)
+            continue
         kind, low, high = SETTINGS[key]
         try:
             value = int(raw) if kind is int else float(raw)
@@ -76,6 +84,23 @@ def parse_settings(query: str) -> dict[str, Any]:
     except ValueError as e:
         raise BadRequest(str(e)) from None
     return out
+
+
+def parse_shapes(raw: str) -> dict[str, list[int]]:
+    """The ``shapes`` setting: JSON ``{input name: [dim, ...]}``, the shapes of the inputs
+    to time (a workload's: a sequence length, a decoder's prefill or decode step); inputs not
+    named take their declared shapes (BadRequest when invalid)."""
+    try:
+        shapes = json.loads(raw)
+    except ValueError:
+        shapes = None
+    if (not isinstance(shapes, dict) or len(shapes) > MAX_SHAPE_INPUTS or not all(
+            isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool)
+                                           and 0 <= d <= MAX_DIM for d in dims)
+            for dims in shapes.values())):
+        raise BadRequest(f"shapes={raw[:200]!r}; allowed: JSON {{input name: [dims]}} of "
+                         f"integers from 0 to {MAX_DIM}")
+    return shapes
 
 
 def device_facts() -> dict[str, Any]:
@@ -96,19 +121,25 @@ def device_facts() -> dict[str, Any]:
             "machine": platform.machine(), "providers": ",".join(ort.get_available_providers())}
 
 
-def _inputs(session: Any, batch_size: int) -> dict[str, Any]:
-    """Random inputs of the model's declared shapes (a dynamic first dim becomes ``batch_size``)."""
+def _inputs(session: Any, batch_size: int, shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Random inputs of the model's declared shapes (a dynamic first dim becomes
+    ``batch_size``), or of ``shapes`` for the inputs named there."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     dtypes = {"tensor(float)": np.float32, "tensor(double)": np.float64,
               "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+    shapes = shapes or {}
+    unknown = sorted(set(shapes) - {inp.name for inp in session.get_inputs()})
+    if unknown:
+        raise BadRequest(f"shapes names {unknown}, which the model has no input of; its inputs: "
+                         f"{[inp.name for inp in session.get_inputs()]}")
     feed = {}
     for inp in session.get_inputs():
         if inp.type not in dtypes:
             raise BadRequest(f"input {inp.name!r} has type {inp.type}; supported: {sorted(dtypes)}")
-        shape = []
-        for axis, dim in enumerate(inp.shape):
+        shape = _shape(inp, shapes[inp.name]) if inp.name in shapes else []
+        for axis, dim in enumerate([] if inp.name in shapes else inp.shape):
             if isinstance(dim, int) and dim > 0:
                 if axis == 0 and dim != batch_size:
                     raise BadRequest(f"input {inp.name!r} has a fixed batch dimension {dim}, but "
@@ -127,6 +158,18 @@ def _inputs(session: Any, batch_size: int) -> dict[str, Any]:
     return feed
 
 
+def _shape(inp: Any, dims: list[int]) -> list[int]:
+    """``dims`` for input ``inp``, checked against its declared rank and fixed dimensions."""
+    if len(dims) != len(inp.shape):
+        raise BadRequest(f"shapes: input {inp.name!r} has {len(inp.shape)} dimensions, "
+                         f"{len(dims)} given")
+    for axis, (declared, dim) in enumerate(zip(inp.shape, dims, strict=True)):
+        if isinstance(declared, int) and declared > 0 and declared != dim:
+            raise BadRequest(f"shapes: input {inp.name!r} has a fixed dimension {declared} at "
+                             f"axis {axis}, {dim} given")
+    return dims
+
+
 def measure(model: bytes, settings: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     """Times the ONNX ``model`` bytes with ``settings`` (TimeoutError past ``timeout_s``)."""
     import onnxruntime as ort
@@ -139,7 +182,7 @@ def measure(model: bytes, settings: dict[str, Any], timeout_s: float) -> dict[st
         session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises several types for malformed models
         raise BadRequest(f"not a loadable ONNX model: {str(e).strip()[:500]}") from None
-    feed = _inputs(session, settings["batch_size"])
+    feed = _inputs(session, settings["batch_size"], settings.get("shapes"))
     run_options = ort.RunOptions()
     expired = threading.Event()
 

@@ -37,6 +37,10 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                    help=" | ".join(d for d in DEVICES if d != "remote"))
     g.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     g.add_argument("--batch-size", type=int, default=1, help="timed batch size (default 1)")
+    g.add_argument("--seq-len", type=int, nargs="+", default=None, metavar="N",
+                   help="sequence lengths to time at (default: the example's); latency_ms is "
+                        "their --aggregate, each reported as latency_seq<N>_ms")
+    g.add_argument("--aggregate", default="mean", help="mean | max over --seq-len (default mean)")
 
 
 def target(args: argparse.Namespace) -> Any:
@@ -49,7 +53,7 @@ def target(args: argparse.Namespace) -> Any:
 
     try:
         t = Target(device=args.device, runtime=args.runtime, threads=args.threads,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, seq_len=args.seq_len, aggregate=args.aggregate)
         check_target(t)  # e.g. --device cuda on a machine without CUDA
         return t
     except ValueError as e:
@@ -60,12 +64,13 @@ def catalog() -> str:
     """What the registries hold now: tasks, samplers, export formats, objectives, runtimes."""
     from autocompress.config import SAMPLERS
     from autocompress.deploy import EXPORT_FORMATS
-    from autocompress.measure import OBJECTIVES
+    from autocompress.measure import OBJECTIVES, objective_patterns
     from autocompress.measure.runtimes import RUNTIMES
     from autocompress.tasks import TASKS
 
+    objectives = ", ".join([*OBJECTIVES, *objective_patterns()])
     return (f"built-in tasks: {names(TASKS)}; samplers (search.sampler): {names(SAMPLERS)}; "
-            f"export formats: {names(EXPORT_FORMATS)}; objectives: {', '.join(OBJECTIVES)}; "
+            f"export formats: {names(EXPORT_FORMATS)}; objectives: {objectives}; "
             f"runtimes (target.runtime): {names(RUNTIMES)}")
 
 

@@ -77,6 +77,10 @@ def is_instance(value: Any, t: Any) -> bool:
         return is_int(value)
     if t is type(None):
         return value is None
+    if typing.get_origin(t) is tuple:  # ``tuple[int, ...]``: a YAML list, or one value of it
+        args = typing.get_args(t)
+        return isinstance(value, list | tuple) or (
+            len(args) == 2 and args[1] is Ellipsis and is_instance(value, args[0]))
     return isinstance(t, type) and isinstance(value, t)
 
 

@@ -44,7 +44,7 @@ from autocompress.config._samplers import SAMPLERS
 from autocompress.config._space import SearchSpace, load_search_space
 from autocompress.config._yaml import read_yaml
 from autocompress.finetune import FinetuneConfig
-from autocompress.measure import OBJECTIVES
+from autocompress.measure import OBJECTIVES, objective_patterns
 from autocompress.measure.target import Target
 
 __all__ = [
@@ -85,7 +85,8 @@ class Objective:
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise ValueError(f"metric={self.metric!r}{did_you_mean(self.metric, METRICS)}; "
-                             f"allowed: {list(METRICS)}")
+                             f"allowed: {list(METRICS)} or per workload: "
+                             f"{list(objective_patterns())}")
         natural = METRICS[self.metric]
         if self.mode is None:
             object.__setattr__(self, "mode", natural)

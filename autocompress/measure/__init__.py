@@ -17,9 +17,11 @@ _EXPORTS = {
     "_timing": ("TimingSettings", "time_runs"),
     "_machine": ("cpu_model",),
     "_paired": ("DRIFT_LIMIT",),
-    "_registry": ("METRICS", "METRIC_TABLE", "OBJECTIVES", "TRIAL_METRICS", "MetricSpec",
-                  "front_columns", "get_metric", "objective_metrics", "plotted_metrics",
+    "_registry": ("METRICS", "METRIC_PATTERNS", "METRIC_TABLE", "OBJECTIVES", "TRIAL_METRICS",
+                  "MetricSpec", "front_columns", "get_metric", "logged_metrics", "match_metric",
+                  "objective_metrics", "objective_patterns", "plotted_metrics",
                   "register_metric", "relative_metrics", "trial_metrics"),
+    "_workloads": ("workload_feeds",),
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -9,6 +9,13 @@ registered after import is an objective, a logged metric and a ``--help`` entry 
 that is not here is not a metric. A new metric is one entry here plus its producer (a ``Metrics`` field, a
 ``relative`` rule, or a key the trial reports); a test checks that every entry is produced.
 
+A family of metrics, one per workload of the target (:mod:`autocompress.measure._workloads`:
+``latency_seq32_ms``, ``latency_prefill_ms``, ``latency_decode_ms``, ...), is one entry of
+:data:`METRIC_PATTERNS`: a spec named by its template (``latency_<workload>_ms``) with the
+regular expression its names match (``pattern``). A name that matches is a metric like any
+other (:func:`get_metric`, an objective, logged per trial and for the baseline) without being
+listed among :data:`METRICS` (which every trial logs).
+
 Torch-free: reading a config does not import torch.
 
 Example:
@@ -20,14 +27,16 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, overload
 
-from autocompress._registry import Registry
+from autocompress._registry import Registry, UnknownNameError
 
-__all__ = ["METRICS", "METRIC_TABLE", "OBJECTIVES", "TRIAL_METRICS", "MetricSpec", "front_columns",
-           "get_metric", "objective_metrics", "plotted_metrics", "register_metric",
+__all__ = ["METRICS", "METRIC_PATTERNS", "METRIC_TABLE", "OBJECTIVES", "TRIAL_METRICS",
+           "MetricSpec", "front_columns", "get_metric", "logged_metrics", "match_metric",
+           "objective_metrics", "objective_patterns", "plotted_metrics", "register_metric",
            "relative_metrics", "trial_metrics"]
 
 PRODUCERS = ("measure", "relative", "trial")
@@ -49,6 +58,9 @@ class MetricSpec:
         column: ``(header, format)`` of its column in front tables, or None.
         relative: For ``relative`` metrics: ``(baseline metric, "ratio" | "difference")``:
             baseline / compressed or baseline - compressed.
+        pattern: For an entry of :data:`METRIC_PATTERNS`: the regular expression its names
+            match, with one group that stands for ``<workload>`` in ``name`` (and in
+            ``relative``'s metric).
     """
 
     name: str
@@ -61,6 +73,7 @@ class MetricSpec:
     plotted: bool = False
     column: tuple[str, Callable[[float], str]] | None = None
     relative: tuple[str, str] | None = None
+    pattern: str | None = None
 
     def __post_init__(self) -> None:
         if self.direction not in ("max", "min"):
@@ -73,6 +86,7 @@ class MetricSpec:
 
 METRICS: Registry[MetricSpec] = Registry("metric")
 METRIC_TABLE = METRICS  # the older name of the same registry
+METRIC_PATTERNS: Registry[MetricSpec] = Registry("metric pattern")  # by template (docstring)
 
 
 def register_metric(spec: MetricSpec) -> MetricSpec:
@@ -85,17 +99,60 @@ def register_metric(spec: MetricSpec) -> MetricSpec:
 
 
 def get_metric(name: str, *, file: Any = None, key: str | None = None) -> MetricSpec:
-    """The spec of metric ``name``.
+    """The spec of metric ``name``: registered, or matching a pattern (:func:`match_metric`).
 
     Raises:
-        UnknownNameError: Unknown name (a KeyError; the message has the closest and the allowed).
+        UnknownNameError: Unknown name (a KeyError; the message has the closest, the allowed
+            and the patterns).
     """
-    return METRICS.get(name, file=file, key=key)
+    if name in METRICS:
+        return METRICS.get(name)
+    matched = match_metric(name)
+    if matched is None:
+        error = METRICS.unknown(name, file=file, key=key)
+        patterns = ", ".join(METRIC_PATTERNS.names())
+        raise UnknownNameError(f"{error.args[0]}; or a metric per workload: {patterns} "
+                               f"(workload: {WORKLOADS_HELP})", file=file, key=key)
+    return matched
+
+
+def match_metric(name: str) -> MetricSpec | None:
+    """The spec of ``name`` from the first :data:`METRIC_PATTERNS` entry it matches (named
+    ``name``, its ``relative`` metric named for the same workload), or None."""
+    for spec in METRIC_PATTERNS.values():
+        m = re.fullmatch(str(spec.pattern), name) if isinstance(name, str) else None
+        if m:
+            relative = spec.relative and (spec.relative[0].replace("<workload>", m.group(1)),
+                                          spec.relative[1])
+            return replace(spec, name=name, pattern=None, relative=relative or None)
+    return None
+
+
+def logged_metrics(metrics: Mapping[str, Any]) -> list[str]:
+    """The names of ``metrics`` a trial (or the baseline) logs: the registered ones in
+    registry order, then those matching a pattern, sorted."""
+    extra = sorted(k for k in metrics if k not in METRICS and match_metric(k) is not None)
+    return [k for k in METRICS.names() if k in metrics] + extra
 
 
 def objective_metrics() -> dict[str, str]:
-    """Metrics a search may optimize, with their direction (read now)."""
+    """Metrics a search may optimize, with their direction (read now; the patterns' metrics
+    are objectives too: :func:`objective_patterns`)."""
     return {m.name: m.direction for m in METRICS.values() if m.objective}
+
+
+def objective_patterns() -> dict[str, str]:
+    """``{template: direction}`` of the :data:`METRIC_PATTERNS` a search may optimize (e.g.
+    ``latency_<workload>_ms``), for messages and help."""
+    return {m.name: m.direction for m in METRIC_PATTERNS.values() if m.objective}
+
+
+def _objective_direction(name: str) -> str | None:
+    if name in METRICS:
+        spec = METRICS.get(name)
+        return spec.direction if spec.objective else None
+    spec = match_metric(name)
+    return spec.direction if spec is not None and spec.objective else None
 
 
 def trial_metrics() -> tuple[str, ...]:
@@ -118,7 +175,15 @@ class _Objectives(Mapping[str, str]):
     :func:`objective_metrics`)."""
 
     def __getitem__(self, name: str) -> str:
-        return objective_metrics()[name]
+        direction = _objective_direction(name)
+        if direction is None:
+            raise KeyError(name)
+        return direction
+
+    def __contains__(self, name: object) -> bool:
+        """Registered objectives and names matching an objective pattern (which iteration
+        does not list: :func:`objective_patterns`)."""
+        return isinstance(name, str) and _objective_direction(name) is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(objective_metrics())
@@ -146,7 +211,7 @@ class _TrialMetrics(Sequence[str]):
         return len(trial_metrics())
 
     def __contains__(self, name: object) -> bool:
-        return name in METRICS
+        return name in METRICS or (isinstance(name, str) and match_metric(name) is not None)
 
     def __iter__(self) -> Iterator[str]:
         return iter(trial_metrics())
@@ -168,13 +233,28 @@ def relative_metrics(metrics: Mapping[str, Any], baseline: Mapping[str, Any]) ->
         if m.relative is None:
             continue
         key, kind = m.relative
-        if key not in baseline:
-            out[m.name] = None
-        elif kind == "ratio":
-            out[m.name] = baseline[key] / metrics[key]
-        else:
-            out[m.name] = baseline[key] - metrics[key]
+        out[m.name] = _relative(metrics, baseline, key, kind)
+    for p in METRIC_PATTERNS.values():  # per workload: speedup_<workload>
+        source = _pattern_of(p.relative[0]) if p.relative else None
+        for name in metrics:
+            m = re.fullmatch(source, name) if source else None
+            if m and p.relative and name in baseline:
+                out[p.name.replace("<workload>", m.group(1))] = _relative(
+                    metrics, baseline, name, p.relative[1])
     return out
+
+
+def _relative(metrics: Mapping[str, Any], baseline: Mapping[str, Any], key: str,
+              kind: str) -> float | None:
+    if key not in baseline:
+        return None
+    if kind == "ratio":
+        return baseline[key] / metrics[key]
+    return baseline[key] - metrics[key]
+
+
+def _pattern_of(template: str) -> str | None:
+    return METRIC_PATTERNS.get(template).pattern if template in METRIC_PATTERNS else None
 
 
 def _fixed(fmt: str) -> Callable[[float], str]:
@@ -218,3 +298,18 @@ for _spec in (
                "accuracy_post_training (0 when fine-tuning did not help)."),
 ):
     register_metric(_spec)
+
+# The workloads of a target (autocompress.measure._workloads): a sequence length, a decoder's
+# prefill (one per prompt length when there are several) and its decode step.
+WORKLOAD = r"(seq\d+|prefill(?:_\d+)?|decode)"
+WORKLOADS_HELP = "seq<n> per target.seq_len, prefill, prefill_<n>, decode"
+for _spec in (
+    MetricSpec("latency_<workload>_ms", "min", "ms", "measure", "Median latency of one "
+               f"workload of the target ({WORKLOADS_HELP}; a decoder's decode: ms per generated "
+               "token), measured.", label="latency (ms)", objective=True,
+               pattern=f"latency_{WORKLOAD}_ms"),
+    MetricSpec("speedup_<workload>", "max", "x", "relative", "Baseline latency / latency of "
+               "one workload.", relative=("latency_<workload>_ms", "ratio"),
+               pattern=f"speedup_{WORKLOAD}"),
+):
+    METRIC_PATTERNS.register(_spec.name, _spec)

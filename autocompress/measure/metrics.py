@@ -24,7 +24,8 @@ class Metrics:
 
     Attributes:
         accuracy: The task metric on the validation data (higher is better).
-        latency_ms: Median latency on the target.
+        latency_ms: Median latency on the target (several workloads: their aggregate, or a
+            decoder's decode step; each one's is in :meth:`to_dict`).
         latency_p90_ms: 90th percentile latency.
         latency_iqr_ms: Inter-quartile range of the latency (its spread).
         size_bytes: Bytes of the deployable artifact (see ``autocompress.measure.size``).
@@ -48,8 +49,11 @@ class Metrics:
     latency: LatencyResult | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, float]:
-        """The metrics by name (``latency`` left out)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "latency"}
+        """The metrics by name (``latency`` left out), then, with several workloads, each
+        one's latency (``latency_<workload>_ms``, see :mod:`autocompress.measure._workloads`)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "latency"}
+        workloads = self.latency.workloads if self.latency is not None else {}
+        return {**out, **{f"latency_{name}_ms": ms for name, ms in workloads.items()}}
 
     def relative_to(self, baseline: Metrics) -> dict[str, float]:
         """``compression_ratio``, ``speedup`` and ``accuracy_drop`` against ``baseline``."""

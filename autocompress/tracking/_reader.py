@@ -9,7 +9,8 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from autocompress.tracking._names import PARETO, ROLE, SUMMARY, TRIAL_METRICS
+from autocompress.measure import logged_metrics
+from autocompress.tracking._names import PARETO, ROLE, SUMMARY
 
 
 def open_store(tracking_uri: str, *, must_exist: bool = False) -> MlflowClient:
@@ -154,6 +155,6 @@ def read_front(tracking_uri: str, experiment_name: str,
             plan = json.loads(Path(client.download_artifacts(run.info.run_id, "plan.json", tmp))
                               .read_text())
         rows.append({"run_id": run.info.run_id, "trial": run.info.run_name,
-                     **{k: m[k] for k in TRIAL_METRICS if k in m},
+                     **{k: m[k] for k in logged_metrics(m)},  # with latency_<workload>_ms
                      "summary": run.data.tags.get(SUMMARY, ""), "plan": plan})
     return sorted(rows, key=lambda r: -r.get("accuracy", 0.0))

@@ -24,7 +24,7 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from autocompress.measure import DRIFT_LIMIT
+from autocompress.measure import DRIFT_LIMIT, logged_metrics
 from autocompress.tracking._names import (
     ERROR,
     FEASIBLE,
@@ -204,7 +204,7 @@ class SearchTracker:
         if missing:  # an objective Optuna would see as NaN: the trial failed, say why
             self.trial_failed(key, f"the trial produced no value for objective(s) {missing}")
             return
-        rec.metrics = {k: float(metrics[k]) for k in TRIAL_METRICS if k in metrics}
+        rec.metrics = {k: float(metrics[k]) for k in logged_metrics(metrics)}  # + per workload
         rec.summary, rec.latency = summary, dict(latency or {})
         rec.feasible = (self.max_accuracy_drop is None
                         or rec.metrics.get("accuracy_drop", 0.0) <= self.max_accuracy_drop + 1e-12)
@@ -277,8 +277,10 @@ class SearchTracker:
         rows = [{"trial": r.name, "run_id": r.run_id, "status": r.status, **r.metrics,
                  "feasible": r.feasible, "pareto": r.pareto, "summary": r.summary, "error": r.error}
                 for r in self.trials.values()]
+        per_workload = sorted({k for r in self.trials.values() for k in r.metrics}
+                              - set(TRIAL_METRICS))  # latency_<workload>_ms, ...
         return pd.DataFrame(rows, columns=["trial", "run_id", "status", *TRIAL_METRICS,
-                                           "feasible", "pareto", "summary", "error"])
+                                           *per_workload, "feasible", "pareto", "summary", "error"])
 
     def front(self) -> pd.DataFrame:
         """The Pareto-optimal feasible finished trials, best first objective first."""

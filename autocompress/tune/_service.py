@@ -51,7 +51,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,10 +289,12 @@ class MeasurementService:
                 "gate_slots": self.gate.slots if self.gate else None, "pid": os.getpid(),
                 "affinity": affinity, "measured": self.measured, "cache_hits": self.cache_hits}
 
-    def set_reference(self, prepared: Prepared, latency_ms: float | None = None) -> LatencyResult | None:
+    def set_reference(self, prepared: Prepared, latency_ms: float | Mapping[str, float] | None = None
+                      ) -> LatencyResult | None:
         """Makes ``prepared`` (the baseline) the model every later one is timed paired with
-        (:class:`~autocompress.measure.latency.PairedMeasurer`); timed now unless its
-        ``latency_ms`` is given (a resumed search's)."""
+        (:class:`~autocompress.measure.latency.PairedMeasurer`, each workload with its own);
+        timed now unless its ``latency_ms`` is given (a resumed search's: its ``latency_ms``,
+        or ``{workload: ms}``)."""
         return self.timer.set_reference(prepared, latency_ms, self._while_timing())
 
     def measure(self, prepared: Prepared, use_cache: bool = True) -> LatencyResult:

@@ -9,8 +9,13 @@ on some ``target.device`` values:
   there (the search leaves ``act_bits`` out where they do not);
 - :attr:`Runtime.artifact` says what :func:`~autocompress.measure.latency.prepare` builds for
   it: the exported ONNX file (``onnx``) or the baked eager module (``module``);
-- :meth:`Runtime.runner` turns the prepared model into a function that runs one inference, which
-  the shared timing loop (:mod:`autocompress.measure._timing`) times;
+- :meth:`Runtime.runner` turns the prepared model into a function that runs one inference of
+  ``prepared.batch``, which the shared timing loop (:mod:`autocompress.measure._timing`) times.
+  A target with several workloads (sequence lengths, a decoder's prefill and decode: see
+  :mod:`autocompress.measure._workloads`) is timed one workload at a time: the caller hands
+  the runtime ``prepared.for_feed(name)``, whose ``batch`` is that workload's, so a runtime
+  needs nothing more than to run ``prepared.batch`` (with the shapes it has; the exported
+  graph then has a dynamic sequence axis);
 - :meth:`Runtime.facts` describes the measuring machine and runtime (logged with every
   measurement and part of the latency-cache key);
 - :meth:`Runtime.measure` times a prepared model; runtimes that time elsewhere (the remote
@@ -73,7 +78,8 @@ class Runtime:
         return {}
 
     def runner(self, prepared: Prepared, target: Target) -> Callable[[], object]:
-        """A function that runs one inference of ``prepared.batch``."""
+        """A function that runs one inference of ``prepared.batch`` (one workload's: the
+        module docstring)."""
         raise NotImplementedError
 
     def facts(self, target: Target) -> dict[str, str]:

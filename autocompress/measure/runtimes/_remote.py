@@ -1,5 +1,9 @@
 """The remote device agent: the exported ONNX model is uploaded to ``autocompress agent`` on
 the deployment machine, which times it there by the same protocol (:mod:`autocompress.agent`).
+
+One request per workload: a workload other than the example's shape (a sequence length, a
+decoder's prefill or decode step) sends its input shapes (``shapes``, :func:`input_shapes`),
+so the agent times the same feeds a local measurement would.
 """
 
 from __future__ import annotations
@@ -62,6 +66,15 @@ def _agent_facts(url: str, token_env: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((str(k), str(v)) for k, v in facts.items()))
 
 
+def input_shapes(batch: object) -> str:
+    """The ``shapes`` setting of a ``/measure`` request: ``{input name: shape}`` of ``batch``
+    as compact JSON (the agent builds inputs of these shapes)."""
+    from autocompress._inputs import input_names, tensors_of
+
+    return json.dumps({name: list(t.shape) for name, t in zip(
+        input_names(batch), tensors_of(batch), strict=True)}, separators=(",", ":"))
+
+
 def target_facts(target: Target) -> dict[str, str]:
     """Device facts of ``target``'s agent (``agent.cpu``, ...; fetched once); {} when local."""
     if target.device != "remote":
@@ -91,9 +104,12 @@ class RemoteAgent(Runtime):
 
         assert prepared.onnx is not None
         facts = self.facts(target)
-        query = urllib.parse.urlencode({
-            "threads": target.threads, "batch_size": target.batch_size, **target.timing.to_dict(),
-            "fold_weight_qdq": int(not has_activation_quant(prepared.onnx))})
+        settings = {"threads": target.threads, "batch_size": target.batch_size,
+                    **target.timing.to_dict(),
+                    "fold_weight_qdq": int(not has_activation_quant(prepared.onnx))}
+        if prepared.workloads != ("",):  # a workload's shapes (the one batch: as before)
+            settings["shapes"] = input_shapes(prepared.batch)
+        query = urllib.parse.urlencode(settings)
         r = _agent_request(str(target.url), str(target.token_env), f"/measure?{query}", prepared.onnx)
         return LatencyResult(float(r["latency_ms"]), float(r["p90_ms"]), float(r["iqr_ms"]),
                              int(r["runs"]), target.runtime, target.device, int(r["threads"]),
