@@ -19,8 +19,8 @@ from autocompress._lazy import lazy_exports
 _EXPORTS = {
     "_names": ("BUILTIN_FORMATS", "FORMATS", "GROUP_SIZES", "float_format_names", "format_name",
                "plan_values"),
-    "_base": ("InitializerSlot", "OnnxNodes", "StoredWeight", "WeightFormat", "compressed_value",
-              "per_row", "quantize_weight", "weight_format"),
+    "_base": ("BlockCodes", "InitializerSlot", "OnnxNodes", "StoredWeight", "WeightFormat",
+              "compressed_value", "per_row", "quantize_weight", "weight_format"),
     "_bitpack": ("pack_bits", "unpack_bits"),
     "_float16": ("FLOAT_DTYPES", "float_bytes", "float_from_bytes", "round_to_float"),
     "_fp8": ("FP8_MAX", "fp8_quantize"),

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from autocompress.compress.formats._base import (
     FORMATS,
+    BlockCodes,
     InitializerSlot,
     OnnxNodes,
     StoredWeight,
@@ -82,6 +83,19 @@ class GroupedFormat(UniformFormat):
         d = math.prod(shape[1:])
         cols = np.repeat(scale.reshape(shape[0], -1), self.group_size, axis=1)[:, :d]
         return (values.reshape(shape[0], d).astype(np.float32) * cols).reshape(tuple(shape))
+
+    def blocks(self, stored: StoredWeight) -> BlockCodes:
+        """The codes plus ``2**(bits-1)`` (unsigned, zero point ``2**(bits-1)``) in ``(out,
+        groups, group_size)``, the short last group padded with the zero point, and the
+        ``(out, groups)`` scales: the stored numbers, as ONNX Runtime's block-wise kernels take
+        them."""
+        assert stored.scale is not None
+        shape, g, zero = stored.values.shape, self.group_size, 2 ** (self.bits - 1)
+        out, groups, d = shape[0], self._groups(shape), math.prod(shape[1:])
+        codes = np.full((out, groups * g), zero, np.int64)
+        codes[:, :d] += stored.values.reshape(out, d)
+        return BlockCodes(codes.reshape(out, groups, g),
+                          stored.scale.reshape(out, groups).astype(np.float32), self.bits, g, zero, d)
 
     def _groups(self, shape: Sequence[int]) -> int:
         return math.ceil(math.prod(shape[1:]) / self.group_size)
