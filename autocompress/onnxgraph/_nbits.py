@@ -122,21 +122,28 @@ def _attr(node: onnx.NodeProto, key: str, default: float) -> float:
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == key), default)
 
 
-def _bias(graph: onnx.GraphProto, name: str, n: int) -> bool:
-    """Whether ``name`` is an fp32 initializer of shape ``(n,)`` (a bias)."""
-    return any(i.name == name and i.data_type == onnx.TensorProto.FLOAT and list(i.dims) == [n]
-               for i in graph.initializer)
+def _bias(graph: onnx.GraphProto, name: str, n: int) -> str | None:
+    """The fp32 initializer of shape ``(n,)`` (a bias) that ``name`` is, directly or through
+    ``Identity`` nodes (the exporter keeps one initializer for equal ones, such as random-init
+    zero biases, and names the others by Identity), or None."""
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: node for node in graph.node for o in node.output}
+    while name not in inits and name in producers and producers[name].op_type == "Identity":
+        name = producers[name].input[0]
+    init = inits.get(name)
+    ok = init is not None and init.data_type == onnx.TensorProto.FLOAT and list(init.dims) == [n]
+    return name if ok else None
 
 
 def _bias_add(graph: onnx.GraphProto, out: str, n: int) -> tuple[onnx.NodeProto, str] | None:
     """The ``Add`` that alone reads ``out`` and adds a bias vector of ``n`` to it, and the
-    bias' name, or None."""
+    bias' initializer, or None."""
     readers = [node for node in _all_nodes(graph) if out in node.input]
     if len(readers) != 1 or readers[0].op_type != "Add" or out in {o.name for o in graph.output}:
         return None
     add = readers[0]
-    bias = add.input[1] if add.input[0] == out else add.input[0]
-    return (add, bias) if add in graph.node and _bias(graph, bias, n) else None
+    bias = _bias(graph, add.input[1] if add.input[0] == out else add.input[0], n)
+    return (add, bias) if add in graph.node and bias is not None else None
 
 
 def _matmul_nbits(graph: onnx.GraphProto, node: onnx.NodeProto, a: str, bias: str | None, out: str,
@@ -173,11 +180,11 @@ def _gemm(graph: onnx.GraphProto, node: onnx.NodeProto, blocks: BlockCodes, slot
     """``Gemm(A, W, C)``: ``transA=0``, ``alpha=1``, ``W`` the ``(out, in)`` weight with
     ``transB=1`` or the ``(in, out)`` one with ``transB=0``, ``C`` absent or a bias vector with
     ``beta=1``."""
-    n = blocks.codes.shape[0]
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    c = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    bias = _bias(graph, c, blocks.codes.shape[0]) if c else None
     if (node.input[1] != slot.init.name or _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1
             or bool(_attr(node, "transB", 0)) == slot.transposed
-            or (bias and (_attr(node, "beta", 1.0) != 1 or not _bias(graph, bias, n)))):
+            or (c and (_attr(node, "beta", 1.0) != 1 or bias is None))):
         return False
     _matmul_nbits(graph, node, node.input[0], bias, node.output[0], blocks, name)
     return True
