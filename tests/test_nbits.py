@@ -27,6 +27,7 @@ from torch import nn
 from autocompress._inputs import run, to_numpy_feed
 from autocompress.compress import Calibration, apply, stored_weights
 from autocompress.compress._plan import Plan
+from autocompress.compress.formats import FORMATS
 from autocompress.measure import size_report
 from autocompress.onnxgraph import ACCURACY_LEVEL, export_onnx, pack_codes, unpack_codes
 from tests.models import MLP
@@ -220,3 +221,18 @@ def test_packing_is_onnx_runtimes_and_round_trips(bits: int) -> None:
 
         ours = DefaultWeightOnlyQuantizer.pack_int8_to_int4(codes.astype(np.int8))
         assert np.array_equal(packed.ravel(), ours)
+
+
+@pytest.mark.parametrize("name", FORMATS.names())
+def test_a_block_wise_form_computes_the_stored_value(name: str) -> None:
+    """Every format with :meth:`WeightFormat.blocks` (80 columns: the last group short)."""
+    fmt = FORMATS.get(name)
+    w = torch.randn(6, 80, generator=torch.Generator().manual_seed(0)) * 0.3
+    stored = fmt.store(fmt.fake_quant(w))
+    blocks = fmt.blocks(stored)
+    if blocks is None:
+        pytest.skip(f"{name}: not block-wise")
+    assert blocks.codes.min() >= 0 and blocks.codes.max() < 2 ** blocks.bits
+    assert np.all(blocks.codes.reshape(6, -1)[:, blocks.width:] == blocks.zero_point)  # padding = 0
+    values = (blocks.codes - blocks.zero_point).astype(np.float32) * blocks.scales[:, :, None]
+    assert np.array_equal(values.reshape(6, -1)[:, :blocks.width], stored.dequantized())
