@@ -7,7 +7,8 @@
 :func:`weight_format` maps the plan's ``bits``/``scheme``/``group_size`` values to one. Each format is applied
 as fake quantization during fine-tuning (:class:`~autocompress.compress.WeightCompression`: the
 rounded value forward, the gradient straight through), and says how it is packed, exported to
-ONNX, folded and sized.
+ONNX (``to_onnx``; a block-wise format also ``blocks``: its codes as ONNX Runtime's weight-only
+kernels take them), folded and sized.
 
 To add a format: one module registering it (copy ``_pow2.py``) and its name in
 ``BUILTIN_FORMATS`` (``_names.py``).

@@ -11,12 +11,16 @@ the outliers of its group only). The last group is shorter where ``g`` does not 
 ``out * ceil(d / g)`` fp32 scales, row-major (row, group).
 
 Packed as the uniform codes followed by the scales; in the packed header as
-``"int<b>:g<g>"`` (version 6). In ONNX (the exporter writes opset 17; the blocked
-``DequantizeLinear`` is opset 21): int8 codes ``(out, G, g)`` (zero-padded), ``Cast``, ``Mul``
-by the ``(out, G, 1)`` scales, ``Reshape`` (a ``Slice`` drops the padding) to the weight's shape
-(``Transpose`` where the exporter transposed it): constants that ONNX Runtime folds into the
-fp32 weight at load time (size, not speed). A BatchNorm folds: every scale of a row times
-``|k|``, the sign into the codes.
+``"int<b>:g<g>"`` (version 6). In ONNX, where ONNX Runtime's contrib operators may run
+(``export_onnx(contrib_ops=True)``), 2, 4 and 8 bits go to its block-wise kernels
+(``MatMulNBits``, ``GatherBlockQuantized``: ``onnxgraph/_nbits.py``) as :meth:`blocks` gives
+them: the codes plus ``2**(b-1)``, unsigned, in ``(out, G, g)`` blocks, and the ``(out, G)``
+scales. Otherwise (the exporter writes opset 17; the blocked ``DequantizeLinear`` is opset 21):
+int8 codes ``(out, G, g)`` (zero-padded), ``Cast``, ``Mul`` by the ``(out, G, 1)`` scales,
+``Reshape`` (a ``Slice`` drops the padding) to the weight's shape (``Transpose`` where the
+exporter transposed it): constants that ONNX Runtime folds into the fp32 weight at load time
+(size, not speed). A BatchNorm folds: every scale of a row times ``|k|``, the sign into the
+codes.
 """
 
 from __future__ import annotations
