@@ -37,8 +37,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
     Weight-only quantized layers get an int8 initializer feeding a per-channel
     ``DequantizeLinear`` (ONNX Runtime folds it into fp32 at load time: size, not speed);
     pow2 weights over 4 bits, whose integers do not fit int8, stay fp32 initializers (their
-    exact values); group-wise integer weights (``group_size``) int8 codes and their group
-    scales feeding ``Cast``, ``Mul`` and ``Reshape``. fp16/bf16 weights get a float16/bfloat16
+    exact values). Group-wise integer weights (``group_size``) of 2, 4 or 8 bits run on ONNX
+    Runtime's block-wise kernels, fed by their stored codes (``contrib_ops``): a Linear as
+    ``MatMulNBits`` (its bias folded in), an embedding as ``GatherBlockQuantized``; the
+    others (3/5/6/7 bits, convs, a weight read by several nodes, ``contrib_ops=False``) as
+    int8 codes and their group scales feeding ``Cast``, ``Mul`` and ``Reshape``
+    (:mod:`~autocompress.onnxgraph._nbits`). fp16/bf16 weights get a float16/bfloat16
     initializer feeding a ``Cast`` to float (both also folded at load time).
     A ``quantizer: awq`` layer's input scale is traced as a ``Mul`` by its ``1/s`` before the
     layer (its weight holds ``W diag(s)``).
@@ -85,7 +89,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
             if k.removesuffix(".weight") not in dynamic + static and s.format.onnx_stores(s)}
     if todo:
         proto = onnx.load(str(path))
-        store_weights(proto, todo)
+        store_weights(proto, todo, contrib_ops=contrib_ops)
         onnx.save(proto, str(path))
     return path
 

@@ -7,7 +7,8 @@
 :func:`weight_format` maps the plan's ``bits``/``scheme``/``group_size`` values to one. Each format is applied
 as fake quantization during fine-tuning (:class:`~autocompress.compress.WeightCompression`: the
 rounded value forward, the gradient straight through), and says how it is packed, exported to
-ONNX, folded and sized.
+ONNX (``to_onnx``; a block-wise format also ``blocks``: its codes as ONNX Runtime's weight-only
+kernels take them), folded and sized.
 
 To add a format: one module registering it (copy ``_pow2.py``) and its name in
 ``BUILTIN_FORMATS`` (``_names.py``).
@@ -19,8 +20,8 @@ from autocompress._lazy import lazy_exports
 _EXPORTS = {
     "_names": ("BUILTIN_FORMATS", "FORMATS", "GROUP_SIZES", "float_format_names", "format_name",
                "plan_values"),
-    "_base": ("InitializerSlot", "OnnxNodes", "StoredWeight", "WeightFormat", "compressed_value",
-              "per_row", "quantize_weight", "weight_format"),
+    "_base": ("BlockCodes", "InitializerSlot", "OnnxNodes", "StoredWeight", "WeightFormat",
+              "compressed_value", "per_row", "quantize_weight", "weight_format"),
     "_bitpack": ("pack_bits", "unpack_bits"),
     "_float16": ("FLOAT_DTYPES", "float_bytes", "float_from_bytes", "round_to_float"),
     "_fp8": ("FP8_MAX", "fp8_quantize"),

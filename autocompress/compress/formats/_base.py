@@ -26,7 +26,7 @@ import torch
 
 from autocompress.compress.formats._names import BUILTIN_FORMATS, FORMATS, format_name, plan_values
 
-__all__ = ["BUILTIN_FORMATS", "FORMATS", "InitializerSlot", "OnnxNodes", "StoredWeight",
+__all__ = ["BUILTIN_FORMATS", "FORMATS", "BlockCodes", "InitializerSlot", "OnnxNodes", "StoredWeight",
            "WeightFormat", "codes_for_slot", "compressed_value", "format_name", "per_row", "plan_values",
            "quantize_weight", "weight_format"]
 
@@ -60,6 +60,30 @@ def codes_for_slot(q: np.ndarray, scale: np.ndarray, slot: InitializerSlot
     if slot.transposed:
         return np.ascontiguousarray(q.T), scale, 1
     return q * per_row(np.where(slot.k < 0, -1, 1), q.ndim).astype(q.dtype), scale * np.abs(slot.k), 0
+
+
+@dataclass(frozen=True)
+class BlockCodes:
+    """A weight as block-wise kernels take it (ONNX Runtime's ``MatMulNBits`` and
+    ``GatherBlockQuantized``): unsigned codes in blocks of consecutive input columns, one scale
+    per output channel and block, value ``(code - zero_point) * scale``.
+
+    Attributes:
+        codes: ``(out, blocks, block_size)`` unsigned integers ``< 2**bits`` (int64); the
+            padding of a short last block holds ``zero_point`` (the value 0).
+        scales: ``(out, blocks)`` fp32 scales.
+        bits: Bits per code.
+        block_size: Input columns per block.
+        zero_point: The code of 0 (one for all blocks: a symmetric format).
+        width: The input columns that are real (``<= blocks * block_size``).
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    bits: int
+    block_size: int
+    zero_point: int
+    width: int
 
 
 @dataclass(frozen=True)
@@ -156,8 +180,16 @@ class WeightFormat:
         return False
 
     def to_onnx(self, stored: StoredWeight, slot: InitializerSlot, name: str) -> OnnxNodes:
-        """The initializers and nodes that compute ``slot.init`` from the stored weight."""
+        """The initializers and nodes that compute ``slot.init`` from the stored weight (standard
+        ONNX operators)."""
         raise NotImplementedError(f"weight format {self.name!r} has no ONNX form")
+
+    def blocks(self, stored: StoredWeight) -> BlockCodes | None:
+        """The stored codes and scales as block-wise kernels take them (the same numbers, no
+        re-rounding), or None: the format is not block-wise. ONNX export hands them to ONNX
+        Runtime's kernels where the graph and the kernel allow it (``onnxgraph/_nbits.py``),
+        else writes :meth:`to_onnx`."""
+        return None
 
 
 def weight_format(bits: int | str | None, scheme: str = "uniform",

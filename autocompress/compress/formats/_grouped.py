@@ -11,12 +11,16 @@ the outliers of its group only). The last group is shorter where ``g`` does not 
 ``out * ceil(d / g)`` fp32 scales, row-major (row, group).
 
 Packed as the uniform codes followed by the scales; in the packed header as
-``"int<b>:g<g>"`` (version 6). In ONNX (the exporter writes opset 17; the blocked
-``DequantizeLinear`` is opset 21): int8 codes ``(out, G, g)`` (zero-padded), ``Cast``, ``Mul``
-by the ``(out, G, 1)`` scales, ``Reshape`` (a ``Slice`` drops the padding) to the weight's shape
-(``Transpose`` where the exporter transposed it): constants that ONNX Runtime folds into the
-fp32 weight at load time (size, not speed). A BatchNorm folds: every scale of a row times
-``|k|``, the sign into the codes.
+``"int<b>:g<g>"`` (version 6). In ONNX, where ONNX Runtime's contrib operators may run
+(``export_onnx(contrib_ops=True)``), 2, 4 and 8 bits go to its block-wise kernels
+(``MatMulNBits``, ``GatherBlockQuantized``: ``onnxgraph/_nbits.py``) as :meth:`blocks` gives
+them: the codes plus ``2**(b-1)``, unsigned, in ``(out, G, g)`` blocks, and the ``(out, G)``
+scales. Otherwise (the exporter writes opset 17; the blocked ``DequantizeLinear`` is opset 21):
+int8 codes ``(out, G, g)`` (zero-padded), ``Cast``, ``Mul`` by the ``(out, G, 1)`` scales,
+``Reshape`` (a ``Slice`` drops the padding) to the weight's shape (``Transpose`` where the
+exporter transposed it): constants that ONNX Runtime folds into the fp32 weight at load time
+(size, not speed). A BatchNorm folds: every scale of a row times ``|k|``, the sign into the
+codes.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 
 from autocompress.compress.formats._base import (
     FORMATS,
+    BlockCodes,
     InitializerSlot,
     OnnxNodes,
     StoredWeight,
@@ -82,6 +87,19 @@ class GroupedFormat(UniformFormat):
         d = math.prod(shape[1:])
         cols = np.repeat(scale.reshape(shape[0], -1), self.group_size, axis=1)[:, :d]
         return (values.reshape(shape[0], d).astype(np.float32) * cols).reshape(tuple(shape))
+
+    def blocks(self, stored: StoredWeight) -> BlockCodes:
+        """The codes plus ``2**(bits-1)`` (unsigned, zero point ``2**(bits-1)``) in ``(out,
+        groups, group_size)``, the short last group padded with the zero point, and the
+        ``(out, groups)`` scales: the stored numbers, as ONNX Runtime's block-wise kernels take
+        them."""
+        assert stored.scale is not None
+        shape, g, zero = stored.values.shape, self.group_size, 2 ** (self.bits - 1)
+        out, groups, d = shape[0], self._groups(shape), math.prod(shape[1:])
+        codes = np.full((out, groups * g), zero, np.int64)
+        codes[:, :d] += stored.values.reshape(out, d)
+        return BlockCodes(codes.reshape(out, groups, g),
+                          stored.scale.reshape(out, groups).astype(np.float32), self.bits, g, zero, d)
 
     def _groups(self, shape: Sequence[int]) -> int:
         return math.ceil(math.prod(shape[1:]) / self.group_size)
