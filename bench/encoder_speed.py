@@ -4,9 +4,9 @@ than both ``quantize_dynamic`` and optimizer + ``quantize_dynamic`` of the origi
 
 Usage::
 
-    make bench-transformers        # = .venv/bin/python bench/transformers.py
-    .venv/bin/python bench/transformers.py [--repeats 5] [--samples 128] [--finetune 0]
-        [--quick] [--out bench/transformers.json]
+    make bench-encoder        # = .venv/bin/python bench/encoder_speed.py
+    .venv/bin/python bench/encoder_speed.py [--repeats 5] [--samples 128] [--finetune 0]
+        [--quick] [--out bench/encoder_speed.json]
 
 Anchors (what a user would otherwise run, on the fp32 export of the built-in ``minilm`` task):
 the fp32 ONNX file; ONNX Runtime's transformer optimizer on it
@@ -138,7 +138,7 @@ def build(task: Any, layers: list, calibration: Calibration, importance: dict[st
         files[row.name] = path
         row.onnx_mb = path.stat().st_size / 1e6
         rows.append(row)
-        print(f"transformers: built {row.name}", file=sys.stderr)
+        print(f"encoder_speed: built {row.name}", file=sys.stderr)
 
     base = export_onnx(task.model, task.example_inputs, work / "fp32.onnx", dynamic_sequence=True)
     add(Row(BASELINE, "torch.onnx export", size_bytes=size_bytes(task.model)), base)
@@ -168,7 +168,7 @@ def build(task: Any, layers: list, calibration: Calibration, importance: dict[st
                     fused_ops=counts), fused)
         except Exception as e:  # noqa: BLE001
             rows.append(Row(f"{name} (fused)", how, form="fused", error=f"{type(e).__name__}: {e}"))
-        print(f"transformers: {name} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        print(f"encoder_speed: {name} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return rows, files
 
 
@@ -179,7 +179,7 @@ def run(samples: int, repeats: int, finetune_epochs: int, quick: bool) -> dict[s
     blocks = [la.name for la in layers if la.type == "Block"]
     importance = block_importance(task.model, task.calibration_batches(4), blocks)
     data = {seq: held_out(task, seq) for seq in SEQS}
-    with tempfile.TemporaryDirectory(prefix="bench-transformers-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-encoder-") as tmp:
         rows, files = build(task, layers, calibration, importance, Path(tmp), finetune_epochs, quick)
         for row in rows:
             if row.name in files:
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.samples, 2 if args.quick else args.repeats, args.finetune, args.quick)
     result.update(facts=facts(), date=dt.date.today().isoformat(),
                   wall_s=time.perf_counter() - started)
-    out = args.out or ROOT / "bench" / ("transformers-quick.json" if args.quick else "transformers.json")
+    out = args.out or ROOT / "bench" / ("encoder_speed-quick.json" if args.quick else "encoder_speed.json")
     out.write_text(json.dumps(result, indent=1, default=str))
     print(table(result))
     print(json.dumps(result["verdict"], indent=1))
