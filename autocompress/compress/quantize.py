@@ -51,8 +51,9 @@ def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> d
     """What quantization refuses per layer: activation quantization of an embedding's indices
     and dynamic activations outside Linear layers; the calibrated quantizers where the
     calibration cannot describe the layer's inputs (an embedding, a grouped conv); group sizes
-    that do not divide the layer's input width (a low-rank factor's width may leave a short
-    last group: the formats store it). A calibration too small for a layer's width is refused
+    larger than the layer's input width (a width that is not a multiple leaves a short last
+    group, which the formats and ONNX Runtime's block-wise kernels take: SmolLM2's 576 columns
+    are 4.5 groups of 128). A calibration too small for a layer's width is refused
     at resolution from ``search.calibration_samples`` (``describe_layers``); a smaller one
     passed to ``apply`` still runs GPTQ on the dampened Hessian, with a logged warning."""
     out: dict[str, list[Refusal]] = {}
@@ -70,8 +71,8 @@ def _limits(model: nn.Module, example_inputs: Any, layers: list[LayerInfo]) -> d
             refusals += [Refusal("quantizer", q, f"{q} calibrates on the layer's inputs: {problem}")
                          for q in QUANTIZERS if q != "rtn"]
         width = la.shape[0] if la.type == "Conv1D" else math.prod(la.shape[1:])
-        refusals += [Refusal("group_size", g, f"its input width {width} is not a multiple of {g}")
-                     for g in GROUP_SIZES if width % g]
+        refusals += [Refusal("group_size", g, f"its input width {width} is smaller than {g}")
+                     for g in GROUP_SIZES if width < g]
     return {name: refusals for name, refusals in out.items() if refusals}
 
 
