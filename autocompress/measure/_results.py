@@ -43,6 +43,12 @@ class LatencyResult:
     slowdown: float = math.nan  # how much slower than usual the reference ran (relative)
     retries: int = 0  # times it was timed again because the reference drifted or was slow
     measured_at: float = 0.0  # when it was timed (Unix time; a cached result: when it was)
+    # The ONNX graph form timed with target.graph fused/best ("plain" or "fused"; "" with the
+    # default graph: plain), the fused-op counts ("Attention=6,SkipLayerNormalization=12") and
+    # why the fused graph was not used, or best's medians of both (runtimes/_ort.py).
+    graph: str = ""
+    fused_ops: str = ""
+    graph_note: str = ""
 
     @property
     def paired(self) -> bool:

@@ -44,7 +44,7 @@ from autocompress.measure import cache as latency_cache
 from autocompress.measure._machine import machine_facts
 from autocompress.measure._paired import DRIFT_LIMIT, PairedTiming, time_paired_steady
 from autocompress.measure._results import LatencyResult, Prepared
-from autocompress.measure.runtimes import get_runtime
+from autocompress.measure.runtimes import get_runtime, result_fields
 from autocompress.measure.runtimes._base import Runtime
 from autocompress.measure.runtimes._remote import target_facts
 from autocompress.measure.target import Target
@@ -200,15 +200,16 @@ class PairedMeasurer:
         if hit is not None and not math.isnan(hit.get("speedup", math.nan)):
             return self._on_clock(hit, cached=True)
         usual = statistics.median(self._recent) if len(self._recent) >= USUAL_AFTER else None
+        run = self.runtime.runner(prepared, self.target)
         with while_timing():
-            t = time_paired_steady(self._reference, self.runtime.runner(prepared, self.target),
-                                   self.target.timing, reference_warm=self._warm, usual_ms=usual)
+            t = time_paired_steady(self._reference, run, self.target.timing,
+                                   reference_warm=self._warm, usual_ms=usual)
         self._warm = True  # the reference stays loaded, and warm, between measurements
         self._recent.append(t.reference.latency_ms)
         if not (t.speedup > 0 and t.candidate.latency_ms > 0):
             raise RuntimeError(f"paired timing gave no usable ratio ({t.reference.latency_ms} ms "
                                f"against {t.candidate.latency_ms} ms): is the clock running?")
-        result = self._result(t)
+        result = self._result(t, result_fields(run))
         if key and t.unsteadiness <= DRIFT_LIMIT:  # a ratio timed on a busy machine: not kept
             latency_cache.store(key, result.to_dict())
         return result
@@ -227,11 +228,12 @@ class PairedMeasurer:
             return None
         return hashlib.sha256(f"paired:{prepared.key}:{self._reference_key}".encode()).hexdigest()
 
-    def _result(self, t: PairedTiming) -> LatencyResult:
+    def _result(self, t: PairedTiming, fields: dict[str, Any]) -> LatencyResult:
         timed = LatencyResult.of(
             t.candidate, self.target, self.runtime.facts(self.target), speedup=t.speedup,
             reference_ms=t.reference.latency_ms, measured_ms=t.candidate.latency_ms,
-            drift=t.drift, slowdown=t.slowdown, retries=t.retries, measured_at=time.time())
+            drift=t.drift, slowdown=t.slowdown, retries=t.retries, measured_at=time.time(),
+            **fields)
         return self._on_clock(timed.to_dict())
 
     def _on_clock(self, timed: dict[str, Any], cached: bool = False) -> LatencyResult:

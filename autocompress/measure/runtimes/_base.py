@@ -29,7 +29,13 @@ if TYPE_CHECKING:
     from autocompress.measure._results import LatencyResult, Prepared
     from autocompress.measure.target import Target
 
-__all__ = ["LocalRuntime", "Runtime"]
+__all__ = ["LocalRuntime", "Runtime", "result_fields"]
+
+
+def result_fields(run: Callable[[], object]) -> dict[str, Any]:
+    """The ``LatencyResult`` fields a runner describes what it runs with (its
+    ``result_fields`` attribute, e.g. the ONNX graph form timed); none by default."""
+    return dict(getattr(run, "result_fields", None) or {})
 
 
 class Runtime:
@@ -71,8 +77,9 @@ class Runtime:
         from autocompress.measure._results import LatencyResult
         from autocompress.measure._timing import time_runs
 
-        return LatencyResult.of(time_runs(self.runner(prepared, target), target.timing), target,
-                                self.facts(target))
+        run = self.runner(prepared, target)
+        return LatencyResult.of(time_runs(run, target.timing), target, self.facts(target),
+                                **result_fields(run))
 
 
 class LocalRuntime(Runtime):
