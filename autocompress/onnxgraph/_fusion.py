@@ -9,6 +9,12 @@ hidden_size=0``), so pruned heads, per-layer sizes and dropped blocks fuse alike
 (the session optimizes the graph at load time anyway). The optimizer's model type is chosen
 from the graph (:func:`model_type`), never from a model's name.
 
+Before the optimizer, the patterns of torch's exports of transformers 5 that its attention
+fusion does not know are rewritten to ones it does, computing the same thing (:func:`_normalize`):
+the head count of each attention (``view(batch, seq, -1, head_size)``) written in, and for SDPA
+exports the scale moved back after ``QK^T`` and the softmax's NaN guard dropped. With them the
+eager and the SDPA exports of BERT both fuse fully.
+
 Compressed graphs (int8 ``DequantizeLinear`` weights, ``DynamicQuantizeLinear`` +
 ``MatMulInteger``, QDQ, group-wise ``Cast``/``Mul`` weights, ``MatMulNBits``) fuse as far as the
 optimizer's patterns reach: the counts (:attr:`Fused.ops`) say how far.
@@ -77,7 +83,7 @@ def fuse(model: bytes, kind: str | None = None) -> Fused:
     from onnxruntime.transformers.optimizer import optimize_model
 
     proto = onnx.load_from_string(model)
-    _resolve_head_counts(proto)
+    _normalize(proto)
     kind = kind or model_type(proto)
     quiet = logging.getLogger().manager.disable
     logging.disable(logging.WARNING)  # the optimizer warns about every pattern it does not see
@@ -145,6 +151,81 @@ def verify_fused(plain: bytes, fused: bytes, feed: dict[str, np.ndarray],
         if not diff <= rtol:
             return f"output {i}: relative difference {diff:.2e} > {rtol:g}"
     return None
+
+
+def _normalize(proto: onnx.ModelProto) -> None:
+    """Rewrites what torch's exports of transformers 5 put in the way of the optimizer's
+    attention patterns, without changing what the graph computes (module docstring):
+    head counts left to ``-1``, SDPA's scale split over q and k, its NaN guard after the
+    softmax and its reshapes of a tensor to its own shape."""
+    _resolve_head_counts(proto)
+    if _fold_split_scales(proto) + _drop_nan_guards(proto):
+        from onnxruntime.transformers.fusion_utils import FusionUtils
+        from onnxruntime.transformers.onnx_model import OnnxModel
+
+        model = OnnxModel(proto)  # edits proto in place
+        try:
+            FusionUtils(model).remove_useless_reshape_nodes()  # by symbolic shape inference
+        except Exception:  # shape inference cannot read the graph: the reshapes stay
+            return
+        model.prune_graph()
+
+
+def _fold_split_scales(proto: onnx.ModelProto) -> int:
+    """``MatMul(Mul(q, a), Mul(k, b))`` with scalar constants ``a``, ``b`` (SDPA's export scales
+    q and k by the square root of the softmax scale each) becomes ``Mul(MatMul(q, k), a*b)``,
+    the eager pattern. Returns how many."""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    uses: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    folded = 0
+    for node in list(proto.graph.node):
+        muls = [producers.get(name) for name in node.input] if node.op_type == "MatMul" else []
+        if len(muls) != 2 or any(m is None or m.op_type != "Mul" or uses[m.output[0]] != 1
+                                 for m in muls):
+            continue
+        scales = [_constant(proto, producers, m.input[1]) for m in muls]
+        if any(c is None or c.size != 1 or c.dtype != np.float32 for c in scales):
+            continue
+        name = f"autocompress_qk_scale_{folded}"
+        proto.graph.initializer.append(numpy_helper.from_array(
+            np.array(scales[0].reshape(()) * scales[1].reshape(()), dtype=np.float32), name))
+        out = node.output[0]
+        node.input[0], node.input[1] = muls[0].input[0], muls[1].input[0]
+        node.output[0] = f"{out}_unscaled"
+        at = list(proto.graph.node).index(node) + 1
+        proto.graph.node.insert(at, onnx.helper.make_node(
+            "Mul", [node.output[0], name], [out], name=f"{node.name}_scale"))
+        for m in muls:
+            proto.graph.node.remove(m)
+        folded += 1
+    return folded
+
+
+def _drop_nan_guards(proto: onnx.ModelProto) -> int:
+    """Removes ``Where(IsNaN(p), 0, p)`` after a ``Softmax`` ``p``: SDPA's export zeroes the
+    rows of a query whose keys are all masked (NaN otherwise); the fused ``Attention`` masks
+    with a finite value and has no such rows. Only an input with no unmasked token differs
+    (and the fused graph is verified on the timed batch). Returns how many."""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    outputs = {o.name for o in proto.graph.output}
+    dropped = 0
+    for node in list(proto.graph.node):
+        isnan = producers.get(node.input[0]) if node.op_type == "Where" else None
+        softmax = producers.get(node.input[2]) if isnan is not None else None
+        if (isnan is None or isnan.op_type != "IsNaN" or isnan.input[0] != node.input[2]
+                or softmax is None or softmax.op_type != "Softmax" or node.output[0] in outputs):
+            continue
+        for user in proto.graph.node:
+            for i, name in enumerate(user.input):
+                if name == node.output[0]:
+                    user.input[i] = node.input[2]
+        proto.graph.node.remove(node)
+        proto.graph.node.remove(isnan)
+        dropped += 1
+    return dropped
 
 
 def _resolve_head_counts(proto: onnx.ModelProto) -> int:
