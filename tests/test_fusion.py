@@ -216,3 +216,74 @@ def test_export_writes_the_form_the_target_timed(graph: str, logged: dict, writt
     assert form.get("graph") == written
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert ("Attention" in ops) == (written == "fused")
+
+
+# --- a search and an export with graph forms (slow) ------------------------------------------
+
+
+class BertClassifier(nn.Module):
+    """The tiny eager BERT, mean-pooled, with a 4-class head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = bert("eager")[0]
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(input_ids, attention_mask))
+
+
+def bert_task():
+    """A tiny BERT classifying random token sequences (labels: its own predictions)."""
+    from autocompress import Task
+
+    torch.manual_seed(0)
+    model = BertClassifier().eval()
+    ids, mask = torch.randint(1, 100, (64, 10)), torch.ones(64, 10, dtype=torch.long)
+    with torch.no_grad():
+        labels = model(ids, mask).argmax(1)
+
+    def batches(lo: int, hi: int) -> list:
+        return [({"input_ids": ids[i:i + 16], "attention_mask": mask[i:i + 16]}, labels[i:i + 16])
+                for i in range(lo, hi, 16)]
+
+    return Task(model=model, train_loader=batches(0, 32), val_loader=batches(32, 64),
+                example_inputs={"input_ids": ids[:1], "attention_mask": mask[:1]}, name="tiny-bert")
+
+
+@pytest.mark.slow
+def test_search_logs_the_form_and_export_writes_it(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    import onnx
+    import yaml
+
+    from autocompress import cli
+    from autocompress.deploy import export_run
+    from autocompress.tracking import read_front
+
+    space = {"version": 1, "layers": [{"types": ["Linear"], "exclude": ["head"],
+                                       "knobs": {"bits": [8, None]}}]}
+    exp = {"name": "fusion-e2e", "task": "tests.test_fusion:bert_task", "search_space": space,
+           "objectives": [{"metric": "accuracy", "mode": "max"},
+                          {"metric": "latency_ms", "mode": "min"}],
+           "target": {"graph": "best", **FAST},
+           "search": {"sampler": "random", "trials": 2, "seed": 0, "backend": "serial"},
+           "finetune": {"epochs": 0}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1]))
+    assert cli.main(["search", str(tmp_path / "exp.yaml"), "--tracking-uri", uri]) == 0
+    front = read_front(uri, "fusion-e2e")
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(uri).get_run(front[0]["run_id"]).data.tags
+    form = tags["autocompress.latency.graph"]
+    assert form in ("plain", "fused") and tags["autocompress.latency.graph_note"].startswith("best of")
+    assert "SkipLayerNormalization" in tags["autocompress.latency.fused_ops"]
+    result = export_run(front[0]["run_id"], "onnx", tmp_path / "out", uri)
+    assert result["graph"] == form
+    written = json.loads((tmp_path / "out" / "export.json").read_text())["graph"]
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node}
+    assert written == form and ("SkipLayerNormalization" in ops) == (form == "fused")
