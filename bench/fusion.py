@@ -3,20 +3,23 @@
 
 Usage::
 
-    .venv/bin/python bench/fusion.py [--seq 32 128] [--attn sdpa eager] [--budget 3]
+    .venv/bin/python bench/fusion.py [--seq 32 128] [--attn sdpa eager] [--budget 3] [--repeats 3]
 
 For each attention implementation the model is exported (``autocompress.onnxgraph.export_onnx``)
 as ``fp32`` and as ``dyn-int8`` (``bits: 8, act_bits: dynamic`` on every Linear, what
 ``quantize_dynamic`` does), each in its plain form and fused (:func:`autocompress.onnxgraph.fuse`,
 verified against the plain one); each pair is timed interleaved
 (:func:`autocompress.measure._paired.time_paired_steady`), and every form against the plain
-fp32 graph too. Inputs: sentences of Python's help topics, tokenized to ``--seq`` tokens.
+fp32 graph too (``fp32/plain`` against itself: the noise of the pairing on this machine), the
+median over ``--repeats`` pairings reported. Inputs: sentences of Python's help topics,
+tokenized to ``--seq`` tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 
 import torch
@@ -59,6 +62,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, nargs="+", default=[32, 128])
     p.add_argument("--attn", nargs="+", default=["sdpa", "eager"])
     p.add_argument("--budget", type=float, default=3.0)
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     import tempfile
 
@@ -82,14 +86,16 @@ def main() -> None:
             runs = {f"{prec}/{form}": (_session_runner(b, feed, target), ops)
                     for prec, fs in (("fp32", fp32), ("dyn-int8", int8)) for form, (b, ops) in fs.items()}
             base = runs["fp32/plain"][0]
+
+            def speedup(reference, run) -> float:
+                return round(statistics.median(time_paired_steady(reference, run, settings).speedup
+                                               for _ in range(args.repeats)), 3)
+
             for name, (run, ops) in runs.items():
-                vs_fp32 = time_paired_steady(base, run, settings)
                 row = {"attn": attn, "seq": seq, "graph": name, "fused_ops": ops,
-                       "ms": round(vs_fp32.candidate.latency_ms, 3),
-                       "x_fp32_plain": round(vs_fp32.speedup, 3)}
+                       "x_fp32_plain": speedup(base, run)}
                 if name.endswith("/fused"):
-                    plain_run = runs[name.replace("fused", "plain")][0]
-                    row["x_own_plain"] = round(time_paired_steady(plain_run, run, settings).speedup, 3)
+                    row["x_own_plain"] = speedup(runs[name.replace("fused", "plain")][0], run)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(json.dumps(rows, indent=1))

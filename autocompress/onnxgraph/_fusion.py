@@ -30,6 +30,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,8 +89,10 @@ def fuse(model: bytes, kind: str | None = None) -> Fused:
     kind = kind or model_type(proto)
     quiet = logging.getLogger().manager.disable
     logging.disable(logging.WARNING)  # the optimizer warns about every pattern it does not see
-    try:
-        optimized = optimize_model(proto, model_type=kind, num_heads=0, hidden_size=0, opt_level=0)
+    try:  # and prints what its shape inference cannot read
+        with contextlib.redirect_stdout(io.StringIO()):
+            optimized = optimize_model(proto, model_type=kind, num_heads=0, hidden_size=0,
+                                       opt_level=0)
     finally:
         logging.disable(quiet)
     out = optimized.model
@@ -134,8 +138,12 @@ def verify_fused(plain: bytes, fused: bytes, feed: dict[str, np.ndarray],
     ``rtol``)."""
     import onnxruntime as ort
 
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1  # beside a search's other trials
+    opts.log_severity_level = 3
+
     def run(model: bytes) -> list[Any]:
-        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         names = {i.name for i in session.get_inputs()}
         return session.run(None, {k: v for k, v in feed.items() if k in names})
 
