@@ -20,6 +20,7 @@ Torch-free.
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 from collections.abc import Callable
@@ -147,6 +148,22 @@ def graph_forms(model: bytes, feed: dict[str, Any], graph: str) -> tuple[dict[st
     """
     if graph == "plain":
         return {"plain": model}, {}
+    digest = hashlib.sha256(model)
+    for name in sorted(feed):
+        digest.update(name.encode() + feed[name].tobytes())
+    key = f"{graph}:{digest.hexdigest()}"
+    if key not in _FORMS:  # the reference's runner is made twice (timed alone, then kept)
+        _FORMS[key] = _graph_forms(model, feed, graph)
+        while len(_FORMS) > 2:
+            _FORMS.pop(next(iter(_FORMS)))
+    forms, fields = _FORMS[key]
+    return dict(forms), dict(fields)
+
+
+_FORMS: dict[str, tuple[dict[str, bytes], dict[str, str]]] = {}  # the last graph_forms made
+
+
+def _graph_forms(model: bytes, feed: dict[str, Any], graph: str) -> tuple[dict[str, bytes], dict[str, str]]:
     from autocompress.onnxgraph import fuse, verify_fused
 
     try:
