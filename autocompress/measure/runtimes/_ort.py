@@ -164,6 +164,7 @@ _FORMS: dict[str, tuple[dict[str, bytes], dict[str, str]]] = {}  # the last grap
 
 
 def _graph_forms(model: bytes, feed: dict[str, Any], graph: str) -> tuple[dict[str, bytes], dict[str, str]]:
+    """:func:`graph_forms`, made now (fused and verified)."""
     from autocompress.onnxgraph import fuse, verify_fused
 
     try:
