@@ -50,7 +50,7 @@ def test_latency_is_sane(runtime: str, plan: str) -> None:
                                      "device", "threads", "batch_size", "ci_low_ms", "ci_high_ms",
                                      "stopped", "runtime_version", "cpu", "cached", "gpu",
                                      "speedup", "reference_ms", "measured_ms", "drift", "slowdown",
-                                     "retries", "measured_at"}
+                                     "retries", "measured_at", "graph", "fused_ops", "graph_note"}
     assert not result.paired and result.measured_at > 0  # timed alone, now
     assert result.cpu == machine_facts()["cpu"]
     facts = get_runtime(target).facts(target)

@@ -107,8 +107,10 @@ def export_run(run_id: str, fmt: str, out_dir: str | os.PathLike, tracking_uri: 
     try:
         path = tmp / spec.file
         spec.write(rebuilt, path)
+        form = graph_form(rebuilt, path) if spec.runtime == "onnxruntime" else {}
         loaded = spec.load(path)
         result = _verify(rebuilt, fmt, loaded, tolerance)
+        result.update(form)
         result.update(_timings(rebuilt, spec, loaded))
         result.update({"path": str((out_dir / spec.file).resolve()), "format": fmt,
                        "file_bytes": path.stat().st_size})
@@ -127,6 +129,36 @@ def export_run(run_id: str, fmt: str, out_dir: str | os.PathLike, tracking_uri: 
         if not done:
             for d in created:  # deepest first; only the directories this call made
                 d.rmdir()
+
+
+def graph_form(rebuilt: Rebuilt, path: Path) -> dict[str, str]:
+    """Rewrites the ONNX file ``path`` in the graph form the target timed, and says which.
+
+    ``target.graph: fused``: ONNX Runtime's transformer fusions
+    (:func:`~autocompress.onnxgraph.fuse`); ``best``: the form the trial's logged latency says
+    was timed (``autocompress.latency.graph``); ``plain``: the file as exported. A fused graph
+    whose outputs differ from the plain one's on the example inputs is not written (the plain
+    file stays, with the reason), as the timing did. The file is then verified as any other.
+
+    Returns:
+        ``graph`` (the form written), ``fused_ops`` and ``graph_note``; {} for ``plain``.
+    """
+    from autocompress._inputs import to_numpy_feed
+    from autocompress.onnxgraph import fuse, verify_fused
+
+    wanted = rebuilt.target.graph
+    if wanted == "best":
+        wanted = rebuilt.latency.get("graph") or "plain"
+    if wanted != "fused":
+        return {"graph": "plain"} if rebuilt.target.graph != "plain" else {}
+    plain = path.read_bytes()
+    fused = fuse(plain)
+    reason = verify_fused(plain, fused.onnx, to_numpy_feed(rebuilt.task.example_inputs))
+    if reason is not None:
+        return {"graph": "plain", "fused_ops": fused.summary,
+                "graph_note": f"fused graph not used: {reason}"}
+    path.write_bytes(fused.onnx)
+    return {"graph": "fused", "fused_ops": fused.summary}
 
 
 def _verify(rebuilt: Rebuilt, fmt: str, loaded: nn.Module, tolerance: float) -> dict[str, Any]:

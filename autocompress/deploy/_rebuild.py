@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 
 from autocompress._errors import ConfigError
 from autocompress.compress import Plan
-from autocompress.tracking import ROLE, SUMMARY, open_store
+from autocompress.tracking import LATENCY_PREFIX, ROLE, SUMMARY, open_store
 
 PARENT = "mlflow.parentRunId"
 
@@ -59,6 +59,8 @@ class Rebuilt:
         trial: The trial's run name, e.g. ``trial-016``.
         baseline: The search's ``baseline_*`` metrics, without the prefix.
         summary: The plan in one line as the search logged it (layers in model order).
+        latency: The facts of the trial's logged latency (``autocompress.latency.*`` tags,
+            without the prefix: ``graph``, the graph form that was timed, ...).
     """
 
     model: nn.Module
@@ -72,6 +74,7 @@ class Rebuilt:
     trial: str
     baseline: dict[str, float] = field(default_factory=dict)
     summary: str = ""
+    latency: dict[str, str] = field(default_factory=dict)
 
     @property
     def target(self):
@@ -163,6 +166,8 @@ def rebuild_from_run(run_id: str, tracking_uri: str, task: Any = None) -> Rebuil
         baseline={k.removeprefix("baseline_"): v for k, v in parent.data.metrics.items()
                   if k.startswith("baseline_")},
         summary=run.data.tags.get(SUMMARY) or plan.summary(),
+        latency={k.removeprefix(LATENCY_PREFIX): v for k, v in run.data.tags.items()
+                 if k.startswith(LATENCY_PREFIX)},
     )
 
 

@@ -51,6 +51,12 @@ class LatencyResult:
     # Several workloads (:func:`combine`): each one's median, ms, on the same clock as
     # ``latency_ms``; empty for one batch at the example's shape (left out of to_dict then).
     workloads: dict[str, float] = field(default_factory=dict)
+    # The ONNX graph form timed with target.graph fused/best ("plain" or "fused"; "" with the
+    # default graph: plain), the fused-op counts ("Attention=6,SkipLayerNormalization=12") and
+    # why the fused graph was not used, or best's medians of both (runtimes/_ort.py).
+    graph: str = ""
+    fused_ops: str = ""
+    graph_note: str = ""
 
     @property
     def paired(self) -> bool:

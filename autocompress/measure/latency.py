@@ -49,7 +49,7 @@ from autocompress.measure._machine import machine_facts
 from autocompress.measure._paired import DRIFT_LIMIT, PairedTiming, time_paired_steady
 from autocompress.measure._results import LatencyResult, Prepared, combine, combined_ms
 from autocompress.measure._workloads import dynamic_sequence, workload_feeds, workload_key
-from autocompress.measure.runtimes import get_runtime
+from autocompress.measure.runtimes import get_runtime, result_fields
 from autocompress.measure.runtimes._base import Runtime
 from autocompress.measure.runtimes._remote import target_facts
 from autocompress.measure.target import Target
@@ -256,8 +256,9 @@ class PairedMeasurer:
             return self._on_clock(hit, name, cached=True)
         recent = self._recent[name]
         usual = statistics.median(recent) if len(recent) >= USUAL_AFTER else None
+        run = self.runtime.runner(one, self.target)
         with while_timing():
-            t = time_paired_steady(self._reference[name], self.runtime.runner(one, self.target),
+            t = time_paired_steady(self._reference[name], run,
                                    self.target.timing, reference_warm=name in self._warm,
                                    usual_ms=usual)
         self._warm.add(name)  # the reference stays loaded, and warm, between measurements
@@ -265,7 +266,7 @@ class PairedMeasurer:
         if not (t.speedup > 0 and t.candidate.latency_ms > 0):
             raise RuntimeError(f"paired timing gave no usable ratio ({t.reference.latency_ms} ms "
                                f"against {t.candidate.latency_ms} ms): is the clock running?")
-        result = self._result(t, name)
+        result = self._result(t, name, result_fields(run))
         if key and t.unsteadiness <= DRIFT_LIMIT:  # a ratio timed on a busy machine: not kept
             latency_cache.store(key, result.to_dict())
         return result
@@ -285,11 +286,12 @@ class PairedMeasurer:
         return hashlib.sha256(f"paired:{workload_key(prepared.key, name, batch)}:"
                               f"{workload_key(self._reference_key, name, batch)}".encode()).hexdigest()
 
-    def _result(self, t: PairedTiming, name: str) -> LatencyResult:
+    def _result(self, t: PairedTiming, name: str, fields: dict[str, Any]) -> LatencyResult:
         timed = LatencyResult.of(
             t.candidate, self.target, self.runtime.facts(self.target), speedup=t.speedup,
             reference_ms=t.reference.latency_ms, measured_ms=t.candidate.latency_ms,
-            drift=t.drift, slowdown=t.slowdown, retries=t.retries, measured_at=time.time())
+            drift=t.drift, slowdown=t.slowdown, retries=t.retries, measured_at=time.time(),
+            **fields)
         return self._on_clock(timed.to_dict(), name)
 
     def _on_clock(self, timed: dict[str, Any], name: str, cached: bool = False) -> LatencyResult:

@@ -101,6 +101,11 @@ class Target:
             raise ValueError(f"target.aggregate={self.aggregate!r}; allowed: {list(AGGREGATES)}")
         if self.graph not in GRAPH_FORMS:
             raise ValueError(f"target.graph={self.graph!r}; allowed: {list(GRAPH_FORMS)}")
+        if self.graph != "plain" and (self.runtime != "onnxruntime" or self.device == "remote"):
+            # the fused forms are ONNX Runtime contrib ops, made and verified in this process
+            raise ValueError(f"target.graph={self.graph!r} with runtime: {self.runtime}, device: "
+                             f"{self.device}; allowed: ['plain'] (the fused forms, "
+                             f"{list(GRAPH_FORMS)}, need runtime: onnxruntime on device cpu or cuda)")
 
     def _check_remote(self) -> None:
         if self.device != "remote":

@@ -22,4 +22,5 @@ LATENCY_PREFIX = "autocompress.latency."
 # Facts of a trial's latency measurement, logged as tags autocompress.latency.<key>.
 LATENCY_FACTS = ("runs", "stopped", "ci_low_ms", "ci_high_ms", "runtime", "runtime_version", "device",
                  "threads", "batch_size", "cpu", "gpu", "cached", "speedup", "reference_ms",
-                 "measured_ms", "drift", "slowdown", "retries", "measured_at")
+                 "measured_ms", "drift", "slowdown", "retries", "measured_at", "graph", "fused_ops",
+                 "graph_note")

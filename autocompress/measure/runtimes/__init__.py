@@ -5,7 +5,7 @@ See :mod:`autocompress.measure.runtimes._base` for the interface and ``_table.py
 registry (``RUNTIMES``). Torch-free at import.
 """
 
-from autocompress.measure.runtimes._base import LocalRuntime, RefusedPlan, Runtime
+from autocompress.measure.runtimes._base import LocalRuntime, RefusedPlan, Runtime, result_fields
 from autocompress.measure.runtimes._ort import session_options
 from autocompress.measure.runtimes._table import (
     RUNTIMES,
@@ -17,4 +17,4 @@ from autocompress.measure.runtimes._table import (
 )
 
 __all__ = ["RUNTIMES", "LocalRuntime", "RefusedPlan", "Runtime", "RuntimeEntry", "devices_of", "get_runtime",
-           "register_runtime", "runtime_names", "session_options"]
+           "register_runtime", "result_fields", "runtime_names", "session_options"]

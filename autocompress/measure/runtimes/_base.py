@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from autocompress.measure._results import LatencyResult, Prepared
     from autocompress.measure.target import Target
 
-__all__ = ["LocalRuntime", "RefusedPlan", "Runtime"]
+__all__ = ["LocalRuntime", "RefusedPlan", "Runtime", "result_fields"]
 
 
 class RefusedPlan(ValueError):
@@ -53,6 +53,12 @@ class RefusedPlan(ValueError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # Ray pickles a trial's error
         return (type(self), (self.runtime, self.where, self.reason))
+
+
+def result_fields(run: Callable[[], object]) -> dict[str, Any]:
+    """The ``LatencyResult`` fields a runner describes what it runs with (its
+    ``result_fields`` attribute, e.g. the ONNX graph form timed); none by default."""
+    return dict(getattr(run, "result_fields", None) or {})
 
 
 class Runtime:
@@ -95,8 +101,9 @@ class Runtime:
         from autocompress.measure._results import LatencyResult
         from autocompress.measure._timing import time_runs
 
-        return LatencyResult.of(time_runs(self.runner(prepared, target), target.timing), target,
-                                self.facts(target))
+        run = self.runner(prepared, target)
+        return LatencyResult.of(time_runs(run, target.timing), target, self.facts(target),
+                                **result_fields(run))
 
 
 class LocalRuntime(Runtime):
