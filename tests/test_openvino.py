@@ -114,7 +114,10 @@ def test_every_plan_family_runs_on_openvino_as_on_onnxruntime_or_is_refused(
     # integer activations: ONNX Runtime's integer kernels round where PyTorch's fake quant does
     # not always; the tolerance is a few quantization steps of the output
     tol = 0.05 * scale if act else 1e-4 * scale + 1e-6
-    assert np.abs(ort_out - expected).max() <= tol
+    # group-wise weights run on ONNX Runtime's MatMulNBits at accuracy level 4, which rounds each
+    # block of the input to int8 (OpenVINO gets the standard-op form: exact)
+    blockwise = "group_size" in FAMILIES[family][0]
+    assert np.abs(ort_out - expected).max() <= (0.02 * scale if blockwise else tol)
     if (family, model_id) in REFUSED:
         with pytest.raises(RefusedPlan, match=REFUSED[family, model_id]) as err:
             _outputs(model, x, "openvino")
@@ -169,8 +172,11 @@ def test_a_fused_graph_and_another_device_are_refused_naming_the_key() -> None:
     from autocompress.measure.runtimes._openvino import OpenVinoRuntime
 
     rt = OpenVinoRuntime()
+    # the target refuses it first (graph forms are ONNX Runtime's); the runtime's own check too
+    with pytest.raises(ValueError, match=r"^target.graph='fused' with runtime: openvino.*\['plain'\]"):
+        Target(runtime="openvino", graph="fused")
     with pytest.raises(ValueError, match=r"^target.graph='fused' with runtime openvino.*\['plain'\]"):
-        rt.check(Target(runtime="openvino", graph="fused"))
+        rt.check(Target(runtime="onnxruntime", graph="fused"))
     with pytest.raises(ValueError, match=r"^target.device='cuda' with runtime openvino"):
         rt.check(Target(runtime="onnxruntime", device="cuda"))
 
