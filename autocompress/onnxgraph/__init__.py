@@ -8,7 +8,7 @@ on the exported graph). Names are imported on first use.
 from autocompress._lazy import lazy_exports
 
 _EXPORTS = {
-    "_causal": ("causal_lm_feeds", "export_causal_lm", "is_causal_lm"),
+    "_causal": ("CausalLM", "causal_lm_feeds", "export_causal_lm", "is_causal_lm"),
     "_export": ("ONNX_OPSET", "export_onnx"),
     "_ort_quant": ("StaticLayer", "WeightMatch", "dynamic_nodes", "match_weight",
                    "quantize_dynamic_layers", "quantize_static_layers"),
