@@ -19,6 +19,7 @@ with a past of length 0 (ONNX Runtime takes the zero-size inputs).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -75,11 +76,19 @@ class _CachedStep(nn.Module):
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids, past_key_values=cache, use_cache=True)
-        return (out.logits, *_flat_cache(out.past_key_values))
+                      position_ids=position_ids, use_cache=True, **{_cache_arg(self.lm): cache})
+        return (out.logits, *_flat_cache(out))
 
 
-def _flat_cache(cache: Any) -> list[torch.Tensor]:
+def _cache_arg(lm: nn.Module) -> str:
+    """The name of ``forward``'s cache argument: ``cache`` (transformers 5.x, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (4.x)."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
+def _flat_cache(out: Any) -> list[torch.Tensor]:
+    """The keys and values of each layer of a model output's cache, in layer order."""
+    cache = out.get("cache") if out.get("cache") is not None else out.past_key_values
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
@@ -187,7 +196,7 @@ def _cache_shapes(model: nn.Module) -> list[tuple[int, int]]:
     device = next((p.device for p in lm.parameters()), torch.device("cpu"))
     with torch.no_grad():
         out = lm(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True)
-    return [(int(k.shape[1]), int(k.shape[3])) for k in _flat_cache(out.past_key_values)[::2]]
+    return [(int(k.shape[1]), int(k.shape[3])) for k in _flat_cache(out)[::2]]
 
 
 def _max_positions(model: nn.Module) -> int | None:
