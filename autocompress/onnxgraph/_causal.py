@@ -72,7 +72,7 @@ class _CachedStep(nn.Module):
                 position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.lm.config)
+        cache = DynamicCache(config=_config(self.lm))
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
@@ -119,7 +119,7 @@ def export_causal_lm(model: nn.Module, example_inputs: Any, path: str | Path, *,
     path = Path(path)
     shapes = _cache_shapes(model)
     baked = bake_for_export(model)
-    step = _CachedStep(baked.model.lm, len(shapes)).eval()
+    step = _CachedStep(baked.model.get_submodule("lm"), len(shapes)).eval()
     gen = torch.Generator().manual_seed(0)
     feed = _feed(_tokens(example_inputs), shapes, _TRACE_BATCH, _TRACE_NEW, _TRACE_PAST,
                  fill=lambda shape: torch.randn(shape, generator=gen))
@@ -199,6 +199,10 @@ def _cache_shapes(model: nn.Module) -> list[tuple[int, int]]:
     return [(int(k.shape[1]), int(k.shape[3])) for k in _flat_cache(out)[::2]]
 
 
+def _config(module: nn.Module) -> Any:
+    """A Hugging Face model's (or :class:`CausalLM`'s) config, or None."""
+    return getattr(module, "config", None)
+
+
 def _max_positions(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "max_position_embeddings", None)
+    return getattr(_config(model), "max_position_embeddings", None)
