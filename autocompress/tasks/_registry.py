@@ -32,7 +32,8 @@ TaskFactory = Callable[..., "Task"]  # fn(seed: int = 0) -> Task
 # The built-in tasks, one module each (imported on first use), so that adding or editing one
 # does not invalidate the others' cached baselines.
 TASKS: Registry[TaskFactory] = Registry("task", builtins={
-    name: f"autocompress.tasks.{name}" for name in ("digits", "digits_resnet", "minilm", "mnist1d")})
+    name: f"autocompress.tasks.{name}"
+    for name in ("digits", "digits_resnet", "minilm", "mnist1d", "smollm2")})
 
 
 def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
