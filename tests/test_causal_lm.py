@@ -3,7 +3,6 @@ ONNX Runtime, prefill and decode), the latency feeds, the next-token task and a 
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from pathlib import Path
@@ -191,24 +190,20 @@ def test_a_search_on_a_tiny_decoder_task(tmp_path: Path, monkeypatch: pytest.Mon
     """4 post-training trials of 4/8-bit group-wise weights on a tiny Llama task given as
     "module:function": none fails, each is timed on its KV-cache graph."""
     import autocompress as ac
-    from autocompress.measure import latency
     from tests.searches import FAST_TARGET
 
     monkeypatch.chdir(tmp_path)
-    if "workload_feeds" not in inspect.getsource(latency):
-        # Until latency is timed on the workload feeds (measure/_workloads.py, integrated
-        # separately), ONNX Runtime would get the example alone: time the prefill step.
-        task = tiny_lm_task()
-        feed = causal_lm_feeds(task.model, task.example_inputs, (32,), 32, 1)["prefill"]
-        monkeypatch.setattr(latency, "repeat_to", lambda inputs, n: feed)
     res = ac.search("tests.lm_models:tiny_lm_task", name="lm", space={"layers": [
         {"types": ["Linear"], "exclude": ["re:.*lm_head$"], "knobs": {
             "bits": [4, 8, None], "group_size": [32, None], "quantizer": ["rtn", "gptq"]}}]},
-        objectives=["accuracy", "latency_ms", "size_bytes"], trials=4, warm_start=False,
+        objectives=["accuracy", "latency_decode_ms", "size_bytes"], trials=4, warm_start=False,
         finetune={"epochs": 0}, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
         echo=lambda _: None, target=FAST_TARGET, **serial)
     assert list(res.trials.status) == ["FINISHED"] * 4, res.trials
     assert len(res.front) >= 1 and (res.trials.latency_ms > 0).all()
+    # timed on the KV-cache graph: the decode step is latency_ms, the prefill its own metric
+    assert (res.trials.latency_decode_ms == res.trials.latency_ms).all()
+    assert (res.trials.latency_prefill_ms > 0).all()
 
 
 @pytest.mark.slow
