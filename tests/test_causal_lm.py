@@ -197,13 +197,20 @@ def test_a_search_on_a_tiny_decoder_task(tmp_path: Path, monkeypatch: pytest.Mon
         {"types": ["Linear"], "exclude": ["re:.*lm_head$"], "knobs": {
             "bits": [4, 8, None], "group_size": [32, None], "quantizer": ["rtn", "gptq"]}}]},
         objectives=["accuracy", "latency_decode_ms", "size_bytes"], trials=4, warm_start=False,
-        finetune={"epochs": 0}, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        finetune={"epochs": 0}, tracking_uri=(uri := f"sqlite:///{tmp_path / 'mlflow.db'}"),
         echo=lambda _: None, target=FAST_TARGET, **serial)
     assert list(res.trials.status) == ["FINISHED"] * 4, res.trials
     assert len(res.front) >= 1 and (res.trials.latency_ms > 0).all()
     # timed on the KV-cache graph: the decode step is latency_ms, the prefill its own metric
     assert (res.trials.latency_decode_ms == res.trials.latency_ms).all()
     assert (res.trials.latency_prefill_ms > 0).all()
+    # the exported front model is the deployable decoder (its KV cache in and out), verified
+    # by the task's metric on ONNX Runtime
+    import onnx
+
+    out = ac.export(res.front.run_id.iloc[0], format="onnx", out=str(tmp_path / "dist"), tracking_uri=uri)
+    names = [i.name for i in onnx.load(out["path"]).graph.input]
+    assert "past_key_values.0.key" in names and abs(out["accuracy"] - out["logged_accuracy"]) <= 0.005
 
 
 @pytest.mark.slow

@@ -23,7 +23,8 @@ from autocompress.deploy._rebuild import Rebuilt
 
 class _OnnxModule(nn.Module):
     """An ONNX Runtime session behind an ``nn.Module`` interface, so the task's own metric
-    function can evaluate the exported file."""
+    function can evaluate the exported file (a decoder LM's graph with its KV cache: whole
+    sequences on an empty cache, the logits out)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__()
@@ -31,6 +32,7 @@ class _OnnxModule(nn.Module):
 
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}
+        self.causal = any(name.startswith("past_key_values.") for name in self.inputs)
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         """Called as the task calls its model (``model(x)``, ``model(*x)``, ``model(**x)``);
@@ -40,12 +42,20 @@ class _OnnxModule(nn.Module):
 
         inputs = kwargs or (args[0] if len(args) == 1 else args)
         feed = {k: v for k, v in to_numpy_feed(inputs).items() if k in self.inputs}
+        if self.causal:
+            from autocompress.onnxgraph import prefill_feed
+
+            graph = [(i.name, i.shape) for i in self.session.get_inputs()]
+            feed = prefill_feed(graph, feed["input_ids"], feed.get("attention_mask"))
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
 def _write_onnx(rebuilt: Rebuilt, path: Path) -> None:
-    from autocompress.onnxgraph import export_onnx
+    from autocompress.onnxgraph import export_causal_lm, export_onnx, is_causal_lm
 
+    if is_causal_lm(rebuilt.model):  # the deployable decoder: its KV cache in and out
+        export_causal_lm(rebuilt.model, rebuilt.task.example_inputs, path)
+        return
     export_onnx(rebuilt.model, rebuilt.task.example_inputs, path,
                 calibration=rebuilt.task.calibration_batches())
 

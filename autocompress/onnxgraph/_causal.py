@@ -21,17 +21,18 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from autocompress._inputs import tensors_of, to_numpy_feed
 from autocompress.onnxgraph._export import ONNX_OPSET, bake_for_export, store_compressed
 
-__all__ = ["CausalLM", "causal_lm_feeds", "export_causal_lm", "is_causal_lm"]
+__all__ = ["CausalLM", "causal_lm_feeds", "export_causal_lm", "is_causal_lm", "prefill_feed"]
 
 # The example the cached step is traced at: a past and a new sequence of different lengths, a
 # batch of 2, so that no axis is specialised to a constant.
@@ -165,6 +166,23 @@ def causal_lm_feeds(model: nn.Module, example_inputs: Any, prompt_lens: tuple[in
     prefill = {("prefill" if len(prompt_lens) == 1 else f"prefill_{n}"):
                _feed(tokens, shapes, batch_size, n, 0) for n in prompt_lens}
     return {**prefill, "decode": _feed(tokens, shapes, batch_size, 1, context_len)}
+
+
+def prefill_feed(graph_inputs: Sequence[tuple[str, Sequence[Any]]], input_ids: np.ndarray,
+                 attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The inputs of :func:`export_causal_lm`'s graph that run whole sequences on an empty
+    cache (what an exported decoder LM is evaluated with): ``graph_inputs`` are the graph's
+    ``(name, shape)`` (an ONNX Runtime session's inputs; a cache input's head count and head
+    size are static), positions follow the mask (left padding starts at 0)."""
+    ids = np.asarray(input_ids, np.int64)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
+    feed = {"input_ids": ids, "attention_mask": mask,
+            "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None)}
+    for name, shape in graph_inputs:
+        if name.startswith("past_key_values."):
+            feed[name] = np.zeros((ids.shape[0], int(shape[1]), 0, int(shape[3])), np.float32)
+    names = {name for name, _ in graph_inputs}
+    return {k: v for k, v in feed.items() if k in names}
 
 
 def _feed(tokens: torch.Tensor, shapes: list[tuple[int, int]], batch: int, new: int, past: int,
