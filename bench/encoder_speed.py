@@ -46,17 +46,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from latency import Config, Variant, facts, run_benchmark, summarize  # noqa: E402
-from minilm import fidelity, quantize_dynamic  # noqa: E402
+from minilm import fidelity, plan_of, quantize_dynamic  # noqa: E402
 from posttraining import held_out  # noqa: E402
 
-from autocompress.compress import (  # noqa: E402
-    Calibration,
-    LayerPlan,
-    Plan,
-    apply,
-    block_importance,
-    describe_layers,
-)
+from autocompress.compress import Calibration, LayerPlan, Plan, apply, block_importance, describe_layers  # noqa: E402
 from autocompress.measure import Target, size_bytes  # noqa: E402
 from autocompress.onnxgraph import export_onnx  # noqa: E402
 from autocompress.tasks import load_task  # noqa: E402
@@ -117,21 +110,8 @@ def plans(task: Any, layers: list, importance: dict[str, float], quick: bool) ->
     order = sorted(importance, key=importance.get)  # least important block first
 
     def plan(drop: int = 0, heads: float = 0.0, ffn: float = 0.0) -> Plan:
-        out = {}
-        for la in layers:
-            if not la.used or la.type == "Block":
-                continue
-            if la.type == "Embedding":
-                out[la.name] = LayerPlan(bits=8)
-                continue
-            ratio = heads if la.name.endswith("attention.self.query") else (
-                ffn if la.name.endswith("intermediate.dense") else 0.0)
-            out[la.name] = LayerPlan(
-                sparsity=ratio, structure="channel" if ratio else "unstructured",
-                pruner="sparsegpt" if ratio else "magnitude", bits=8, act_bits="dynamic")
-        for name in order[:drop]:
-            out[name] = LayerPlan(drop=True)
-        return Plan(out)
+        base = plan_of(task, heads, ffn, pruner="sparsegpt", layers_info=layers).layers
+        return Plan({**base, **{name: LayerPlan(drop=True) for name in order[:drop]}})
 
     rows = {"int8 dynamic": plan(), "drop 1 + int8": plan(drop=1), "drop 2 + int8": plan(drop=2),
             "heads/FFN 20% + int8": plan(heads=0.2, ffn=0.2),

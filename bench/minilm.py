@@ -57,13 +57,17 @@ from autocompress.tasks import load_task  # noqa: E402
 BLOCKS = 6
 
 
-def plan_of(task, heads: float = 0.0, ffn: float = 0.0, dynamic: bool = True) -> Plan:
+def plan_of(task, heads: float = 0.0, ffn: float = 0.0, dynamic: bool = True,
+            pruner: str = "magnitude", layers_info: list | None = None) -> Plan:
     """Every linear layer ``bits: 8`` (``act_bits: dynamic`` if asked), every embedding
-    ``bits: 8``; ``heads`` of the heads and ``ffn`` of the FFN neurons removed in every block."""
+    ``bits: 8``; ``heads`` of the heads and ``ffn`` of the FFN neurons removed in every block
+    (chosen by ``pruner``)."""
     from autocompress.compress._registry import describe_layers
 
     layers = {}
-    for la in describe_layers(task.model, task.example_inputs):
+    for la in layers_info or describe_layers(task.model, task.example_inputs):
+        if la.type == "Block":
+            continue
         if not la.used:
             continue
         if la.type == "Embedding":
@@ -72,7 +76,8 @@ def plan_of(task, heads: float = 0.0, ffn: float = 0.0, dynamic: bool = True) ->
         ratio = heads if la.name.endswith("attention.self.query") else (
             ffn if la.name.endswith("intermediate.dense") else 0.0)
         layers[la.name] = LayerPlan(sparsity=ratio, structure="channel" if ratio else "unstructured",
-                                    bits=8, act_bits="dynamic" if dynamic else None)
+                                    pruner=pruner if ratio else "magnitude", bits=8,
+                                    act_bits="dynamic" if dynamic else None)
     return Plan(layers)
 
 
