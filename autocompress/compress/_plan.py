@@ -218,9 +218,19 @@ class Plan:
         return {f"{name}/{k}": v for name, lp in self.layers.items() for k, v in lp.to_dict().items()}
 
     def summary(self) -> str:
-        """A one-line human summary, e.g. ``conv1: s0.50ch b4 | fc: r0.25``."""
-        parts = [f"{name}: {summary_tokens(lp)}" for name, lp in self.active().items()]
-        return " | ".join(parts) or "(no compression)"
+        """A one-line human summary, e.g. ``conv1: s0.50ch b4 | fc: r0.25``; a plan of more
+        than :data:`SUMMARY_LAYERS` layers counts the layers sharing a setting instead of
+        naming them (``b4 g64 gptq x180 | b8 g128 x30 | lm.model.embed_tokens: b8 g128``)."""
+        tokens = {name: summary_tokens(lp) for name, lp in self.active().items()}
+        if len(tokens) <= SUMMARY_LAYERS:
+            return " | ".join(f"{name}: {t}" for name, t in tokens.items()) or "(no compression)"
+        names: dict[str, list[str]] = {}
+        for name, t in tokens.items():
+            names.setdefault(t, []).append(name)
+        return " | ".join(f"{t} x{len(n)}" if len(n) > 1 else f"{n[0]}: {t}" for t, n in names.items())
+
+
+SUMMARY_LAYERS = 12  # layers a plan summary names one by one
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str, boolean: bool = False) -> None:
