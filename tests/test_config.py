@@ -68,14 +68,15 @@ def test_shipped_experiments_exist():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_experiment_loads_and_its_space_resolves(path):
-    from tests.test_space import TRANSFORMER
+    from tests.test_space import DECODER, TRANSFORMER, selected
 
     exp = load_experiment(path)
     assert exp.path == path
-    space, layers = ("transformer.yaml", TRANSFORMER) if exp.task == "minilm" else ("default.yaml", LAYERS)
+    space, layers = {"minilm": ("transformer.yaml", TRANSFORMER),
+                     "smollm2": ("lm.yaml", DECODER)}.get(exp.task, ("default.yaml", LAYERS))
     assert exp.search_space.source == str(ROOT / "search_spaces" / space)
     resolved = exp.search_space.resolve(layers)
-    assert len(resolved.layers) == len(layers)
+    assert [ls.name for ls in resolved.layers] == selected(Path(exp.search_space.source), layers)
     assert exp.metrics[0] == "accuracy" and exp.modes[0] == "max"
 
 

@@ -55,9 +55,31 @@ TRANSFORMER = [
     LayerInfo("ffn1", "Linear", (32, 16), 544, 512),
     LayerInfo("ffn2", "Linear", (16, 32), 528, 512, is_output=True, refusals=_RESIDUAL),
 ]
+# A decoder LM as the causal_lm task wraps it (two Llama layers, the output layer tied to the
+# embedding: its weight follows the embedding's plan).
+DECODER = [
+    LayerInfo("lm.model.embed_tokens", "Embedding", (100, 16), 1600, 0,
+              refusals=(Refusal("structure", "channel", "vocabulary"), Refusal("act_bits", None, "ids"))),
+    *[LayerInfo(f"lm.model.layers.{i}.{part}", "Linear", shape, shape[0] * shape[1], shape[0] * shape[1])
+      for i in range(2) for part, shape in (
+          ("self_attn.q_proj", (16, 16)), ("self_attn.k_proj", (8, 16)), ("self_attn.v_proj", (8, 16)),
+          ("self_attn.o_proj", (16, 16)), ("mlp.gate_proj", (32, 16)), ("mlp.up_proj", (32, 16)),
+          ("mlp.down_proj", (16, 32)))],
+    LayerInfo("lm.lm_head", "Linear", (100, 16), 1600, 1600, is_output=True,
+              refusals=tuple(Refusal(k, None, "tied to lm.model.embed_tokens")
+                             for k in ("bits", "sparsity", "rank"))),
+]
 # The models each shipped space is meant for: the general ones fit any model.
-MEANT_FOR = {"transformer.yaml": {"transformer"}}
-MODELS = {"cnn": LAYERS, "conv1d": CONV1D_ONLY, "mlp": MLP_ONLY, "transformer": TRANSFORMER}
+MEANT_FOR = {"transformer.yaml": {"transformer"}, "lm.yaml": {"decoder"}}
+MODELS = {"cnn": LAYERS, "conv1d": CONV1D_ONLY, "mlp": MLP_ONLY, "transformer": TRANSFORMER,
+          "decoder": DECODER}
+# Layers a shipped space leaves out on purpose: the tied output layer follows the embedding.
+NOT_SELECTED = {"lm.yaml": {"lm.lm_head"}}
+
+
+def selected(path: Path, layers: list[LayerInfo]) -> list[str]:
+    """The names of ``layers`` that the shipped space at ``path`` resolves."""
+    return [la.name for la in layers if la.name not in NOT_SELECTED.get(path.name, ())]
 
 
 def space(*rules: dict[str, Any]) -> SearchSpace:
@@ -92,7 +114,7 @@ def test_shipped_space_loads_resolves_and_samples(path, model):
     loaded = load_search_space(path)
     assert loaded.source == str(path)
     resolved = loaded.resolve(layers)
-    assert [ls.name for ls in resolved.layers] == [layer.name for layer in layers]
+    assert [ls.name for ls in resolved.layers] == selected(path, layers)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(5):
         trial, plan = ask(study, resolved)

@@ -157,6 +157,9 @@ def _call(model: torch.nn.Module, inputs: Any) -> Any:
     return model(*inputs) if isinstance(inputs, tuple | list) else model(inputs)
 
 
+BASELINE_AT_LEAST = {"smollm2": 0.35}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BUILTINS)
 def test_builtin_task_contract(name: str, builtin) -> None:
@@ -169,7 +172,9 @@ def test_builtin_task_contract(name: str, builtin) -> None:
     out = out if isinstance(out, torch.Tensor) else out[0]
     assert out.shape[0] == _batch_size(task.example_inputs)  # batch dimension first
     score = task.evaluate(task.model)
-    assert 0.9 < score <= 1.0 + 1e-6  # a trained baseline, the metric a fraction
+    # a trained baseline, the metric a fraction (a decoder LM's next-token accuracy: SmolLM2
+    # predicts 42% of the next tokens of Python's help text)
+    assert BASELINE_AT_LEAST.get(name, 0.9) < score <= 1.0 + 1e-6
 
     train = {k for x, _ in task.train_loader for k in _samples(x)}
     val = [k for x, _ in task.val_loader for k in _samples(x)]
