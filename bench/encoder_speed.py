@@ -102,7 +102,7 @@ def our_fusion(src: Path, dst: Path) -> tuple[Path, dict[str, int]]:
 
     fused = fuse(src.read_bytes())
     dst.write_bytes(fused.onnx)
-    return dst, dict(fused.op_counts)
+    return dst, dict(fused.ops)
 
 
 def plans(task: Any, layers: list, importance: dict[str, float], quick: bool) -> dict[str, Plan]:
