@@ -32,7 +32,7 @@ from autocompress._errors import ConfigError
 from autocompress._inputs import input_names, map_tensors, repeat_to, take, tensors_of
 from autocompress._inputs import run as call
 from autocompress.measure.target import Target
-from autocompress.onnxgraph import causal_lm_feeds, is_causal_lm
+from autocompress.onnxgraph import causal_lm_feeds, is_causal_lm, position_limit
 
 __all__ = ["dynamic_sequence", "position_limit", "workload_feeds", "workload_key"]
 
@@ -88,16 +88,6 @@ def _resized(t: torch.Tensor, n: int, mask: bool) -> torch.Tensor:
         return torch.ones((t.shape[0], n, *t.shape[2:]), dtype=t.dtype)
     reps = -(-n // t.shape[1])
     return t.repeat(1, reps, *([1] * (t.dim() - 2)))[:, :n].contiguous()
-
-
-def position_limit(model: nn.Module) -> int | None:
-    """The longest sequence ``model`` takes: the ``max_position_embeddings`` of the first
-    Hugging Face config among its modules, or None when it has none."""
-    for module in model.modules():
-        limit = getattr(getattr(module, "config", None), "max_position_embeddings", None)
-        if isinstance(limit, int) and limit > 0:
-            return limit
-    return None
 
 
 def _check_lengths(model: nn.Module, example_inputs: Any, lengths: tuple[int, ...]) -> None:

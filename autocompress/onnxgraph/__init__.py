@@ -9,7 +9,8 @@ on the exported graph). Names are imported on first use.
 from autocompress._lazy import lazy_exports
 
 _EXPORTS = {
-    "_causal": ("CausalLM", "causal_lm_feeds", "export_causal_lm", "is_causal_lm", "prefill_feed"),
+    "_causal": ("CausalLM", "causal_lm_feeds", "export_causal_lm", "is_causal_lm", "position_limit",
+                "prefill_feed"),
     "_export": ("ONNX_OPSET", "export_onnx"),
     "_nbits": ("ACCURACY_LEVEL", "KERNELS", "BlockKernel", "pack_codes", "unpack_codes"),
     "_fusion": ("FUSED_OPS", "FUSION_RTOL", "Fused", "fuse", "fused_op_counts", "model_type",

@@ -32,7 +32,8 @@ from torch import nn
 from autocompress._inputs import tensors_of, to_numpy_feed
 from autocompress.onnxgraph._export import ONNX_OPSET, bake_for_export, store_compressed
 
-__all__ = ["CausalLM", "causal_lm_feeds", "export_causal_lm", "is_causal_lm", "prefill_feed"]
+__all__ = ["CausalLM", "causal_lm_feeds", "export_causal_lm", "is_causal_lm", "position_limit",
+           "prefill_feed"]
 
 # The example the cached step is traced at: a past and a new sequence of different lengths, a
 # batch of 2, so that no axis is specialised to a constant.
@@ -153,7 +154,7 @@ def causal_lm_feeds(model: nn.Module, example_inputs: Any, prompt_lens: tuple[in
         ValueError: A prompt length, or ``context_len`` + the decoded token, over the model's
             ``max_position_embeddings``.
     """
-    limit = _max_positions(model)
+    limit = position_limit(model)
     if limit is not None:
         for n in prompt_lens:
             if n > limit:
@@ -222,5 +223,11 @@ def _config(module: nn.Module) -> Any:
     return getattr(module, "config", None)
 
 
-def _max_positions(model: nn.Module) -> int | None:
-    return getattr(_config(model), "max_position_embeddings", None)
+def position_limit(model: nn.Module) -> int | None:
+    """The longest sequence ``model`` takes: the ``max_position_embeddings`` of the first
+    Hugging Face config among its modules, or None when it has none."""
+    for module in model.modules():
+        limit = getattr(_config(module), "max_position_embeddings", None)
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    return None
